@@ -1,0 +1,109 @@
+"""npe2 reader: H&E images and slides (PNG, JPEG, TIFF, OME-TIFF, SVS) through the project's one reader.
+
+- Pyramidal TIFF/OME-TIFF/SVS open as lazy multiscale data (only the tiles on screen are decoded).
+- ``scale`` is the pixel size in µm when the file says it (``units`` µm), else 1 pixel.
+- ``metadata`` holds ``path``, ``mpp``, ``level_shapes`` and ``level_downsamples`` for the docks.
+- WSSS4LUAD-palette PNG masks and single-channel ``*mask*`` TIFFs open as Labels layers.
+Unreadable files raise ``ImageReadError`` naming the file; napari shows that message (no traceback).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".svs")
+
+LayerData = tuple[Any, dict, str]
+
+
+def napari_get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerData]] | None:
+    """Return the reader for supported file names (one path or a list of them), else None."""
+    paths = [path] if isinstance(path, str | os.PathLike) else list(path)
+    if not paths or not all(str(p).lower().endswith(SUFFIXES) for p in paths):
+        return None
+    if any(Path(p).is_dir() for p in paths):
+        return None
+    return read_paths
+
+
+def read_paths(path: str | list[str]) -> list[LayerData]:
+    """Read each path into napari layer data; raises ``ImageReadError`` with a clear message."""
+    paths = [path] if isinstance(path, str | os.PathLike) else list(path)
+    layers: list[LayerData] = []
+    for p in paths:
+        layers.append(read_layer(p))
+    return layers
+
+
+def _palette_mask(path: Path) -> Any | None:
+    """Index data of a palette PNG that uses the WSSS4LUAD class palette, else None."""
+    from PIL import Image
+
+    from .core.classes import WSSS4LUAD
+
+    try:
+        with Image.open(path) as img:
+            if img.mode != "P":
+                return None
+            palette = img.getpalette() or []
+            n = WSSS4LUAD.num_outputs
+            if palette[: 3 * n] != WSSS4LUAD.palette()[: 3 * n]:
+                return None
+    except OSError:
+        return None  # ImageSource gives the proper error below
+    from .core.io.outputs import read_index_png
+
+    return read_index_png(path)
+
+
+def _labels_kwargs(name: str, meta: dict, scale: tuple[float, float] | None) -> dict:
+    from .core.classes import WSSS4LUAD
+    from .widgets.layers import class_features, labels_colormap
+
+    kwargs: dict[str, Any] = {"name": name, "metadata": meta, "colormap": labels_colormap(WSSS4LUAD),
+                              "features": class_features(WSSS4LUAD)}
+    if scale is not None:
+        kwargs.update(scale=scale, units=("µm", "µm"))
+    return kwargs
+
+
+def read_layer(path: str | os.PathLike) -> LayerData:
+    """One file as a napari layer-data tuple (image, or labels for masks)."""
+    from .core.io.images import ImageSource
+
+    p = Path(path)
+    name = p.name
+    for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".svs", ".png", ".jpeg", ".jpg"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    if p.suffix.lower() == ".png" and p.is_file():
+        mask = _palette_mask(p)
+        if mask is not None:
+            meta = {"path": str(p), "mpp": None}
+            return mask, _labels_kwargs(name, meta, None), "labels"
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")  # grayscale conversion warning reaches napari's notifications
+        source = ImageSource.open(p)
+    mpp = source.mpp
+    scale = (mpp, mpp) if mpp else None
+    meta = {"path": str(p), "mpp": mpp, "level_shapes": source.level_shapes,
+            "level_downsamples": source.level_downsamples}
+    if source.samples == 1 and source.dtype.kind == "u" and source.dtype.itemsize == 1 and \
+            "mask" in p.name.lower():
+        levels = [source.lazy_level(i, raw=True) for i in range(source.n_levels)]
+        data = levels if len(levels) > 1 else levels[0].compute()
+        kwargs = _labels_kwargs(name, meta, scale)
+        kwargs["multiscale"] = len(levels) > 1
+        return data, kwargs, "labels"
+    data = source.napari_data()
+    kwargs = {"name": name, "rgb": True, "multiscale": isinstance(data, list), "metadata": meta}
+    if scale is not None:
+        kwargs.update(scale=scale, units=("µm", "µm"))
+    if source.n_levels == 1 and not isinstance(data, list):
+        source.close()  # everything is in memory
+    return data, kwargs, "image"

@@ -1,0 +1,87 @@
+"""npe2 sample data: a committed synthetic validation patch (with its truth) and the synthetic slide.
+
+The slide is not committed: on first use it is generated (about half a minute) into the user cache folder,
+or taken from ``sample_data/slide/`` of a source checkout when ``wsss-cram make-sample-data`` made it there.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+#: sample_data/ of a source checkout (editable install); wheels ship no sample images.
+CHECKOUT_SAMPLE_DATA = PACKAGE_DIR.parents[1] / "sample_data"
+SLIDE_NAME = "sample_slide.ome.tif"
+MASK_NAME = "sample_slide_mask.ome.tif"
+PATCH_NAME = "00.png"
+#: Side of the generated sample slide (tests lower it to stay fast).
+SLIDE_SIZE = 4096
+
+
+def cache_dir() -> Path:
+    """Where generated sample data lives: $WSSS_CRAM_CACHE or the platform's user cache folder."""
+    env = os.environ.get("WSSS_CRAM_CACHE")
+    if env:
+        return Path(env)
+    try:
+        from platformdirs import user_cache_dir
+    except ImportError:  # pragma: no cover - platformdirs comes with napari
+        return Path.home() / ".cache" / "napari-wsss-cram"
+    return Path(user_cache_dir("napari-wsss-cram"))
+
+
+def sample_patch_paths() -> tuple[Path, Path]:
+    """(image, mask) of the sample patch: the committed validation image, or one generated into the cache."""
+    img = CHECKOUT_SAMPLE_DATA / "validation" / "img" / PATCH_NAME
+    mask = CHECKOUT_SAMPLE_DATA / "validation" / "mask" / PATCH_NAME
+    if img.is_file() and mask.is_file():
+        return img, mask
+    cached = cache_dir() / "validation"
+    img, mask = cached / "img" / PATCH_NAME, cached / "mask" / PATCH_NAME
+    if not (img.is_file() and mask.is_file()):
+        from .core.sample import make_sample_data
+
+        make_sample_data(cache_dir(), n_patches=0, n_validation=1, slide_size=0)
+    return img, mask
+
+
+def sample_slide_path(size: int | None = None) -> Path:
+    """The synthetic pyramidal slide, generated into the cache folder on first use."""
+    size = size or SLIDE_SIZE
+    checkout = CHECKOUT_SAMPLE_DATA / "slide" / SLIDE_NAME
+    if size == 4096 and checkout.is_file() and (checkout.parent / MASK_NAME).is_file():
+        return checkout
+    path = cache_dir() / f"slide-{size}" / SLIDE_NAME
+    if not (path.is_file() and (path.parent / MASK_NAME).is_file()):
+        from .core.sample import make_slide
+
+        make_slide(path, size=size, seed=0, mask_path=path.parent / MASK_NAME)
+    return path
+
+
+def sample_patch() -> list[tuple[Any, dict, str]]:
+    """A synthetic H&E patch and its true tissue labels."""
+    from ._reader import read_layer
+
+    img, mask = sample_patch_paths()
+    image = read_layer(img)
+    image[1]["name"] = "synthetic H&E patch"
+    labels = read_layer(mask)
+    labels[1]["name"] = "synthetic H&E patch truth"
+    labels[1]["opacity"] = 0.4
+    labels[1]["visible"] = False
+    return [image, labels]
+
+
+def sample_slide() -> list[tuple[Any, dict, str]]:
+    """The synthetic 4096x4096 slide as a lazy multiscale image (0.25 µm/px), with its truth labels."""
+    from ._reader import read_layer
+
+    path = sample_slide_path()
+    image = read_layer(path)
+    image[1]["name"] = "synthetic H&E slide"
+    labels = read_layer(path.parent / MASK_NAME)
+    labels[1].update(name="synthetic H&E slide truth", opacity=0.4, visible=False)
+    return [image, labels]

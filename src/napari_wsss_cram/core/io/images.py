@@ -1,0 +1,510 @@
+"""THE image reader of the project: PNG/JPEG (Pillow) and TIFF/OME-TIFF/SVS (tifffile), one interface.
+
+``ImageSource.open(path)`` never loads a whole TIFF: pyramid levels come from ``series[0].levels`` and are
+read lazily, decoding only the tiles (or strips) a region overlaps, and napari gets lazy (dask) multiscale
+data built on the same region reads. PNG/JPEG are decoded whole at open (they are patch-sized formats;
+a truncated file is thus caught at once).
+
+Pixel conversions are explicit and identical for every path that reads pixels:
+RGB is kept, RGBA drops alpha, grayscale is converted to RGB with a warning, 16-bit is scaled to 8-bit
+(full range, ``v / 257``), float is read as ``0..1``. Everything returned is ``uint8 (h, w, 3)``.
+
+Pixel size (µm/px, ``mpp``) comes from OME ``PhysicalSizeX``, Aperio ``MPP =`` in the SVS ImageDescription,
+or the TIFF resolution tags (only when in centimetres/inches and plausible for microscopy, < 50 µm/px,
+so the ubiquitous "72 dpi" default is not mistaken for a pixel size).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ImageReadError
+
+TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+#: µm per unit of the OME ``PhysicalSizeXUnit`` values we accept.
+_OME_UNITS_UM = {"µm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6, "Å": 1e-4}
+_MAX_PLAUSIBLE_MPP = 50.0
+
+#: Images up to this many pixels are returned as in-memory arrays by ``napari_data`` when single-level.
+_SMALL_IMAGE_PIXELS = 64_000_000
+
+
+class GrayscaleImageWarning(UserWarning):
+    """A grayscale image was converted to RGB (H&E models expect colour)."""
+
+
+def _describe(path: Path) -> str:
+    return f"'{path}'"
+
+
+def to_rgb_uint8(block: np.ndarray, *, source: str = "image") -> np.ndarray:
+    """Convert a (h, w), (h, w, 1..4) block of uint8/uint16/float/bool to ``uint8 (h, w, 3)``.
+
+    No warning here: the grayscale warning is issued once per image by ``ImageSource``.
+    """
+    a = np.asarray(block)
+    if a.dtype == np.uint8:
+        pass
+    elif a.dtype == np.bool_:
+        a = a.astype(np.uint8) * 255
+    elif a.dtype == np.uint16:
+        # Full 16-bit range to 8 bits, rounded; fixed scaling keeps tiles of one image consistent.
+        a = ((a.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    elif a.dtype.kind == "f":
+        a = np.clip(np.nan_to_num(a.astype(np.float32)) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    elif a.dtype.kind in "iu" and a.dtype.itemsize <= 4:
+        # 32-bit integer data (e.g. Pillow mode "I" PNGs holding 16-bit values): treat as 16-bit.
+        a = ((np.clip(a, 0, 65535).astype(np.uint32) + 128) // 257).astype(np.uint8)
+    else:
+        raise ImageReadError(f"{source}: unsupported pixel type {a.dtype}; convert it to 8-bit RGB.")
+    if a.ndim == 2:
+        return np.repeat(a[:, :, None], 3, axis=2)
+    if a.ndim != 3:
+        raise ImageReadError(f"{source}: expected a 2-D image, got shape {a.shape}.")
+    channels = a.shape[2]
+    if channels == 1 or channels == 2:  # gray or gray+alpha
+        return np.repeat(a[:, :, :1], 3, axis=2)
+    if channels >= 3:
+        return np.ascontiguousarray(a[:, :, :3])
+    raise ImageReadError(f"{source}: unsupported channel count {channels}.")
+
+
+class _ArrayLevel:
+    """An in-memory level, already ``uint8 (H, W, 3)``."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+        self.shape = (int(array.shape[0]), int(array.shape[1]))
+        self.samples = int(array.shape[2])
+        self.dtype = array.dtype
+
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        return self.array[y0:y1, x0:x1]
+
+
+class _TiffLevel:
+    """One TIFF page read lazily: a region read decodes only the tiles (or strips) it overlaps.
+
+    Written against tifffile's segment API (``read_segments`` + ``keyframe.decode``) rather than
+    ``aszarr``, because current tifffile's zarr store needs zarr 3 while this project pins zarr 2.
+    """
+
+    def __init__(self, page: Any) -> None:
+        kf = page.keyframe
+        if kf.imagedepth > 1:
+            raise ValueError("volumetric (3-D) TIFF pages are not supported")
+        self.page = page
+        self.keyframe = kf
+        self.shape = (int(kf.imagelength), int(kf.imagewidth))
+        self.samples = int(kf.samplesperpixel)
+        self.dtype = np.dtype(kf.dtype)
+        self.planar = kf.planarconfig == 2 and self.samples > 1
+        self.tiled = bool(kf.is_tiled)
+        if self.tiled:
+            self.chunk = (int(kf.tilelength), int(kf.tilewidth))
+        else:
+            self.chunk = (max(1, min(int(kf.rowsperstrip), self.shape[0])), self.shape[1])
+        self.grid = (-(-self.shape[0] // self.chunk[0]), -(-self.shape[1] // self.chunk[1]))
+        self.decodeargs: dict[str, Any] = {"_fullsize": self.tiled}
+        if kf.compression in (6, 7, 34892, 33007):  # JPEG flavours need the shared tables
+            self.decodeargs["jpegtables"] = page.jpegtables
+            self.decodeargs["jpegheader"] = kf.jpegheader
+
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        ch, cw = self.chunk
+        ny, nx = self.grid
+        ty0, ty1 = y0 // ch, (y1 - 1) // ch + 1
+        tx0, tx1 = x0 // cw, (x1 - 1) // cw + 1
+        planes = range(self.samples) if self.planar else range(1)
+        indices = [s * ny * nx + ty * nx + tx for s in planes
+                   for ty in range(ty0, ty1) for tx in range(tx0, tx1)]
+        offsets = self.page.dataoffsets
+        counts = self.page.databytecounts
+        # Missing (sparse) tiles stay white: for slides they are unscanned background.
+        out = np.full((y1 - y0, x1 - x0, self.samples), np.iinfo(self.dtype).max
+                      if self.dtype.kind in "iu" else 1, self.dtype)
+        fh = self.page.parent.filehandle
+        decode = self.keyframe.decode
+        for data, index in fh.read_segments([offsets[i] for i in indices], [counts[i] for i in indices],
+                                            indices=indices, lock=fh.lock, sort=True, flat=True):
+            segment, pos, _ = decode(data, index, **self.decodeargs)
+            if segment is None:
+                continue
+            s, _, sy, sx, _ = pos
+            seg = segment[0]  # (length, width, contig samples)
+            oy0, oy1 = max(y0, sy), min(y1, sy + seg.shape[0])
+            ox0, ox1 = max(x0, sx), min(x1, sx + seg.shape[1])
+            if oy1 <= oy0 or ox1 <= ox0:
+                continue
+            part = seg[oy0 - sy: oy1 - sy, ox0 - sx: ox1 - sx]
+            if self.planar:
+                out[oy0 - y0: oy1 - y0, ox0 - x0: ox1 - x0, s] = part[..., 0]
+            else:
+                out[oy0 - y0: oy1 - y0, ox0 - x0: ox1 - x0] = part
+        return out
+
+
+_Level = _ArrayLevel | _TiffLevel
+
+
+class ImageSource:
+    """A readable image or (pyramidal) slide. Use ``ImageSource.open(path)``; close it or use ``with``.
+
+    Coordinates of ``read_region`` are in pixels *of the requested level*. Regions that extend past the
+    image are padded with white (255), which the tissue mask treats as background.
+    """
+
+    def __init__(self, path: Path | None, levels: list[_Level], mpp: float | None,
+                 grayscale: bool = False, handle: Any = None, fmt: str = "array") -> None:
+        self._path = path
+        self._levels = levels
+        self._mpp = mpp
+        self._handle = handle
+        self.grayscale = grayscale
+        self.format = fmt
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> ImageSource:
+        """Open an image or slide; raise ``ImageReadError`` (naming the file) when it cannot be read."""
+        p = Path(path)
+        if not p.exists():
+            raise ImageReadError(f"Image {_describe(p)} does not exist; check the path.")
+        if p.is_dir():
+            raise ImageReadError(f"{_describe(p)} is a folder, not an image file.")
+        try:
+            size = p.stat().st_size
+            with open(p, "rb") as fh:
+                head = fh.read(4)
+        except OSError as err:
+            raise ImageReadError(f"Cannot read {_describe(p)}: {err.strerror or err}.") from None
+        if size == 0:
+            raise ImageReadError(f"Image {_describe(p)} is an empty (0-byte) file; re-export or re-copy it.")
+        if head in TIFF_MAGICS:
+            source = cls._open_tiff(p)
+        else:
+            source = cls._open_pillow(p)
+        h, w = source.shape
+        if h == 0 or w == 0:
+            source.close()
+            raise ImageReadError(f"Image {_describe(p)} has zero size ({h}x{w} pixels).")
+        if source.grayscale:
+            warnings.warn(f"{p.name} is grayscale; it was converted to RGB. H&E models expect colour images.",
+                          GrayscaleImageWarning, stacklevel=2)
+        return source
+
+    @classmethod
+    def from_array(cls, rgb: np.ndarray, mpp: float | None = None) -> ImageSource:
+        """Wrap an in-memory image (any layout ``to_rgb_uint8`` accepts) as a one-level source."""
+        arr = to_rgb_uint8(rgb, source="array")
+        return cls(None, [_ArrayLevel(arr)], mpp, fmt="array")
+
+    @classmethod
+    def _open_pillow(cls, path: Path) -> ImageSource:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as img:
+                img.load()
+                mode = img.mode
+                mpp = _mpp_from_dpi(img.info.get("dpi"))
+                if mode in ("P", "PA"):
+                    img = img.convert("RGBA" if "transparency" in img.info or mode == "PA" else "RGB")
+                elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+                    img = img.convert("RGB")
+                elif mode == "1":
+                    img = img.convert("L")
+                arr = np.asarray(img)
+        except UnidentifiedImageError:
+            raise ImageReadError(
+                f"{_describe(path)} is not a readable image (supported: PNG, JPEG, TIFF, OME-TIFF, SVS)."
+            ) from None
+        except Image.DecompressionBombError:
+            raise ImageReadError(f"{_describe(path)} is too large for PNG/JPEG reading; convert it to a tiled "
+                                 "pyramidal TIFF (e.g. with `vips tiffsave --tile --pyramid`).") from None
+        except (OSError, SyntaxError, ValueError) as err:
+            raise ImageReadError(f"Cannot decode {_describe(path)} (truncated or corrupt?): {err}.") from None
+        grayscale = arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (1, 2))
+        rgb = to_rgb_uint8(arr, source=str(path))
+        return cls(path, [_ArrayLevel(rgb)], mpp, grayscale=grayscale, fmt="pillow")
+
+    @classmethod
+    def _open_tiff(cls, path: Path) -> ImageSource:
+        import tifffile
+
+        tif = None
+        try:
+            tif = tifffile.TiffFile(path)
+            tif.filehandle.set_lock(True)  # napari/dask read tiles from several threads: seek+read atomically
+            if not tif.series:
+                raise ImageReadError(f"TIFF {_describe(path)} holds no image.")
+            series = tif.series[0]
+            levels = [_TiffLevel(lv.pages[0]) for lv in series.levels]
+            dtype = levels[0].dtype
+            if dtype.kind not in "uifb" or (dtype.kind in "iu" and dtype.itemsize > 4):
+                raise ImageReadError(f"TIFF {_describe(path)} has unsupported pixel type {dtype}; "
+                                     "convert it to 8-bit RGB.")
+            mpp = _tiff_mpp(tif)
+            grayscale = levels[0].samples < 3
+            source = cls(path, levels, mpp, grayscale=grayscale, handle=tif, fmt="tiff")
+            # Decode one tile now so a truncated or corrupt file fails at open, not deep in a worker.
+            lvl = levels[-1]
+            source._read_raw(len(levels) - 1, 0, min(lvl.shape[0], 16), 0, min(lvl.shape[1], 16))
+            h0, w0 = levels[0].shape
+            source._read_raw(0, max(0, h0 - 1), h0, max(0, w0 - 1), w0)
+            return source
+        except ImageReadError:
+            if tif is not None:
+                tif.close()
+            raise
+        except Exception as err:  # tifffile/zarr/imagecodecs raise many types for corrupt files
+            if tif is not None:
+                tif.close()
+            raise ImageReadError(f"Cannot read TIFF {_describe(path)} (truncated or corrupt?): "
+                                 f"{type(err).__name__}: {err}.") from None
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def path(self) -> Path | None:
+        return self._path
+
+    @property
+    def name(self) -> str:
+        return self._path.name if self._path is not None else "array"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(H, W) of level 0."""
+        return self._levels[0].shape
+
+    @property
+    def n_levels(self) -> int:
+        return len(self._levels)
+
+    @property
+    def level_shapes(self) -> list[tuple[int, int]]:
+        return [lv.shape for lv in self._levels]
+
+    @property
+    def level_downsamples(self) -> list[float]:
+        """Downsample factor of each level relative to level 0 (mean of the y and x ratios)."""
+        h0, w0 = self.shape
+        return [float((h0 / h + w0 / w) / 2.0) for h, w in self.level_shapes]
+
+    @property
+    def mpp(self) -> float | None:
+        """µm per pixel at level 0, or None when the file does not say."""
+        return self._mpp
+
+    def level_mpp(self, level: int) -> float | None:
+        return None if self._mpp is None else self._mpp * self.level_downsamples[level]
+
+    def best_level_for_downsample(self, downsample: float) -> int:
+        """The coarsest level whose downsample does not exceed ``downsample`` (never coarser than asked)."""
+        best = 0
+        for i, d in enumerate(self.level_downsamples):
+            if d <= downsample * 1.01:
+                best = i
+        return best
+
+    # ------------------------------------------------------------------ reading
+    def _check_level(self, level: int) -> _Level:
+        if not 0 <= level < len(self._levels):
+            raise ImageReadError(f"{self.name}: level {level} does not exist (it has {len(self._levels)}).")
+        return self._levels[level]
+
+    def _read_raw(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        return self._levels[level].read(y0, y1, x0, x1)
+
+    def read_region(self, y: int, x: int, h: int, w: int, level: int = 0) -> np.ndarray:
+        """Read ``uint8 (h, w, 3)`` at ``(y, x)`` in the coordinates of ``level``; outside is white."""
+        lv = self._check_level(level)
+        y, x, h, w = int(y), int(x), int(h), int(w)
+        if h <= 0 or w <= 0:
+            raise ValueError(f"Region size must be positive, got {h}x{w}.")
+        H, W = lv.shape
+        y0, y1, x0, x1 = max(0, y), min(H, y + h), max(0, x), min(W, x + w)
+        out = np.full((h, w, 3), 255, np.uint8)
+        if y1 > y0 and x1 > x0:
+            try:
+                block = self._read_raw(level, y0, y1, x0, x1)
+            except Exception as err:
+                raise ImageReadError(f"Cannot read pixels of {self.name} at level {level}, region "
+                                     f"y={y0}:{y1} x={x0}:{x1} (truncated or corrupt file?): {err}.") from None
+            out[y0 - y: y1 - y, x0 - x: x1 - x] = to_rgb_uint8(block, source=self.name)
+        return out
+
+    def read_level(self, level: int = 0) -> np.ndarray:
+        """Read a whole level as ``uint8 (h, w, 3)``; only for levels that fit in memory."""
+        h, w = self._check_level(level).shape
+        return self.read_region(0, 0, h, w, level)
+
+    def napari_data(self) -> list[Any] | np.ndarray:
+        """Data for a napari ``Image`` layer with ``rgb=True``.
+
+        A pyramid gives a list of lazy dask arrays ``(h, w, 3) uint8``, one per level, whose chunks are
+        read through ``read_region`` (so the same RGB conversion applies). A single small level is
+        returned in memory; a single large TIFF level lazily.
+        """
+        if self.n_levels == 1:
+            h, w = self.shape
+            if self.format != "tiff" or h * w <= _SMALL_IMAGE_PIXELS:
+                return self.read_level(0)
+        return [self.lazy_level(i) for i in range(self.n_levels)]
+
+    @property
+    def samples(self) -> int:
+        """Samples per pixel stored in the file (3 for RGB, 1 for gray or label images)."""
+        return self._levels[0].samples
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The stored pixel type (reads convert to uint8 RGB unless ``raw``)."""
+        return np.dtype(self._levels[0].dtype)
+
+    def read_raw_region(self, y: int, x: int, h: int, w: int, level: int = 0) -> np.ndarray:
+        """The stored values of the first sample, ``(h, w)`` in the file's dtype, for label images.
+
+        The region must lie inside the level.
+        """
+        lv = self._check_level(level)
+        H, W = lv.shape
+        if y < 0 or x < 0 or y + h > H or x + w > W or h <= 0 or w <= 0:
+            raise ValueError(f"Region y={y} x={x} {h}x{w} is outside level {level} of {self.name} ({H}x{W}).")
+        try:
+            block = self._read_raw(level, y, y + h, x, x + w)
+        except Exception as err:
+            raise ImageReadError(f"Cannot read pixels of {self.name} at level {level}: {err}.") from None
+        return block[..., 0] if block.ndim == 3 else block
+
+    def lazy_level(self, level: int, chunk: int = 1024, raw: bool = False) -> Any:
+        """A lazy dask array of one level, ``(h, w, 3) uint8`` (or ``(h, w)`` stored values when ``raw``);
+        chunks align with the file's tiles."""
+        import dask.array as da
+
+        lv = self._check_level(level)
+        h, w = lv.shape
+        tile = getattr(lv, "chunk", (chunk, chunk))
+        cy = max(tile[0], (chunk // tile[0]) * tile[0]) if tile[0] < h else h
+        cx = max(tile[1], (chunk // tile[1]) * tile[1]) if tile[1] < w else w
+        name = f"wsss-cram-{self.name}-level{level}-{'raw' if raw else 'rgb'}-{id(self):x}"
+
+        def load(block_info: Any = None) -> np.ndarray:
+            (y0, y1), (x0, x1) = block_info[None]["array-location"][:2]
+            if raw:
+                return self.read_raw_region(y0, x0, y1 - y0, x1 - x0, level)
+            return self.read_region(y0, x0, y1 - y0, x1 - x0, level)
+
+        if raw:
+            return da.map_blocks(load, dtype=self.dtype, chunks=(_chunk_sizes(h, cy), _chunk_sizes(w, cx)),
+                                 name=name, meta=np.empty((0, 0), self.dtype))
+        chunks = (_chunk_sizes(h, cy), _chunk_sizes(w, cx), (3,))
+        return da.map_blocks(load, dtype=np.uint8, chunks=chunks, name=name,
+                             meta=np.empty((0, 0, 0), np.uint8))
+
+    # ------------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def __enter__(self) -> ImageSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"ImageSource({self.name!r}, shape={self.shape}, levels={self.n_levels}, "
+                f"mpp={self.mpp}, format={self.format!r})")
+
+
+def _chunk_sizes(n: int, chunk: int) -> tuple[int, ...]:
+    sizes = [chunk] * (n // chunk)
+    if n % chunk:
+        sizes.append(n % chunk)
+    return tuple(sizes)
+
+
+def read_rgb(path: str | os.PathLike) -> np.ndarray:
+    """Read a whole (small) image as ``uint8 (H, W, 3)``; raises ``ImageReadError``."""
+    with ImageSource.open(path) as src:
+        return src.read_level(0)
+
+
+# ---------------------------------------------------------------------- pixel size
+def _plausible(mpp: float | None) -> float | None:
+    if mpp is None or not np.isfinite(mpp) or mpp <= 0 or mpp >= _MAX_PLAUSIBLE_MPP:
+        return None
+    return float(mpp)
+
+
+def _mpp_from_dpi(dpi: Sequence[float] | None) -> float | None:
+    if not dpi:
+        return None
+    try:
+        return _plausible(25400.0 / float(dpi[0]))
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
+
+
+def _tiff_mpp(tif: Any) -> float | None:
+    """µm/px of level 0 from OME, Aperio SVS or resolution tags, in that order of trust."""
+    if tif.is_ome and tif.ome_metadata:
+        mpp = _ome_mpp(tif.ome_metadata)
+        if mpp is not None:
+            return mpp
+    page = tif.pages.first
+    description = page.description or ""
+    match = re.search(r"\bMPP\s*=\s*([0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?)", description)
+    if match:
+        mpp = _plausible(float(match.group(1)))
+        if mpp is not None:
+            return mpp
+    return _resolution_mpp(page)
+
+
+def _ome_mpp(xml: str) -> float | None:
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None
+    for el in root.iter():
+        if el.tag.endswith("}Pixels") or el.tag == "Pixels":
+            value = el.get("PhysicalSizeX")
+            if value is None:
+                return None
+            unit = el.get("PhysicalSizeXUnit", "µm")
+            factor = _OME_UNITS_UM.get(unit)
+            try:
+                return None if factor is None else _plausible(float(value) * factor)
+            except ValueError:
+                return None
+    return None
+
+
+def _resolution_mpp(page: Any) -> float | None:
+    tags = page.tags
+    xres = tags.get("XResolution")
+    unit_tag = tags.get("ResolutionUnit")
+    if xres is None or unit_tag is None:
+        return None
+    unit = int(unit_tag.value)
+    um_per_unit = {2: 25400.0, 3: 10000.0}.get(unit)  # 2 inch, 3 centimetre; 1 "none" is meaningless
+    if um_per_unit is None:
+        return None
+    value = xres.value
+    try:
+        pixels_per_unit = value[0] / value[1] if isinstance(value, tuple) else float(value)
+        return _plausible(um_per_unit / pixels_per_unit)
+    except (ZeroDivisionError, TypeError, ValueError):
+        return None

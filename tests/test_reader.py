@@ -1,0 +1,104 @@
+"""napari reader and sample-data contributions, loaded through the real viewer (offscreen, under Xvfb)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from napari_wsss_cram import _sample_data
+from napari_wsss_cram._reader import napari_get_reader
+from napari_wsss_cram.core.classes import WSSS4LUAD
+from napari_wsss_cram.core.io.outputs import write_index_png, write_pyramidal_ome_tiff
+
+PLUGIN = "napari-wsss-cram"
+
+
+def test_get_reader_accepts_only_image_names(tmp_path):
+    assert napari_get_reader(str(tmp_path / "a.txt")) is None
+    assert napari_get_reader(str(tmp_path / "a.zarr")) is None
+    assert callable(napari_get_reader(str(tmp_path / "a.png")))
+    assert callable(napari_get_reader([str(tmp_path / "a.svs"), str(tmp_path / "b.ome.tif")]))
+
+
+@pytest.mark.gui
+def test_png_opens_as_rgb_image(make_napari_viewer, tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (120, 90, 3), np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "patch.png")
+    viewer = make_napari_viewer()
+    layers = viewer.open(str(tmp_path / "patch.png"), plugin=PLUGIN)
+    assert len(layers) == 1
+    layer = layers[0]
+    assert layer._type_string == "image" and layer.rgb and not layer.multiscale
+    assert layer.data.shape == (120, 90, 3)
+    assert layer.metadata["path"].endswith("patch.png") and layer.metadata["mpp"] is None
+
+
+@pytest.mark.gui
+def test_pyramid_opens_lazy_multiscale_with_pixel_size(make_napari_viewer, tmp_path):
+    rgb = np.random.default_rng(1).integers(0, 256, (1100, 1300, 3), np.uint8)
+    path = write_pyramidal_ome_tiff(tmp_path / "slide.ome.tif", rgb, mpp=0.5, tile=256)
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open(str(path), plugin=PLUGIN)
+    assert layer._type_string == "image" and layer.multiscale and layer.rgb
+    assert [tuple(d.shape) for d in layer.data] == [(1100, 1300, 3), (550, 650, 3), (275, 325, 3),
+                                                   (138, 163, 3)]
+    assert not isinstance(layer.data[0], np.ndarray)  # lazy: nothing was read whole
+    assert tuple(layer.scale) == pytest.approx((0.5, 0.5))
+    assert layer.metadata["mpp"] == pytest.approx(0.5) and len(layer.metadata["level_shapes"]) == 4
+    assert np.array_equal(np.asarray(layer.data[0][100:110, 200:210]), rgb[100:110, 200:210])
+
+
+@pytest.mark.gui
+def test_masks_open_as_labels(make_napari_viewer, tmp_path):
+    labels = np.zeros((64, 80), np.uint8)
+    labels[10:30, 20:50] = 1
+    labels[40:, :] = 3
+    write_index_png(tmp_path / "mask.png", labels, WSSS4LUAD)
+    write_pyramidal_ome_tiff(tmp_path / "big_mask.ome.tif", np.tile(labels, (10, 10)), mpp=0.25)
+    viewer = make_napari_viewer()
+    (png_layer,) = viewer.open(str(tmp_path / "mask.png"), plugin=PLUGIN)
+    assert png_layer._type_string == "labels" and np.array_equal(png_layer.data, labels)
+    (tif_layer,) = viewer.open(str(tmp_path / "big_mask.ome.tif"), plugin=PLUGIN)
+    assert tif_layer._type_string == "labels" and tif_layer.multiscale
+    assert tuple(tif_layer.data[0].shape) == (640, 800)
+    assert np.array_equal(np.asarray(tif_layer.data[0][:64, :80]), labels)
+
+
+@pytest.mark.gui
+def test_bad_file_gives_a_clear_error(make_napari_viewer, tmp_path):
+    bad = tmp_path / "broken.tif"
+    tifffile.imwrite(tmp_path / "ok.tif", np.zeros((300, 300, 3), np.uint8), photometric="rgb",
+                     tile=(64, 64), compression="zlib")
+    bad.write_bytes((tmp_path / "ok.tif").read_bytes()[:200])
+    viewer = make_napari_viewer()
+    with pytest.raises(Exception, match="broken.tif") as info:
+        viewer.open(str(bad), plugin=PLUGIN)
+    assert "Traceback" not in str(info.value)
+    assert len(viewer.layers) == 0
+
+
+@pytest.mark.gui
+def test_sample_patch(make_napari_viewer, monkeypatch, tmp_path):
+    monkeypatch.setenv("WSSS_CRAM_CACHE", str(tmp_path / "cache"))
+    viewer = make_napari_viewer()
+    layers = viewer.open_sample(PLUGIN, "patch")
+    image, labels = layers
+    assert image._type_string == "image" and image.rgb
+    assert labels._type_string == "labels"
+    assert image.data.shape[:2] == labels.data.shape
+    assert set(np.unique(labels.data)) <= {0, 1, 2, 3}
+
+
+@pytest.mark.gui
+def test_sample_slide_generated_on_first_use(make_napari_viewer, monkeypatch, tmp_path):
+    monkeypatch.setenv("WSSS_CRAM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(_sample_data, "SLIDE_SIZE", 1024)  # the real one is 4096: same code, 16x faster
+    viewer = make_napari_viewer()
+    image, truth = viewer.open_sample(PLUGIN, "slide")
+    assert (tmp_path / "cache" / "slide-1024" / "sample_slide.ome.tif").is_file()
+    assert image._type_string == "image" and image.multiscale and image.rgb
+    assert [tuple(d.shape[:2]) for d in image.data] == [(1024, 1024), (512, 512), (256, 256)]
+    assert tuple(image.scale) == pytest.approx((0.25, 0.25))
+    assert truth._type_string == "labels" and truth.multiscale
