@@ -1,0 +1,145 @@
+"""Checkpoints: one torch file with the state_dict and everything needed to rebuild and use the model.
+
+Saved atomically (temp file + rename). Loaded with ``torch.load(weights_only=True)``: a file that needs
+pickle code execution is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from .classes import ClassSpec
+from .errors import CheckpointError
+from .model.config import ModelConfig
+from .model.cram import CRAMNet
+
+FORMAT_NAME = "napari-wsss-cram"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class CheckpointInfo:
+    """What a checkpoint says about its model, besides the weights."""
+
+    classes: ClassSpec
+    model_config: ModelConfig
+    train_config: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+    package_version: str = __version__
+    extra: dict = field(default_factory=dict)
+    path: Path | None = None
+
+
+def _plain(data: dict | None) -> dict:
+    """JSON round trip: only plain types survive, so weights_only loading can read them back."""
+    return json.loads(json.dumps(data or {}, default=str))
+
+
+def save_checkpoint(path: str | os.PathLike, model: CRAMNet, extra: dict | None = None,
+                    train_config: dict | None = None) -> Path:
+    """Write ``model`` (+ classes, config, versions, ``train_config`` and ``extra``) to ``path`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "package_version": __version__,
+        "classes": model.classes.to_dict(),
+        "model_config": model.config.to_dict(),
+        "train_config": _plain(train_config),
+        "extra": _plain(extra),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_checkpoint_payload(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Load and validate the raw checkpoint dict (weights-only); raises CheckpointError with a plain message."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint not found: {path}. Check the path or train a model first.")
+    if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6
+        raise CheckpointError(f"{path} is not a readable torch checkpoint (corrupt, truncated or another "
+                              f"file type). Use a .pt file written by 'wsss-cram train' or the Train dock.")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"Refusing to load {path}: it contains pickled Python objects, which could run code when "
+            f"loaded. Only napari-wsss-cram checkpoints (tensors and plain settings) are accepted; "
+            f"re-save the model with this package.") from err
+    except Exception as err:
+        raise CheckpointError(f"{path} is not a readable torch checkpoint (corrupt or truncated?): "
+                              f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{path} is not a napari-wsss-cram checkpoint (no '{FORMAT_NAME}' header). "
+                              f"Use a .pt file written by 'wsss-cram train' or the Train dock.")
+    version = payload.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format {version}, newer than this package reads "
+                              f"({FORMAT_VERSION}). Update napari-wsss-cram.")
+    for key in ("classes", "model_config", "state_dict"):
+        if not isinstance(payload.get(key), dict):
+            raise CheckpointError(f"{path} is incomplete: '{key}' is missing.")
+    return payload
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu",
+                    expect_classes: ClassSpec | None = None) -> tuple[CRAMNet, CheckpointInfo]:
+    """Rebuild the model saved at ``path`` (in eval mode) and return it with its :class:`CheckpointInfo`."""
+    path = Path(path)
+    payload = read_checkpoint_payload(path, map_location)
+    try:
+        classes = ClassSpec.from_dict(payload["classes"])
+        config = ModelConfig.from_dict(payload["model_config"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path} has invalid class or model settings: {err}") from err
+    if expect_classes is not None and tuple(n.lower() for n in expect_classes.names) != tuple(
+            n.lower() for n in classes.names):
+        raise CheckpointError(
+            f"{path} was trained for classes {', '.join(classes.names)}, but "
+            f"{', '.join(expect_classes.names)} were requested. Use a matching checkpoint or class list.")
+    model = CRAMNet(classes, config, weights=None)
+    state = payload["state_dict"]
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong_shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong_shape:
+        def few(keys: list[str]) -> str:
+            return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+        details = "; ".join(part for part in (
+            f"missing {few(missing)}" if missing else "",
+            f"unexpected {few(unexpected)}" if unexpected else "",
+            f"wrong shape {few(wrong_shape)}" if wrong_shape else "") if part)
+        raise CheckpointError(
+            f"{path}: the weights do not match the architecture in its own config "
+            f"({config.backbone}, output stride {config.output_stride}, stage {config.stage}): {details}. "
+            f"The file was edited or written by an incompatible version.")
+    model.load_state_dict(state)
+    model.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu")
+    model.eval()
+    info = CheckpointInfo(
+        classes=classes, model_config=config, train_config=dict(payload.get("train_config") or {}),
+        format_version=int(payload["format_version"]),
+        package_version=str(payload.get("package_version", "unknown")),
+        extra=dict(payload.get("extra") or {}), path=path)
+    return model, info

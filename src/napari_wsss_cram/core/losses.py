@@ -1,0 +1,182 @@
+"""Losses of WSSS-CRAM: image-level BCE, confident cross-entropy, the dense energy loss, and their joint total.
+
+    L = L_cls + background_prior_weight * L_bg + lambda_seg * (L_ce + energy_weight * L_energy)
+
+``L_bg`` supervises the DA layer's background channel with the near-white tissue prior (glass and air are
+background, stained pixels are not). It is this package's addition to the paper: without it, nothing tells
+the background channel to stay off weakly activated tissue, the L2 normalisation lets it take those pixels,
+and reliable pseudo-labels then hold almost no tissue (see tests/test_model_learnability.py).
+
+The dense energy loss (Tang et al. 2018; used on unreliable regions by RRM, Zhang et al. 2020) is
+``-sum_ij S_i^T W_ij S_j`` with W a Gaussian kernel over pixel position and RGB colour. Here it is computed
+exactly (a dense bilateral filter, O(N^2) per image, in row chunks so memory stays O(chunk * N)) on the
+prediction resized by ``energy_scale``, and normalised by the number of pixel pairs and images so its value
+(in [-1, 0]) does not depend on the crop size. S is the gated softmax: the gate is 1 on ignored (255)
+pixels and ``max(0, 1 - max_k S_k)`` on confidently labelled ones (RRM), so the energy acts mostly where
+the pseudo-label says nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .classes import IGNORE_INDEX
+from .model.config import ModelConfig
+from .model.cram import to_rgb255
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Multi-label BCE with logits against image-level labels (B, K)."""
+    return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+
+
+def confident_ce(seg_logits: torch.Tensor, pseudo: torch.Tensor, ignore_index: int = IGNORE_INDEX
+                 ) -> torch.Tensor:
+    """Cross-entropy on pixels with a label (not ``ignore_index``); 0 (still in the graph) if there are none."""
+    pseudo = pseudo.long()
+    valid = (pseudo != ignore_index).sum()
+    if int(valid) == 0:
+        return seg_logits.sum() * 0.0
+    loss = F.cross_entropy(seg_logits.float(), pseudo, ignore_index=ignore_index, reduction="sum")
+    return loss / valid
+
+
+def background_prior_loss(cam: torch.Tensor, image: torch.Tensor, threshold: float = 200.0) -> torch.Tensor:
+    """BCE between the background map ``cam[:, -1]`` (B, h, w) and the share of near-white pixels
+    (gray > ``threshold``) of ``image`` (B, 3, H, W, RGB 0..255) under each map pixel."""
+    with torch.no_grad():
+        weights = torch.tensor([0.299, 0.587, 0.114], device=image.device, dtype=torch.float32)
+        white = ((image.float() * weights.view(1, 3, 1, 1)).sum(1, keepdim=True) > threshold).float()
+        target = F.adaptive_avg_pool2d(white, cam.shape[-2:])[:, 0]
+    background = cam[:, -1].float().clamp(1e-6, 1 - 1e-6)
+    # Written out: F.binary_cross_entropy refuses to run inside a CUDA autocast region.
+    return -(target * background.log() + (1 - target) * (1 - background).log()).mean()
+
+
+def _bilateral_features(image: torch.Tensor, sigma_xy: float, sigma_rgb: float) -> torch.Tensor:
+    """(B, 3, H, W) RGB in 0..255 -> (B, N, 5) features (y/sxy, x/sxy, rgb/srgb)."""
+    b, _, h, w = image.shape
+    ys, xs = torch.meshgrid(torch.arange(h, device=image.device, dtype=torch.float32),
+                            torch.arange(w, device=image.device, dtype=torch.float32), indexing="ij")
+    position = torch.stack([ys, xs]).view(1, 2, h * w).expand(b, -1, -1) / sigma_xy
+    colour = image.float().reshape(b, 3, h * w) / sigma_rgb
+    return torch.cat([position, colour], dim=1).transpose(1, 2).contiguous()
+
+
+def dense_gaussian_filter(values: torch.Tensor, features: torch.Tensor, chunk_elements: int | None = None
+                          ) -> torch.Tensor:
+    """Exact dense filter: out_i = sum_j exp(-|f_i - f_j|^2 / 2) v_j. values (B, N, C), features (B, N, D).
+
+    Computed in row chunks so the kernel never exists in full (memory O(chunk * N)).
+    """
+    b, n, _ = values.shape
+    if chunk_elements is None:
+        # ~1 MB chunks stay in the CPU cache (measured fastest); the GPU wants big ones.
+        chunk_elements = 2 ** 26 if values.is_cuda else 2 ** 18
+    rows = max(1, min(n, chunk_elements // max(1, n)))
+    # -|f_i - f_j|^2 / 2 = f_i.f_j - |f_i|^2/2 - |f_j|^2/2 as ONE matmul of augmented features, so each
+    # kernel chunk is written once and exponentiated in place.
+    half_sq = -0.5 * (features * features).sum(-1, keepdim=True)
+    ones = torch.ones_like(half_sq)
+    left = torch.cat([features, half_sq, ones], dim=-1)
+    right = torch.cat([features, ones, half_sq], dim=-1).transpose(1, 2).contiguous()
+    out = torch.empty_like(values)
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        # min=-60 keeps exp() and the products after it out of float32 denormals, ~10x slower on CPU
+        # (measured); e^-60 ~ 1e-26 is nil next to the diagonal term 1.
+        kernel = torch.bmm(left[:, start:stop], right).clamp_(min=-60.0, max=0.0).exp_()
+        out[:, start:stop] = torch.bmm(kernel, values)
+    return out
+
+
+class _DenseEnergy(torch.autograd.Function):
+    """E = -sum_b sum_ij S_i . S_j W_ij / (B N^2); dE/dS = -2 (W S) / (B N^2) since W is symmetric."""
+
+    @staticmethod
+    def forward(ctx, gated: torch.Tensor, features: torch.Tensor) -> torch.Tensor:  # gated: (B, N, C)
+        b, n, _ = gated.shape
+        filtered = dense_gaussian_filter(gated, features)
+        norm = float(b) * float(n) * float(n)
+        ctx.save_for_backward(filtered)
+        ctx.norm = norm
+        return -(gated * filtered).sum() / norm
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (filtered,) = ctx.saved_tensors
+        return grad_output * (-2.0 / ctx.norm) * filtered, None
+
+
+def energy_gate(probs: torch.Tensor, pseudo: torch.Tensor | None, ignore_index: int = IGNORE_INDEX
+                ) -> torch.Tensor:
+    """RRM gate (B, 1, H, W), no gradient: 1 on unlabelled pixels, max(0, 1 - max_k S_k) on labelled ones."""
+    with torch.no_grad():
+        gate = (1.0 - probs.amax(dim=1, keepdim=True)).clamp(min=0.0)
+        if pseudo is None:
+            return torch.ones_like(gate)
+        gate[(pseudo == ignore_index)[:, None]] = 1.0
+    return gate
+
+
+def dense_energy_loss(seg_logits: torch.Tensor, image: torch.Tensor, pseudo: torch.Tensor | None = None,
+                      sigma_xy: float = 200.0, sigma_rgb: float = 15.0, scale: float = 0.5) -> torch.Tensor:
+    """Dense (bilateral) energy loss of the softmax of ``seg_logits`` (B, C, H, W).
+
+    ``image``: RGB (B, 3, H, W) in 0..255; ``pseudo``: (B, H, W) labels with 255 = unlabelled (None = all
+    unlabelled); ``sigma_xy`` is in input pixels (it is scaled with ``scale``); ``sigma_rgb`` in grey levels.
+    """
+    with torch.autocast(device_type=seg_logits.device.type, enabled=False):
+        probs = seg_logits.float().softmax(dim=1)
+        image = image.float()
+        if scale != 1.0:
+            size = (max(1, round(probs.shape[-2] * scale)), max(1, round(probs.shape[-1] * scale)))
+            probs = F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
+            image = F.interpolate(image, size=size, mode="nearest")
+            if pseudo is not None:
+                pseudo = F.interpolate(pseudo[:, None].float(), size=size, mode="nearest")[:, 0].long()
+        gated = probs * energy_gate(probs, pseudo)
+        b, c = gated.shape[:2]
+        features = _bilateral_features(image, sigma_xy * scale, sigma_rgb)
+        return _DenseEnergy.apply(gated.reshape(b, c, -1).transpose(1, 2), features)
+
+
+def joint_loss(outputs: dict[str, torch.Tensor], labels: torch.Tensor | None, pseudo: torch.Tensor | None,
+               x: torch.Tensor, config: ModelConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """The training loss for one batch and its terms (as floats, for logging).
+
+    Stage 1: ``L_cls`` always, ``L_bg`` with the DA layer; with ``config.use_joint`` and pseudo-labels, ``lambda_seg * (L_ce +
+    energy_weight * L_energy)`` is added (``energy_weight = 0`` drops the energy). Stage 2: ``L_ce +
+    energy_weight * L_energy`` only. ``x`` is the normalised input (the energy needs its colours).
+    """
+    terms: dict[str, torch.Tensor] = {}
+    seg_weight = 1.0
+    if config.stage == 1:
+        if labels is None or "logits" not in outputs:
+            raise ValueError("Stage-1 training needs image-level labels and the model's logits.")
+        terms["cls"] = classification_loss(outputs["logits"], labels)
+        if config.use_da and config.background_prior_weight > 0 and config.tissue_threshold is not None:
+            terms["bg"] = background_prior_loss(outputs["cam"], to_rgb255(x.detach(), config),
+                                                config.tissue_threshold)
+        seg_weight = config.lambda_seg
+        use_seg = config.use_joint and pseudo is not None
+    else:
+        if pseudo is None:
+            raise ValueError("Stage-2 training needs pixel labels (saved pseudo-labels).")
+        use_seg = True
+    if use_seg:
+        terms["ce"] = confident_ce(outputs["seg"], pseudo)
+        if config.energy_weight > 0:
+            terms["energy"] = dense_energy_loss(outputs["seg"], to_rgb255(x.detach(), config), pseudo,
+                                                config.energy_sigma_xy, config.energy_sigma_rgb,
+                                                config.energy_scale)
+    total = terms.get("cls", outputs["seg"].sum() * 0.0)
+    if "bg" in terms:
+        total = total + config.background_prior_weight * terms["bg"]
+    if use_seg:
+        seg_total = terms["ce"] + config.energy_weight * terms.get("energy", 0.0)
+        total = total + seg_weight * seg_total
+    logged = {name: float(value.detach()) for name, value in terms.items()}
+    logged["total"] = float(total.detach())
+    return total, logged

@@ -1,0 +1,91 @@
+"""ModelConfig: everything needed to rebuild a CRAMNet (architecture, method switches, input convention)."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+
+from ..crf import CRFParams
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture and method switches of WSSS-CRAM; saved in every checkpoint.
+
+    Ablation rows (paper table): CAM only = ``use_da=False, use_joint=False, use_crf=False``;
+    +DA = ``use_da=True``; +joint = ``use_joint=True``; +CRF = ``use_crf=True``.
+    ``stage=2`` builds the same encoder-decoder trained seg-only on saved pseudo-labels (WSSS-CRAM2/3):
+    the pseudo-label branch (DA layer, attention, classifier) is not built.
+    """
+
+    backbone: str = "resnet50"
+    output_stride: int = 8
+    stage: int = 1
+    # Pseudo-label branch
+    use_da: bool = True            # DA layer (K+1 maps, explicit background); off = plain CAM
+    use_attention: bool = True     # batch self-attention over class features (needs use_da)
+    attention_dim: int = 128
+    attention_heads: int = 2
+    attention_layers: int = 1
+    attention_pool: int = 2        # average-pool class features before attention (fewer tokens)
+    # Segmentation branch and joint training
+    use_joint: bool = True         # train the seg head on the branch's pseudo-labels in the same step
+    use_crf: bool = True           # pseudo-label = high-confidence map where it agrees with the dense CRF
+    aspp_rates: tuple[int, ...] = (6, 12, 18)
+    aspp_channels: int = 256
+    # Reliable pseudo-labels
+    alpha: float = 0.3             # foreground max below alpha -> background
+    beta: float = 0.9              # foreground max above beta -> that class
+    tissue_threshold: int = 200    # gray level above which a pixel is glass/air (background prior)
+    background_needs_white: bool = True  # alpha rule gives background only on near-white pixels
+    crf: CRFParams = field(default_factory=CRFParams)
+    # Losses: L = L_cls + background_prior_weight * L_bg + lambda_seg * (L_ce + energy_weight * L_energy)
+    lambda_seg: float = 1.0
+    background_prior_weight: float = 1.0  # BCE of the DA background map vs. the near-white prior (0 = off)
+    energy_weight: float = 15.0
+    energy_sigma_xy: float = 200.0  # in input pixels (= 100 at the half scale used by RRM)
+    energy_sigma_rgb: float = 15.0
+    energy_scale: float = 0.5       # the energy is computed on the prediction resized by this factor
+    # Input convention
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    train_scale: float = 1.0        # downscale factor (vs. level 0) of the training patches
+    mpp: float | None = None        # µm/pixel of the training patches at train_scale, if known
+
+    def __post_init__(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"Unknown backbone '{self.backbone}'; choose one of {', '.join(BACKBONES)}.")
+        if self.output_stride not in (8, 16):
+            raise ValueError(f"output_stride must be 8 or 16, got {self.output_stride}.")
+        if self.stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {self.stage}.")
+        if not 0.0 <= self.alpha <= self.beta <= 1.0:
+            raise ValueError(f"Need 0 <= alpha <= beta <= 1, got alpha={self.alpha}, beta={self.beta}.")
+        if self.attention_dim % self.attention_heads:
+            raise ValueError("attention_dim must be divisible by attention_heads.")
+        if isinstance(self.crf, dict):
+            self.crf = CRFParams.from_dict(self.crf)
+        self.aspp_rates = tuple(int(r) for r in self.aspp_rates)
+        self.mean = tuple(float(v) for v in self.mean)
+        self.std = tuple(float(v) for v in self.std)
+
+    def to_dict(self) -> dict:
+        """Plain, JSON-compatible dict (tuples become lists)."""
+        data = asdict(self)
+        for key, value in data.items():
+            if isinstance(value, tuple):
+                data[key] = list(value)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        """Inverse of :meth:`to_dict`; unknown keys (from a newer version) are dropped with a warning."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            warnings.warn(f"Ignoring unknown model settings: {', '.join(unknown)}", stacklevel=2)
+        return cls(**{k: v for k, v in data.items() if k in names})
