@@ -1,13 +1,279 @@
-"""Not implemented yet (placeholder owned by the issue that builds it)."""
+"""Segment patches or whole slides with a checkpoint.
+
+For each input (files, or folders of images), writes into --out, named after the input's stem:
+STEM.png (index PNG, class palette; skipped for slides streamed to disk), STEM.ome.tif (pyramidal uint8
+labels with the pixel size), STEM.geojson (QuPath annotations), STEM_probs.ome.tif (with --format ...,probs),
+STEM_composition.json (area per class, tumor-stroma ratio), and predict_summary.csv over all inputs.
+Existing outputs are never overwritten without --overwrite.
+
+Under `torchrun --nproc_per_node N wsss-cram predict ...` the inputs are sharded across ranks (one device per
+rank); each rank writes its own files and rank 0 writes the summary.
+"""
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".svs", ".btf")
+SUMMARY_NAME = "predict_summary.csv"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument("checkpoint", help="model checkpoint (.pt) written by `wsss-cram train`")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="images, slides or folders of them")
+    parser.add_argument("--out", required=True, help="output folder")
+    res = parser.add_mutually_exclusive_group()
+    res.add_argument("--scale", type=float, default=2.5,
+                     help="resample the input by this factor before the model (default 2.5, the paper's "
+                          "test protocol)")
+    res.add_argument("--mpp", nargs="?", const="model", default=None, metavar="UM_PER_PX",
+                     help="instead of --scale, process at this µm/px (default when given without a value: "
+                          "the model's training µm/px), reading the closest pyramid level")
+    parser.add_argument("--tile", type=int, default=512, help="tile size in model pixels (default 512)")
+    parser.add_argument("--overlap", type=int, default=64, help="tile overlap in model pixels (default 64)")
+    parser.add_argument("--batch", type=int, default=None, help="tiles per batch (default 4 on CPU, 16 on CUDA)")
+    parser.add_argument("--crf", action=argparse.BooleanOptionalAction, default=False,
+                        help="refine tiles with the dense CRF (default off)")
+    parser.add_argument("--crf-params", default=None, metavar="K=V,...",
+                        help="CRF settings, e.g. bilateral_sxy=80,bilateral_srgb=13,iterations=10")
+    parser.add_argument("--format", default="png,ome-tiff,geojson",
+                        help="comma-separated outputs among png,ome-tiff,geojson,probs (default png,ome-tiff,"
+                             "geojson; the composition JSON is always written)")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    parser.add_argument("--output-level", type=int, default=0,
+                        help="pyramid level the outputs are written at (default 0, full resolution)")
+    parser.add_argument("--tissue-threshold", type=int, default=200,
+                        help="gray level above which low-res pixels are background; tiles without tissue "
+                             "are skipped (default 200)")
+    parser.add_argument("--no-tissue-mask", action="store_true", help="run the model on every tile")
+    parser.add_argument("--no-amp", action="store_true", help="disable CUDA mixed precision")
+    parser.add_argument("--work-dir", default=None,
+                        help="folder for the temporary disk-backed arrays of large slides (default: system temp)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+
+
+def collect_inputs(items: list[str]) -> list[Path]:
+    """Files as given; folders expanded to the images they hold (sorted). Missing paths raise."""
+    from ..core.errors import ImageReadError
+
+    paths: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise ImageReadError(f"Folder '{p}' holds no images ({', '.join(IMAGE_SUFFIXES)}).")
+            paths.extend(found)
+        elif p.exists():
+            paths.append(p)
+        else:
+            raise ImageReadError(f"Input '{p}' does not exist; check the path.")
+    return paths
+
+
+def stem_of(path: Path) -> str:
+    """File name without its image suffixes (``slide.ome.tif`` -> ``slide``)."""
+    name = path.name
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def shard(items: list[Any], rank: int, world: int) -> list[Any]:
+    """The items rank ``rank`` of ``world`` handles (round-robin: every item exactly once)."""
+    return items[rank::world]
+
+
+def _dist_env() -> tuple[int, int]:
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _parse_crf_params(text: str | None):
+    from ..core.crf import CRFParams
+    from ..core.errors import WsssCramError
+
+    if not text:
+        return CRFParams()
+    values: dict[str, float] = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        key, _, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if key not in CRFParams.__dataclass_fields__ or not value:
+            raise WsssCramError(f"Bad --crf-params item '{item}'; known settings: "
+                                f"{', '.join(CRFParams.__dataclass_fields__)} (as name=value).")
+        try:
+            values[key] = int(value) if key == "iterations" else float(value)
+        except ValueError:
+            raise WsssCramError(f"--crf-params {key} needs a number, got '{value}'.") from None
+    return CRFParams(**values)
+
+
+def settings_from_args(args: argparse.Namespace, model_mpp: float | None, device_type: str):
+    """PredictSettings from the command line (``--mpp`` alone = the model's training µm/px)."""
+    from ..core.errors import WsssCramError
+    from ..core.inference import PredictSettings
+
+    mpp = None
+    if args.mpp is not None:
+        if args.mpp == "model":
+            if model_mpp is None:
+                raise WsssCramError("--mpp was given without a value but the checkpoint does not record the "
+                                    "training µm/px; pass --mpp X or use --scale.")
+            mpp = float(model_mpp)
+        else:
+            try:
+                mpp = float(args.mpp)
+            except ValueError:
+                raise WsssCramError(f"--mpp needs a number of µm per pixel, got '{args.mpp}'.") from None
+    batch = args.batch or (16 if device_type == "cuda" else 4)
+    settings = PredictSettings(
+        scale=args.scale, mpp=mpp, tile=args.tile, overlap=args.overlap, batch=batch, crf=args.crf,
+        crf_params=_parse_crf_params(args.crf_params), device=args.device, amp=not args.no_amp,
+        output_level=args.output_level,
+        tissue_threshold=None if args.no_tissue_mask else args.tissue_threshold,
+        with_probs="probs" in args.formats, work_dir=args.work_dir)
+    settings.validate()
+    return settings
+
+
+def predict_many(model: Any, info: Any, inputs: list[Path], out_dir: Path, settings: Any,
+                 formats: tuple[str, ...], overwrite: bool, rank: int = 0, world: int = 1,
+                 show_progress: bool = False) -> list[dict]:
+    """Predict this rank's share of ``inputs`` and write their outputs; returns one summary row per input.
+
+    A bad input does not stop the others: its row has ``status`` = the error message.
+    """
+    from ..core.errors import WsssCramError
+    from ..core.inference import predict_path, write_outputs
+    from ..core.progress import drive
+
+    rows = []
+    for path in shard(inputs, rank, world):
+        stem = stem_of(path)
+        bar = None
+        if show_progress:
+            from tqdm import tqdm
+
+            bar = tqdm(desc=path.name, unit="tile", leave=False, position=rank, file=sys.stderr)
+
+        def on_progress(event, bar=bar) -> None:
+            if bar is not None:
+                bar.total = event.total
+                bar.n = event.done
+                bar.refresh()
+
+        try:
+            prediction = drive(predict_path(model, info, path, settings), on_progress)
+            try:
+                row = write_outputs(prediction, out_dir, stem, formats, overwrite=overwrite)
+            finally:
+                prediction.cleanup()
+            row["status"] = "ok"
+            log.info("%s: %dx%d px, %d tiles (%d background), %.1f s (model %.1f s, CRF %.1f s)", path.name,
+                     row["height"], row["width"], row["tiles"], row["skipped_tiles"], row["seconds"],
+                     row["model_seconds"], row["crf_seconds"])
+        except WsssCramError as err:
+            print(f"error: {err}", file=sys.stderr)
+            row = {"image": stem, "status": f"error: {err}"}
+        finally:
+            if bar is not None:
+                bar.close()
+        row["input"] = str(path)
+        row["rank"] = rank
+        rows.append(row)
+    return rows
+
+
+def summary_csv(rows: list[dict]) -> str:
+    """The run summary as CSV text (columns: union of the rows' keys, first-seen order)."""
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _gather_rows(rows: list[dict], world: int) -> list[dict] | None:
+    """All ranks' rows on rank 0 (None elsewhere); a no-op without torch.distributed."""
+    if world <= 1:
+        return rows
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * world if dist.get_rank() == 0 else None  # type: ignore[assignment]
+    dist.gather_object(rows, gathered, dst=0)
+    if dist.get_rank() != 0:
+        return None
+    return [row for part in gathered for row in part]
 
 
 def run(args: argparse.Namespace) -> int:
-    raise SystemExit("wsss-cram: this subcommand is not implemented yet.")
+    from ..core.checkpoint import load_checkpoint
+    from ..core.inference import check_outputs_free, parse_formats, resolve_device
+    from ..core.io.outputs import atomic_path, ensure_can_write
+
+    rank, world = _dist_env()
+    args.formats = parse_formats(args.format)
+    out_dir = Path(args.out)
+    inputs = collect_inputs(args.inputs)
+    stems = [stem_of(p) for p in inputs]
+    duplicates = sorted({s for s in stems if stems.count(s) > 1})
+    if duplicates:
+        from ..core.errors import WsssCramError
+
+        raise WsssCramError(f"Several inputs share the name(s) {', '.join(duplicates)}; their outputs would "
+                            "collide. Rename them or predict them into different --out folders.")
+    # Refuse before any work (every rank checks everything, so all ranks fail alike).
+    for stem in stems:
+        check_outputs_free(out_dir, stem, args.formats, args.overwrite)
+    summary_path = out_dir / SUMMARY_NAME
+    ensure_can_write(summary_path, args.overwrite)
+
+    initialized_here = False
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            # gloo is enough: ranks only exchange their summary rows; each rank uses its own device.
+            dist.init_process_group("gloo")
+            initialized_here = True
+    try:
+        device = resolve_device(args.device)
+        model, info = load_checkpoint(args.checkpoint, map_location=device)
+        settings = settings_from_args(args, info.model_config.mpp, device.type)
+        settings.device = str(device)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        rows = predict_many(model, info, inputs, out_dir, settings, args.formats, args.overwrite, rank, world,
+                            show_progress=sys.stderr.isatty())
+        all_rows = _gather_rows(rows, world)
+        failed = 0
+        if all_rows is not None:
+            order = {str(p): i for i, p in enumerate(inputs)}
+            all_rows.sort(key=lambda r: order.get(r.get("input", ""), 0))
+            with atomic_path(summary_path) as tmp:
+                tmp.write_text(summary_csv(all_rows))
+            failed = sum(1 for r in all_rows if r.get("status") != "ok")
+            print(f"Predicted {len(all_rows) - failed} of {len(all_rows)} input(s) into {out_dir} "
+                  f"(summary: {summary_path.name}).")
+        else:
+            failed = sum(1 for r in rows if r.get("status") != "ok")
+    finally:
+        if initialized_here:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    return 2 if failed else 0

@@ -1,0 +1,835 @@
+"""The inference engine: one code path for a 200-pixel patch and a 100,000-pixel slide, in bounded memory.
+
+API (used by ``wsss-cram predict``, ``demo`` and the napari Segment dock)
+-------------------------------------------------------------------------
+``PredictSettings``
+    scale (2.5, the paper's test protocol) or mpp (target µm/px, e.g. the model's training pixel size),
+    tile/overlap (work pixels), batch, crf + crf_params, device ("auto", "cpu", "cuda", "cuda:1"...), amp,
+    output_level, tissue_threshold (None disables background-tile skipping), with_probs, with_cam,
+    stream_threshold_mp (outputs above it go to disk-backed zarr arrays), work_dir (where those go).
+``predict_array(model, info, rgb, settings, cancel=None, mpp=None)``
+    generator over an in-memory image (``uint8 (H, W, 3)``; RGBA/grayscale/16-bit accepted, converted).
+``predict_source(model, info, source, settings, region=None, cancel=None)``
+    generator over an :class:`~napari_wsss_cram.core.io.images.ImageSource`; ``region = (y, x, h, w)`` in
+    pixels of ``settings.output_level`` (the dock passes the current field of view), None for everything.
+``predict_path(model, info, path, settings, cancel=None)``
+    the same for a file (opens and closes the source).
+    All three yield ``Progress("predict", tiles_done, tiles_total, info)`` and *return* a :class:`Prediction`
+    (drive them with :func:`napari_wsss_cram.core.progress.drive` or napari's ``thread_worker``).
+    A cancelled :class:`CancelToken` raises ``Cancelled`` at the next batch; temporary stores are removed.
+``Prediction``
+    ``labels (H, W) uint8`` in ``0..K`` (K = background), ``probs``/``cam`` ``(K+1, H, W) uint8``
+    (probability x 255; None unless asked for), ``scale``/``translate`` (y, x) mapping output pixels to
+    level-0 pixel coordinates (napari layer convention, pixel centres), ``mpp`` of the output pixels,
+    ``class_pixels``, ``info`` (timings, tiles, skipped, read level, device...). Arrays are numpy in memory, or
+    zarr arrays in a temporary folder when streamed: call :meth:`Prediction.cleanup` when done with them.
+``write_outputs(prediction, out_dir, stem, formats, overwrite=False, cancel=None)``
+    writes ``STEM.png``, ``STEM.ome.tif``, ``STEM.geojson``, ``STEM_probs.ome.tif``, ``STEM_composition.json``
+    for one input; all files are written under temporary names and renamed together at the end, so a
+    cancelled or failed run leaves nothing under the final names. Returns a summary row (dict).
+
+``model`` is any ``torch.nn.Module`` with ``predict(x) -> (seg_probs, cam_or_None)`` at input size, for
+``x`` normalised ``(B, 3, H, W)``; ``info`` is a ``CheckpointInfo`` (classes, model_config: mean/std, mpp)
+or None (then ``model.classes``/``model.config`` or the WSSS4LUAD classes and ImageNet normalisation).
+
+How it works: the region is covered by tiles in the *work* grid (the image resampled by ``scale``), each with
+context padding; tiles whose footprint has no tissue on a low-resolution near-white mask are predicted as
+background without running the model; the others are batched on the device (CUDA: AMP + channels-last;
+out-of-memory halves the batch and retries). Tile probabilities are optionally refined by the dense CRF (same
+wrapper as training), resampled to the output grid and blended with a linear-ramp window into a band of rows
+(:class:`~napari_wsss_cram.core.tiling.BandAccumulator`), which is finalized (arg-max, quantized) row band by
+row band: memory grows with the slide width, not its area. See :mod:`napari_wsss_cram.core.tiling`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+import uuid
+import warnings
+from collections.abc import Generator, Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .classes import WSSS4LUAD, ClassSpec
+from .crf import CRFParams, dense_crf
+from .errors import ImageReadError, OutOfMemoryError, OutputExistsError, WsssCramError
+from .progress import CancelToken, Progress
+from .tiling import (
+    BandAccumulator,
+    Geometry,
+    RowSink,
+    linear_taps,
+    tile_starts,
+    tissue_thumbnail,
+    window_1d,
+)
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: Smallest image side (output pixels) the engine accepts: below it there is nothing to segment.
+MIN_SIDE = 8
+#: Long side (level-0 pixels per thumbnail pixel chosen so that) of the tissue thumbnail.
+THUMBNAIL_SIDE = 1024
+#: All output formats, and the default set of the CLI.
+FORMATS = ("png", "ome-tiff", "geojson", "probs")
+DEFAULT_FORMATS = ("png", "ome-tiff", "geojson")
+
+
+@dataclass
+class PredictSettings:
+    """How to run the engine. ``tile``/``overlap`` are in work pixels (what the model sees)."""
+
+    scale: float = 2.5
+    mpp: float | None = None
+    tile: int = 512
+    overlap: int = 64
+    batch: int = 4
+    crf: bool = False
+    crf_params: CRFParams = field(default_factory=CRFParams)
+    device: str = "auto"
+    amp: bool = True
+    channels_last: bool = True
+    output_level: int = 0
+    tissue_threshold: int | None = 200
+    with_probs: bool = True
+    with_cam: bool = False
+    stream_threshold_mp: float = 64.0
+    work_dir: str | None = None
+
+    def validate(self) -> None:
+        if self.mpp is None and not (self.scale > 0 and math.isfinite(self.scale)):
+            raise WsssCramError(f"--scale must be a positive number, got {self.scale}.")
+        if self.mpp is not None and not self.mpp > 0:
+            raise WsssCramError(f"--mpp must be a positive number of µm per pixel, got {self.mpp}.")
+        if self.tile < 32:
+            raise WsssCramError(f"--tile must be at least 32 pixels, got {self.tile}.")
+        if not 0 <= self.overlap <= self.tile // 2:
+            raise WsssCramError(f"--overlap must be between 0 and half the tile ({self.tile // 2}), "
+                                f"got {self.overlap}.")
+        if self.batch < 1:
+            raise WsssCramError(f"--batch must be at least 1, got {self.batch}.")
+
+
+@dataclass
+class Prediction:
+    """Result of the engine for one image or region (see the module docstring)."""
+
+    labels: Any
+    probs: Any
+    cam: Any
+    classes: ClassSpec
+    scale: tuple[float, float]
+    translate: tuple[float, float]
+    mpp: float | None
+    level: int
+    region: tuple[int, int, int, int]
+    class_pixels: dict[str, int]
+    info: dict[str, Any] = field(default_factory=dict)
+    store_dir: Path | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(int(s) for s in self.labels.shape)  # type: ignore[return-value]
+
+    @property
+    def streamed(self) -> bool:
+        return self.store_dir is not None
+
+    def cleanup(self) -> None:
+        """Remove the temporary disk-backed arrays of a streamed prediction (no-op in memory)."""
+        if self.store_dir is not None:
+            shutil.rmtree(self.store_dir, ignore_errors=True)
+            self.store_dir = None
+
+
+# ================================================================================ model side
+def _model_meta(model: Any, info: Any) -> tuple[ClassSpec, tuple, tuple, float | None]:
+    """Classes, normalisation mean/std and training µm/px from the checkpoint info or the model."""
+    classes = getattr(info, "classes", None) or getattr(model, "classes", None) or WSSS4LUAD
+    config = getattr(info, "model_config", None) or getattr(model, "config", None)
+    mean = tuple(getattr(config, "mean", IMAGENET_MEAN))
+    std = tuple(getattr(config, "std", IMAGENET_STD))
+    return classes, mean, std, getattr(config, "mpp", None)
+
+
+def resolve_device(name: str | None = "auto") -> Any:
+    """``auto`` -> CUDA when available, else CPU; anything else as torch understands it."""
+    import torch
+
+    if name in (None, "", "auto"):
+        if torch.cuda.is_available():
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise WsssCramError(f"Unknown device '{name}': use cpu, cuda, cuda:N or auto.") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise WsssCramError(f"Device '{name}' was asked for but CUDA is not available; use --device cpu.")
+    return device
+
+
+Taps = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+@dataclass
+class TileJob:
+    """One tile for the model: its read-grid footprint and how to resample it to the work grid and back."""
+
+    index: int
+    block: np.ndarray          # uint8 (h, w, 3) footprint on the read grid
+    in_rows: Taps              # read grid -> work grid (rows, cols)
+    in_cols: Taps
+    out_rows: Taps             # work grid -> accumulation pixels of this tile (rows, cols)
+    out_cols: Taps
+
+
+@dataclass
+class TileResult:
+    probs: np.ndarray                 # (C, h, w) float32 at the tile's accumulation pixels
+    cam: np.ndarray | None
+
+
+def _lerp(x: Any, dim: int, taps: tuple) -> Any:
+    """Linear interpolation of torch tensor ``x`` along ``dim`` (taps as torch tensors on x's device)."""
+    i0, i1, t = taps
+    a = x.index_select(dim, i0)
+    b = x.index_select(dim, i1)
+    shape = [1] * x.ndim
+    shape[dim] = -1
+    return a + (b - a) * t.view(shape)
+
+
+class TileRunner:
+    """Runs the model on batches of tiles: resampling to the work grid, normalisation, the model and the
+    resampling back to output pixels all happen on the device (only small arrays cross the bus); CUDA uses
+    AMP and channels-last; out-of-memory halves the batch and retries."""
+
+    def __init__(self, model: Any, mean: tuple, std: tuple, settings: PredictSettings, device: Any) -> None:
+        import torch
+
+        self.torch = torch
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.batch = settings.batch
+        self.amp = settings.amp and self.cuda
+        self.channels_last = settings.channels_last and self.cuda
+        self.crf = settings.crf_params if settings.crf else None
+        self.want_cam = settings.with_cam
+        self.model = model.eval().to(device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
+        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
+        self.messages: list[str] = []
+        self.seconds = 0.0
+        self.crf_seconds = 0.0
+        self.got_cam = False
+        self._taps_cache: dict[int, tuple] = {}
+
+    def _taps(self, taps: Taps, cache: bool = False) -> tuple:
+        """Taps as device tensors; ``cache`` for the output taps shared by a whole tile row/column."""
+        key = id(taps)
+        hit = self._taps_cache.get(key) if cache else None
+        if hit is not None and hit[0] is taps:  # the cache holds ``taps`` alive, so its id is not reused
+            return hit[1]
+        torch = self.torch
+        converted = tuple(torch.from_numpy(np.ascontiguousarray(a)).to(self.device, non_blocking=True)
+                          for a in taps)
+        if cache:
+            if len(self._taps_cache) > 4096:
+                self._taps_cache.clear()
+            self._taps_cache[key] = (taps, converted)
+        return converted
+
+    def _work_tile(self, job: TileJob) -> Any:
+        """uint8 read-grid footprint -> float (H, W, 3) work tile, quantized like a uint8 image."""
+        torch = self.torch
+        block = torch.from_numpy(np.ascontiguousarray(job.block))
+        if self.cuda:
+            block = block.pin_memory().to(self.device, non_blocking=True)
+        x = _lerp(block.float(), 0, self._taps(job.in_rows))
+        x = _lerp(x, 1, self._taps(job.in_cols))
+        return x.round_().clamp_(0.0, 255.0)
+
+    def _run(self, jobs: list[TileJob]) -> list[TileResult]:
+        torch = self.torch
+        with torch.inference_mode():
+            rgb = torch.stack([self._work_tile(j) for j in jobs])        # (B, H, W, 3) float
+            x = (rgb.permute(0, 3, 1, 2) - self.mean) / self.std
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            amp = torch.autocast("cuda", dtype=torch.float16) if self.amp else nullcontext()
+            with amp:
+                probs, cam = self.model.predict(x)
+            probs = probs.float()
+            cam = cam.float().clamp(0.0, 1.0) if (cam is not None and self.want_cam) else None
+            self.got_cam = self.got_cam or cam is not None
+            if self.crf is not None:
+                # The CRF runs on the CPU at the model's resolution, on the exact tile the model saw.
+                rgb_u8 = rgb.to(torch.uint8).cpu().numpy()
+                probs_np = probs.cpu().numpy()
+                t0 = time.perf_counter()
+                refined = []
+                for j in range(len(jobs)):
+                    p = probs_np[j] / np.maximum(probs_np[j].sum(axis=0, keepdims=True), 1e-8)
+                    refined.append(dense_crf(rgb_u8[j], p, self.crf))
+                self.crf_seconds += time.perf_counter() - t0
+                probs = torch.from_numpy(np.stack(refined)).to(self.device)
+            results = []
+            for j, job in enumerate(jobs):
+                rows, cols = self._taps(job.out_rows, cache=True), self._taps(job.out_cols, cache=True)
+                p = _lerp(_lerp(probs[j], 1, rows), 2, cols).cpu().numpy()
+                c = None if cam is None else _lerp(_lerp(cam[j], 1, rows), 2, cols).cpu().numpy()
+                results.append(TileResult(p, c))
+        return results
+
+    def __call__(self, jobs: list[TileJob]) -> list[TileResult]:
+        """Predict ``jobs`` in batches of at most ``self.batch``, halving it on out-of-memory."""
+        torch = self.torch
+        oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
+                                      getattr(torch.cuda, "OutOfMemoryError", None)) if t is not None)
+        start = time.perf_counter()
+        crf_before = self.crf_seconds
+        results: list[TileResult] = []
+        i = 0
+        while i < len(jobs):
+            n = min(self.batch, len(jobs) - i)
+            try:
+                results.extend(self._run(jobs[i:i + n]))
+            except oom_types as err:
+                if self.cuda:
+                    torch.cuda.empty_cache()
+                if n == 1:
+                    shape = jobs[i].out_rows[0].shape
+                    raise OutOfMemoryError(
+                        f"The {self.device} device ran out of memory on a single tile (blending {shape[0]} rows); "
+                        "use a smaller --tile (e.g. 256) or --device cpu.") from err
+                self.batch = max(1, n // 2)
+                message = (f"Out of memory on {self.device} with a batch of {n} tiles; "
+                           f"retrying with batches of {self.batch}.")
+                log.warning(message)
+                self.messages.append(message)
+                continue
+            i += n
+        self.seconds += time.perf_counter() - start - (self.crf_seconds - crf_before)
+        return results
+
+
+# ================================================================================ image side
+class _BoxReducedLevel:
+    """A virtual pyramid level: ``level`` of ``source`` averaged over ``b x b`` blocks.
+
+    Used when the work grid is much coarser than the closest real level (bilinear sampling would alias).
+    """
+
+    def __init__(self, source: Any, level: int, b: int) -> None:
+        self.source, self.level, self.b = source, level, b
+        h, w = source.level_shapes[level]
+        self.shape = (h // b, w // b)
+
+    def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        b = self.b
+        block = self.source.read_region(y * b, x * b, h * b, w * b, self.level)
+        return block.reshape(h, b, w, b, 3).mean(axis=(1, 3)).round().astype(np.uint8)
+
+
+class _Level:
+    """Where tiles are read from: one level of the source, possibly box-reduced."""
+
+    def __init__(self, source: Any, level: int, b: int = 1) -> None:
+        self.source, self.level, self.b = source, level, b
+        self._reduced = _BoxReducedLevel(source, level, b) if b > 1 else None
+        self.shape = self._reduced.shape if self._reduced else tuple(source.level_shapes[level])
+
+    def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        if self._reduced is not None:
+            return self._reduced.read(y, x, h, w)
+        return self.source.read_region(y, x, h, w, self.level)
+
+
+def _read_footprint(level: _Level, geom: Geometry, uy: int, ux: int, th: int, tw: int,
+                    ) -> tuple[np.ndarray, Taps, Taps]:
+    """Read the read-grid pixels a work tile at (uy, ux) of (th, tw) needs, and its bilinear taps."""
+    H, W = level.shape
+    ry = geom.work_to_read(np.arange(uy, uy + th))
+    rx = geom.work_to_read(np.arange(ux, ux + tw))
+    y0 = int(np.clip(math.floor(ry[0]), 0, H - 1))
+    y1 = int(np.clip(math.floor(ry[-1]) + 1, 0, H - 1))
+    x0 = int(np.clip(math.floor(rx[0]), 0, W - 1))
+    x1 = int(np.clip(math.floor(rx[-1]) + 1, 0, W - 1))
+    block = level.read(y0, x0, y1 - y0 + 1, x1 - x0 + 1)
+    return block, linear_taps(ry, y0, block.shape[0], H), linear_taps(rx, x0, block.shape[1], W)
+
+
+def _as_source(rgb: np.ndarray, mpp: float | None) -> Any:
+    from .io.images import ImageSource
+
+    arr = np.asarray(rgb)
+    if arr.size == 0 or arr.ndim < 2:
+        raise ImageReadError(f"The image is empty (shape {arr.shape}); nothing to segment.")
+    if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] < 3):
+        warnings.warn("The image is grayscale; it was converted to RGB. H&E models expect colour images.",
+                      UserWarning, stacklevel=3)
+    return ImageSource.from_array(arr, mpp=mpp)
+
+
+# ================================================================================ engine
+def predict_array(model: Any, info: Any, rgb: np.ndarray, settings: PredictSettings | None = None,
+                  cancel: CancelToken | None = None, mpp: float | None = None,
+                  ) -> Generator[Progress, None, Prediction]:
+    """Segment an in-memory image; yields Progress, returns a :class:`Prediction` (see module docstring)."""
+    source = _as_source(rgb, mpp)
+    return (yield from predict_source(model, info, source, settings, None, cancel))
+
+
+def predict_path(model: Any, info: Any, path: str | os.PathLike, settings: PredictSettings | None = None,
+                 cancel: CancelToken | None = None) -> Generator[Progress, None, Prediction]:
+    """Segment an image file or slide (opened with the project's ``ImageSource``)."""
+    from .io.images import ImageSource
+
+    with ImageSource.open(path) as source:
+        return (yield from predict_source(model, info, source, settings, None, cancel))
+
+
+def _choose_read_level(source: Any, settings: PredictSettings, out_level: int,
+                       model_mpp: float | None) -> tuple[_Level, Geometry, dict]:
+    """Read level and work scale: ``scale`` reads the output level; ``mpp`` reads the level closest to
+    (not coarser than) the target µm/px, box-reducing when that level is still over 1.5x finer."""
+    downsamples = source.level_downsamples
+    d_out = downsamples[out_level]
+    if settings.mpp is None:
+        level = _Level(source, out_level)
+        geom = Geometry(d_read=d_out, d_out=d_out, f=float(settings.scale))
+        return level, geom, {"read_level": out_level, "work_scale": float(settings.scale), "work_mpp": (
+            None if source.mpp is None else source.mpp * d_out / settings.scale)}
+    target = float(settings.mpp)
+    if source.mpp is None:
+        name = getattr(source, "name", "the image")
+        raise ImageReadError(f"{name} does not state its pixel size (µm/px), so --mpp {target} cannot be "
+                             "applied; use --scale instead.")
+    want = target / source.mpp  # level-0 pixels per work pixel
+    read = source.best_level_for_downsample(want)
+    d_read = downsamples[read]
+    b = int(math.floor(want / d_read)) if want / d_read >= 1.5 else 1
+    level = _Level(source, read, b)
+    geom = Geometry(d_read=d_read * b, d_out=d_out, f=d_read * b / want)
+    return level, geom, {"read_level": read, "box_reduce": b, "work_scale": geom.f, "work_mpp": target,
+                         "model_mpp": model_mpp}
+
+
+def _tissue_mask(source: Any, y0: float, x0: float, h0: float, w0: float, threshold: int,
+                 ) -> tuple[np.ndarray, float, float, float]:
+    """Low-res tissue mask of a level-0 box; returns (mask, level-0 px per mask px, mask origin y, x)."""
+    want = max(1.0, max(h0, w0) / THUMBNAIL_SIDE)
+    lt = source.best_level_for_downsample(want)
+    dl = source.level_downsamples[lt]
+    r = max(1, int(round(want / dl)))
+    H, W = source.level_shapes[lt]
+    ty0, tx0 = int(max(0, math.floor(y0 / dl))), int(max(0, math.floor(x0 / dl)))
+    ty1, tx1 = int(min(H, math.ceil((y0 + h0) / dl))), int(min(W, math.ceil((x0 + w0) / dl)))
+    mask = tissue_thumbnail(lambda y, x, h, w: source.read_region(ty0 + y, tx0 + x, h, w, lt),
+                            max(1, ty1 - ty0), max(1, tx1 - tx0), r, threshold)
+    return mask, dl * r, ty0 * dl, tx0 * dl
+
+
+def predict_source(model: Any, info: Any, source: Any, settings: PredictSettings | None = None,
+                   region: tuple[int, int, int, int] | None = None, cancel: CancelToken | None = None,
+                   ) -> Generator[Progress, None, Prediction]:
+    """Segment ``region`` (y, x, h, w in pixels of ``settings.output_level``; None = all) of an ImageSource."""
+    settings = settings or PredictSettings()
+    settings.validate()
+    t_start = time.perf_counter()
+    classes, mean, std, model_mpp = _model_meta(model, info)
+    channels = classes.num_outputs
+    name = getattr(source, "name", "image")
+
+    out_level = int(settings.output_level)
+    if not 0 <= out_level < source.n_levels:
+        raise WsssCramError(f"{name} has {source.n_levels} level(s); output level {out_level} does not exist.")
+    lh, lw = source.level_shapes[out_level]
+    if region is None:
+        region = (0, 0, lh, lw)
+    oy0, ox0, oh, ow = (int(v) for v in region)
+    oy0, ox0 = max(0, oy0), max(0, ox0)
+    oh, ow = min(oh, lh - oy0), min(ow, lw - ox0)
+    if oh < MIN_SIDE or ow < MIN_SIDE:
+        raise ImageReadError(f"{name}: the image (or region) is {max(oh, 0)}x{max(ow, 0)} pixels; at least "
+                             f"{MIN_SIDE}x{MIN_SIDE} is needed to segment it.")
+
+    level, geom, read_info = _choose_read_level(source, settings, out_level, model_mpp)
+    k = geom.work_per_out
+    # Blend on the output grid, or on blocks of m output pixels when the work grid is coarser (a 40x slide
+    # processed at 1 µm/px): the band of rows in memory then stays about one tile high in work pixels.
+    m = max(1, int(math.floor(1.0 / k + 1e-9)))
+    ah, aw = -(-oh // m), -(-ow // m)
+    centres_y = geom.block_centres_in_work(oy0, ah, m)
+    centres_x = geom.block_centres_in_work(ox0, aw, m)
+    wy_lo, wy_hi = math.floor(centres_y[0]), math.floor(centres_y[-1]) + 2
+    wx_lo, wx_hi = math.floor(centres_x[0]), math.floor(centres_x[-1]) + 2
+    ys, th = tile_starts(wy_lo, wy_hi, settings.tile, settings.overlap)
+    xs, tw = tile_starts(wx_lo, wx_hi, settings.tile, settings.overlap)
+    ramp = float(settings.overlap)
+
+    # Accumulation pixels each tile writes ([a, b)), and where they sit inside the tile (work coordinates).
+    def spans(starts: list[int], size: int, centres: np.ndarray) -> list[tuple[int, int, np.ndarray]]:
+        out = []
+        for u0 in starts:
+            a = int(np.searchsorted(centres, u0, side="left"))
+            b = int(np.searchsorted(centres, u0 + size - 1, side="right"))
+            out.append((a, b, centres[a:b] - u0))
+        return out
+
+    row_spans, col_spans = spans(ys, th, centres_y), spans(xs, tw, centres_x)
+    row_weights = [window_1d(p, th, ramp) for _, _, p in row_spans]
+    col_weights = [window_1d(p, tw, ramp) for _, _, p in col_spans]
+
+    # Tissue mask: which tiles can be skipped as background.
+    d_out, d_read = geom.d_out, geom.d_read
+    tissue = None
+    if settings.tissue_threshold is not None:
+        mask, per_px, my0, mx0 = _tissue_mask(source, oy0 * d_out, ox0 * d_out, oh * d_out, ow * d_out,
+                                              int(settings.tissue_threshold))
+
+        def has_tissue(uy: int, ux: int) -> bool:
+            # Tile footprint in level-0 pixels -> mask pixels, grown by one for safety.
+            ry = (geom.work_to_read(np.array([uy, uy + th - 1])) + 0.5) * d_read
+            rx = (geom.work_to_read(np.array([ux, ux + tw - 1])) + 0.5) * d_read
+            i0, i1 = int(math.floor((ry[0] - my0) / per_px)) - 1, int(math.ceil((ry[1] - my0) / per_px)) + 1
+            j0, j1 = int(math.floor((rx[0] - mx0) / per_px)) - 1, int(math.ceil((rx[1] - mx0) / per_px)) + 1
+            return bool(mask[max(0, i0):max(0, i1), max(0, j0):max(0, j1)].any())
+
+        tissue = has_tissue
+
+    # Destinations: memory, or chunked zarr arrays on disk above the streaming threshold.
+    streamed = oh * ow > settings.stream_threshold_mp * 1e6
+    store_dir = None
+    want_cam = settings.with_cam
+    if streamed:
+        import zarr
+
+        store_dir = Path(tempfile.mkdtemp(prefix="wsss-cram-predict-", dir=settings.work_dir))
+        chunk = 256
+        labels_arr = zarr.open(str(store_dir / "labels.zarr"), mode="w", shape=(oh, ow), chunks=(chunk, 1024),
+                               dtype=np.uint8)
+        probs_arr = (zarr.open(str(store_dir / "probs.zarr"), mode="w", shape=(channels, oh, ow),
+                               chunks=(1, chunk, 1024), dtype=np.uint8) if settings.with_probs else None)
+        cam_arr = (zarr.open(str(store_dir / "cam.zarr"), mode="w", shape=(channels, oh, ow),
+                             chunks=(1, chunk, 1024), dtype=np.uint8) if want_cam else None)
+        sink = RowSink(labels_arr, probs_arr, cam_arr, chunk_rows=chunk)
+    else:
+        labels_arr = np.zeros((oh, ow), np.uint8)
+        probs_arr = np.zeros((channels, oh, ow), np.uint8) if settings.with_probs else None
+        cam_arr = np.zeros((channels, oh, ow), np.uint8) if want_cam else None
+        sink = RowSink(labels_arr, probs_arr, cam_arr)
+    acc = BandAccumulator(ah, aw, channels, sink, with_cam=want_cam, background_index=classes.background_index,
+                          repeat=m, out_shape=(oh, ow))
+
+    device = resolve_device(settings.device)
+    runner = TileRunner(model, mean, std, settings, device)
+    tiles = [(r, c) for r in range(len(ys)) for c in range(len(xs))]
+    total = len(tiles)
+    done = skipped = 0
+    read_seconds = 0.0
+    yield Progress("predict", 0, total, {"name": name, "tile": (th, tw), "tiles": total})
+
+    # Work grid -> accumulation pixels of each tile row / column, shared by the tiles in it.
+    out_row_taps = [linear_taps(py, 0, th, th) for _, _, py in row_spans]
+    out_col_taps = [linear_taps(px, 0, tw, tw) for _, _, px in col_spans]
+    runs_model = [tissue is None or tissue(ys[r], xs[c]) for r, c in tiles]
+    model_tiles = [i for i, run_it in enumerate(runs_model) if run_it]
+    last_model_tile = model_tiles[-1] if model_tiles else -1
+
+    def add(index: int, result: TileResult | None) -> None:
+        r, c = tiles[index]
+        y_a, y_b, _ = row_spans[r]
+        x_a, x_b, _ = col_spans[c]
+        if y_b <= y_a or x_b <= x_a:
+            return
+        weight = row_weights[r][:, None] * col_weights[c][None, :]
+        if result is None:
+            acc.add_constant(y_a, x_a, classes.background_index, weight)
+        else:
+            acc.add(y_a, x_a, result.probs, weight, result.cam)
+
+    def read_job(index: int) -> TileJob:
+        r, c = tiles[index]
+        block, in_rows, in_cols = _read_footprint(level, geom, ys[r], xs[c], th, tw)
+        return TileJob(index, block, in_rows, in_cols, out_row_taps[r], out_col_taps[c])
+
+    # Tiles are read one batch ahead in a thread (decoding overlaps the model), strictly in order; blending
+    # runs in another thread, in order, so that the host work of one batch overlaps the model on the next.
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsss-cram-read")
+    blender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsss-cram-blend")
+    futures: dict[int, Any] = {}
+    blending: deque = deque()
+    next_to_schedule = 0
+    finalized_to = 0
+
+    def schedule(upto: int) -> None:
+        nonlocal next_to_schedule
+        while next_to_schedule < min(upto, len(model_tiles)):
+            index = model_tiles[next_to_schedule]
+            futures[index] = reader.submit(read_job, index)
+            next_to_schedule += 1
+
+    def blend(fn: Any, *fn_args: Any) -> None:
+        blending.append(blender.submit(fn, *fn_args))
+        while len(blending) > 8:  # bounded queue; surfaces errors of the blending thread
+            blending.popleft().result()
+
+    def add_batch(jobs: list[TileJob], results: list[TileResult]) -> None:
+        for job, result in zip(jobs, results, strict=True):
+            add(job.index, result)
+
+    try:
+        pending: list[TileJob] = []
+        position = 0  # how many model tiles were taken so far
+        for index in range(total):
+            if cancel is not None:
+                cancel.raise_if_cancelled()
+            if not runs_model[index]:
+                blend(add, index, None)
+                skipped += 1
+                done += 1
+                if skipped % 64 == 0:
+                    yield Progress("predict", done, total, {"name": name, "skipped": skipped,
+                                                            "batch": runner.batch})
+            else:
+                schedule(position + 2 * max(1, runner.batch))
+                t0 = time.perf_counter()
+                pending.append(futures.pop(index).result())
+                read_seconds += time.perf_counter() - t0
+                position += 1
+            if pending and (len(pending) >= runner.batch or index == last_model_tile):
+                blend(add_batch, pending, runner(pending))
+                done += len(pending)
+                pending = []
+                yield Progress("predict", done, total, {"name": name, "skipped": skipped,
+                                                        "batch": runner.batch})
+            # Rows above the first row that a tile not yet added can touch are final.
+            first_open = pending[0].index if pending else index + 1
+            if first_open < total and row_spans[tiles[first_open][0]][0] > finalized_to:
+                finalized_to = row_spans[tiles[first_open][0]][0]
+                blend(acc.advance, finalized_to)
+        while blending:
+            blending.popleft().result()
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        acc.finish()
+    except BaseException:
+        for future in blending:
+            future.cancel()
+        blender.shutdown(wait=True)
+        if store_dir is not None:
+            shutil.rmtree(store_dir, ignore_errors=True)
+        raise
+    finally:
+        reader.shutdown(wait=True, cancel_futures=True)
+        blender.shutdown(wait=True)
+
+    elapsed = time.perf_counter() - t_start
+    base_mpp = getattr(source, "mpp", None)
+    pixels_in = oh * ow
+    run_info = {
+        "name": name, "tiles": total, "skipped_tiles": skipped, "tile_size": (th, tw),
+        "seconds": elapsed, "model_seconds": runner.seconds, "crf_seconds": runner.crf_seconds,
+        "read_seconds": read_seconds, "megapixels": pixels_in / 1e6,
+        "megapixels_per_second": pixels_in / 1e6 / max(elapsed, 1e-9), "device": str(device),
+        "batch": runner.batch, "messages": list(runner.messages), "streamed": streamed,
+        "work_per_output_pixel": k, "blend_block": m, "crf": settings.crf, **read_info,
+    }
+    if want_cam and not runner.got_cam:
+        cam_arr = None  # stage-2 models have no activation maps
+    return Prediction(
+        labels=labels_arr, probs=probs_arr, cam=cam_arr, classes=classes,
+        scale=(d_out, d_out), translate=((oy0 + 0.5) * d_out - 0.5, (ox0 + 0.5) * d_out - 0.5),
+        mpp=None if base_mpp is None else base_mpp * d_out, level=out_level, region=(oy0, ox0, oh, ow),
+        class_pixels={n: int(v) for n, v in zip(classes.all_names, acc.class_pixels, strict=True)},
+        info=run_info, store_dir=store_dir,
+    )
+
+
+# ================================================================================ outputs
+def output_paths(out_dir: str | os.PathLike, stem: str, formats: Iterable[str]) -> dict[str, Path]:
+    """Final file of each output for one input (the composition JSON is always written)."""
+    out = Path(out_dir)
+    names = {"png": f"{stem}.png", "ome-tiff": f"{stem}.ome.tif", "geojson": f"{stem}.geojson",
+             "probs": f"{stem}_probs.ome.tif"}
+    paths = {fmt: out / names[fmt] for fmt in formats}
+    paths["composition"] = out / f"{stem}_composition.json"
+    return paths
+
+
+def parse_formats(text: str | Iterable[str]) -> tuple[str, ...]:
+    """``"png,ome-tiff"`` -> ("png", "ome-tiff"); unknown names raise a clear error."""
+    items = [t.strip().lower() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
+    aliases = {"ome.tif": "ome-tiff", "ome-tif": "ome-tiff", "tiff": "ome-tiff", "tif": "ome-tiff",
+               "json": "geojson", "prob": "probs"}
+    items = [aliases.get(t, t) for t in items]
+    unknown = [t for t in items if t not in FORMATS]
+    if unknown:
+        raise WsssCramError(f"Unknown output format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}.")
+    return tuple(dict.fromkeys(items))
+
+
+def check_outputs_free(out_dir: str | os.PathLike, stem: str, formats: Iterable[str], overwrite: bool) -> None:
+    """Raise OutputExistsError before any work when an output exists and overwrite is off."""
+    from .io.outputs import ensure_can_write
+
+    for path in output_paths(out_dir, stem, formats).values():
+        ensure_can_write(path, overwrite)
+
+
+def _temp_name(final: Path, tag: str) -> Path:
+    # Keep the suffix (writers pick the format from it); the leading dot hides it from listings.
+    return final.with_name(f".{final.name}.{tag}.partial{''.join(final.suffixes[-2:]) or ''}")
+
+
+def write_outputs(prediction: Prediction, out_dir: str | os.PathLike, stem: str,
+                  formats: Iterable[str] = DEFAULT_FORMATS, overwrite: bool = False,
+                  cancel: CancelToken | None = None) -> dict[str, Any]:
+    """Write the outputs of one input (see module docstring); returns its summary row."""
+    from .io import outputs as io_out
+
+    formats = parse_formats(formats)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    finals = output_paths(out_dir, stem, formats)
+    for path in finals.values():
+        io_out.ensure_can_write(path, overwrite)
+    classes = prediction.classes
+    tag = uuid.uuid4().hex[:8]
+    temps = {key: _temp_name(path, tag) for key, path in finals.items()}
+    timings: dict[str, float] = {}
+    skipped: list[str] = []
+    labels = prediction.labels
+    height, width = prediction.shape
+    d_out = float(prediction.scale[0])
+    oy0, ox0 = prediction.region[:2]
+    offset = (oy0 * d_out, ox0 * d_out)
+    try:
+        if "ome-tiff" in formats:
+            t0 = time.perf_counter()
+            io_out.write_pyramidal_ome_tiff(temps["ome-tiff"], labels, mpp=prediction.mpp, labels=True,
+                                            progress=_cancel_hook(cancel))
+            timings["ome-tiff"] = time.perf_counter() - t0
+        if "probs" in formats:
+            if prediction.probs is None:
+                raise WsssCramError("Probability maps were not kept (with_probs=False); cannot write "
+                                    f"{finals['probs'].name}.")
+            probs = prediction.probs
+            t0 = time.perf_counter()
+            io_out.write_pyramidal_ome_tiff(
+                temps["probs"], lambda y, x, h, w: np.moveaxis(np.asarray(probs[:, y:y + h, x:x + w]), 0, -1),
+                mpp=prediction.mpp, shape=(height, width, probs.shape[0]), labels=False,
+                channel_names=list(classes.all_names), progress=_cancel_hook(cancel))
+            timings["probs"] = time.perf_counter() - t0
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        if "png" in formats:
+            if prediction.streamed:
+                # The PNG writer needs the whole map in memory; a streamed slide has its OME-TIFF instead.
+                skipped.append("png")
+                del temps["png"], finals["png"]
+                log.warning("%s: %dx%d pixels is too large for a PNG mask; skipped it (the .ome.tif holds "
+                            "the labels).", stem, height, width)
+            else:
+                t0 = time.perf_counter()
+                io_out.write_index_png(temps["png"], np.asarray(labels), classes)
+                timings["png"] = time.perf_counter() - t0
+        if "geojson" in formats:
+            t0 = time.perf_counter()
+            small, factor = _geojson_labels(labels)
+            io_out.write_geojson(temps["geojson"], small, classes, scale=d_out * factor, offset=offset)
+            timings["geojson"] = time.perf_counter() - t0
+        counts = np.zeros(256, np.int64)
+        counts[: classes.num_outputs] = [prediction.class_pixels[n] for n in classes.all_names]
+        comp = io_out.composition(None, classes, mpp=prediction.mpp, counts=counts)
+        comp.update({"image": stem, "shape": [height, width], "level": prediction.level,
+                     "prediction": {k: v for k, v in prediction.info.items()
+                                    if isinstance(v, (int, float, str, bool, type(None)))}})
+        if skipped:
+            comp["skipped_outputs"] = skipped
+        temps["composition"].write_text(json.dumps(comp, indent=2))
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        for final in finals.values():
+            if final.exists() and not overwrite:
+                raise OutputExistsError(f"{final} appeared while predicting; not overwriting it "
+                                        "(use --overwrite).")
+        for key, final in finals.items():
+            os.replace(temps[key], final)
+    finally:
+        for tmp in temps.values():
+            if tmp.exists():
+                tmp.unlink()
+    return summary_row(prediction, stem, comp, finals, timings)
+
+
+def _cancel_hook(cancel: CancelToken | None):
+    """A writer progress callback that stops a long OME-TIFF write when cancelled."""
+    if cancel is None:
+        return None
+    return lambda done, total: cancel.raise_if_cancelled()
+
+
+#: Label maps above this many pixels are vectorised from a nearest-neighbour downsample (bounded memory).
+GEOJSON_MAX_PIXELS = 16_000_000
+
+
+def _geojson_labels(labels: Any) -> tuple[np.ndarray, int]:
+    """The label map to vectorise and its downsample factor (1 when small enough)."""
+    h, w = labels.shape
+    factor = 1
+    while (h // factor) * (w // factor) > GEOJSON_MAX_PIXELS:
+        factor *= 2
+    if factor == 1:
+        return np.asarray(labels), 1
+    rows = []
+    strip = factor * max(1, 256 // factor)  # about 256 full-resolution rows at a time
+    for y in range(0, h - h % factor, strip):
+        block = np.asarray(labels[y: min(y + strip, h - h % factor)])
+        # copy: a view would keep the whole strip alive until the end
+        rows.append(block[factor // 2::factor, factor // 2: w - w % factor: factor].copy())
+    return np.concatenate(rows, axis=0), factor
+
+
+def summary_row(prediction: Prediction, stem: str, comp: dict, finals: dict[str, Path],
+                timings: dict[str, float]) -> dict[str, Any]:
+    """One line of the run summary CSV."""
+    info = prediction.info
+    row: dict[str, Any] = {
+        "image": stem, "height": prediction.shape[0], "width": prediction.shape[1],
+        "mpp": prediction.mpp, "tiles": info.get("tiles"), "skipped_tiles": info.get("skipped_tiles"),
+        "seconds": round(float(info.get("seconds", 0.0)), 3),
+        "model_seconds": round(float(info.get("model_seconds", 0.0)), 3),
+        "crf_seconds": round(float(info.get("crf_seconds", 0.0)), 3),
+        "write_seconds": round(sum(timings.values()), 3),
+        "megapixels_per_second": round(float(info.get("megapixels_per_second", 0.0)), 4),
+        "device": info.get("device"),
+    }
+    for name, value in prediction.class_pixels.items():
+        row[f"pixels_{name}"] = value
+    if "tumor_stroma_ratio" in comp:
+        row["tumor_stroma_ratio"] = comp["tumor_stroma_ratio"]
+    row["outputs"] = ";".join(p.name for p in finals.values())
+    row["skipped_outputs"] = ";".join(comp.get("skipped_outputs", []))
+    return row
