@@ -1,13 +1,52 @@
-"""Not implemented yet (placeholder owned by the issue that builds it)."""
+"""Cut image-level-labelled patches out of pixel-labelled images (img/ + mask/ [+ background-mask/]), in the
+WSSS4LUAD naming <image>-<y>-<x>-[t, s, n].png. A patch is labelled with each tissue class covering at least
+--min-frac of its tissue pixels. Corrected masks from napari become training data this way.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+
+
+def _size_range(text: str) -> tuple[int, int]:
+    parts = text.replace(",", "-").split("-")
+    try:
+        values = [int(p) for p in parts if p.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--size must be N or MIN-MAX pixels, got '{text}'") from None
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2 or min(values) < 8:
+        raise argparse.ArgumentTypeError(f"--size must be N or MIN-MAX pixels (>= 8), got '{text}'")
+    return min(values), max(values)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument("data", metavar="IMG_MASK_DIR", help="folder with img/ and mask/ (+ background-mask/)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output patch folder")
+    parser.add_argument("--min-frac", type=float, default=0.05,
+                        help="a class is present when it covers this share of the patch's tissue (default 0.05)")
+    parser.add_argument("--size", type=_size_range, default=(150, 300), help="patch side MIN-MAX px (default 150-300)")
+    parser.add_argument("--overlap", type=float, default=0.0, help="overlap of neighbouring patches, 0-0.9")
+    parser.add_argument("--min-tissue", type=float, default=0.05, help="skip patches with less tissue than this share")
+    parser.add_argument("--classes", help="class names 'a,b,c' (default: classes.txt or WSSS4LUAD)")
+    parser.add_argument("--masks", action="store_true", help="also write the mask crops to DIR/_masks/")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
 
 
 def run(args: argparse.Namespace) -> int:
-    raise SystemExit("wsss-cram: this subcommand is not implemented yet.")
+    from ..core.data.patches import PatchIndex
+    from ..core.data.patchify import patchify
+    from ..core.data.pixel import discover_pixel_dataset
+
+    dataset = discover_pixel_dataset(args.data, args.classes)
+    result = patchify(dataset, args.out, min_frac=args.min_frac, size=args.size, overlap=args.overlap,
+                      min_tissue=args.min_tissue, seed=args.seed, keep_masks=args.masks, overwrite=args.overwrite)
+    index = PatchIndex(result.paths, result.labels, dataset.classes, result.out_dir, "wsss4luad")
+    print(index.summary(), file=sys.stderr)
+    print(f"{len(result.paths)} patches from {len(dataset)} images ({result.skipped} windows skipped)",
+          file=sys.stderr)
+    print(result.out_dir)
+    return 0

@@ -1,13 +1,43 @@
-"""Not implemented yet (placeholder owned by the issue that builds it)."""
+"""Write the joint (stage-1) model's reliable pseudo-labels of a patch folder as palette PNGs (255 = unreliable):
+OUT/mask/<name>.png with the patches linked under OUT/img/, ready for `wsss-cram train --stage2 --pseudo OUT`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a stage-1 checkpoint from `wsss-cram train`")
+    parser.add_argument("patches", metavar="PATCH_DIR", help="image-level-labelled patches (any training layout)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (img/ + mask/)")
+    parser.add_argument("--scale", type=float, help="rescale patches by this factor (default: the training mean)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    parser.add_argument("--crf-workers", type=int, default=0, help="processes for the CRF (0 = in-process)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
 
 
 def run(args: argparse.Namespace) -> int:
-    raise SystemExit("wsss-cram: this subcommand is not implemented yet.")
+    from tqdm import tqdm
+
+    from ..core.train import make_pseudo_labels
+
+    gen = make_pseudo_labels(args.checkpoint, args.patches, args.out, scale=args.scale, device=args.device,
+                             crf_workers=args.crf_workers, overwrite=args.overwrite)
+    bar = None
+    try:
+        while True:
+            try:
+                event = next(gen)
+            except StopIteration as stop:
+                out = stop.value
+                break
+            if bar is None:
+                bar = tqdm(total=event.total, desc="pseudo-labels", unit="patch", file=sys.stderr)
+            bar.update(event.done - bar.n)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(out)
+    return 0

@@ -1,0 +1,100 @@
+"""Training augmentation: random rescale, random crop (padded with white glass), flips, 90-degree turns, and a
+light stain/colour jitter. The paper's setting is a x2-x3 rescale of the 150-300 px WSSS4LUAD patches then a
+513 px crop; the CPU presets use a smaller range and crop (see ``training/*.toml``).
+
+Every random draw comes from the ``numpy.random.Generator`` passed in, which the datasets seed from
+``(seed, epoch, sample index)``: a sample's augmentation does not depend on the worker that made it, so a resumed
+run sees exactly the crops it would have seen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from ..classes import IGNORE_INDEX
+
+#: padding colour: white glass, which the model learns as background
+PAD_RGB = 255
+
+
+@dataclass
+class AugmentConfig:
+    """Augmentation settings; defaults are the paper's (x2-x3 rescale, 513 crop)."""
+
+    scale_min: float = 2.0
+    scale_max: float = 3.0
+    crop: int = 513
+    flip: bool = True
+    rot90: bool = True
+    #: relative strength of the per-channel colour/brightness jitter (0 turns it off)
+    jitter: float = 0.05
+
+
+def rescale(rgb: np.ndarray, factor: float, mask: np.ndarray | None = None):
+    """Resize ``rgb`` (bilinear) and ``mask`` (nearest) by ``factor``."""
+    if abs(factor - 1.0) < 1e-6:
+        return rgb, mask
+    h, w = rgb.shape[:2]
+    size = (max(1, round(w * factor)), max(1, round(h * factor)))
+    rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR))
+    if mask is not None:
+        mask = np.asarray(Image.fromarray(mask).resize(size, Image.NEAREST))
+    return rgb, mask
+
+
+def random_crop(rgb: np.ndarray, crop: int, rng: np.random.Generator, mask: np.ndarray | None = None):
+    """A ``crop`` x ``crop`` window at a random place; smaller images are padded (white / IGNORE) at random sides."""
+    h, w = rgb.shape[:2]
+    ph, pw = max(0, crop - h), max(0, crop - w)
+    if ph or pw:
+        top, left = int(rng.integers(0, ph + 1)), int(rng.integers(0, pw + 1))
+        pad = ((top, ph - top), (left, pw - left))
+        rgb = np.pad(rgb, pad + ((0, 0),), constant_values=PAD_RGB)
+        if mask is not None:
+            mask = np.pad(mask, pad, constant_values=IGNORE_INDEX)
+        h, w = rgb.shape[:2]
+    y = int(rng.integers(0, h - crop + 1))
+    x = int(rng.integers(0, w - crop + 1))
+    rgb = rgb[y:y + crop, x:x + crop]
+    if mask is not None:
+        mask = mask[y:y + crop, x:x + crop]
+    return rgb, mask
+
+
+def color_jitter(rgb: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """Light stain variation: per-channel gain and offset plus a global brightness change, white kept near white."""
+    if strength <= 0:
+        return rgb
+    img = rgb.astype(np.float32)
+    gain = 1.0 + rng.uniform(-strength, strength, size=3).astype(np.float32)
+    offset = rng.uniform(-strength, strength, size=3).astype(np.float32) * 64.0
+    bright = 1.0 + float(rng.uniform(-strength, strength))
+    # The change fades out towards white so that glass stays glass (the tissue prior uses gray > 200).
+    darkness = 1.0 - img.mean(axis=2, keepdims=True) / 255.0
+    out = img + darkness * (img * (gain * bright - 1.0) + offset)
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def augment(rgb: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator, mask: np.ndarray | None = None):
+    """Rescale by a random factor in ``[scale_min, scale_max]``, crop, flip, rotate, jitter.
+
+    Returns ``(rgb uint8 (crop, crop, 3), mask uint8 (crop, crop) or None)``, C-contiguous.
+    """
+    factor = float(rng.uniform(cfg.scale_min, cfg.scale_max))
+    rgb, mask = rescale(rgb, factor, mask)
+    rgb, mask = random_crop(rgb, cfg.crop, rng, mask)
+    if cfg.flip and rng.random() < 0.5:
+        rgb = rgb[:, ::-1]
+        mask = None if mask is None else mask[:, ::-1]
+    if cfg.flip and rng.random() < 0.5:
+        rgb = rgb[::-1]
+        mask = None if mask is None else mask[::-1]
+    if cfg.rot90:
+        k = int(rng.integers(0, 4))
+        rgb = np.rot90(rgb, k)
+        mask = None if mask is None else np.rot90(mask, k)
+    rgb = color_jitter(np.ascontiguousarray(rgb), cfg.jitter, rng)
+    return np.ascontiguousarray(rgb), (None if mask is None else np.ascontiguousarray(mask))

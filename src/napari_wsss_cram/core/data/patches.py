@@ -1,0 +1,294 @@
+"""Image-level-labelled patch datasets: discovery, validation and counts.
+
+Three layouts are read, all into one :class:`PatchIndex` (paths + a 0/1 label matrix + the classes):
+
+- **WSSS4LUAD naming**: a flat folder of ``<id>-[t, s, n].png`` (one 0/1 flag per class). Class names come from
+  the ``classes`` option, else a ``classes.txt`` in the folder (written by ``wsss-cram patchify``), else the
+  WSSS4LUAD names when there are three flags.
+- **CSV**: ``path,<class names...>`` with 0/1 values; paths relative to the CSV's folder.
+- **Class sub-folders**: ``root/<class>/*.png``. A file found under several class folders (same content, found by
+  hash) is one multi-label patch.
+
+Images are not decoded here (a training set has ~10,000 of them); they are read, and checked, by
+:func:`load_patch_rgb` through the one image reader ``core.io.images.read_rgb``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..classes import ClassSpec, class_spec_from_names
+from ..errors import DatasetError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+#: a class with fewer patches than this gets a warning before training
+MIN_PATCHES_PER_CLASS = 20
+CLASSES_FILE = "classes.txt"
+
+_NAME_RE = re.compile(r"^(?P<id>.*)-\[(?P<flags>\s*[01](?:\s*,\s*[01])*\s*)\]$")
+
+
+@dataclass
+class PatchIndex:
+    """Patches with image-level labels: ``labels[i, k] == 1`` when class k is present in ``paths[i]``."""
+
+    paths: list[Path]
+    labels: np.ndarray
+    classes: ClassSpec
+    root: Path
+    layout: str = "wsss4luad"
+    warnings: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def counts_per_class(self) -> dict[str, int]:
+        """Number of patches holding each class (the paper's 6,579 / 7,076 / 1,832 for WSSS4LUAD)."""
+        sums = self.labels.sum(axis=0) if len(self) else np.zeros(self.classes.num_classes, int)
+        return {n: int(c) for n, c in zip(self.classes.names, sums, strict=True)}
+
+    def counts_per_combination(self) -> dict[str, int]:
+        """Number of patches per label combination, e.g. ``{"tumor+stroma": 950, ...}``, most common first."""
+        combos = Counter(
+            "+".join(n for n, flag in zip(self.classes.names, row, strict=True) if flag) for row in self.labels
+        )
+        return dict(combos.most_common())
+
+    def rare_classes(self, min_count: int = MIN_PATCHES_PER_CLASS) -> list[str]:
+        return [n for n, c in self.counts_per_class().items() if c < min_count]
+
+    def summary(self) -> str:
+        """A short human-readable report of counts, printed before training."""
+        lines = [f"{len(self)} patches in {self.root} ({self.layout} layout), classes: {', '.join(self.classes.names)}"]
+        lines.append("  per class: " + ", ".join(f"{n} {c}" for n, c in self.counts_per_class().items()))
+        lines.append("  per label combination: " + ", ".join(f"{n} {c}" for n, c in self.counts_per_combination().items()))
+        lines.extend(f"  warning: {w}" for w in self.warnings)
+        return "\n".join(lines)
+
+    def subset(self, indices: list[int] | np.ndarray) -> PatchIndex:
+        idx = [int(i) for i in indices]
+        return PatchIndex([self.paths[i] for i in idx], self.labels[idx], self.classes, self.root, self.layout,
+                          list(self.warnings))
+
+
+def load_patch_rgb(path: Path) -> np.ndarray:
+    """Read one patch as uint8 (H, W, 3) through the one image reader (grayscale/RGBA/16-bit converted there)."""
+    from ..io.images import read_rgb
+
+    return read_rgb(path)
+
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+
+
+def read_classes_file(folder: Path) -> list[str] | None:
+    """Class names from ``folder/classes.txt`` (comma- or newline-separated), or None when absent."""
+    f = Path(folder) / CLASSES_FILE
+    if not f.is_file():
+        return None
+    names = [n.strip() for n in re.split(r"[,\n]", f.read_text(encoding="utf-8")) if n.strip()]
+    return names or None
+
+
+def write_classes_file(folder: Path, classes: ClassSpec) -> None:
+    (Path(folder) / CLASSES_FILE).write_text("\n".join(classes.names) + "\n", encoding="utf-8")
+
+
+def parse_patch_name(path: Path) -> tuple[str, list[int]]:
+    """``436219-9328-56427-[1, 1, 0].png`` -> ``("436219-9328-56427", [1, 1, 0])``; DatasetError if malformed."""
+    m = _NAME_RE.match(Path(path).stem)
+    if not m:
+        raise DatasetError(
+            f"{path}: the file name does not follow the WSSS4LUAD naming '<id>-[t, s, n].png' "
+            "(one 0/1 flag per class in brackets). Rename it, or use a CSV or class sub-folders instead."
+        )
+    return m.group("id"), [int(v) for v in m.group("flags").split(",")]
+
+
+def _resolve_classes(classes: ClassSpec | str | list[str] | None, n_flags: int | None, folder: Path) -> ClassSpec:
+    if isinstance(classes, ClassSpec):
+        spec = classes
+    elif classes is not None:
+        spec = class_spec_from_names(classes)
+    else:
+        from_file = read_classes_file(folder)
+        if from_file is not None:
+            spec = class_spec_from_names(from_file)
+        elif n_flags in (None, 3):
+            spec = class_spec_from_names(None)
+        else:
+            raise DatasetError(
+                f"{folder}: patch names carry {n_flags} class flags; give the class names with --classes "
+                f"a,b,... or a {CLASSES_FILE} in the folder (the WSSS4LUAD default has 3)."
+            )
+    if n_flags is not None and n_flags != spec.num_classes:
+        raise DatasetError(
+            f"{folder}: patch names carry {n_flags} class flags but {spec.num_classes} classes were given "
+            f"({', '.join(spec.names)})."
+        )
+    return spec
+
+
+def _from_names(folder: Path, files: list[Path], classes) -> PatchIndex:
+    labels = []
+    n_flags = None
+    for f in files:
+        _, flags = parse_patch_name(f)
+        if n_flags is None:
+            n_flags = len(flags)
+        elif len(flags) != n_flags:
+            raise DatasetError(f"{f}: has {len(flags)} class flags where other patches have {n_flags}.")
+        if not any(flags):
+            raise DatasetError(f"{f}: no class flag is set; every patch needs at least one tissue class.")
+        labels.append(flags)
+    spec = _resolve_classes(classes, n_flags, folder)
+    return PatchIndex(files, np.asarray(labels, dtype=np.uint8), spec, folder, "wsss4luad")
+
+
+def _from_csv(csv_path: Path, classes) -> PatchIndex:
+    base = csv_path.parent
+    with open(csv_path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.reader(fh))
+    rows = [r for r in rows if any(c.strip() for c in r)]
+    if len(rows) < 2:
+        raise DatasetError(f"{csv_path}: the CSV needs a header 'path,<class names...>' and at least one row.")
+    header = [h.strip() for h in rows[0]]
+    if len(header) < 2 or header[0].lower() not in ("path", "file", "filename", "image"):
+        raise DatasetError(f"{csv_path}: the header must be 'path,<class names...>', got {','.join(header)}.")
+    names = header[1:]
+    spec = _resolve_classes(classes if classes is not None else names, None, base)
+    if [n.lower() for n in spec.names] != [n.lower() for n in names]:
+        raise DatasetError(f"{csv_path}: CSV classes {names} differ from the requested {list(spec.names)}.")
+    paths, labels = [], []
+    for line_no, row in enumerate(rows[1:], start=2):
+        if len(row) != len(header):
+            raise DatasetError(f"{csv_path}, line {line_no}: expected {len(header)} columns, got {len(row)}.")
+        p = Path(row[0].strip())
+        p = p if p.is_absolute() else base / p
+        if not p.is_file():
+            raise DatasetError(f"{csv_path}, line {line_no}: image {p} does not exist.")
+        try:
+            flags = [int(float(v)) for v in row[1:]]
+        except ValueError:
+            raise DatasetError(f"{csv_path}, line {line_no}: class values must be 0 or 1, got {row[1:]}.") from None
+        if any(v not in (0, 1) for v in flags):
+            raise DatasetError(f"{csv_path}, line {line_no}: class values must be 0 or 1, got {row[1:]}.")
+        if not any(flags):
+            raise DatasetError(f"{csv_path}, line {line_no}: {p.name} has no class set.")
+        paths.append(p)
+        labels.append(flags)
+    return PatchIndex(paths, np.asarray(labels, dtype=np.uint8), spec, base, "csv")
+
+
+def _file_hash(path: Path) -> str:
+    return hashlib.sha1(path.read_bytes()).hexdigest()
+
+
+def _from_class_folders(root: Path, subdirs: list[Path], classes) -> PatchIndex:
+    folder_names = [d.name for d in subdirs]
+    if classes is None:
+        spec = class_spec_from_names(folder_names)
+    else:
+        spec = _resolve_classes(classes, None, root)
+        lowered = [n.lower() for n in spec.names]
+        unknown = [d for d in folder_names if d.lower() not in lowered]
+        if unknown:
+            raise DatasetError(f"{root / unknown[0]}: folder is not one of the classes {', '.join(spec.names)}.")
+    by_hash: dict[str, int] = {}
+    paths: list[Path] = []
+    labels: list[np.ndarray] = []
+    for d in subdirs:
+        k = spec.index_of(d.name)
+        for f in sorted(p for p in d.iterdir() if _is_image(p)):
+            h = _file_hash(f)
+            if h not in by_hash:
+                by_hash[h] = len(paths)
+                paths.append(f)
+                labels.append(np.zeros(spec.num_classes, np.uint8))
+            labels[by_hash[h]][k] = 1
+    if not paths:
+        raise DatasetError(f"{root}: the class folders ({', '.join(folder_names)}) hold no images.")
+    return PatchIndex(paths, np.stack(labels), spec, root, "class-folders")
+
+
+def discover_patches(path: str | Path, classes: ClassSpec | str | list[str] | None = None) -> PatchIndex:
+    """Find image-level-labelled patches at ``path`` (a folder or a CSV file) in any supported layout.
+
+    Raises :class:`DatasetError` naming the offending file for a malformed name, CSV row, or an empty folder.
+    Warnings (a class with fewer than ~20 patches, a class never present) go to the log and ``index.warnings``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(f"{path}: the training data folder does not exist.")
+    if path.is_file():
+        if path.suffix.lower() != ".csv":
+            raise DatasetError(f"{path}: expected a folder of patches or a CSV file 'path,<class names...>'.")
+        index = _from_csv(path, classes)
+    else:
+        images = sorted(p for p in path.iterdir() if _is_image(p))
+        subdirs = sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith((".", "_")))
+        csvs = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() == ".csv")
+        if images and any(_NAME_RE.match(p.stem) for p in images):
+            index = _from_names(path, images, classes)
+        elif len(csvs) == 1:
+            index = _from_csv(csvs[0], classes)
+        elif images:
+            parse_patch_name(images[0])  # raises, naming the file
+            raise AssertionError  # pragma: no cover
+        elif subdirs and any(_is_image(f) for d in subdirs for f in d.iterdir()):
+            index = _from_class_folders(path, subdirs, classes)
+        elif len(csvs) > 1:
+            raise DatasetError(f"{path}: several CSV files ({', '.join(c.name for c in csvs)}); pass one of them.")
+        else:
+            raise DatasetError(
+                f"{path}: no patches found. Expected '<id>-[t, s, n].png' files, a CSV 'path,<classes>', "
+                "or one sub-folder of images per class."
+            )
+    counts = index.counts_per_class()
+    for name, count in counts.items():
+        if count == 0:
+            index.warnings.append(f"class '{name}' has no patch at all; the model cannot learn it.")
+        elif count < MIN_PATCHES_PER_CLASS:
+            index.warnings.append(f"class '{name}' has only {count} patches (fewer than ~{MIN_PATCHES_PER_CLASS});"
+                                  " its maps will be unreliable.")
+    for w in index.warnings:
+        log.warning("%s", w)
+    return index
+
+
+class PatchDataset:
+    """Map-style dataset of augmented patches for a torch ``DataLoader``.
+
+    Item ``i`` is ``(rgb uint8 (crop, crop, 3), labels float32 (K,), i)``. Augmentation is seeded from
+    ``(seed, epoch, i)``; call :meth:`set_epoch` before each epoch (workers are not persistent, so they pick it up).
+    """
+
+    def __init__(self, index: PatchIndex, augment_config, seed: int = 0) -> None:
+        self.index = index
+        self.augment_config = augment_config
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int):
+        from .augment import augment
+
+        rng = np.random.default_rng([self.seed, self.epoch, int(i)])
+        rgb, _ = augment(load_patch_rgb(self.index.paths[i]), self.augment_config, rng)
+        return rgb, self.index.labels[i].astype(np.float32), int(i)

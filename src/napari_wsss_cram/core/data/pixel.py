@@ -1,0 +1,146 @@
+"""Pixel-labelled image sets: ``img/`` + ``mask/`` (+ ``background-mask/``), as in WSSS4LUAD validation.
+
+Masks are palette or plain index PNGs (class ``k`` = value ``k``, background = ``K``, 255 = unlabelled), read with
+the one mask reader ``core.io.outputs.read_index_png``. A ``background-mask/`` image (1 = not tissue) marks those
+pixels as background, which the metric then leaves out, as the challenge does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..classes import IGNORE_INDEX, ClassSpec, class_spec_from_names
+from ..errors import DatasetError
+from .patches import IMAGE_SUFFIXES, read_classes_file
+
+
+@dataclass(frozen=True)
+class PixelSample:
+    """One image with its mask (and optional background mask)."""
+
+    image: Path
+    mask: Path
+    background: Path | None = None
+
+    @property
+    def name(self) -> str:
+        return self.image.stem
+
+
+@dataclass
+class PixelIndex:
+    samples: list[PixelSample]
+    classes: ClassSpec
+    root: Path
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def subset(self, names: list[str] | set[str]) -> PixelIndex:
+        keep = set(names)
+        return PixelIndex([s for s in self.samples if s.name in keep], self.classes, self.root)
+
+
+def _find_by_stem(folder: Path, stem: str) -> Path | None:
+    for suffix in (".png", ".PNG", ".tif", ".tiff"):
+        p = folder / f"{stem}{suffix}"
+        if p.is_file():
+            return p
+    return None
+
+
+def discover_pixel_dataset(path: str | Path, classes: ClassSpec | str | list[str] | None = None) -> PixelIndex:
+    """Pair ``img/NAME.*`` with ``mask/NAME.png`` (and ``background-mask/NAME.png`` when that folder exists).
+
+    Class names: the ``classes`` option, else ``classes.txt`` in ``path``, else WSSS4LUAD.
+    Raises :class:`DatasetError` naming the image whose mask is missing, or an empty/odd folder.
+    """
+    root = Path(path)
+    img_dir, mask_dir, bg_dir = root / "img", root / "mask", root / "background-mask"
+    if not img_dir.is_dir() or not mask_dir.is_dir():
+        raise DatasetError(f"{root}: a pixel-labelled set needs 'img/' and 'mask/' sub-folders "
+                           "(plus optional 'background-mask/').")
+    if isinstance(classes, ClassSpec):
+        spec = classes
+    else:
+        spec = class_spec_from_names(classes if classes is not None else read_classes_file(root))
+    images = sorted(p for p in img_dir.iterdir()
+                    if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    if not images:
+        raise DatasetError(f"{img_dir}: no images found.")
+    samples = []
+    for img in images:
+        mask = _find_by_stem(mask_dir, img.stem)
+        if mask is None:
+            raise DatasetError(f"{img}: no mask '{mask_dir / (img.stem + '.png')}' for this image.")
+        bg = _find_by_stem(bg_dir, img.stem) if bg_dir.is_dir() else None
+        samples.append(PixelSample(img, mask, bg))
+    return PixelIndex(samples, spec, root)
+
+
+def load_mask(sample: PixelSample, classes: ClassSpec, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """The uint8 (H, W) mask of ``sample`` in ``0..K`` (+255), background-mask applied; checked against ``classes``."""
+    from ..io.outputs import read_index_png
+
+    mask = np.asarray(read_index_png(sample.mask, classes))
+    if mask.ndim != 2:
+        raise DatasetError(f"{sample.mask}: a mask must be a single-channel index or palette PNG.")
+    if shape is not None and mask.shape != tuple(shape):
+        raise DatasetError(f"{sample.mask}: mask is {mask.shape[1]}x{mask.shape[0]} px but its image "
+                           f"{sample.image.name} is {shape[1]}x{shape[0]} px.")
+    mask = mask.astype(np.uint8, copy=True)
+    bad = (mask > classes.background_index) & (mask != IGNORE_INDEX)
+    if bad.any():
+        raise DatasetError(
+            f"{sample.mask}: holds class index {int(mask[bad].max())} but only {classes.num_outputs} classes "
+            f"({', '.join(classes.all_names)}) exist; pass the right --classes."
+        )
+    if sample.background is not None:
+        bg = np.asarray(read_index_png(sample.background))
+        if bg.shape != mask.shape:
+            raise DatasetError(f"{sample.background}: background mask shape {bg.shape} differs from the mask's {mask.shape}.")
+        mask[bg > 0] = classes.background_index
+    return mask
+
+
+def load_pixel_sample(sample: PixelSample, classes: ClassSpec) -> tuple[np.ndarray, np.ndarray]:
+    """``(rgb uint8 (H,W,3), mask uint8 (H,W))`` of one pixel-labelled sample."""
+    from ..io.images import read_rgb
+
+    rgb = read_rgb(sample.image)
+    return rgb, load_mask(sample, classes, rgb.shape[:2])
+
+
+class PixelDataset:
+    """Map-style dataset of augmented (image, mask) crops for stage-2 training.
+
+    Item ``i`` is ``(rgb uint8 (crop, crop, 3), mask int64 (crop, crop), weight float32, i)``; ``weights[i]``
+    lets pixel-labelled samples count more (or less) than pseudo-labelled ones. Seeded from ``(seed, epoch, i)``.
+    """
+
+    def __init__(self, samples: list[PixelSample], classes: ClassSpec, augment_config, seed: int = 0,
+                 weights: list[float] | None = None) -> None:
+        self.samples = list(samples)
+        self.classes = classes
+        self.augment_config = augment_config
+        self.seed = int(seed)
+        self.weights = list(weights) if weights is not None else [1.0] * len(self.samples)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        from .augment import augment
+
+        rng = np.random.default_rng([self.seed, self.epoch, int(i)])
+        rgb, mask = load_pixel_sample(self.samples[i], self.classes)
+        rgb, mask = augment(rgb, self.augment_config, rng, mask)
+        return (rgb, mask.astype(np.int64),
+                np.float32(self.weights[i]), int(i))

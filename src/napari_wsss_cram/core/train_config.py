@@ -1,0 +1,181 @@
+"""TrainConfig: every training setting, with the paper's defaults; TOML presets in ``training/*.toml`` load into it.
+
+A preset is flat ``key = value`` lines for :class:`TrainConfig` plus a ``[model]`` table of
+:class:`~napari_wsss_cram.core.model.config.ModelConfig` overrides (and ``[model.crf]`` for the dense CRF).
+CLI flags override the preset. The run folder keeps the resolved config as ``config.toml``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import DatasetError
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+
+PRESETS_DIR = Path(__file__).resolve().parents[3] / "training"
+
+
+@dataclass
+class TrainConfig:
+    """Training settings. Defaults: the paper (SGD lr 1e-3, momentum 0.9, wd 2e-4, batch 8, poly decay,
+    x2-x3 rescale + 513 crop, resnet50, alpha 0.3, beta 0.9)."""
+
+    data: str = ""                   # stage 1: patch folder or CSV (image-level labels)
+    out: str = ""                    # run folder: config.toml, metrics.csv, last.pt, best.pt
+    val: str | None = None           # pixel-labelled set (img/ mask/ [background-mask/]) for best-by-mIoU
+    classes: str | None = None       # "a,b,c"; default: from the data
+    # schedule
+    epochs: int = 10
+    steps: int | None = None         # total optimiser steps; overrides epochs when set
+    batch_size: int = 8
+    optimizer: str = "sgd"           # sgd (paper) | adam (short random-init CPU runs)
+    lr: float = 1e-3
+    head_lr_mult: float = 10.0       # new layers (DA, attention, ASPP) learn faster, as in DeepLab/EDAM
+    momentum: float = 0.9
+    weight_decay: float = 2e-4
+    poly_power: float = 0.9
+    # augmentation
+    scale_min: float = 2.0
+    scale_max: float = 3.0
+    crop: int = 513
+    flip: bool = True
+    rot90: bool = True
+    jitter: float = 0.05
+    # model (ModelConfig overrides, e.g. backbone, use_da, use_joint, use_crf, lambda_seg, alpha, beta, crf)
+    model: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = "auto"     # "auto" (torchvision cache), a file path, or "none" (random init)
+    # steps of classification-only training before the pseudo-labels and the segmentation loss switch on: a
+    # randomly initialised backbone's first maps are noise, and the seg head would learn "all background" from them
+    joint_warmup_steps: int = 0
+    # pseudo-labels: the CRF runs at this fraction of the crop size, in `crf_workers` processes (0 = in-process)
+    pseudo_label_scale: float = 1.0
+    crf_workers: int = 2
+    # runtime
+    device: str = "auto"             # auto = cuda > mps > cpu
+    amp: bool = True                 # mixed precision (CUDA only)
+    workers: int = 2                 # DataLoader worker processes
+    threads: int | None = None       # torch CPU threads (leave the GUI a core); None = torch's default
+    seed: int = 0
+    log_every: int = 10              # steps between metrics.csv rows (and progress info)
+    checkpoint_every: int = 200      # steps between `last` checkpoints (also at each epoch end)
+    val_every: int = 1               # epochs between validations (with `val`)
+    val_every_steps: int | None = None
+    val_scale: float | None = None   # scale of validation images; default: the mean training rescale
+    resume: bool = False
+    # stage 2 (independent segmentation model on saved pseudo-labels, WSSS-CRAM2/3)
+    stage2: bool = False
+    pseudo: str | None = None        # folder written by `wsss-cram pseudo-labels` (img/ + mask/)
+    pixel_labels: str | None = None  # optional extra pixel-labelled set (img/ mask/)
+    pixel_weight: float = 1.0        # loss weight of pixel-labelled vs pseudo-labelled samples
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise DatasetError(f"batch_size must be >= 1, got {self.batch_size}.")
+        if self.crop < 16:
+            raise DatasetError(f"crop must be >= 16 px, got {self.crop}.")
+        if not 0 < self.scale_min <= self.scale_max:
+            raise DatasetError(f"Need 0 < scale_min <= scale_max, got {self.scale_min}, {self.scale_max}.")
+        if self.optimizer not in ("sgd", "adam"):
+            raise DatasetError(f"optimizer must be 'sgd' or 'adam', got '{self.optimizer}'.")
+        self.model = dict(self.model or {})
+
+    @property
+    def mean_scale(self) -> float:
+        """The scale the model sees images at on average: the one to predict at."""
+        return 0.5 * (self.scale_min + self.scale_max)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise DatasetError(f"Unknown training settings: {', '.join(unknown)} (known: {', '.join(sorted(names))}).")
+        return cls(**data)
+
+    def updated(self, **overrides: Any) -> TrainConfig:
+        """A copy with the non-None ``overrides`` applied (``backbone=`` goes into the model table)."""
+        data = self.to_dict()
+        model = dict(data["model"])
+        for key, value in overrides.items():
+            if value is None:
+                continue
+            if key == "backbone":
+                model["backbone"] = value
+            else:
+                data[key] = value
+        data["model"] = model
+        return TrainConfig.from_dict(data)
+
+
+def preset_path(name: str) -> Path:
+    """``"cpu-small"`` -> ``training/cpu-small.toml`` (a path is returned as is)."""
+    p = Path(name)
+    if p.suffix == ".toml" or p.exists():
+        return p
+    return PRESETS_DIR / f"{name}.toml"
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
+    """Load a TOML preset (or the paper's defaults when ``path`` is None) and apply ``overrides``."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = preset_path(str(path))
+        if not p.is_file():
+            raise DatasetError(f"{p}: training config not found (presets: wsss4luad, cpu-small, sample).")
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as err:
+            raise DatasetError(f"{p}: not valid TOML ({err}).") from None
+        data.pop("description", None)
+    return TrainConfig.from_dict(data).updated(**overrides)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def dumps_toml(data: dict[str, Any]) -> str:
+    """A minimal TOML writer for configs: scalars, lists, and nested tables; None values are left out."""
+    lines: list[str] = []
+    tables: list[tuple[str, dict]] = []
+    for key, value in data.items():
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            tables.append((key, value))
+        else:
+            lines.append(f"{key} = {_toml_value(value)}")
+
+    def emit(prefix: str, table: dict) -> None:
+        lines.append(f"\n[{prefix}]")
+        sub = []
+        for k, v in table.items():
+            if v is None:
+                continue
+            if isinstance(v, dict):
+                sub.append((f"{prefix}.{k}", v))
+            else:
+                lines.append(f"{k} = {_toml_value(v)}")
+        for p, t in sub:
+            emit(p, t)
+
+    for prefix, table in tables:
+        emit(prefix, table)
+    return "\n".join(lines) + "\n"

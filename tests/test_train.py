@@ -1,0 +1,215 @@
+"""The trainer: presets, events, run folder, cancel + resume (bit-for-bit), stage 2, pseudo-labels, CLI."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from napari_wsss_cram.cli import main
+from napari_wsss_cram.core.checkpoint import load_checkpoint
+from napari_wsss_cram.core.data import discover_patches, discover_pixel_dataset
+from napari_wsss_cram.core.data.patchify import patchify
+from napari_wsss_cram.core.errors import DatasetError, OutOfMemoryError
+from napari_wsss_cram.core.model.config import ModelConfig
+from napari_wsss_cram.core.progress import Cancelled, CancelToken
+from napari_wsss_cram.core.train import (
+    RESUME,
+    PseudoLabeller,
+    _atomic_torch_save,
+    _is_oom,
+    _oom_error,
+    load_config,
+    resolve_device,
+    train,
+)
+from napari_wsss_cram.core.train_config import TrainConfig
+from test_data import make_pixel_set
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+
+TINY = dict(steps=4, batch_size=4, crop=64, workers=0, crf_workers=0, threads=1, checkpoint_every=100,
+            val_every_steps=None, log_every=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """Synthetic pixel-labelled images and the image-level patches cut from them."""
+    root = tmp_path_factory.mktemp("tiny")
+    pixel = make_pixel_set(root / "px", n=8, size=120, seed=1)
+    patchify(discover_pixel_dataset(pixel), root / "patches", size=(48, 72), overlap=0.5)
+    val = make_pixel_set(root / "val", n=2, size=64, seed=7)
+    return {"pixel": pixel, "patches": root / "patches", "val": val}
+
+
+def tiny_config(tiny_data, out, **kw) -> TrainConfig:
+    return load_config("sample", data=str(tiny_data["patches"]), out=str(out), **{**TINY, **kw})
+
+
+def test_defaults_are_the_papers_and_presets_load():
+    paper = TrainConfig()
+    assert (paper.lr, paper.momentum, paper.weight_decay, paper.batch_size) == (1e-3, 0.9, 2e-4, 8)
+    assert (paper.scale_min, paper.scale_max, paper.crop, paper.poly_power) == (2.0, 3.0, 513, 0.9)
+    assert paper.mean_scale == 2.5
+    preset = load_config("wsss4luad")
+    for key in ("lr", "momentum", "weight_decay", "batch_size", "scale_min", "scale_max", "crop"):
+        assert getattr(preset, key) == getattr(paper, key)
+    assert ModelConfig.from_dict(preset.model).backbone == "resnet50"
+    for name in ("cpu-small", "sample"):
+        cfg = load_config(name)
+        assert ModelConfig.from_dict(cfg.model).backbone == "resnet18"
+        assert cfg.crop < 513
+    cfg = load_config("cpu-small", backbone="resnet34", batch_size=2)
+    assert cfg.model["backbone"] == "resnet34" and cfg.batch_size == 2 and cfg.crop == load_config("cpu-small").crop
+    with pytest.raises(DatasetError, match="Unknown training settings"):
+        TrainConfig.from_dict({"learning_rate": 1})
+    assert resolve_device("cpu").type == "cpu" and resolve_device("auto").type in ("cpu", "cuda", "mps")
+
+
+def test_train_events_run_folder_and_checkpoints(tiny_data, tmp_path):
+    events = []
+    config = tiny_config(tiny_data, tmp_path / "run", val=str(tiny_data["val"]), crf_workers=1, joint_warmup_steps=2)
+    best = train(config, callback=events.append)
+    stages = [e.stage for e in events]
+    assert stages[0] == "data" and "tumor" in events[0].info["summary"]
+    train_events = [e for e in events if e.stage == "train"]
+    assert [e.done for e in train_events] == [1, 2, 3, 4] and all(e.total == 4 for e in train_events)
+    info = train_events[-1].info
+    assert set(info) >= {"epoch", "losses", "lr", "eta"} and {"total", "cls", "ce"} <= set(info["losses"])
+    assert all(np.isfinite(v) for v in info["losses"].values())
+    # warm-up: classification only, no pseudo-labels; then the joint terms and the label coverage appear
+    assert all("ce" not in e.info["losses"] and not e.info["pseudo"] for e in train_events[:2])
+    assert all(0.0 <= e.info["pseudo"]["confident"] <= 1.0 for e in train_events[2:])
+    val = [e for e in events if e.stage == "val"]
+    assert len(val) == 1 and 0.0 <= val[0].info["mIoU"] <= 1.0 and set(val[0].info["per_class"]) == {
+        "tumor", "stroma", "normal"}
+    run = tmp_path / "run"
+    assert best == run / "best.pt"
+    assert {p.name for p in run.iterdir()} >= {"config.toml", "metrics.csv", "last.pt", "best.pt", RESUME}
+    saved = tomllib.loads((run / "config.toml").read_text())
+    assert TrainConfig.from_dict(saved) == config
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [r["kind"] for r in rows] == ["train"] * 4 + ["val"]
+    assert rows[0]["loss_ce"] == "" and float(rows[3]["loss_ce"]) >= 0.0  # the ce column appeared at step 3
+    assert 0.0 <= float(rows[3]["pseudo_confident"]) <= 1.0
+    assert float(rows[-1]["mIoU"]) == pytest.approx(val[0].info["mIoU"], abs=1e-4)
+    model, ckpt = load_checkpoint(run / "last.pt")
+    assert ckpt.classes.names == ("tumor", "stroma", "normal") and ckpt.model_config.backbone == "resnet18"
+    assert ckpt.train_config["crop"] == 64 and ckpt.extra["step"] == 4
+    with pytest.raises(DatasetError, match="--resume"):
+        train(config)  # the folder holds a run: never overwritten silently
+
+
+def test_cancel_leaves_usable_checkpoint_and_resume_is_bit_for_bit(tiny_data, tmp_path):
+    straight = train(tiny_config(tiny_data, tmp_path / "a", steps=5))
+    token = CancelToken()
+
+    def stop_after_two(event):
+        if event.stage == "train" and event.done == 2:
+            token.cancel()
+
+    with pytest.raises(Cancelled):
+        train(tiny_config(tiny_data, tmp_path / "b", steps=5), stop_after_two, token)
+    model, info = load_checkpoint(tmp_path / "b" / "last.pt")  # usable after the cancel
+    assert info.extra["step"] == 2
+    with torch.no_grad():
+        probs, _ = model.predict(model.normalize(np.full((1, 32, 32, 3), 128, np.uint8)))
+    assert probs.shape == (1, 4, 32, 32)
+    resumed = train(tiny_config(tiny_data, tmp_path / "b", steps=5, resume=True))
+    a = torch.load(straight, weights_only=True)["state_dict"]
+    b = torch.load(resumed, weights_only=True)["state_dict"]
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed run differs from the uninterrupted one"
+    steps = [int(r["step"]) for r in csv.DictReader(open(tmp_path / "b" / "metrics.csv"))]
+    assert steps == sorted(steps) and steps[-1] == 5
+
+
+def test_resume_state_is_written_atomically(tmp_path, monkeypatch):
+    path = tmp_path / RESUME
+    _atomic_torch_save({"step": 1}, path)
+
+    def broken_save(obj, f, *a, **k):
+        with open(f, "wb") as fh:
+            fh.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        _atomic_torch_save({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == [RESUME]
+
+
+def test_out_of_memory_says_what_to_lower():
+    err = _oom_error(TrainConfig(batch_size=8, crop=513), RuntimeError("CUDA out of memory. Tried to allocate"))
+    assert isinstance(err, OutOfMemoryError)
+    assert "--batch-size" in str(err) and "--crop" in str(err) and "513" in str(err)
+    assert _is_oom(RuntimeError("CUDA out of memory")) and not _is_oom(RuntimeError("shape mismatch"))
+
+
+def test_pseudo_labeller_pool_matches_in_process():
+    rng = np.random.default_rng(0)
+    maps = rng.random((3, 4, 24, 24)).astype(np.float32)
+    maps[:, :3] *= 1.2
+    images = rng.integers(0, 255, (3, 24, 24, 3), dtype=np.uint8)
+    labels = np.array([[1, 0, 0], [1, 1, 0], [0, 1, 1]], np.uint8)
+    cfg = ModelConfig().__dict__
+    local, pooled = PseudoLabeller(0, cfg, True), PseudoLabeller(2, cfg, True)
+    try:
+        a = local.result(local.submit(maps, images, labels))
+        b = pooled.result(pooled.submit(maps, images, labels))
+    finally:
+        pooled.close()
+    assert a.shape == (3, 24, 24) and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+    assert not np.isin(a[0], [1, 2]).any()  # absent classes never appear
+
+
+def test_pseudo_labels_then_stage2_through_cli(tiny_data, tmp_path, capsys):
+    stage1 = train(tiny_config(tiny_data, tmp_path / "s1", steps=2))
+    patches = tmp_path / "few"
+    patches.mkdir()
+    for p in discover_patches(tiny_data["patches"]).paths[:6]:
+        (patches / p.name).write_bytes(p.read_bytes())
+    assert main(["pseudo-labels", str(stage1), str(patches), "--out", str(tmp_path / "pl"), "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.strip().endswith("pl")
+    pseudo = discover_pixel_dataset(tmp_path / "pl")
+    assert len(pseudo) == 6
+    from napari_wsss_cram.core.data import load_pixel_sample
+
+    rgb, mask = load_pixel_sample(pseudo.samples[0], pseudo.classes)
+    assert mask.shape == rgb.shape[:2] and set(np.unique(mask)) <= {0, 1, 2, 3, 255}
+    rc = main(["train", "--stage2", "--pseudo", str(tmp_path / "pl"), "--pixel-labels", str(tiny_data["val"]),
+               "--pixel-weight", "2", "--out", str(tmp_path / "s2"), "--config", "sample", "--steps", "2",
+               "--batch-size", "4", "--crop", "64", "--workers", "0", "--threads", "1"])
+    assert rc == 0
+    path = capsys.readouterr().out.strip().splitlines()[-1]
+    model, info = load_checkpoint(path)
+    assert info.model_config.stage == 2 and not model.has_pseudo_branch
+
+
+def test_cli_train_end_to_end_on_synthetic_patches(tiny_data, tmp_path, capsys):
+    out = tmp_path / "cli"
+    rc = main(["train", str(tiny_data["patches"]), "--out", str(out), "--val", str(tiny_data["val"]),
+               "--config", "training/sample.toml", "--backbone", "resnet18", "--steps", "3", "--batch-size", "4",
+               "--crop", "64", "--device", "cpu", "--workers", "1", "--crf-workers", "1", "--threads", "1"])
+    assert rc == 0
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    assert printed == str(out / "best.pt")
+    # --resume alone continues with the run's own config.toml; a finished run has nothing left to do
+    rc = main(["train", str(tiny_data["patches"]), "--out", str(out), "--resume", "--steps", "3"])
+    assert rc == 0
+
+
+def test_cli_train_few_steps_on_the_sample_data(sample_data_dir, tmp_path, capsys):
+    rc = main(["train", str(sample_data_dir / "patches"), "--out", str(tmp_path / "run"),
+               "--config", "sample", "--steps", "2", "--batch-size", "4", "--crop", "64", "--device", "cpu",
+               "--workers", "0", "--crf-workers", "0", "--threads", "1"])
+    assert rc == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith("last.pt")
