@@ -1,0 +1,144 @@
+"""Render the plugin offscreen into docs/*.png (``make screenshots``; needs Xvfb or a display).
+
+- ``docs/segment_dock.png``: the sample patch segmented by the Segment dock (CRF labels + tumor activation).
+- ``docs/activations.png``: the per-class activation layers of the same run, side by side with the image.
+- ``docs/train_dock.png``: the Train dock after scanning sample_data/patches, with the loss and validation
+  mIoU curves of the model's own training run (its metrics.csv, when it sits next to the checkpoint).
+
+Usage: python docs/make_screenshots.py [--checkpoint PATH] [--out docs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import time
+from pathlib import Path
+
+# vispy draws nothing into a window grab on Qt's "offscreen" platform: render on the (X)vfb display instead.
+if os.environ.get("QT_QPA_PLATFORM") == "offscreen" and os.environ.get("DISPLAY"):
+    del os.environ["QT_QPA_PLATFORM"]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def wait_for(predicate, timeout: float = 600.0) -> None:
+    from qtpy.QtWidgets import QApplication
+
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise TimeoutError("the plugin did not finish in time")
+        QApplication.processEvents()
+        time.sleep(0.02)
+
+
+def settle(seconds: float = 0.5) -> None:
+    """Let Qt and vispy draw for a moment, without notification toasts (e.g. napari's PyQt5 notice)."""
+    from napari._qt.dialogs.qt_notification import NapariQtNotification
+    from qtpy.QtWidgets import QApplication
+
+    for toast in QApplication.topLevelWidgets() + [w for t in QApplication.topLevelWidgets()
+                                                   for w in t.findChildren(NapariQtNotification)]:
+        if isinstance(toast, NapariQtNotification):
+            toast.close()
+
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        QApplication.processEvents()
+        time.sleep(0.02)
+
+
+def replay_metrics(plot, metrics_csv: Path) -> None:
+    """Draw a finished run's curves from its metrics.csv into the Train dock's plot."""
+    with open(metrics_csv, newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            if row.get("kind") == "train":
+                plot.add_losses(int(row["step"]), {k[5:]: float(v) for k, v in row.items()
+                                                   if k.startswith("loss_") and v not in (None, "")})
+            elif row.get("mIoU"):
+                plot.add_miou(int(row["epoch"] or 0), float(row["mIoU"]))
+    plot.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, default=None, help="default: the bundled demo model")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs")
+    args = parser.parse_args(argv)
+
+    import napari
+    from PIL import Image
+
+    from napari_wsss_cram.commands.demo import bundled_model_path
+
+    checkpoint = args.checkpoint or bundled_model_path()
+    if not checkpoint.is_file():
+        print(f"error: no model at {checkpoint}; train the demo model first or pass --checkpoint.", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    viewer = napari.Viewer(title="napari-wsss-cram", show=True)
+    viewer.window._qt_window.resize(1500, 980)  # a fixed size keeps the screenshots comparable
+    viewer.open_sample("napari-wsss-cram", "patch")
+    image = next(layer for layer in viewer.layers if layer.rgb)
+    _, segment = viewer.window.add_plugin_dock_widget("napari-wsss-cram", "Segment")
+    if not segment.set_checkpoint(checkpoint):
+        print(f"error: {segment.message.text()}", file=sys.stderr)
+        return 2
+    segment.image_combo.setCurrentText(image.name)
+    segment.run()
+    wait_for(lambda: not segment.busy)
+    segment.update_composition()
+    viewer.reset_view()
+    settle()
+    Image.fromarray(viewer.screenshot(canvas_only=False, flash=False)).save(args.out / "segment_dock.png")
+
+    # Montage: the image, the image with its CRF labels, then each class's activation map alone.
+    labels = viewer.layers[f"{image.name} CRF labels"]
+    names = list(segment.info.classes.names)
+    activations = [viewer.layers[f"{image.name} {name} activation"] for name in names]
+
+    def show(*visible) -> None:
+        for layer in [image, labels, *activations]:
+            layer.visible = layer in visible
+        settle(0.3)
+
+    tiles = []
+    for visible in [(image,), (image, labels), *[(a,) for a in activations]]:
+        show(*visible)
+        tiles.append(Image.fromarray(viewer.export_figure(scale_factor=2, flash=False)).convert("RGB"))
+    show(image, labels, activations[0])  # back to the dock's default view
+    gap = 8
+    height = min(t.height for t in tiles)
+    montage = Image.new("RGB", (sum(t.width for t in tiles) + gap * (len(tiles) - 1), height), (38, 41, 48))
+    x = 0
+    for tile in tiles:
+        montage.paste(tile.crop((0, 0, tile.width, height)), (x, 0))
+        x += tile.width + gap
+    montage.thumbnail((2400, 700))
+    montage.save(args.out / "activations.png")
+
+    # Train dock: scan the sample patches and replay the model's own training curves.
+    viewer.window.remove_dock_widget("all")
+    _, train = viewer.window.add_plugin_dock_widget("napari-wsss-cram", "Train")
+    train.preset_combo.setCurrentText("sample")
+    train.data_row.setText(str(ROOT / "sample_data" / "patches"))
+    train.val_row.setText(str(ROOT / "sample_data" / "validation"))
+    train.out_row.setText(str(ROOT / "runs" / "demo"))
+    train.scan()
+    metrics = checkpoint.parent / "metrics.csv"
+    if metrics.is_file():
+        replay_metrics(train.plot, metrics)
+        train.eta_label.setText(f"curves of {metrics.parent.name}/{metrics.name}")
+    settle()
+    Image.fromarray(viewer.screenshot(canvas_only=False, flash=False)).save(args.out / "train_dock.png")
+    for name in ("segment_dock.png", "activations.png", "train_dock.png"):
+        print(args.out / name)
+    viewer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

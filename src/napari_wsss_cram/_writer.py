@@ -1,0 +1,79 @@
+"""npe2 writer: save a tissue Labels layer as an index PNG (class palette), a pyramidal OME-TIFF or QuPath GeoJSON.
+
+The format follows the file name: ``.png``, ``.ome.tif``/``.tif``/``.tiff`` or ``.geojson``. The Segment dock's
+Export uses :func:`export_labels` too, so File > Save and Export write identical files through the core writers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .core.classes import WSSS4LUAD, ClassSpec
+from .core.errors import WsssCramError
+
+FORMAT_SUFFIXES = {"png": ".png", "ome-tiff": ".ome.tif", "geojson": ".geojson"}
+
+
+def format_of(path: str | Path) -> str:
+    """``png``, ``ome-tiff`` or ``geojson`` from a file name; raises a WsssCramError for anything else."""
+    name = Path(path).name.lower()
+    if name.endswith(".png"):
+        return "png"
+    if name.endswith((".ome.tif", ".ome.tiff", ".tif", ".tiff")):
+        return "ome-tiff"
+    if name.endswith(".geojson"):
+        return "geojson"
+    raise WsssCramError(f"Cannot save labels as '{Path(path).name}': use a .png, .ome.tif or .geojson name.")
+
+
+def export_labels(path: str | Path, labels: np.ndarray, classes: ClassSpec, mpp: float | None = None,
+                  overwrite: bool = True, level0_scale: float = 1.0,
+                  level0_offset: tuple[float, float] = (0.0, 0.0)) -> str:
+    """Write one label mask (class indices, background = K) in the format named by ``path``; return the path.
+
+    ``mpp`` is the pixel size of ``labels`` itself. GeoJSON coordinates are full-resolution (level-0) pixels:
+    a label pixel edge ``c`` maps to ``c * level0_scale + level0_offset`` (``level0_offset`` is y, x).
+    """
+    from .core.io import outputs
+
+    path = Path(path)
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise WsssCramError(f"Cannot save {path.name}: tissue labels must be a 2D image, got shape {labels.shape}.")
+    if labels.size and int(labels.max()) > max(classes.background_index, 0) and int(labels.max()) != 255:
+        raise WsssCramError(
+            f"Cannot save {path.name}: label value {int(labels.max())} is not a class of "
+            f"{', '.join(classes.all_names)}. Paint only with the class values 0..{classes.background_index}.")
+    labels = labels.astype(np.uint8, copy=False)
+    outputs.ensure_can_write(path, overwrite)
+    fmt = format_of(path)
+    if fmt == "png":
+        outputs.write_index_png(path, labels, classes)
+    elif fmt == "ome-tiff":
+        outputs.write_pyramidal_ome_tiff(path, labels, mpp=mpp)
+    else:
+        outputs.write_geojson(path, labels, classes, scale=float(level0_scale),
+                              offset=(float(level0_offset[0]), float(level0_offset[1])))
+    return str(path)
+
+
+def classes_from_meta(meta: dict[str, Any]) -> ClassSpec:
+    stored = (meta.get("metadata") or {}).get("wsss_cram", {})
+    return ClassSpec.from_dict(stored["classes"]) if "classes" in stored else WSSS4LUAD
+
+
+def write_labels(path: str, data: Any, meta: dict) -> list[str]:
+    """npe2 single-layer writer for Labels layers; returns the written paths (empty when the name is refused)."""
+    stored = (meta.get("metadata") or {}).get("wsss_cram", {})
+    try:
+        format_of(path)
+    except WsssCramError:
+        return []
+    if isinstance(data, list):  # a multiscale labels layer: save the full-resolution level
+        data = data[0]
+    return [export_labels(path, np.asarray(data), classes_from_meta(meta), mpp=stored.get("mpp"),
+                          level0_scale=stored.get("level0_scale", 1.0),
+                          level0_offset=tuple(stored.get("level0_offset", (0.0, 0.0))))]

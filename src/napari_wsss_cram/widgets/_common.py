@@ -1,0 +1,180 @@
+"""Small Qt helpers shared by the docks: persisted settings, device list, messages, path rows."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import traceback
+from pathlib import Path
+
+from qtpy.QtCore import QSettings
+from qtpy.QtWidgets import QFileDialog, QHBoxLayout, QLabel, QLineEdit, QPushButton, QWidget
+
+from ..core.errors import WsssCramError
+
+log = logging.getLogger(__name__)
+
+#: Tests and portable installs point this at an .ini file instead of the user's Qt settings store.
+SETTINGS_ENV = "WSSS_CRAM_SETTINGS_FILE"
+
+
+def settings(group: str) -> QSettings:
+    """The persisted settings of one dock (kept from one napari launch to the next)."""
+    path = os.environ.get(SETTINGS_ENV)
+    store = QSettings(path, QSettings.IniFormat) if path else QSettings("napari-wsss-cram", "napari-wsss-cram")
+    store.beginGroup(group)
+    return store
+
+
+def available_devices() -> list[str]:
+    """``auto`` plus the torch devices that exist on this machine (cpu always)."""
+    import torch
+
+    devices = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        devices.insert(1, "cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        devices.insert(1, "mps")
+    return devices
+
+
+@contextlib.contextmanager
+def leave_gui_a_core():
+    """While inference/training runs in a worker thread, keep one core for the Qt event loop (torch's thread
+    count is process-wide, so it is restored afterwards)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(before, (os.cpu_count() or 2) - 1)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def user_message(error: BaseException) -> str:
+    """The text a user sees for an error: our own messages as-is, anything else with its type (logged in full)."""
+    if isinstance(error, WsssCramError):
+        return str(error)
+    log.error("".join(traceback.format_exception(type(error), error, error.__traceback__)))
+    return f"{type(error).__name__}: {error}"
+
+
+def notify_error(error: BaseException | str) -> str:
+    """Show an error as a napari notification (never raise into the event loop); return the text shown."""
+    from napari.utils.notifications import show_error
+
+    text = error if isinstance(error, str) else user_message(error)
+    show_error(text)
+    return text
+
+
+class PathRow(QWidget):
+    """A line edit with a Browse button, for a file or a folder."""
+
+    def __init__(self, placeholder: str = "", folder: bool = True, file_filter: str = "", parent=None):
+        super().__init__(parent)
+        self._folder, self._filter = folder, file_filter
+        self.edit = QLineEdit()
+        self.edit.setPlaceholderText(placeholder)
+        browse = QPushButton("Browse…")
+        browse.clicked.connect(self._browse)
+        layout = QHBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.edit)
+        layout.addWidget(browse)
+
+    def _browse(self) -> None:
+        start = self.edit.text() or str(Path.home())
+        if self._folder:
+            chosen = QFileDialog.getExistingDirectory(self, "Choose a folder", start)
+        else:
+            chosen, _ = QFileDialog.getOpenFileName(self, "Choose a file", start, self._filter)
+        if chosen:
+            self.edit.setText(chosen)
+
+    def text(self) -> str:
+        return self.edit.text().strip()
+
+    def setText(self, text: str) -> None:  # noqa: N802 (Qt naming)
+        self.edit.setText(text)
+
+
+def message_label() -> QLabel:
+    label = QLabel()
+    label.setWordWrap(True)
+    return label
+
+
+def show_message(label: QLabel, text: str, error: bool = False) -> None:
+    label.setText(text)
+    label.setStyleSheet("color: #ff6e6e;" if error else "")
+
+
+def widget_value(widget):
+    """The persisted value of a simple input widget."""
+    from qtpy.QtWidgets import QAbstractButton, QComboBox
+
+    if isinstance(widget, QComboBox):
+        return widget.currentText()
+    if isinstance(widget, QAbstractButton):
+        return bool(widget.isChecked())
+    if isinstance(widget, PathRow):
+        return widget.text()
+    return widget.value()
+
+
+def set_widget_value(widget, value) -> None:
+    """Restore a persisted value, ignoring values that no longer fit (a device that went away...)."""
+    from qtpy.QtWidgets import QAbstractButton, QComboBox, QDoubleSpinBox, QSpinBox
+
+    try:
+        if isinstance(widget, QComboBox):
+            if widget.findText(str(value)) >= 0:
+                widget.setCurrentText(str(value))
+        elif isinstance(widget, QAbstractButton):
+            widget.setChecked(str(value).lower() in ("true", "1"))
+        elif isinstance(widget, PathRow):
+            widget.setText(str(value))
+        elif isinstance(widget, QSpinBox):
+            widget.setValue(int(float(value)))
+        elif isinstance(widget, QDoubleSpinBox):
+            widget.setValue(float(value))
+    except (TypeError, ValueError):
+        log.warning("Ignoring an unreadable saved setting %r", value)
+
+
+def save_settings(group: str, widgets: dict) -> None:
+    """Persist the values of ``{key: widget}`` under ``group``."""
+    store = settings(group)
+    for key, widget in widgets.items():
+        store.setValue(key, widget_value(widget))
+    store.sync()
+
+
+def restore_settings(group: str, widgets: dict) -> None:
+    """Restore the values saved by :func:`save_settings` (missing keys keep the widget defaults)."""
+    store = settings(group)
+    for key, widget in widgets.items():
+        if store.contains(key):
+            set_widget_value(widget, store.value(key))
+
+
+def autosave_settings(group: str, widgets: dict, parent) -> None:
+    """Save ``widgets`` (debounced) whenever one changes, so settings survive however napari is closed."""
+    from qtpy.QtCore import QTimer
+    from qtpy.QtWidgets import QAbstractButton, QComboBox
+
+    timer = QTimer(parent, singleShot=True, interval=500)
+    timer.timeout.connect(lambda: save_settings(group, widgets))
+    for widget in widgets.values():
+        if isinstance(widget, QComboBox):
+            widget.currentTextChanged.connect(lambda *_: timer.start())
+        elif isinstance(widget, QAbstractButton):
+            widget.toggled.connect(lambda *_: timer.start())
+        elif isinstance(widget, PathRow):
+            widget.edit.textChanged.connect(lambda *_: timer.start())
+        else:
+            widget.valueChanged.connect(lambda *_: timer.start())

@@ -1,0 +1,174 @@
+"""Panels of the Segment dock: "Advanced" settings (CRF, overlap, alpha/beta) and "Correct and export"."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QPushButton,
+    QSpinBox,
+    QTableWidget,
+    QTableWidgetItem,
+    QWidget,
+)
+from superqt import QCollapsible
+
+from ..core.classes import WSSS4LUAD, ClassSpec
+from ..core.errors import WsssCramError
+from . import _common as common
+from . import layers as result_layers
+
+
+def spin(cls, lo, hi, value, step=1, decimals=None):
+    """A QSpinBox/QDoubleSpinBox with range, step, value (and decimals)."""
+    box = cls()
+    box.setRange(lo, hi)
+    box.setSingleStep(step)
+    if decimals is not None:
+        box.setDecimals(decimals)
+    box.setValue(value)
+    return box
+
+
+class AdvancedPanel(QCollapsible):
+    """CRF refinement and its parameters (DSRG defaults), tile overlap, and the alpha/beta pseudo-label view."""
+
+    def __init__(self):
+        super().__init__("Advanced")
+        body = QWidget()
+        form = QFormLayout(body)
+        self.crf_check = QCheckBox("Refine labels with a dense CRF")
+        self.crf_check.setChecked(True)
+        self.crf_spins = {name: spin(QDoubleSpinBox, 0.1, 500.0, value, 1.0, 1) for name, value in
+                          [("gaussian_sxy", 3.0), ("gaussian_compat", 3.0), ("bilateral_sxy", 80.0),
+                           ("bilateral_srgb", 13.0), ("bilateral_compat", 10.0)]}
+        self.crf_iterations = spin(QSpinBox, 1, 50, 10)
+        self.overlap_spin = spin(QSpinBox, 0, 512, 64, 16)
+        self.alpha_spin = spin(QDoubleSpinBox, 0.0, 1.0, 0.3, 0.05, 2)
+        self.beta_spin = spin(QDoubleSpinBox, 0.0, 1.0, 0.9, 0.05, 2)
+        self.pseudo_check = QCheckBox("Show reliable pseudo-labels (alpha/beta)")
+        form.addRow(self.crf_check)
+        for name, box in self.crf_spins.items():
+            form.addRow(name.replace("_", " "), box)
+        for label, widget in [("CRF iterations", self.crf_iterations), ("Tile overlap", self.overlap_spin),
+                              ("alpha (background <)", self.alpha_spin), ("beta (confident >)", self.beta_spin)]:
+            form.addRow(label, widget)
+        form.addRow(self.pseudo_check)
+        self.addWidget(body)
+
+
+class ExportPanel(QGroupBox):
+    """Export a (corrected) Labels layer through the core writers and show its tissue composition."""
+
+    def __init__(self, viewer, message_label, default_classes=lambda: None):
+        super().__init__("Correct and export")
+        self.viewer, self.message, self._default_classes = viewer, message_label, default_classes
+        self._watched: set[int] = set()
+        form = QFormLayout(self)
+        self.labels_combo = QComboBox()
+        self.export_dir = common.PathRow("output folder")
+        self.format_checks = {fmt: QCheckBox(text) for fmt, text in
+                              [("png", "PNG"), ("ome-tiff", "OME-TIFF"), ("geojson", "QuPath GeoJSON")]}
+        formats = QHBoxLayout()
+        for check in self.format_checks.values():
+            check.setChecked(True)
+            formats.addWidget(check)
+        self.export_button = QPushButton("Export labels")
+        self.composition_table = QTableWidget(0, 3)
+        self.composition_table.setHorizontalHeaderLabels(["pixels", "mm²", "% tissue"])
+        self.composition_table.setMinimumHeight(150)
+        self.composition_table.horizontalHeader().setSectionResizeMode(QHeaderView.Stretch)
+        self.ratio_label = QLabel()
+        self.ratio_label.setWordWrap(True)
+        form.addRow("Labels", self.labels_combo)
+        form.addRow("Folder", self.export_dir)
+        form.addRow(formats)
+        form.addRow(self.export_button)
+        form.addRow(self.composition_table)
+        form.addRow(self.ratio_label)
+        self._timer = QTimer(self, singleShot=True, interval=300)  # recompute once painting pauses
+        self._timer.timeout.connect(self.update_composition)
+        self.labels_combo.currentIndexChanged.connect(self.watch)
+        self.export_button.clicked.connect(lambda: self.export())
+
+    def labels_layer(self):
+        name = self.labels_combo.currentText()
+        return self.viewer.layers[name] if name in self.viewer.layers else None
+
+    def watch(self, *_args) -> None:
+        """Recompute the composition after each edit of the chosen Labels layer."""
+        layer = self.labels_layer()
+        if layer is not None and id(layer) not in self._watched:
+            layer.events.paint.connect(lambda *_: self._timer.start())
+            layer.events.data.connect(lambda *_: self._timer.start())
+            self._watched.add(id(layer))
+        self._timer.start()
+
+    def classes_of(self, layer) -> ClassSpec:
+        return result_layers.classes_of_layer(layer) or self._default_classes() or WSSS4LUAD
+
+    def update_composition(self) -> dict | None:
+        """Refresh the composition table from the chosen Labels layer; return the core's composition dict."""
+        from ..core.io.outputs import composition
+
+        layer = self.labels_layer()
+        self.composition_table.setRowCount(0)
+        self.ratio_label.setText("")
+        if layer is None:
+            return None
+        data = np.asarray(layer.data[0] if layer.multiscale else layer.data)
+        table = composition(data, self.classes_of(layer), mpp=result_layers.mpp_of_layer(layer))
+        rows = table["classes"]
+        self.composition_table.setRowCount(len(rows))
+        self.composition_table.setVerticalHeaderLabels(list(rows))
+        for r, values in enumerate(rows.values()):
+            area, fraction = values.get("area_mm2"), values.get("tissue_fraction")
+            cells = [f"{values['pixels']:,}", "—" if area is None else f"{area:.4f}",
+                     "—" if fraction is None else f"{100 * fraction:.1f}"]
+            for c, text in enumerate(cells):
+                self.composition_table.setItem(r, c, QTableWidgetItem(text))
+        ratio, percentage = table.get("tumor_stroma_ratio"), table.get("stroma_percentage")
+        self.ratio_label.setText(
+            "Tumor-stroma ratio: " + ("n/a" if ratio is None else f"{ratio:.3f}")
+            + ("" if percentage is None else f"  (stroma {100 * percentage:.1f}% of tumor+stroma)"))
+        return table
+
+    def export(self, folder: str | Path | None = None) -> list[str]:
+        """Write the chosen labels layer in the checked formats plus ``<name>_composition.json``."""
+        from .._writer import FORMAT_SUFFIXES, export_labels
+
+        layer = self.labels_layer()
+        folder = Path(folder or self.export_dir.text() or ".")
+        written: list[str] = []
+        try:
+            if layer is None:
+                raise WsssCramError("There is no Labels layer to export: run a segmentation first.")
+            folder.mkdir(parents=True, exist_ok=True)
+            stem = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in layer.name)
+            meta = layer.metadata.get(result_layers.METADATA_KEY, {})
+            data = np.asarray(layer.data[0] if layer.multiscale else layer.data)
+            for fmt, check in self.format_checks.items():
+                if check.isChecked():
+                    written.append(export_labels(
+                        folder / f"{stem}{FORMAT_SUFFIXES[fmt]}", data, self.classes_of(layer), meta.get("mpp"),
+                        level0_scale=meta.get("level0_scale", 1.0),
+                        level0_offset=tuple(meta.get("level0_offset", (0.0, 0.0)))))
+            table = self.update_composition()
+            (folder / f"{stem}_composition.json").write_text(json.dumps(table, indent=2))
+            written.append(str(folder / f"{stem}_composition.json"))
+        except Exception as err:  # shown in the dock, never raised into the event loop
+            common.show_message(self.message, common.notify_error(err), error=True)
+            return written
+        common.show_message(self.message, f"Exported {len(written)} files to {folder}.")
+        return written

@@ -1,0 +1,87 @@
+"""The Segment dock's worker job: napari layer -> ImageSource region -> core inference -> plain arrays.
+
+Runs in a napari ``thread_worker``: it touches no Qt object and only reads the layer's data, so the GUI thread
+adds the result layers when it returns (a cancelled run therefore never leaves a half-added layer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Generator
+from pathlib import Path
+
+import numpy as np
+
+from ..core.progress import CancelToken, Progress
+from ._common import leave_gui_a_core
+
+
+def image_source_of_layer(layer, level: int = 0):
+    """The ONE reader over a napari image layer -> (ImageSource, level-0 pixels per source pixel).
+
+    A layer read from a file is re-opened with ``ImageSource`` (all pyramid levels, lazily); in-memory data is
+    wrapped as a one-level source of pyramid level ``level`` (whose pixels are that level's downsample).
+    """
+    from ..core.io.images import ImageSource
+
+    path = getattr(layer.source, "path", None)
+    full = tuple(layer.level_shapes[0][:2]) if layer.multiscale else tuple(layer.data.shape[:2])
+    if path and Path(path).is_file():
+        try:
+            source = ImageSource.open(path)
+            if tuple(source.shape) == full:
+                return source, 1.0
+            source.close()
+        except Exception:  # not readable by our reader (e.g. opened by another plugin): use the layer data
+            pass
+    level = min(level, len(layer.data) - 1) if layer.multiscale else 0
+    data = layer.data[level] if layer.multiscale else layer.data
+    downsample = float(layer.downsample_factors[level][-2]) if layer.multiscale else 1.0
+    mpp = layer.metadata.get("mpp") if isinstance(layer.metadata, dict) else None
+    return ImageSource.from_array(np.asarray(data), mpp=None if mpp is None else mpp * downsample), downsample
+
+
+def segment_job(layer, model, info, settings, region, pseudo, cancel: CancelToken
+                ) -> Generator[Progress, None, dict]:
+    """Predict ``region`` (y, x, h, w in pixels of the output level, or None) of ``layer``; return plain arrays."""
+    from ..core.inference import predict_source
+
+    with leave_gui_a_core():
+        source, downsample = image_source_of_layer(layer, settings.output_level)
+        if downsample != 1.0:  # a one-level source of a coarser in-memory level
+            settings = dataclasses.replace(settings, output_level=0)
+        try:
+            prediction = yield from predict_source(model, info, source, settings, region=region, cancel=cancel)
+            if downsample != 1.0:  # source pixel centre u sits at level-0 pixel (u + 0.5) * d - 0.5
+                prediction.scale = tuple(s * downsample for s in prediction.scale)
+                prediction.translate = tuple((t + 0.5) * downsample - 0.5 for t in prediction.translate)
+            try:  # the dock paints on in-memory arrays (a streamed slide result is read back at its level)
+                cam = None if prediction.cam is None else np.asarray(prediction.cam)
+                result = {"labels": np.asarray(prediction.labels), "activations": cam, "scale": prediction.scale,
+                          "translate": prediction.translate, "mpp": prediction.mpp, "pseudo": None}
+                if pseudo is not None and cam is not None:
+                    result["pseudo"] = reliable_view(source, prediction, info, settings, pseudo)
+            finally:
+                prediction.cleanup()
+        finally:
+            source.close()
+    return result
+
+
+def reliable_view(source, prediction, info, settings, alpha_beta) -> np.ndarray:
+    """The reliable pseudo-label map (alpha/beta thresholds + CRF agreement) of the prediction's DA maps,
+    with the classes the prediction found as the image-level label."""
+    from ..core.pseudo_labels import reliable_pseudo_labels
+
+    labels = np.asarray(prediction.labels)
+    y, x, h, w = prediction.region
+    image = source.read_region(y, x, h, w, level=prediction.level)
+    if image.shape[:2] != labels.shape:
+        from PIL import Image
+
+        image = np.asarray(Image.fromarray(image).resize(labels.shape[::-1], Image.BILINEAR))
+    present = np.bincount(labels.ravel(), minlength=info.classes.num_outputs)[: info.classes.num_classes] > 0
+    cam = np.asarray(prediction.cam, dtype=np.float32) / 255.0  # the engine stores maps as uint8 x 255
+    crf = settings.crf_params if settings.crf else None
+    return reliable_pseudo_labels(cam, image, present.astype(np.float32), alpha=alpha_beta[0],
+                                  beta=alpha_beta[1], crf=crf)

@@ -1,0 +1,132 @@
+"""The Train dock's calls into the core: presets, dataset scan, the training generator, corrected examples."""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from collections.abc import Generator
+from pathlib import Path
+
+import numpy as np
+
+from ..core.errors import DatasetError, WsssCramError
+from ..core.progress import CancelToken, Progress
+
+#: Dock label -> preset in training/: the paper's setting (GPU), a 2-core CPU run, the synthetic demo.
+PRESETS = {"paper (wsss4luad)": "wsss4luad", "cpu-small": "cpu-small", "sample": "sample"}
+
+
+def preset_config(preset: str, corrections: str | None = None, **overrides):
+    """The TrainConfig of ``training/<preset>.toml`` with the dock's fields applied.
+
+    ``corrections``: a folder written by :func:`add_corrected_example`; the patches cut from the corrected
+    examples are mixed into the training patches (a CSV listing both is written into the run folder).
+    """
+    from ..core.train_config import load_config
+
+    config = load_config(PRESETS.get(preset, preset))
+    # Training shares the process with the Qt event loop: leave the GUI a core.
+    threads = max(1, (os.cpu_count() or 2) - 1)
+    extra = {"threads": threads, "workers": 0 if (os.cpu_count() or 2) <= 2 else config.workers}
+    config = config.updated(**extra, **overrides)
+    if corrections:
+        config = config.updated(data=mixed_patch_csv(config.data, corrections, config.out))
+    return config
+
+
+def mixed_patch_csv(data: str, corrections: str | Path, out: str | Path) -> str:
+    """Write ``out/training_patches.csv`` listing the patches of ``data`` plus those cut from corrections."""
+    from ..core.data.patches import discover_patches
+
+    patches_dir = Path(corrections) / "patches"
+    if not patches_dir.is_dir():
+        raise DatasetError(f"{corrections} holds no corrected examples yet (no patches/ folder): "
+                           "add corrected labels first, or untick 'Mix in patches cut from corrected labels'.")
+    base = discover_patches(data)
+    extra = discover_patches(patches_dir, base.classes)
+    csv_path = Path(out) / "training_patches.csv"
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(csv_path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)  # quotes WSSS4LUAD names, which hold commas
+        writer.writerow(["path", *base.classes.names])
+        for index in (base, extra):
+            writer.writerows([str(p.resolve()), *map(int, flags)]
+                             for p, flags in zip(index.paths, index.labels, strict=True))
+    return str(csv_path)
+
+
+def scan_folder(data: str, val: str | None = None):
+    """Discover the patch folder (and check the validation set); return the index and a report for the dock."""
+    from ..core.data.patches import discover_patches
+    from ..core.data.pixel import discover_pixel_dataset
+
+    if not data:
+        raise DatasetError("Choose a folder of image-level-labelled patches first.")
+    index = discover_patches(data)
+    lines = [f"<b>{len(index)} patches</b> ({index.layout} layout)",
+             "per class: " + ", ".join(f"{n} {c}" for n, c in index.counts_per_class().items()),
+             "combinations: " + ", ".join(f"{n} {c}" for n, c in index.counts_per_combination().items())]
+    lines += [f'<span style="color:#f39800">warning: {w}</span>' for w in index.warnings]
+    for name in index.rare_classes():
+        message = f"class '{name}' has very few patches: it will be learnt poorly"
+        if not any(name in w for w in index.warnings):
+            lines.append(f'<span style="color:#f39800">warning: {message}</span>')
+    if val:
+        pixel = discover_pixel_dataset(val, index.classes)
+        lines.append(f"validation: {len(pixel)} pixel-labelled images")
+    return index, "<br>".join(lines)
+
+
+def train_job(config, cancel: CancelToken) -> Generator[Progress, None, str | None]:
+    """Run the core trainer, forwarding its Progress events; return the best (or last) checkpoint path."""
+    from ..core.train import train_steps
+    from ._common import leave_gui_a_core
+
+    with leave_gui_a_core():  # also undoes the trainer's torch.set_num_threads(config.threads)
+        result = yield from train_steps(config, cancel=cancel)
+    return None if result is None else str(result)
+
+
+def _safe_stem(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "image"
+
+
+def add_corrected_example(image_layer, labels_layer, folder: str | Path) -> list[str]:
+    """Save ``image_layer`` + corrected ``labels_layer`` as ``folder/img/<name>.png`` + ``folder/mask/<name>.png``
+    (index PNG, class palette) and cut image-level patches from all examples into ``folder/patches``.
+
+    Returns the image path, the mask path, then the patch paths.
+    """
+    from PIL import Image
+
+    from ..core.classes import WSSS4LUAD
+    from ..core.data.patchify import patchify
+    from ..core.data.pixel import discover_pixel_dataset
+    from ..core.io.images import to_rgb_uint8
+    from ..core.io.outputs import atomic_path, write_index_png
+    from .layers import classes_of_layer
+
+    classes = classes_of_layer(labels_layer) or WSSS4LUAD
+    rgb = image_layer.data[0] if image_layer.multiscale else image_layer.data
+    mask = labels_layer.data[0] if labels_layer.multiscale else labels_layer.data
+    if not image_layer.rgb:
+        raise WsssCramError(f"'{image_layer.name}' is not an RGB image: corrected examples need the H&E image.")
+    mask = np.asarray(mask)
+    if tuple(mask.shape) != tuple(rgb.shape[:2]):
+        raise WsssCramError(
+            f"'{labels_layer.name}' ({mask.shape[0]}x{mask.shape[1]}) does not cover '{image_layer.name}' "
+            f"({rgb.shape[0]}x{rgb.shape[1]}) pixel for pixel: segment the whole image at output level 0 first.")
+    if int(mask.max(initial=0)) > classes.background_index:
+        raise WsssCramError(f"'{labels_layer.name}' holds label {int(mask.max())}, not a class of "
+                            f"{', '.join(classes.all_names)}: paint only with values 0..{classes.background_index}.")
+    folder = Path(folder)
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    (folder / "mask").mkdir(parents=True, exist_ok=True)
+    stem = _safe_stem(image_layer.name)
+    image_path, mask_path = folder / "img" / f"{stem}.png", folder / "mask" / f"{stem}.png"
+    with atomic_path(image_path) as tmp:
+        Image.fromarray(to_rgb_uint8(np.asarray(rgb), source=image_layer.name)).save(tmp, format="PNG")
+    write_index_png(mask_path, mask.astype(np.uint8), classes)
+    result = patchify(discover_pixel_dataset(folder, classes), folder / "patches", overwrite=True)
+    return [str(image_path), str(mask_path), *map(str, result.paths)]

@@ -1,0 +1,203 @@
+"""How segmentation results become napari layers: names, colours, placement, and never clobbering user edits.
+
+Layer conventions (relied upon by the docks, the writer and the tests):
+- ``"<image> <class> activation"``: one Image layer per tissue class with that class's DA map, a colormap fading
+  from transparent black to the class colour, additive blending; only the first class is visible.
+- ``"<image> CRF labels"``: a Labels layer whose values are class indices (background = K, transparent), coloured
+  with a ``DirectLabelColormap`` from the ``ClassSpec``; its ``features`` table carries the class names so napari's
+  status bar shows them under the cursor. ``metadata["wsss_cram"]`` holds the classes, µm/px and a fingerprint of
+  the predicted labels, which is how an edited layer is recognised.
+All result layers get ``scale``/``translate`` composed from the source layer and the prediction's own placement
+(relative to level 0), so they overlay the source exactly, also on multiscale slides.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+
+from ..core.classes import ClassSpec
+from ..core.progress import drive
+
+METADATA_KEY = "wsss_cram"
+
+
+def labels_layer_name(image_name: str) -> str:
+    return f"{image_name} CRF labels"
+
+
+def activation_layer_name(image_name: str, class_name: str) -> str:
+    return f"{image_name} {class_name} activation"
+
+
+def labels_colormap(classes: ClassSpec):
+    """Class index -> class colour; background (index K), 255 (ignore) and unknown values are transparent."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    colors: dict[int | None, Any] = {None: (0, 0, 0, 0)}
+    for index, rgb in enumerate(classes.colors):
+        colors[index] = (*(c / 255.0 for c in rgb), 1.0)
+    colors[classes.background_index] = (0, 0, 0, 0)
+    colors[255] = (0, 0, 0, 0)
+    return DirectLabelColormap(color_dict=colors, background_value=classes.background_index)
+
+
+def class_features(classes: ClassSpec):
+    """The ``features`` table of a Labels layer: napari shows ``class`` in the status bar for the hovered value."""
+    import pandas as pd
+
+    return pd.DataFrame({"index": np.arange(classes.num_outputs), "class": list(classes.all_names)})
+
+
+def activation_colormap(rgb: tuple[int, int, int], name: str):
+    from napari.utils.colormaps import Colormap
+
+    return Colormap(colors=[[0, 0, 0, 1], [*(c / 255.0 for c in rgb), 1.0]], name=f"wsss_{name}")
+
+
+def fingerprint(labels: np.ndarray) -> str:
+    """A cheap content hash of a label array (to tell whether the user painted on it)."""
+    array = np.ascontiguousarray(np.asarray(labels))
+    return hashlib.blake2b(array.tobytes(), digest_size=16).hexdigest() + str(array.shape)
+
+
+def is_edited(layer) -> bool:
+    """True when a result Labels layer no longer holds what the model predicted (the user painted on it)."""
+    meta = layer.metadata.get(METADATA_KEY, {})
+    if meta.get("edited"):
+        return True
+    stored = meta.get("fingerprint")
+    return stored is None or stored != fingerprint(layer.data)
+
+
+def _mark_edited(layer) -> None:
+    layer.metadata.setdefault(METADATA_KEY, {})["edited"] = True
+
+
+def placement(source_layer, pred_scale, pred_translate) -> tuple[np.ndarray, np.ndarray]:
+    """World scale/translate of a result whose pixel ``i`` sits at ``pred_translate + i * pred_scale`` level-0 pixels
+    of the source layer."""
+    src_scale = np.asarray(source_layer.scale, dtype=float)[-2:]
+    src_translate = np.asarray(source_layer.translate, dtype=float)[-2:]
+    pred_scale = np.broadcast_to(np.asarray(pred_scale, dtype=float), (2,))
+    pred_translate = np.broadcast_to(np.asarray(pred_translate, dtype=float), (2,))
+    return src_scale * pred_scale, src_translate + src_scale * pred_translate
+
+
+def _find(viewer, name: str):
+    return viewer.layers[name] if name in viewer.layers else None
+
+
+def add_result_layers(viewer, source_layer, labels: np.ndarray, activations: np.ndarray | None,
+                      classes: ClassSpec, scale=1.0, translate=0.0, mpp: float | None = None) -> dict:
+    """Show one prediction: per-class activation Image layers and the CRF labels Labels layer.
+
+    An unedited labels layer from an earlier run is updated in place; an edited one is kept and a new layer is
+    added next to it. Returns ``{"labels": layer, "activations": [layers]}``.
+    """
+    return drive(iter_result_layers(viewer, source_layer, labels, activations, classes, scale, translate, mpp))
+
+
+def iter_result_layers(viewer, source_layer, labels: np.ndarray, activations: np.ndarray | None,
+                       classes: ClassSpec, scale=1.0, translate=0.0, mpp: float | None = None):
+    """:func:`add_result_layers` one layer at a time: a generator yielding after each layer (so the dock can
+    let the event loop breathe between them: creating a napari layer costs ~0.2 s on the GUI thread)."""
+    name = source_layer.name
+    world_scale, world_translate = placement(source_layer, scale, translate)
+    result: dict[str, Any] = {"activations": []}
+    if activations is not None:
+        for k, class_name in enumerate(classes.names):
+            data = np.asarray(activations[k])  # uint8 (x255) from the engine: 4x less memory than float
+            layer_name = activation_layer_name(name, class_name)
+            layer = _find(viewer, layer_name)
+            if layer is not None and layer.data.shape == data.shape:
+                layer.data = data
+                layer.scale, layer.translate = world_scale, world_translate
+            else:
+                if layer is not None:
+                    viewer.layers.remove(layer)
+                layer = viewer.add_image(
+                    data, name=layer_name, colormap=activation_colormap(classes.colors[k], class_name),
+                    blending="additive", contrast_limits=_full_range(data), opacity=0.7, visible=(k == 0),
+                    scale=world_scale, translate=world_translate, units=source_layer.units,
+                )
+            result["activations"].append(layer)
+            yield layer
+
+    labels = np.ascontiguousarray(labels, dtype=np.uint8)
+    pred_scale = np.broadcast_to(np.asarray(scale, dtype=float), (2,))
+    # GeoJSON wants pixel corners in level-0 pixels; ``translate`` is napari's pixel-centre convention.
+    level0_offset = np.broadcast_to(np.asarray(translate, dtype=float), (2,)) - (pred_scale - 1) / 2
+    meta = {"classes": classes.to_dict(), "mpp": mpp, "source": name, "fingerprint": fingerprint(labels),
+            "edited": False, "level0_scale": float(pred_scale[0]), "level0_offset": [float(v) for v in level0_offset]}
+    layer_name = labels_layer_name(name)
+    existing = _find(viewer, layer_name)
+    if existing is not None and not is_edited(existing):
+        existing.data = labels
+        existing.scale, existing.translate = world_scale, world_translate
+        existing.metadata[METADATA_KEY] = meta
+        result["labels"] = existing
+        return result
+    # A new layer: napari suffixes a duplicate name (" [1]"), so an edited layer is never replaced.
+    layer = viewer.add_labels(labels, name=layer_name, scale=world_scale, translate=world_translate,
+                              units=source_layer.units,
+                              opacity=0.6, metadata={METADATA_KEY: meta}, features=class_features(classes))
+    layer.colormap = labels_colormap(classes)
+    layer.events.paint.connect(lambda event=None, lyr=layer: _mark_edited(lyr))
+    result["labels"] = layer
+    return result
+
+
+def _full_range(data: np.ndarray) -> tuple[float, float]:
+    """Activation maps are probabilities: show 0..1 (0..255 when stored as uint8) on every class alike."""
+    return (0.0, 255.0) if np.asarray(data).dtype == np.uint8 else (0.0, 1.0)
+
+
+def classes_of_layer(layer) -> ClassSpec | None:
+    """The ClassSpec stored on a result Labels layer, or None for a layer this plugin did not make."""
+    meta = layer.metadata.get(METADATA_KEY, {})
+    return ClassSpec.from_dict(meta["classes"]) if "classes" in meta else None
+
+
+def mpp_of_layer(layer) -> float | None:
+    """µm per pixel of a result Labels layer's own pixels, when known."""
+    return layer.metadata.get(METADATA_KEY, {}).get("mpp")
+
+
+def add_pseudo_label_layer(viewer, source_layer, pseudo: np.ndarray, classes: ClassSpec, scale=1.0,
+                           translate=0.0):
+    """The reliable pseudo-label view ("<image> reliable pseudo-labels"): class colours, 255 (unsure) clear."""
+    world_scale, world_translate = placement(source_layer, scale, translate)
+    name = f"{source_layer.name} reliable pseudo-labels"
+    existing = _find(viewer, name)
+    if existing is not None:
+        viewer.layers.remove(existing)
+    layer = viewer.add_labels(np.ascontiguousarray(pseudo, dtype=np.uint8), name=name, scale=world_scale,
+                              translate=world_translate, units=source_layer.units, opacity=0.6, visible=False,
+                              features=class_features(classes))
+    layer.colormap = labels_colormap(classes)
+    return layer
+
+
+def field_of_view(layer, level: int = 0) -> tuple[int, int, int, int]:
+    """(y, x, h, w) in pixels of pyramid ``level`` of what the canvas shows of ``layer``.
+
+    ``corner_pixels`` are at the displayed (data) level: map them to level 0, then to ``level``.
+    """
+    from ..core.errors import WsssCramError
+
+    corners = np.asarray(layer.corner_pixels, dtype=float)[:, -2:]
+    shapes = layer.level_shapes if layer.multiscale else [layer.data.shape[:2]]
+    if layer.multiscale:
+        corners = corners * np.asarray(layer.downsample_factors[layer.data_level], dtype=float)[-2:]
+    level = min(level, len(shapes) - 1)
+    if level:
+        corners = corners / np.asarray(layer.downsample_factors[level], dtype=float)[-2:]
+    full = np.asarray(shapes[level], dtype=int)[:2]
+    lo = np.clip(np.floor(corners[0]).astype(int), 0, full)
+    hi = np.clip(np.ceil(corners[1]).astype(int) + 1, 0, full)
+    if np.any(hi - lo < 8):
+        raise WsssCramError(f"The field of view shows no part of '{layer.name}': pan onto the image.")
+    return int(lo[0]), int(lo[1]), int(hi[0] - lo[0]), int(hi[1] - lo[1])

@@ -1,0 +1,348 @@
+"""Segment dock: image layer + model + settings -> thread_worker(core.inference) -> result layers; export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import (
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..core.errors import WsssCramError
+from ..core.progress import Cancelled, CancelToken
+from . import _common as common
+from . import layers as result_layers
+from ._panels import AdvancedPanel, ExportPanel, spin
+
+BUNDLED = "Bundled demo model (synthetic data)"
+CHECKPOINT = "Checkpoint file…"
+#: Longest side of labels the dock computes by default (they are painted in memory).
+MAX_PAINTABLE_SIDE = 8192
+
+
+class SegmentWidget(QWidget):
+    """Segment H&E tissue with a WSSS-CRAM checkpoint and correct/export the resulting labels."""
+
+    def __init__(self, napari_viewer):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.model = self.info = self._model_problem = None
+        self.worker = self._cancel = self._pbar = self._adding = None
+        self.last_result: dict | None = None
+        self._restoring = False
+        form = QFormLayout()
+        self.image_combo = QComboBox()
+        self.model_combo = QComboBox()
+        self.model_combo.addItems([BUNDLED, CHECKPOINT])
+        self.checkpoint_row = common.PathRow("model checkpoint (.pt)", folder=False, file_filter="*.pt *.pth")
+        self.classes_label = QLabel()
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(common.available_devices())
+        self.resolution_combo = QComboBox()
+        self.resolution_combo.addItems(["scale", "µm/px"])
+        self.resolution_value = spin(QDoubleSpinBox, 0.05, 20.0, 2.5, 0.1, 3)
+        self.tile_spin = spin(QSpinBox, 64, 4096, 512, 64)
+        self.level_spin = spin(QSpinBox, 0, 0, 0)
+        self.level_spin.setToolTip("Pyramid level of the labels (slides: a coarser level keeps them paintable)")
+        self.region_combo = QComboBox()
+        self.region_combo.addItems(["Whole image", "Current field of view"])
+        for label, widget in [("Image", self.image_combo), ("Model", self.model_combo), ("", self.checkpoint_row),
+                              ("Classes", self.classes_label), ("Device", self.device_combo)]:
+            form.addRow(label, widget)
+        res_row = QHBoxLayout()
+        res_row.addWidget(self.resolution_combo)
+        res_row.addWidget(self.resolution_value)
+        form.addRow("Resolution", res_row)
+        form.addRow("Tile size", self.tile_spin)
+        form.addRow("Output level", self.level_spin)
+        form.addRow("Region", self.region_combo)
+
+        advanced = AdvancedPanel()
+        for name in ("crf_check", "crf_spins", "crf_iterations", "overlap_spin", "alpha_spin", "beta_spin",
+                     "pseudo_check"):
+            setattr(self, name, getattr(advanced, name))
+
+        self.run_button = QPushButton("Run")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        self.progress_bar = QProgressBar()
+        self.message = common.message_label()
+
+        self.export_panel = ExportPanel(self.viewer, self.message,
+                                        lambda: self.info.classes if self.info is not None else None)
+        self.labels_combo = self.export_panel.labels_combo
+
+        layout = QVBoxLayout(self)
+        for item in (form, advanced, buttons, self.progress_bar, self.message, self.export_panel):
+            (layout.addLayout if isinstance(item, QHBoxLayout | QFormLayout) else layout.addWidget)(item)
+        layout.addStretch()
+
+        common.restore_settings("segment", self._persisted())
+        common.autosave_settings("segment", self._persisted(), self)
+        self.overlap_spin.setMaximum(self.tile_spin.value() // 2)
+        self._connect()
+        self._refresh_layer_choices()
+        self._restoring = True
+        self._load_selected_model()
+        self._restoring = False
+
+    # ----- wiring -----------------------------------------------------------------------------------------
+    def _connect(self) -> None:
+        for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
+            event.connect(self._refresh_layer_choices)
+        self.image_combo.currentIndexChanged.connect(self._validate)
+        self.tile_spin.valueChanged.connect(lambda tile: self.overlap_spin.setMaximum(tile // 2))
+        self.model_combo.currentIndexChanged.connect(self._load_selected_model)
+        self.checkpoint_row.edit.editingFinished.connect(self._load_selected_model)
+        self.checkpoint_row.edit.textChanged.connect(lambda _: self._validate())
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button.clicked.connect(self.cancel)
+
+    def _refresh_layer_choices(self, event=None) -> None:
+        from napari.layers import Image, Labels
+
+        for combo, kind in ((self.image_combo, Image), (self.labels_combo, Labels)):
+            current = combo.currentText()
+            names = [layer.name for layer in self.viewer.layers if isinstance(layer, kind)
+                     and not layer.name.endswith(" activation")]
+            combo.blockSignals(True)
+            combo.clear()
+            combo.addItems(names)
+            if current in names:
+                combo.setCurrentText(current)
+            combo.blockSignals(False)
+        self.export_panel.watch()
+        self._validate()
+
+    def image_layer(self):
+        name = self.image_combo.currentText()
+        return self.viewer.layers[name] if name in self.viewer.layers else None
+
+    # ----- model ------------------------------------------------------------------------------------------
+    def set_checkpoint(self, path: str | Path) -> bool:
+        """Select and load a checkpoint file (used by the Train dock's "Use this model")."""
+        self.model_combo.blockSignals(True)
+        self.model_combo.setCurrentText(CHECKPOINT)
+        self.model_combo.blockSignals(False)
+        self.checkpoint_row.setText(str(path))
+        return self._load_selected_model()
+
+    def _load_selected_model(self, *_args) -> bool:
+        from ..commands.demo import bundled_model_path
+        from ..core.checkpoint import load_checkpoint
+
+        use_file = self.model_combo.currentText() == CHECKPOINT
+        self.checkpoint_row.setVisible(use_file)
+        self.model = self.info = self._model_problem = None
+        path = self.checkpoint_row.text() if use_file else bundled_model_path()
+        try:
+            if not path:
+                raise WsssCramError("Choose a checkpoint file (.pt) to segment with.")
+            if not use_file and not Path(path).is_file():
+                raise WsssCramError(f"The bundled demo model {path} is missing: train it with "
+                                    "`wsss-cram train sample_data/patches --config training/sample.toml` "
+                                    "or choose a checkpoint file.")
+            self.model, self.info = load_checkpoint(path)
+        except Exception as err:  # shown in the dock, never raised into the event loop
+            self.classes_label.setText("")
+            self._model_problem = common.user_message(err)
+            if use_file and self.checkpoint_row.text():  # an explicit choice: say what is wrong with it now
+                self._validate(error=common.notify_error(err))
+            else:
+                self._validate()
+            return False
+        if self.resolution_combo.currentText() == "scale" and not self._restoring:
+            # a newly chosen model: predict at the scale it was trained at (a restored session keeps its own)
+            self.resolution_value.setValue(float(self.info.model_config.train_scale))
+        self.classes_label.setText(" ".join(
+            f'<span style="color: rgb{tuple(color)}">■</span> {name}'
+            for name, color in zip(self.info.classes.names, self.info.classes.colors, strict=True)))
+        self._validate()
+        return True
+
+    # ----- validation -------------------------------------------------------------------------------------
+    def _validate(self, *_args, error: str | None = None, quiet: bool = False) -> bool:
+        """Enable Run only when an RGB image and a model are chosen; say what is missing otherwise."""
+        layer = self.image_layer()
+        problem = error
+        if problem is None and layer is None:
+            problem = "Open an RGB H&E image (File > Open, or File > Open Sample > WSSS-CRAM)."
+        elif problem is None and not layer.rgb:
+            problem = f"Layer '{layer.name}' is not an RGB image: WSSS-CRAM needs a colour H&E image."
+        if layer is not None:
+            self._fit_output_level(layer)
+        if problem is None and self.model is None:
+            problem = self._model_problem or "Choose a model checkpoint."
+        running = self.busy
+        self.run_button.setEnabled(problem is None and not running)
+        if not running and not quiet:
+            common.show_message(self.message, problem or "Ready.", error=problem is not None)
+        return problem is None
+
+    def _fit_output_level(self, layer) -> None:
+        """Offer the layer's pyramid levels; on a big slide start at a level that stays paintable (<= 8k px)."""
+        shapes = [tuple(s[:2]) for s in layer.level_shapes] if layer.multiscale else [layer.data.shape[:2]]
+        self.level_spin.setMaximum(len(shapes) - 1)
+        if self.level_spin.value() == 0 and max(shapes[0]) > MAX_PAINTABLE_SIDE:
+            self.level_spin.setValue(next((i for i, s in enumerate(shapes) if max(s) <= MAX_PAINTABLE_SIDE),
+                                          len(shapes) - 1))
+
+    def predict_settings(self):
+        from ..core.crf import CRFParams
+        from ..core.inference import PredictSettings, resolve_device
+
+        crf = CRFParams(**{k: s.value() for k, s in self.crf_spins.items()}, iterations=self.crf_iterations.value())
+        use_mpp = self.resolution_combo.currentText() == "µm/px"
+        # Cancel takes effect between batches: on CPU one tile per batch keeps it within about a second, at no
+        # cost in throughput (a CPU gains nothing from batching).
+        on_cpu = resolve_device(self.device_combo.currentText()).type == "cpu"
+        return PredictSettings(
+            batch=1 if on_cpu else 4,
+            scale=2.5 if use_mpp else self.resolution_value.value(), output_level=self.level_spin.value(),
+            mpp=self.resolution_value.value() if use_mpp else None, tile=self.tile_spin.value(),
+            overlap=self.overlap_spin.value(), crf=self.crf_check.isChecked(), crf_params=crf,
+            device=self.device_combo.currentText(), with_cam=True)
+
+    def region(self, layer) -> tuple[int, int, int, int] | None:
+        """(y, x, h, w) of the current field of view in pixels of the output level, or None (whole image)."""
+        if self.region_combo.currentText() == "Whole image":
+            return None
+        return result_layers.field_of_view(layer, self.level_spin.value())
+
+    # ----- running ----------------------------------------------------------------------------------------
+    def run(self) -> None:
+        """Start segmentation in a worker thread (results are added only when it finishes)."""
+        from napari.utils import progress
+        from superqt.utils import create_worker  # errors go to our handler only (no traceback popup)
+
+        if self.busy or not self._validate():
+            return
+        layer = self.image_layer()
+        try:
+            region, settings = self.region(layer), self.predict_settings()
+            settings.validate()
+        except Exception as err:  # shown in the dock, never raised into the event loop
+            common.show_message(self.message, common.notify_error(err), error=True)
+            return
+        common.save_settings("segment", self._persisted())
+        self._cancel = CancelToken()
+        pseudo = (self.alpha_spin.value(), self.beta_spin.value()) if self.pseudo_check.isChecked() else None
+        from ._segment_job import segment_job
+
+        self.worker = create_worker(segment_job, layer, self.model, self.info, settings, region, pseudo,
+                                    self._cancel, _ignore_errors=True)
+        self._pbar = progress(total=0, desc=f"WSSS-CRAM: {layer.name}")
+        self.worker.yielded.connect(self._on_progress)
+        self.worker.returned.connect(lambda result, lyr=layer: self._on_result(lyr, result))
+        self.worker.errored.connect(self._on_error)
+        self.worker.finished.connect(self._on_finished)
+        self.run_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        common.show_message(self.message, f"Segmenting '{layer.name}'…")
+        self.worker.start()
+
+    def cancel(self) -> None:
+        if self._cancel is not None:
+            self._cancel.cancel()
+        if self.worker is not None:
+            self.worker.quit()
+            common.show_message(self.message, "Cancelling…")
+
+    def _on_progress(self, event) -> None:
+        self.progress_bar.setMaximum(max(event.total, 1))
+        self.progress_bar.setValue(event.done)
+        pbar = self._pbar
+        if pbar is not None:
+            pbar.total = max(event.total, 1)
+            pbar.n = event.done
+            pbar.refresh()
+
+    @property
+    def busy(self) -> bool:
+        """True while a run computes or its result layers are still being added."""
+        return self.worker is not None or self._adding is not None
+
+    def _on_result(self, layer, result) -> None:
+        if self._cancel is not None and self._cancel.cancelled:
+            return
+        classes = self.info.classes
+
+        def steps():
+            shown = yield from result_layers.iter_result_layers(
+                self.viewer, layer, result["labels"], result["activations"], classes, result["scale"],
+                result["translate"], result["mpp"])
+            if result.get("pseudo") is not None:
+                yield result_layers.add_pseudo_label_layer(self.viewer, layer, result["pseudo"], classes,
+                                                           result["scale"], result["translate"])
+            return shown
+
+        self._adding = steps()
+        self._add_next_layer()
+
+    def _add_next_layer(self) -> None:
+        """Add one result layer per event-loop turn, so the GUI never freezes for all of them at once."""
+        try:
+            next(self._adding)
+        except StopIteration as done:
+            self._adding = None
+            self.last_result = shown = done.value
+            self.labels_combo.setCurrentText(shown["labels"].name)
+            self._validate(quiet=True)
+            common.show_message(self.message, f"Done: '{shown['labels'].name}'. Paint corrections, then export.")
+            return
+        except Exception as err:  # shown, never raised into the event loop
+            self._adding = None
+            self._on_error(err)
+            self._validate(quiet=True)
+            return
+        QTimer.singleShot(0, self._add_next_layer)
+
+    def _on_error(self, err) -> None:
+        if isinstance(err, Cancelled):  # reported by _on_finished, not an error
+            return
+        common.show_message(self.message, common.notify_error(err), error=True)
+
+    def _on_finished(self) -> None:
+        cancelled = self._cancel is not None and self._cancel.cancelled
+        if self._pbar is not None:
+            self._pbar.close()
+        self.worker = self._pbar = None
+        self.cancel_button.setEnabled(False)
+        self.progress_bar.setValue(0)
+        if cancelled:
+            common.show_message(self.message, "Cancelled: no layer was added.")
+        self._validate(quiet=True)
+
+    def update_composition(self) -> dict | None:
+        return self.export_panel.update_composition()
+
+    def export(self, folder: str | Path | None = None) -> list[str]:
+        """Export the chosen (corrected) labels layer; see :class:`ExportPanel`."""
+        return self.export_panel.export(folder)
+
+    # ----- persistence ------------------------------------------------------------------------------------
+    def _persisted(self) -> dict:
+        return {"model": self.model_combo, "device": self.device_combo, "resolution": self.resolution_combo,
+                "region": self.region_combo, "resolution_value": self.resolution_value, "tile": self.tile_spin,
+                "overlap": self.overlap_spin, "alpha": self.alpha_spin, "beta": self.beta_spin,
+                "crf": self.crf_check, "pseudo": self.pseudo_check, "checkpoint": self.checkpoint_row,
+                "export_dir": self.export_panel.export_dir, "level": self.level_spin,
+                "crf_iterations": self.crf_iterations, **self.crf_spins}
+
+    def closeEvent(self, event) -> None:  # noqa: N802 (Qt naming)
+        common.save_settings("segment", self._persisted())
+        self.cancel()
+        super().closeEvent(event)

@@ -1,0 +1,289 @@
+"""Train dock: patch folder + preset + settings -> thread_worker(core.train) -> progress, live plot, checkpoint."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..core.errors import WsssCramError
+from ..core.progress import Cancelled, CancelToken
+from . import _common as common
+from ._train_job import PRESETS, add_corrected_example, preset_config, scan_folder, train_job
+from .plot import TrainingPlot
+
+
+def _spin(cls, lo, hi, step=1, decimals=None):
+    box = cls()
+    box.setRange(lo, hi)
+    box.setSingleStep(step)
+    if decimals is not None:
+        box.setDecimals(decimals)
+    return box
+
+
+class TrainWidget(QWidget):
+    """Train WSSS-CRAM on image-level-labelled patches, watch it learn, and hand the model to the Segment dock."""
+
+    def __init__(self, napari_viewer):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.worker = self._cancel = None
+        self.checkpoint_path: str | None = None
+        self.patch_index = None
+        self._started = 0.0
+
+        data_box = QGroupBox("Data")
+        data_form = QFormLayout(data_box)
+        self.data_row = common.PathRow("image-level-labelled patches (WSSS4LUAD names, CSV or class folders)")
+        self.val_row = common.PathRow("optional: pixel-labelled validation set (img/ + mask/)")
+        self.scan_button = QPushButton("Scan")
+        self.scan_label = QLabel()
+        self.scan_label.setWordWrap(True)
+        data_form.addRow("Patches", self.data_row)
+        data_form.addRow("Validation", self.val_row)
+        data_form.addRow(self.scan_button)
+        data_form.addRow(self.scan_label)
+
+        settings_box = QGroupBox("Settings")
+        form = QFormLayout(settings_box)
+        self.preset_combo = QComboBox()
+        self.preset_combo.addItems(list(PRESETS))
+        self.preset_combo.setCurrentText("cpu-small")
+        self.backbone_combo = QComboBox()
+        self.backbone_combo.addItems(["resnet18", "resnet34", "resnet50", "resnet101"])
+        self.epochs_spin = _spin(QSpinBox, 1, 1000)
+        self.steps_spin = _spin(QSpinBox, 0, 1_000_000, 10)
+        self.steps_spin.setSpecialValueText("by epochs")
+        self.batch_spin = _spin(QSpinBox, 1, 256)
+        self.crop_spin = _spin(QSpinBox, 32, 1024, 16)
+        self.lr_spin = _spin(QDoubleSpinBox, 1e-6, 1.0, 1e-4, 6)
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(common.available_devices())
+        self.out_row = common.PathRow("run folder (checkpoints, metrics.csv)")
+        self.mix_check = QCheckBox("Mix in patches cut from corrected labels")
+        for label, widget in [("Preset", self.preset_combo), ("Backbone", self.backbone_combo),
+                              ("Epochs", self.epochs_spin), ("Steps", self.steps_spin), ("Batch", self.batch_spin),
+                              ("Crop", self.crop_spin), ("Learning rate", self.lr_spin),
+                              ("Device", self.device_combo), ("Output", self.out_row), ("", self.mix_check)]:
+            form.addRow(label, widget)
+
+        self.start_button = QPushButton("Start")
+        self.cancel_button = QPushButton("Cancel")
+        self.resume_button = QPushButton("Resume")
+        self.cancel_button.setEnabled(False)
+        buttons = QHBoxLayout()
+        for button in (self.start_button, self.cancel_button, self.resume_button):
+            buttons.addWidget(button)
+        self.progress_bar = QProgressBar()
+        self.eta_label = QLabel()
+        self.plot = TrainingPlot(self)
+        self.use_button = QPushButton("Use this model")
+        self.use_button.setEnabled(False)
+        self.message = common.message_label()
+
+        corrections_box = QGroupBox("Retrain from corrections")
+        corr_form = QFormLayout(corrections_box)
+        self.image_combo = QComboBox()
+        self.labels_combo = QComboBox()
+        self.corrections_row = common.PathRow("folder for corrected examples (img/ + mask/ + patches/)")
+        self.add_button = QPushButton("Add corrected labels to training data")
+        corr_form.addRow("Image", self.image_combo)
+        corr_form.addRow("Labels", self.labels_combo)
+        corr_form.addRow("Folder", self.corrections_row)
+        corr_form.addRow(self.add_button)
+
+        layout = QVBoxLayout(self)
+        for item in (data_box, settings_box, buttons, self.progress_bar, self.eta_label, self.plot,
+                     self.use_button, self.message, corrections_box):
+            (layout.addLayout if isinstance(item, QHBoxLayout) else layout.addWidget)(item)
+        layout.addStretch()
+
+        self.apply_preset()
+        common.restore_settings("train", self._persisted())
+        common.autosave_settings("train", self._persisted(), self)
+        self.preset_combo.currentTextChanged.connect(self.apply_preset)
+        self.scan_button.clicked.connect(self.scan)
+        self.start_button.clicked.connect(lambda: self.start(resume=False))
+        self.resume_button.clicked.connect(lambda: self.start(resume=True))
+        self.cancel_button.clicked.connect(self.cancel)
+        self.use_button.clicked.connect(self.use_model)
+        self.add_button.clicked.connect(self.add_corrections)
+        for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
+            event.connect(self._refresh_layer_choices)
+        self._refresh_layer_choices()
+
+    # ----- settings ---------------------------------------------------------------------------------------
+    def apply_preset(self, *_args) -> None:
+        """Fill the fields from the chosen preset (training/<preset>.toml)."""
+        try:
+            config = preset_config(self.preset_combo.currentText())
+        except Exception as err:  # shown in the dock, never raised into the event loop
+            common.show_message(self.message, common.notify_error(err), error=True)
+            return
+        self.backbone_combo.setCurrentText(str(config.model.get("backbone", "resnet50")))
+        self.epochs_spin.setValue(config.epochs)
+        self.steps_spin.setValue(config.steps or 0)
+        self.batch_spin.setValue(config.batch_size)
+        self.crop_spin.setValue(config.crop)
+        self.lr_spin.setValue(config.lr)
+
+    def config(self, resume: bool = False):
+        """The TrainConfig of the preset with the dock's fields applied; raises WsssCramError on bad input."""
+        data, out = self.data_row.text(), self.out_row.text()
+        if not data or not Path(data).is_dir() and not Path(data).is_file():
+            raise WsssCramError(f"Patch folder '{data}' does not exist: choose a folder of labelled patches.")
+        if not out:
+            raise WsssCramError("Choose an output folder for the run (checkpoints and metrics).")
+        val = self.val_row.text() or None
+        if val and not Path(val).is_dir():
+            raise WsssCramError(f"Validation folder '{val}' does not exist (leave it empty to skip validation).")
+        mix = self.corrections_row.text() if self.mix_check.isChecked() else None
+        return preset_config(
+            self.preset_combo.currentText(), data=data, out=out, val=val, backbone=self.backbone_combo.currentText(),
+            epochs=self.epochs_spin.value(), steps=self.steps_spin.value() or None,
+            batch_size=self.batch_spin.value(), crop=self.crop_spin.value(), lr=self.lr_spin.value(),
+            device=self.device_combo.currentText(), resume=resume, corrections=mix)
+
+    def _refresh_layer_choices(self, event=None) -> None:
+        from napari.layers import Image, Labels
+
+        for combo, kind in ((self.image_combo, Image), (self.labels_combo, Labels)):
+            current = combo.currentText()
+            combo.clear()
+            combo.addItems([ly.name for ly in self.viewer.layers if isinstance(ly, kind)
+                            and not ly.name.endswith(" activation")])
+            if current:
+                combo.setCurrentText(current)
+
+    # ----- actions ----------------------------------------------------------------------------------------
+    def scan(self) -> bool:
+        """Scan the patch folder: counts per class and combination, warnings for small classes."""
+        try:
+            self.patch_index, text = scan_folder(self.data_row.text(), self.val_row.text() or None)
+        except Exception as err:  # shown in the dock, never raised into the event loop
+            self.scan_label.setText("")
+            common.show_message(self.message, common.notify_error(err), error=True)
+            return False
+        self.scan_label.setText(text)
+        common.show_message(self.message, f"{len(self.patch_index)} patches found.")
+        return True
+
+    def start(self, resume: bool = False) -> None:
+        from superqt.utils import create_worker  # errors go to our handler only (no traceback popup)
+
+        if self.worker is not None:
+            return
+        try:
+            config = self.config(resume=resume)
+        except Exception as err:  # shown in the dock, never raised into the event loop
+            common.show_message(self.message, common.notify_error(err), error=True)
+            return
+        common.save_settings("train", self._persisted())
+        self._cancel = CancelToken()
+        self.plot.clear()
+        self.checkpoint_path = None
+        self.use_button.setEnabled(False)
+        self.worker = create_worker(train_job, config, self._cancel, _ignore_errors=True)
+        self.worker.yielded.connect(self._on_progress)
+        self.worker.returned.connect(self._on_done)
+        self.worker.errored.connect(self._on_error)
+        self.worker.finished.connect(self._on_finished)
+        for button, enabled in ((self.start_button, False), (self.resume_button, False), (self.cancel_button, True)):
+            button.setEnabled(enabled)
+        self._started = time.monotonic()
+        common.show_message(self.message, "Training… (Cancel keeps a usable last checkpoint)")
+        self.worker.start()
+
+    def cancel(self) -> None:
+        if self._cancel is not None:
+            self._cancel.cancel()
+            common.show_message(self.message, "Cancelling after this step…")
+
+    def _on_progress(self, event) -> None:
+        info = event.info or {}
+        if event.stage == "train":
+            self.progress_bar.setMaximum(max(event.total, 1))
+            self.progress_bar.setValue(event.done)
+            losses = {k: v for k, v in (info.get("losses") or {}).items() if isinstance(v, int | float)}
+            self.plot.add_losses(event.done, losses)
+            eta = info.get("eta")
+            self.eta_label.setText(f"step {event.done}/{event.total}, epoch {info.get('epoch', '?')}"
+                                   + ("" if eta is None else f", ETA {int(eta) // 60} min {int(eta) % 60} s"))
+        elif event.stage == "val" and info.get("mIoU") is not None:
+            self.plot.add_miou(int(info.get("epoch", event.done)), float(info["mIoU"]))
+        elif event.stage == "data":
+            self.eta_label.setText(str(info.get("summary", "")).splitlines()[0])
+
+    def _on_error(self, err) -> None:
+        if not isinstance(err, Cancelled):  # a cancel is reported by _on_finished
+            common.show_message(self.message, common.notify_error(err), error=True)
+
+    def _on_done(self, checkpoint) -> None:
+        self.checkpoint_path = str(checkpoint) if checkpoint else None
+        self.use_button.setEnabled(self.checkpoint_path is not None)
+        common.show_message(self.message, f"Checkpoint: {self.checkpoint_path}  "
+                                          f"({time.monotonic() - self._started:.0f} s)")
+
+    def _on_finished(self) -> None:
+        self.plot.flush()
+        self.worker = None
+        if self._cancel is not None and self._cancel.cancelled:
+            common.show_message(self.message, "Training cancelled: Resume continues from the last checkpoint.")
+        for button, enabled in ((self.start_button, True), (self.resume_button, True), (self.cancel_button, False)):
+            button.setEnabled(enabled)
+
+    def use_model(self) -> bool:
+        """Load the trained checkpoint into the Segment dock (opening it if needed)."""
+        if not self.checkpoint_path:
+            return False
+        try:
+            _, segment = self.viewer.window.add_plugin_dock_widget("napari-wsss-cram", "Segment")
+        except Exception as err:  # e.g. a viewer without the plugin registered
+            common.show_message(self.message, common.notify_error(err), error=True)
+            return False
+        return segment.set_checkpoint(self.checkpoint_path)
+
+    def add_corrections(self) -> list[str]:
+        """Save the chosen image + corrected Labels as a pixel-labelled example and cut patches from it."""
+        image, labels = self.image_combo.currentText(), self.labels_combo.currentText()
+        try:
+            if image not in self.viewer.layers or labels not in self.viewer.layers:
+                raise WsssCramError("Choose the image and its corrected Labels layer first.")
+            if not self.corrections_row.text():
+                raise WsssCramError("Choose a folder for the corrected examples.")
+            written = add_corrected_example(self.viewer.layers[image], self.viewer.layers[labels],
+                                            self.corrections_row.text())
+        except Exception as err:  # shown in the dock, never raised into the event loop
+            common.show_message(self.message, common.notify_error(err), error=True)
+            return []
+        self.mix_check.setChecked(True)
+        common.show_message(self.message, f"Saved {Path(written[0]).name} and its mask; {len(written) - 2} patches "
+                                          "cut. The next run mixes them in.")
+        return written
+
+    # ----- persistence ------------------------------------------------------------------------------------
+    def _persisted(self) -> dict:
+        return {"data": self.data_row, "val": self.val_row, "out": self.out_row, "preset": self.preset_combo,
+                "backbone": self.backbone_combo, "epochs": self.epochs_spin, "steps": self.steps_spin,
+                "batch": self.batch_spin, "crop": self.crop_spin, "lr": self.lr_spin,
+                "device": self.device_combo, "corrections": self.corrections_row, "mix": self.mix_check}
+
+    def closeEvent(self, event) -> None:  # noqa: N802 (Qt naming)
+        common.save_settings("train", self._persisted())
+        self.cancel()
+        super().closeEvent(event)

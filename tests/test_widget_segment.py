@@ -1,0 +1,259 @@
+"""Segment dock: manifest docks, result layers, cancel, edit protection, export, bad inputs (napari Qt, Xvfb)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from napari_wsss_cram.core.classes import WSSS4LUAD
+from widget_helpers import he_like_image, make_tiny_checkpoint
+
+pytestmark = pytest.mark.gui
+
+PLUGIN = "napari-wsss-cram"
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny.pt")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_settings(tmp_path, monkeypatch):
+    monkeypatch.setenv("WSSS_CRAM_SETTINGS_FILE", str(tmp_path / "settings.ini"))
+
+
+def _segment_dock(viewer, checkpoint, image=None, name="patch"):
+    viewer.add_image(he_like_image(96) if image is None else image, name=name, rgb=True)
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    assert widget.set_checkpoint(checkpoint), widget.message.text()
+    widget.tile_spin.setValue(64)
+    widget.overlap_spin.setValue(16)
+    widget.resolution_value.setValue(1.0)
+    return widget
+
+
+def _run_and_wait(qtbot, widget, timeout=60_000):
+    assert widget.run_button.isEnabled(), widget.message.text()
+    widget.run()
+    qtbot.waitUntil(lambda: not widget.busy, timeout=timeout)
+
+
+def test_docks_open_through_the_manifest(make_napari_viewer):
+    viewer = make_napari_viewer()
+    _, segment = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    _, train = viewer.window.add_plugin_dock_widget(PLUGIN, "Train")
+    assert type(segment).__name__ == "SegmentWidget" and type(train).__name__ == "TrainWidget"
+    # No image yet: Run is disabled and the dock says what is missing.
+    assert not segment.run_button.isEnabled()
+    assert "RGB H&E image" in segment.message.text()
+    assert set(segment.device_combo.itemText(i) for i in range(segment.device_combo.count())) >= {"auto", "cpu"}
+
+
+def test_segment_patch_adds_named_coloured_layers(make_napari_viewer, qtbot, tiny_checkpoint):
+    viewer = make_napari_viewer()
+    widget = _segment_dock(viewer, tiny_checkpoint)
+    viewer.layers["patch"].scale = (0.5, 0.5)
+    viewer.layers["patch"].translate = (10.0, 20.0)
+    _run_and_wait(qtbot, widget)
+    names = [layer.name for layer in viewer.layers]
+    assert names == ["patch", "patch tumor activation", "patch stroma activation", "patch normal activation",
+                     "patch CRF labels"]
+    labels = viewer.layers["patch CRF labels"]
+    assert labels.data.shape == (96, 96) and labels.data.dtype == np.uint8
+    assert labels.data.max() <= WSSS4LUAD.background_index
+    np.testing.assert_allclose(labels.scale, (0.5, 0.5))
+    np.testing.assert_allclose(labels.translate, (10.0, 20.0))
+    # Class colours from the ClassSpec, background transparent, class names for the status bar.
+    np.testing.assert_allclose(labels.colormap.map(np.array([0]))[0][:3], np.array(WSSS4LUAD.colors[0]) / 255)
+    assert labels.colormap.map(np.array([WSSS4LUAD.background_index]))[0][3] == 0
+    assert list(labels.features["class"]) == list(WSSS4LUAD.all_names)
+    activations = [viewer.layers[f"patch {n} activation"] for n in WSSS4LUAD.names]
+    assert [a.visible for a in activations] == [True, False, False]
+    assert all(a.blending == "additive" and a.data.shape == (96, 96) for a in activations)
+    assert tuple(activations[0].contrast_limits) == (0, 255) and activations[0].data.dtype == np.uint8
+    np.testing.assert_allclose(activations[1].scale, (0.5, 0.5))
+    # The composition table follows the labels.
+    table = widget.update_composition()
+    assert sum(v["pixels"] for v in table["classes"].values()) == 96 * 96
+    assert widget.export_panel.composition_table.rowCount() == WSSS4LUAD.num_outputs
+
+
+def test_cancel_mid_run_adds_no_layer(make_napari_viewer, qtbot, tiny_checkpoint):
+    viewer = make_napari_viewer()
+    widget = _segment_dock(viewer, tiny_checkpoint, image=he_like_image(384))
+    widget.crf_check.setChecked(True)
+    widget.tile_spin.setValue(64)
+    widget.run()
+    qtbot.waitUntil(lambda: widget.progress_bar.value() >= 1, timeout=30_000)
+    t0 = time.monotonic()
+    widget.cancel()
+    qtbot.waitUntil(lambda: not widget.busy, timeout=10_000)
+    stop_seconds = time.monotonic() - t0
+    print(f"\ncancel -> worker finished in {stop_seconds:.2f} s")
+    assert [layer.name for layer in viewer.layers] == ["patch"]
+    assert "Cancelled" in widget.message.text()
+    assert widget.run_button.isEnabled()
+
+
+def test_rerun_keeps_edited_labels(make_napari_viewer, qtbot, tiny_checkpoint):
+    viewer = make_napari_viewer()
+    widget = _segment_dock(viewer, tiny_checkpoint)
+    widget.crf_check.setChecked(False)
+    _run_and_wait(qtbot, widget)
+    first = viewer.layers["patch CRF labels"]
+    # An unedited result is updated in place by a re-run.
+    _run_and_wait(qtbot, widget)
+    assert [ly.name for ly in viewer.layers].count("patch CRF labels") == 1
+    assert viewer.layers["patch CRF labels"] is first
+    # The user paints a correction: the next run must not touch it.
+    before = first.data.copy()
+    first.paint((5, 5), new_label=2)
+    edited = first.data.copy()
+    assert (edited != before).any()
+    _run_and_wait(qtbot, widget)
+    labels_layers = [ly for ly in viewer.layers if ly.name.startswith("patch CRF labels")]
+    assert len(labels_layers) == 2
+    np.testing.assert_array_equal(first.data, edited)
+    assert widget.export_panel.labels_combo.currentText() == labels_layers[1].name
+
+
+def test_export_writes_valid_png_ometiff_geojson(make_napari_viewer, qtbot, tiny_checkpoint, tmp_path):
+    import tifffile
+
+    from napari_wsss_cram.core.io.outputs import geojson_to_labels, read_index_png
+
+    viewer = make_napari_viewer()
+    widget = _segment_dock(viewer, tiny_checkpoint)
+    widget.crf_check.setChecked(False)
+    _run_and_wait(qtbot, widget)
+    layer = viewer.layers["patch CRF labels"]
+    layer.data = np.full_like(layer.data, WSSS4LUAD.background_index)
+    layer.data[10:60, 10:50] = 0
+    layer.data[60:90, 40:90] = 1  # a "corrected" mask with two classes
+    written = widget.export(tmp_path / "out")
+    assert len(written) == 4
+    png, tif, geojson, comp = written
+    np.testing.assert_array_equal(read_index_png(png), layer.data)
+    np.testing.assert_array_equal(tifffile.imread(tif), layer.data)
+    back = geojson_to_labels(geojson, layer.data.shape, WSSS4LUAD)
+    assert (back == layer.data).mean() > 0.99
+    table = json.loads(open(comp).read())
+    assert table["classes"]["tumor"]["pixels"] == 50 * 40
+    assert table["tumor_stroma_ratio"] == pytest.approx(2000 / 1500)
+
+
+def test_bad_checkpoint_and_grayscale_show_messages(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    bad = tmp_path / "broken.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert widget.set_checkpoint(bad) is False
+    assert "broken.pt" in widget.message.text() and not widget.run_button.isEnabled()
+    viewer.add_image(np.zeros((64, 64), np.uint8), name="gray")
+    widget.image_combo.setCurrentText("gray")
+    assert not widget.run_button.isEnabled()
+    widget.set_checkpoint(tmp_path / "missing.pt")
+    assert "not found" in widget.message.text()
+
+
+def test_grayscale_image_is_refused_before_run(make_napari_viewer, tiny_checkpoint):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((64, 64), np.uint8), name="gray")
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    widget.set_checkpoint(tiny_checkpoint)
+    assert not widget.run_button.isEnabled()
+    assert "not an RGB image" in widget.message.text()
+
+
+def test_field_of_view_on_a_multiscale_layer(make_napari_viewer, qtbot, tiny_checkpoint):
+    viewer = make_napari_viewer()
+    full = he_like_image(256)
+    pyramid = [full, full[::2, ::2]]
+    viewer.add_image(pyramid, name="slide", rgb=True, multiscale=True, scale=(0.25, 0.25))
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    assert widget.set_checkpoint(tiny_checkpoint)
+    widget.tile_spin.setValue(64)
+    widget.resolution_value.setValue(1.0)
+    widget.crf_check.setChecked(False)
+    widget.level_spin.setValue(1)
+    widget.region_combo.setCurrentText("Current field of view")
+    layer = viewer.layers["slide"]
+    # Pretend the canvas shows the top-left quarter at the coarse level (what vispy reports on draw).
+    layer.corner_pixels = np.array([[0, 0], [63, 63]])
+    region = widget.region(layer)
+    if layer.data_level == 1:
+        assert region == (0, 0, 64, 64)
+    _run_and_wait(qtbot, widget)
+    labels = viewer.layers["slide CRF labels"]
+    y, x, h, w = region
+    assert labels.data.shape == (h, w)
+    # Level-1 pixels are 2 level-0 pixels: the labels sit on the slide with its world scale x 2.
+    np.testing.assert_allclose(labels.scale, (0.5, 0.5))
+    np.testing.assert_allclose(labels.translate, (((y + 0.5) * 2 - 0.5) * 0.25, ((x + 0.5) * 2 - 0.5) * 0.25))
+
+
+def test_settings_persist_between_launches(make_napari_viewer, qtbot, tiny_checkpoint):
+    viewer = make_napari_viewer()
+    _, first = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    first.set_checkpoint(tiny_checkpoint)
+    first.tile_spin.setValue(256)
+    first.crf_check.setChecked(False)
+    first.region_combo.setCurrentText("Current field of view")
+    qtbot.wait(800)  # changes are saved (debounced) as they happen
+    second_viewer = make_napari_viewer()
+    _, second = second_viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    assert second.tile_spin.value() == 256
+    assert not second.crf_check.isChecked()
+    assert second.region_combo.currentText() == "Current field of view"
+    assert second.checkpoint_row.text() == str(tiny_checkpoint) and second.model is not None
+
+
+def test_pyramidal_slide_file_field_of_view_overlays_exactly(make_napari_viewer, qtbot, tiny_checkpoint,
+                                                             tmp_path):
+    from napari_wsss_cram.core.io.outputs import write_pyramidal_ome_tiff
+
+    path = tmp_path / "slide.ome.tif"
+    write_pyramidal_ome_tiff(path, he_like_image(512), mpp=0.5, tile=64, n_levels=3)
+    viewer = make_napari_viewer()
+    [layer] = viewer.open(str(path), plugin=PLUGIN)
+    assert layer.multiscale and tuple(layer.scale) == (0.5, 0.5)
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    assert widget.set_checkpoint(tiny_checkpoint)
+    widget.tile_spin.setValue(64)
+    widget.resolution_value.setValue(1.0)
+    widget.crf_check.setChecked(False)
+    widget.level_spin.setValue(1)  # paint on a working level of 256x256
+    widget.region_combo.setCurrentText("Current field of view")
+    layer.corner_pixels = np.array([[32, 64], [95, 191]])  # what the canvas reports, at the displayed level
+    level = layer.data_level
+    y, x, h, w = widget.region(layer)
+    d = layer.downsample_factors[level][0] / 2  # displayed level -> output level 1
+    assert (y, x) == (int(32 * d), int(64 * d))
+    _run_and_wait(qtbot, widget)
+    labels = viewer.layers["slide CRF labels"]
+    assert labels.data.shape == (h, w)
+    # One level-1 pixel = 2 level-0 pixels of 0.5 µm; pixel centres line up with the slide's.
+    np.testing.assert_allclose(labels.scale, (1.0, 1.0))
+    np.testing.assert_allclose(labels.translate, (0.5 * ((y + 0.5) * 2 - 0.5), 0.5 * ((x + 0.5) * 2 - 0.5)))
+    assert labels.metadata["wsss_cram"]["mpp"] == pytest.approx(1.0)
+    assert labels.metadata["wsss_cram"]["level0_offset"] == [2 * y, 2 * x]
+
+
+def test_reliable_pseudo_label_view(make_napari_viewer, qtbot, tiny_checkpoint):
+    viewer = make_napari_viewer()
+    widget = _segment_dock(viewer, tiny_checkpoint)
+    widget.crf_check.setChecked(False)
+    widget.pseudo_check.setChecked(True)
+    widget.alpha_spin.setValue(0.3)
+    widget.beta_spin.setValue(0.9)
+    _run_and_wait(qtbot, widget)
+    pseudo = viewer.layers["patch reliable pseudo-labels"]
+    assert pseudo.data.shape == (96, 96)
+    values = set(np.unique(pseudo.data).tolist())
+    assert values <= set(range(WSSS4LUAD.num_outputs)) | {255}
+    assert pseudo.colormap.map(np.array([255]))[0][3] == 0  # unsure pixels are see-through
+    assert widget.export_panel.labels_combo.currentText() == "patch CRF labels"

@@ -1,0 +1,151 @@
+"""Train dock: scan, a few-step training with live plot, Use this model, corrected examples, bad folders."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from napari_wsss_cram.core.classes import WSSS4LUAD
+from widget_helpers import he_like_image
+
+pytestmark = pytest.mark.gui
+
+PLUGIN = "napari-wsss-cram"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_settings(tmp_path, monkeypatch):
+    monkeypatch.setenv("WSSS_CRAM_SETTINGS_FILE", str(tmp_path / "settings.ini"))
+
+
+@pytest.fixture
+def patch_folder(tmp_path):
+    """Eight 64 px patches in the WSSS4LUAD naming, with a rare 'normal' class."""
+    folder = tmp_path / "patches"
+    folder.mkdir()
+    flags = ["1, 0, 0", "0, 1, 0", "1, 1, 0", "1, 0, 0", "0, 1, 0", "1, 1, 0", "0, 0, 1", "1, 1, 0"]
+    for i, f in enumerate(flags):
+        Image.fromarray(he_like_image(64, seed=i)).save(folder / f"{i}-[{f}].png")
+    return folder
+
+
+@pytest.fixture
+def val_folder(tmp_path):
+    from napari_wsss_cram.core.io.outputs import write_index_png
+
+    folder = tmp_path / "val"
+    (folder / "img").mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(he_like_image(64, seed=10 + i)).save(folder / "img" / f"v{i}.png")
+        mask = np.full((64, 64), WSSS4LUAD.background_index, np.uint8)
+        mask[:32, :32], mask[32:, :32] = 0, 1
+        write_index_png(folder / "mask" / f"v{i}.png", mask, WSSS4LUAD)
+    return folder
+
+
+def _train_dock(viewer):
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Train")
+    return widget
+
+
+def test_scan_shows_counts_and_warns_small_classes(make_napari_viewer, patch_folder):
+    widget = _train_dock(make_napari_viewer())
+    widget.data_row.setText(str(patch_folder))
+    assert widget.scan()
+    text = widget.scan_label.text()
+    assert "8 patches" in text
+    assert "tumor 5" in text and "stroma 5" in text and "normal 1" in text
+    assert "tumor+stroma 3" in text
+    assert "warning" in text and "normal" in text.split("warning", 1)[1]
+
+
+def test_bad_folder_gives_a_visible_message(make_napari_viewer, tmp_path):
+    widget = _train_dock(make_napari_viewer())
+    widget.data_row.setText(str(tmp_path / "nowhere"))
+    assert not widget.scan()
+    assert "nowhere" in widget.message.text()
+    widget.out_row.setText(str(tmp_path / "run"))
+    widget.start()
+    assert widget.worker is None and "does not exist" in widget.message.text()
+
+
+def test_short_training_updates_plot_and_feeds_segment_dock(make_napari_viewer, qtbot, patch_folder, val_folder,
+                                                            tmp_path):
+    viewer = make_napari_viewer()
+    widget = _train_dock(viewer)
+    widget.preset_combo.setCurrentText("sample")
+    widget.data_row.setText(str(patch_folder))
+    widget.val_row.setText(str(val_folder))
+    widget.out_row.setText(str(tmp_path / "run"))
+    widget.backbone_combo.setCurrentText("resnet18")
+    widget.steps_spin.setValue(2)
+    widget.batch_spin.setValue(4)
+    widget.crop_spin.setValue(64)
+    widget.device_combo.setCurrentText("cpu")
+    widget.start()
+    assert widget.worker is not None, widget.message.text()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
+    assert widget.checkpoint_path is not None, widget.message.text()
+    assert widget.progress_bar.value() == 2
+    assert "total" in widget.plot.losses and len(widget.plot.losses["total"][0]) == 2
+    assert len(widget.plot.miou[0]) >= 1  # validation mIoU plotted
+    assert widget.use_button.isEnabled()
+    assert widget.use_model()
+    _, segment = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")  # the dock Use this model opened
+    assert segment.model is not None and segment.checkpoint_row.text() == widget.checkpoint_path
+
+
+def test_add_corrected_labels_writes_a_pixel_labelled_example(make_napari_viewer, tmp_path, patch_folder):
+    from napari_wsss_cram.core.data.patches import discover_patches
+    from napari_wsss_cram.core.data.pixel import discover_pixel_dataset, load_pixel_sample
+
+    viewer = make_napari_viewer()
+    rgb = he_like_image(256)
+    viewer.add_image(rgb, name="case 1", rgb=True)
+    mask = np.full((256, 256), WSSS4LUAD.background_index, np.uint8)
+    mask[:, :128], mask[:, 128:200] = 0, 1
+    viewer.add_labels(mask, name="case 1 CRF labels")
+    widget = _train_dock(viewer)
+    widget.image_combo.setCurrentText("case 1")
+    widget.labels_combo.setCurrentText("case 1 CRF labels")
+    widget.corrections_row.setText(str(tmp_path / "corrections"))
+    written = widget.add_corrections()
+    assert written, widget.message.text()
+    index = discover_pixel_dataset(tmp_path / "corrections", WSSS4LUAD)
+    assert len(index) == 1
+    image, saved_mask = load_pixel_sample(index.samples[0], WSSS4LUAD)
+    np.testing.assert_array_equal(image, rgb)
+    np.testing.assert_array_equal(saved_mask, mask)
+    patches = discover_patches(tmp_path / "corrections" / "patches", WSSS4LUAD)
+    assert len(patches) == len(written) - 2 > 0
+    assert patches.counts_per_class()["tumor"] > 0 and patches.counts_per_class()["normal"] == 0
+    # The next run mixes them in: the training data becomes a CSV listing both folders.
+    widget.data_row.setText(str(patch_folder))
+    widget.out_row.setText(str(tmp_path / "run"))
+    assert widget.mix_check.isChecked()
+    config = widget.config()
+    assert len(discover_patches(config.data)) == 8 + len(patches)
+
+
+def test_cancel_then_resume_finishes_the_run(make_napari_viewer, qtbot, patch_folder, tmp_path):
+    widget = _train_dock(make_napari_viewer())
+    widget.preset_combo.setCurrentText("sample")
+    widget.data_row.setText(str(patch_folder))
+    widget.out_row.setText(str(tmp_path / "run"))
+    widget.backbone_combo.setCurrentText("resnet18")
+    widget.steps_spin.setValue(4)
+    widget.batch_spin.setValue(4)
+    widget.crop_spin.setValue(64)
+    widget.device_combo.setCurrentText("cpu")
+    widget.start()
+    qtbot.waitUntil(lambda: widget.progress_bar.value() >= 1, timeout=60_000)
+    widget.cancel()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert "cancelled" in widget.message.text() and widget.checkpoint_path is None
+    assert (tmp_path / "run" / "last.pt").is_file()  # a usable checkpoint to resume from
+    assert widget.resume_button.isEnabled()
+    widget.start(resume=True)
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert widget.checkpoint_path is not None, widget.message.text()
+    assert widget.progress_bar.value() == 4

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Reproduces sample_data/demo_model.pt, the bundled DEMO model: WSSS-CRAM trained with the project's own trainer on
+# the project's synthetic sample data only (no patient data), with the preset training/sample.toml.
+# Usage: bash training/train_demo_model.sh [extra `wsss-cram train` flags, e.g. --device cuda]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=.venv/bin
+RUN=${RUN:-runs/demo}
+$BIN/wsss-cram train sample_data/patches --val sample_data/validation --config training/sample.toml --out "$RUN" "$@"
+# Ship the best checkpoint (or the last) with half-precision weights: half the size, same predictions to ~1e-3
+# (load_checkpoint casts them back to float32).
+$BIN/python - "$RUN" sample_data/demo_model.pt <<'PY'
+import sys
+from pathlib import Path
+
+from napari_wsss_cram.core.checkpoint import load_checkpoint, save_checkpoint
+
+run, out = Path(sys.argv[1]), Path(sys.argv[2])
+best = run / "best.pt" if (run / "best.pt").is_file() else run / "last.pt"
+model, info = load_checkpoint(best)
+extra = dict(info.extra, demo_model="trained on synthetic sample data only (training/train_demo_model.sh)")
+save_checkpoint(out, model.half(), extra=extra, train_config=info.train_config)
+print(f"{best} -> {out} ({out.stat().st_size / 1e6:.1f} MB)")
+PY
