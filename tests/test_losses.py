@@ -112,9 +112,10 @@ def _outputs(requires_grad=True):
     "switches, expected_terms",
     [
         (dict(use_da=False, use_joint=False, use_crf=False), {"cls", "total"}),   # CAM only
-        (dict(use_joint=False), {"cls", "bg", "total"}),                           # +DA
-        (dict(use_joint=True), {"cls", "bg", "ce", "energy", "total"}),            # +joint (+CRF)
-        (dict(use_joint=True, energy_weight=0.0, background_prior_weight=0.0), {"cls", "ce", "total"}),
+        (dict(use_joint=False), {"cls", "bg", "presence", "total"}),               # +DA
+        (dict(use_joint=True), {"cls", "bg", "presence", "ce", "energy", "total"}),  # +joint (+CRF)
+        (dict(use_joint=True, energy_weight=0.0, background_prior_weight=0.0, map_presence_weight=0.0),
+         {"cls", "ce", "total"}),
         (dict(stage=2), {"ce", "energy", "total"}),
     ],
 )
@@ -126,7 +127,8 @@ def test_joint_loss_switches(switches, expected_terms):
     x = torch.randn(2, 3, 16, 16)
     total, terms = joint_loss(outputs, labels if cfg.stage == 1 else None, pseudo, x, cfg)
     assert set(terms) == expected_terms
-    expected = terms.get("cls", 0.0) + cfg.background_prior_weight * terms.get("bg", 0.0) + (cfg.lambda_seg if cfg.stage == 1 else 1.0) * (
+    expected = terms.get("cls", 0.0) + cfg.background_prior_weight * terms.get("bg", 0.0) + \
+        cfg.map_presence_weight * terms.get("presence", 0.0) + (cfg.lambda_seg if cfg.stage == 1 else 1.0) * (
         terms.get("ce", 0.0) + cfg.energy_weight * terms.get("energy", 0.0))
     assert total.item() == pytest.approx(expected, rel=1e-5)
     total.backward()
@@ -136,3 +138,17 @@ def test_joint_loss_switches(switches, expected_terms):
 def test_stage2_needs_labels():
     with pytest.raises(ValueError, match="pixel labels"):
         joint_loss(_outputs(), None, None, torch.randn(2, 3, 16, 16), ModelConfig(stage=2))
+
+
+def test_map_presence_loss_prefers_localised_maps_for_present_classes_and_empty_maps_for_absent():
+    from napari_wsss_cram.core.losses import map_presence_loss
+
+    labels = torch.tensor([[1.0, 0.0, 0.0]])
+    flat = torch.full((1, 4, 8, 8), 0.5)
+    localised = torch.zeros(1, 4, 8, 8)
+    localised[0, 0, :4] = 1.0  # class 0 high on a part of the image, absent classes empty
+    localised[0, 3, 4:] = 1.0
+    assert map_presence_loss(localised, labels) < 0.01 < map_presence_loss(flat, labels)
+    maps = flat.clone().requires_grad_(True)
+    map_presence_loss(maps, labels).backward()
+    assert maps.grad[0, 1].sum() > 0 and maps.grad[0, 0].sum() < 0  # absent down, present up

@@ -45,7 +45,10 @@ class ModelConfig:
     crf: CRFParams = field(default_factory=CRFParams)
     # Losses: L = L_cls + background_prior_weight * L_bg + lambda_seg * (L_ce + energy_weight * L_energy)
     lambda_seg: float = 1.0
-    background_prior_weight: float = 1.0  # BCE of the DA background map vs. the near-white prior (0 = off)
+    background_prior_weight: float = 1.0  # squared error of the DA background map vs. the near-white prior (0 = off)
+    # BCE of each class map's top-share mean vs. the image label (0 = off): makes the DA maps localise (see losses)
+    map_presence_weight: float = 1.0
+    map_presence_top: float = 0.1
     energy_weight: float = 15.0
     energy_sigma_xy: float = 200.0  # in input pixels (= 100 at the half scale used by RRM)
     energy_sigma_rgb: float = 15.0
