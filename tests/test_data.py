@@ -162,7 +162,8 @@ def test_grayscale_rgba_16bit_patches_are_converted(tmp_path):
     dataset = PatchDataset(index, AugmentConfig(1.0, 1.0, 32, False, False, 0.0))
     by_name = {p.name[0]: i for i, p in enumerate(index.paths)}
     for key, expected in (("g", 90), ("r", 200), ("s", 255)):
-        rgb, labels, _ = dataset[by_name[key]]
+        rgb, labels, _, strong = dataset[by_name[key]]
+        assert (strong == 255).all()  # no _masks/ folder: no strong labels
         assert rgb.shape == (32, 32, 3) and rgb.dtype == np.uint8
         assert int(rgb.mean()) == expected
         assert labels.dtype == np.float32 and labels.sum() == 1

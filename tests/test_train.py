@@ -213,3 +213,44 @@ def test_cli_train_few_steps_on_the_sample_data(sample_data_dir, tmp_path, capsy
                "--workers", "0", "--crf-workers", "0", "--threads", "1"])
     assert rc == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].endswith("last.pt")
+
+
+def test_corrected_masks_are_strong_labels_in_joint_training(tmp_path):
+    """patchify(strong_masks=True) crops reach the trainer as pixel labels that override the pseudo-labels;
+    the _masks/ crops kept for checking are never trained on."""
+    from PIL import Image
+
+    from napari_wsss_cram.core.classes import IGNORE_INDEX, WSSS4LUAD
+    from napari_wsss_cram.core.data.augment import AugmentConfig
+    from napari_wsss_cram.core.data.patches import PatchDataset
+    from napari_wsss_cram.core.io.outputs import write_index_png
+    from napari_wsss_cram.core.train import merge_strong_labels
+
+    root = tmp_path / "corrected"
+    (root / "img").mkdir(parents=True)
+    (root / "mask").mkdir()
+    rgb = np.full((64, 64, 3), 150, np.uint8)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, 32:] = 1
+    Image.fromarray(rgb).save(root / "img" / "a.png")
+    write_index_png(root / "mask" / "a.png", mask, WSSS4LUAD)
+    pixel = discover_pixel_dataset(root, WSSS4LUAD)
+    aug = AugmentConfig(1.0, 1.0, 32, False, False, 0.0)
+
+    checked = patchify(pixel, tmp_path / "checked", size=(32, 32), keep_masks=True)
+    weak = PatchDataset(discover_patches(checked.out_dir, WSSS4LUAD), aug)
+    assert weak.n_strong == 0 and all((item[3] == IGNORE_INDEX).all() for item in weak)
+
+    strong = patchify(pixel, tmp_path / "strong", size=(32, 32), strong_masks=True)
+    dataset = PatchDataset(discover_patches(strong.out_dir, WSSS4LUAD), aug)
+    assert dataset.n_strong == len(dataset) == 4
+    for rgb_crop, labels, i, strong_mask in dataset:
+        name = dataset.index.paths[i].name
+        x = int(name.split("-")[2])
+        assert (strong_mask == (0 if x < 32 else 1)).all()
+        assert labels[0 if x < 32 else 1] == 1
+    pseudo = torch.full((2, 4, 4), 3)
+    strong_batch = torch.full((2, 4, 4), IGNORE_INDEX)
+    strong_batch[0] = 1
+    merged = merge_strong_labels(pseudo, strong_batch)
+    assert (merged[0] == 1).all() and (merged[1] == 3).all()

@@ -126,6 +126,11 @@ def test_add_corrected_labels_writes_a_pixel_labelled_example(make_napari_viewer
     assert widget.mix_check.isChecked()
     config = widget.config()
     assert len(discover_patches(config.data)) == 8 + len(patches)
+    # ... and the corrected masks come with them as strong pixel labels (WSSS-CRAM3).
+    from napari_wsss_cram.core.data.augment import AugmentConfig
+    from napari_wsss_cram.core.data.patches import PatchDataset
+
+    assert PatchDataset(discover_patches(config.data), AugmentConfig(crop=32)).n_strong == len(patches)
 
 
 def test_cancel_then_resume_finishes_the_run(make_napari_viewer, qtbot, patch_folder, tmp_path):

@@ -31,7 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overlap", type=float, default=0.0, help="overlap of neighbouring patches, 0-0.9")
     parser.add_argument("--min-tissue", type=float, default=0.05, help="skip patches with less tissue than this share")
     parser.add_argument("--classes", help="class names 'a,b,c' (default: classes.txt or WSSS4LUAD)")
-    parser.add_argument("--masks", action="store_true", help="also write the mask crops to DIR/_masks/")
+    parser.add_argument("--masks", action="store_true",
+                        help="also write the mask crops to DIR/_masks/ (for checking pseudo-labels; not trained on)")
+    parser.add_argument("--strong-masks", action="store_true",
+                        help="also write the mask crops to DIR/_strong_masks/: `wsss-cram train` then uses them as "
+                             "pixel labels (corrected masks, WSSS-CRAM3); never for a weak-label benchmark")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
 
@@ -43,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
 
     dataset = discover_pixel_dataset(args.data, args.classes)
     result = patchify(dataset, args.out, min_frac=args.min_frac, size=args.size, overlap=args.overlap,
-                      min_tissue=args.min_tissue, seed=args.seed, keep_masks=args.masks, overwrite=args.overwrite)
+                      min_tissue=args.min_tissue, seed=args.seed, keep_masks=args.masks,
+                      strong_masks=args.strong_masks, overwrite=args.overwrite)
     index = PatchIndex(result.paths, result.labels, dataset.classes, result.out_dir, "wsss4luad")
     print(index.summary(), file=sys.stderr)
     print(f"{len(result.paths)} patches from {len(dataset)} images ({result.skipped} windows skipped)",

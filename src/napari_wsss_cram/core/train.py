@@ -255,6 +255,16 @@ def batch_pseudo_labels(labeller: PseudoLabeller, cam: torch.Tensor, images_u8: 
     return out
 
 
+def merge_strong_labels(pseudo: torch.Tensor, strong: torch.Tensor) -> torch.Tensor:
+    """Pixel labels (e.g. from corrected masks) win over the reliable pseudo-labels where they are set.
+
+    ``strong`` (B, H, W) is IGNORE_INDEX where a patch has no pixel mask: those pixels keep the pseudo-label.
+    This is how corrected masks are mixed in as strong labels during joint training (WSSS-CRAM3).
+    """
+    strong = strong.to(pseudo.device, torch.int64)
+    return torch.where(strong != IGNORE_INDEX, strong, pseudo)
+
+
 # ----------------------------------------------------------------------------------------------- evaluation
 
 def predict_labels(model, rgb: np.ndarray, scale: float = 1.0, crf: bool = False,
@@ -616,8 +626,9 @@ def _train_loop(config, model, dataset, val_index, dist, device, stage, labeller
                         pseudo = None
                         if labeller is not None and step >= config.joint_warmup_steps:
                             t_crf = time.perf_counter()
-                            pseudo = batch_pseudo_labels(labeller, out["cam"], images_u8, batch[1],
-                                                         pseudo_size).to(device)
+                            pseudo = merge_strong_labels(
+                                batch_pseudo_labels(labeller, out["cam"], images_u8, batch[1], pseudo_size),
+                                batch[3]).to(device)
                             crf_wait += time.perf_counter() - t_crf
                             # label coverage: what the seg head is taught from (all 255 = nothing to learn)
                             confident = pseudo != IGNORE_INDEX

@@ -21,7 +21,8 @@ def preset_config(preset: str, corrections: str | None = None, **overrides):
     """The TrainConfig of ``training/<preset>.toml`` with the dock's fields applied.
 
     ``corrections``: a folder written by :func:`add_corrected_example`; the patches cut from the corrected
-    examples are mixed into the training patches (a CSV listing both is written into the run folder).
+    examples are mixed into the training patches (a CSV listing both is written into the run folder), and
+    their corrected masks serve as strong pixel labels during joint training.
     """
     from ..core.train_config import load_config
 
@@ -128,5 +129,8 @@ def add_corrected_example(image_layer, labels_layer, folder: str | Path) -> list
     with atomic_path(image_path) as tmp:
         Image.fromarray(to_rgb_uint8(np.asarray(rgb), source=image_layer.name)).save(tmp, format="PNG")
     write_index_png(mask_path, mask.astype(np.uint8), classes)
-    result = patchify(discover_pixel_dataset(folder, classes), folder / "patches", overwrite=True)
+    # strong_masks: the corrected mask crops go to patches/_strong_masks/; the trainer uses them as pixel
+    # labels instead of the pseudo-labels (WSSS-CRAM3)
+    result = patchify(discover_pixel_dataset(folder, classes), folder / "patches", overwrite=True,
+                      strong_masks=True)
     return [str(image_path), str(mask_path), *map(str, result.paths)]

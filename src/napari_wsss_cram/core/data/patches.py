@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..classes import ClassSpec, class_spec_from_names
+from ..classes import IGNORE_INDEX, ClassSpec, class_spec_from_names
 from ..errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -267,11 +267,24 @@ def discover_patches(path: str | Path, classes: ClassSpec | str | list[str] | No
     return index
 
 
+def strong_mask_path(patch: Path) -> Path | None:
+    """The pixel mask of a patch cut from a pixel-labelled (e.g. corrected) image, if there is one.
+
+    ``patchify(..., strong_masks=True)`` writes it as ``<patch folder>/_strong_masks/<patch name>``. (The
+    ``_masks/`` crops of ``keep_masks`` are for checking pseudo-labels and are never trained on.)
+    """
+    candidate = Path(patch).parent / "_strong_masks" / Path(patch).name
+    return candidate if candidate.is_file() else None
+
+
 class PatchDataset:
     """Map-style dataset of augmented patches for a torch ``DataLoader``.
 
-    Item ``i`` is ``(rgb uint8 (crop, crop, 3), labels float32 (K,), i)``. Augmentation is seeded from
-    ``(seed, epoch, i)``; call :meth:`set_epoch` before each epoch (workers are not persistent, so they pick it up).
+    Item ``i`` is ``(rgb uint8 (crop, crop, 3), labels float32 (K,), i, strong int64 (crop, crop))``.
+    ``strong`` is the patch's pixel mask (see :func:`strong_mask_path`) augmented with it, or all IGNORE_INDEX:
+    the trainer uses it instead of the pseudo-label where it is set (strong labels mixed in, WSSS-CRAM3).
+    Augmentation is seeded from ``(seed, epoch, i)``; call :meth:`set_epoch` before each epoch (workers are
+    not persistent, so they pick it up).
     """
 
     def __init__(self, index: PatchIndex, augment_config, seed: int = 0) -> None:
@@ -279,6 +292,12 @@ class PatchDataset:
         self.augment_config = augment_config
         self.seed = int(seed)
         self.epoch = 0
+        self.strong_masks = [strong_mask_path(p) for p in index.paths]
+
+    @property
+    def n_strong(self) -> int:
+        """How many patches carry a pixel mask."""
+        return sum(m is not None for m in self.strong_masks)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -290,5 +309,16 @@ class PatchDataset:
         from .augment import augment
 
         rng = np.random.default_rng([self.seed, self.epoch, int(i)])
-        rgb, _ = augment(load_patch_rgb(self.index.paths[i]), self.augment_config, rng)
-        return rgb, self.index.labels[i].astype(np.float32), int(i)
+        rgb = load_patch_rgb(self.index.paths[i])
+        mask = None
+        if self.strong_masks[i] is not None:
+            from ..io.outputs import read_index_png
+
+            mask = read_index_png(self.strong_masks[i])
+            if mask.shape != rgb.shape[:2]:
+                raise DatasetError(f"{self.strong_masks[i]}: mask {mask.shape} does not match its patch "
+                                   f"{self.index.paths[i]} {rgb.shape[:2]}.")
+        rgb, mask = augment(rgb, self.augment_config, rng, mask)
+        if mask is None:
+            mask = np.full(rgb.shape[:2], IGNORE_INDEX, dtype=np.int64)
+        return rgb, self.index.labels[i].astype(np.float32), int(i), mask.astype(np.int64)

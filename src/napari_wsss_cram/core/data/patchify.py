@@ -23,7 +23,8 @@ from ..progress import CancelToken, Progress
 from .patches import write_classes_file
 from .pixel import PixelIndex, load_pixel_sample
 
-MASKS_SUBDIR = "_masks"
+MASKS_SUBDIR = "_masks"  # mask crops kept for checking pseudo-labels; never trained on
+STRONG_MASKS_SUBDIR = "_strong_masks"  # mask crops the trainer uses as strong labels (WSSS-CRAM3)
 
 
 @dataclass
@@ -63,6 +64,7 @@ def patchify(
     min_tissue: float = 0.05,
     seed: int = 0,
     keep_masks: bool = False,
+    strong_masks: bool = False,
     overwrite: bool = False,
     callback: Callable[[Progress], None] | None = None,
     cancel: CancelToken | None = None,
@@ -71,6 +73,8 @@ def patchify(
 
     Patches with less than ``min_tissue`` tissue, or no class reaching ``min_frac``, are skipped. With
     ``keep_masks`` the mask crops go to ``out_dir/_masks/`` under the same names (for pseudo-label checks).
+    With ``strong_masks`` they go to ``out_dir/_strong_masks/``, where the trainer finds them and uses them as
+    pixel labels instead of the pseudo-labels: for corrected masks (WSSS-CRAM3), never for a weak-label benchmark.
     """
     out_dir = Path(out_dir)
     smin, smax = int(min(size)), int(max(size))
@@ -87,8 +91,9 @@ def patchify(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     paths, labels, skipped = [], [], 0
     try:
-        if keep_masks:
-            (tmp / MASKS_SUBDIR).mkdir()
+        mask_dirs = [d for d, on in ((MASKS_SUBDIR, keep_masks), (STRONG_MASKS_SUBDIR, strong_masks)) if on]
+        for d in mask_dirs:
+            (tmp / d).mkdir()
         for n, sample in enumerate(dataset.samples):
             if cancel is not None:
                 cancel.raise_if_cancelled()
@@ -105,10 +110,10 @@ def patchify(
                         continue
                     name = f"{sample.name}-{y}-{x}-[{', '.join(map(str, flags))}].png"
                     Image.fromarray(np.ascontiguousarray(rgb[y:y + side, x:x + side])).save(tmp / name)
-                    if keep_masks:
+                    for d in mask_dirs:
                         from ..io.outputs import write_index_png
 
-                        write_index_png(tmp / MASKS_SUBDIR / name, np.ascontiguousarray(m), classes)
+                        write_index_png(tmp / d / name, np.ascontiguousarray(m), classes)
                     paths.append(out_dir / name)
                     labels.append(flags)
             if callback is not None:
