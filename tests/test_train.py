@@ -244,7 +244,7 @@ def test_corrected_masks_are_strong_labels_in_joint_training(tmp_path):
     strong = patchify(pixel, tmp_path / "strong", size=(32, 32), strong_masks=True)
     dataset = PatchDataset(discover_patches(strong.out_dir, WSSS4LUAD), aug)
     assert dataset.n_strong == len(dataset) == 4
-    for rgb_crop, labels, i, strong_mask in dataset:
+    for _rgb, labels, i, strong_mask in dataset:
         name = dataset.index.paths[i].name
         x = int(name.split("-")[2])
         assert (strong_mask == (0 if x < 32 else 1)).all()
