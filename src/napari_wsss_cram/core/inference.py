@@ -62,6 +62,7 @@ import numpy as np
 
 from .classes import WSSS4LUAD, ClassSpec
 from .crf import CRFParams, dense_crf
+from .device import resolve_device
 from .errors import ImageReadError, OutOfMemoryError, OutputExistsError, WsssCramError
 from .progress import CancelToken, Progress
 from .tiling import (
@@ -163,24 +164,6 @@ def _model_meta(model: Any, info: Any) -> tuple[ClassSpec, tuple, tuple, float |
     mean = tuple(getattr(config, "mean", IMAGENET_MEAN))
     std = tuple(getattr(config, "std", IMAGENET_STD))
     return classes, mean, std, getattr(config, "mpp", None)
-
-
-def resolve_device(name: str | None = "auto") -> Any:
-    """``auto`` -> CUDA when available, else CPU; anything else as torch understands it."""
-    import torch
-
-    if name in (None, "", "auto"):
-        if torch.cuda.is_available():
-            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-            return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise WsssCramError(f"Unknown device '{name}': use cpu, cuda, cuda:N or auto.") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise WsssCramError(f"Device '{name}' was asked for but CUDA is not available; use --device cpu.")
-    return device
 
 
 Taps = tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -668,6 +651,29 @@ def predict_source(model: Any, info: Any, source: Any, settings: PredictSettings
 
 
 # ================================================================================ outputs
+def prediction_pseudo_labels(source: Any, prediction: Prediction, classes: ClassSpec, alpha: float, beta: float,
+                             crf: CRFParams | None = None) -> np.ndarray:
+    """Reliable pseudo-labels (alpha/beta thresholds + CRF agreement) of a prediction's DA maps.
+
+    The classes the prediction found serve as the image-level label (at inference there is no other); the image
+    is read from ``source`` at the prediction's region and level. Returns uint8 (h, w) in 0..K with 255 ignore.
+    """
+    from .pseudo_labels import reliable_pseudo_labels
+
+    if prediction.cam is None:
+        raise WsssCramError("This model has no activation maps (a stage-2 model): no pseudo-label view.")
+    labels = np.asarray(prediction.labels)
+    y, x, h, w = prediction.region
+    image = source.read_region(y, x, h, w, level=prediction.level)
+    if image.shape[:2] != labels.shape:
+        from PIL import Image
+
+        image = np.asarray(Image.fromarray(image).resize(labels.shape[::-1], Image.BILINEAR))
+    present = np.bincount(labels.ravel(), minlength=classes.num_outputs)[: classes.num_classes] > 0
+    cam = np.asarray(prediction.cam, dtype=np.float32) / 255.0  # the engine stores maps as uint8 x 255
+    return reliable_pseudo_labels(cam, image, present.astype(np.float32), alpha=alpha, beta=beta, crf=crf)
+
+
 def output_paths(out_dir: str | os.PathLike, stem: str, formats: Iterable[str]) -> dict[str, Path]:
     """Final file of each output for one input (the composition JSON is always written)."""
     out = Path(out_dir)

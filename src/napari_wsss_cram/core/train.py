@@ -47,6 +47,7 @@ from .classes import IGNORE_INDEX, ClassSpec
 from .data.augment import AugmentConfig
 from .data.patches import PatchDataset, PatchIndex, discover_patches
 from .data.pixel import PixelDataset, PixelIndex, discover_pixel_dataset, load_pixel_sample
+from .device import resolve_device
 from .errors import CheckpointError, DatasetError, OutOfMemoryError
 from .metrics import ConfusionMatrix
 from .progress import Cancelled, CancelToken, Progress, drive
@@ -65,21 +66,6 @@ __all__ = ["TrainConfig", "load_config", "train", "train_steps", "evaluate_model
 
 
 # ----------------------------------------------------------------------------------------------- runtime
-
-def resolve_device(name: str | None = "auto") -> torch.device:
-    """``auto`` -> cuda > mps > cpu; anything else is passed to ``torch.device`` (checked to be usable)."""
-    name = (name or "auto").lower()
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DatasetError(f"--device {name}: CUDA is not available here; use --device cpu or auto.")
-    return device
-
 
 @dataclass
 class _Dist:

@@ -44,7 +44,7 @@ def image_source_of_layer(layer, level: int = 0):
 def segment_job(layer, model, info, settings, region, pseudo, cancel: CancelToken
                 ) -> Generator[Progress, None, dict]:
     """Predict ``region`` (y, x, h, w in pixels of the output level, or None) of ``layer``; return plain arrays."""
-    from ..core.inference import predict_source
+    from ..core.inference import predict_source, prediction_pseudo_labels
 
     with leave_gui_a_core():
         source, downsample = image_source_of_layer(layer, settings.output_level)
@@ -60,28 +60,11 @@ def segment_job(layer, model, info, settings, region, pseudo, cancel: CancelToke
                 result = {"labels": np.asarray(prediction.labels), "activations": cam, "scale": prediction.scale,
                           "translate": prediction.translate, "mpp": prediction.mpp, "pseudo": None}
                 if pseudo is not None and cam is not None:
-                    result["pseudo"] = reliable_view(source, prediction, info, settings, pseudo)
+                    result["pseudo"] = prediction_pseudo_labels(
+                        source, prediction, info.classes, alpha=pseudo[0], beta=pseudo[1],
+                        crf=settings.crf_params if settings.crf else None)
             finally:
                 prediction.cleanup()
         finally:
             source.close()
     return result
-
-
-def reliable_view(source, prediction, info, settings, alpha_beta) -> np.ndarray:
-    """The reliable pseudo-label map (alpha/beta thresholds + CRF agreement) of the prediction's DA maps,
-    with the classes the prediction found as the image-level label."""
-    from ..core.pseudo_labels import reliable_pseudo_labels
-
-    labels = np.asarray(prediction.labels)
-    y, x, h, w = prediction.region
-    image = source.read_region(y, x, h, w, level=prediction.level)
-    if image.shape[:2] != labels.shape:
-        from PIL import Image
-
-        image = np.asarray(Image.fromarray(image).resize(labels.shape[::-1], Image.BILINEAR))
-    present = np.bincount(labels.ravel(), minlength=info.classes.num_outputs)[: info.classes.num_classes] > 0
-    cam = np.asarray(prediction.cam, dtype=np.float32) / 255.0  # the engine stores maps as uint8 x 255
-    crf = settings.crf_params if settings.crf else None
-    return reliable_pseudo_labels(cam, image, present.astype(np.float32), alpha=alpha_beta[0],
-                                  beta=alpha_beta[1], crf=crf)

@@ -1,0 +1,33 @@
+"""The one device resolver for training, inference and the docks."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .errors import WsssCramError
+
+
+def resolve_device(name: str | None = "auto") -> Any:
+    """``auto`` -> CUDA (the ``LOCAL_RANK`` GPU under torchrun) > MPS > CPU; else a usable ``torch.device``.
+
+    Raises WsssCramError for an unknown name or a device this machine does not have.
+    """
+    import torch
+
+    name = (name or "auto").strip().lower()
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        if torch.cuda.is_available():
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+        return torch.device("mps") if has_mps else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise WsssCramError(f"Unknown device '{name}': use auto, cpu, cuda, cuda:N or mps.") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise WsssCramError(f"Device '{name}' was asked for but CUDA is not available here; use cpu or auto.")
+    if device.type == "mps" and not has_mps:
+        raise WsssCramError(f"Device '{name}' was asked for but MPS is not available here; use cpu or auto.")
+    return device
