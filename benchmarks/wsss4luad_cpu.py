@@ -1,144 +1,120 @@
-"""WSSS4LUAD CPU ablation: the paper's Table 2 on the real sample, from image-level labels only, on a small CPU.
+"""WSSS4LUAD two-fold benchmark on the CPU: image-level labels in, pixel masks scored, nothing else touched.
 
-Protocol (issue 4, item 9), all through the project's own code paths:
+Protocol (DEVELOPERS.md "Real-data protocol"; issue 13), through the project's own code paths:
 
-1. ``patchify`` cuts patches out of validation images 00-20 (``--train-images``) and labels each with the classes
-   covering >= 5% of its tissue pixels: the training set holds **image-level labels only** (the mask crops are kept
-   aside in ``patches/_masks/`` to measure pseudo-label quality, never trained on).
-2. Each ablation row trains a model with the ``cpu-small`` preset and the same step budget:
-   CAM only; +DA; +DA+joint; +DA+joint+CRF (the full method); then stage 2, an independent segmentation model
-   trained on the full model's pseudo-labels (``make_pseudo_labels`` + ``train --stage2``).
-3. Every row is scored on the pixel masks of validation images 21-30 (``--test-images``) with THE metric
-   (``core.metrics.ConfusionMatrix``: one matrix over all images, background pixels left out), predicted by the
-   inference engine at the training scale. Rows without joint training have no trained segmentation head, so
-   their score is the arg-max of their activation maps (the engine's ``cam`` output); joint rows are scored by
-   the segmentation head (what ``wsss-cram evaluate`` does), their maps are shown beside it.
-4. The pseudo-label quality of every stage-1 row is measured on the training patches against their masks:
-   precision of the confident (non-255) pixels and the share of pixels left at 255.
-5. The nearest-colour baseline (``benchmarks/nearest_colour.py``) is fitted on the masks of the training images.
+1. Two folds over ``2.validation`` (31 images): the even-numbered images and the odd-numbered ones (normal
+   tissue is only in 02, 05, 08 and 09, so both folds hold some). For each fold, ``patchify`` cuts crops of
+   150-300 px out of the *other* fold's images and labels each with the classes covering >= 5% of its tissue:
+   the training set holds image-level labels only. The mask crops go to ``patches/_masks/`` to measure the
+   pseudo-labels and are never trained on. The scored fold's masks touch nothing but the metric.
+2. Each row trains with the preset (``cpu-small``) under one wall-clock budget (``--minutes``, the same for
+   every row) and is predicted by the inference engine with ``predict``'s defaults (the checkpoint's resolution,
+   background from the tissue mask, class gating), unless the row says otherwise.
+3. Scores: one confusion matrix pooled over both folds (THE metric: background pixels of the truth left out),
+   per-class IoU, the share of true tissue called background, and the pseudo-label precision / recall per class
+   on the training crops (the joint rows' reliable labels, made by ``make_pseudo_labels``).
 
-Usage (from the repository root)::
+Rows: constant stroma; plain CAM (maps, gated, tissue background); the paper's WSSS-CRAM as written (its
+background class competes with tissue, no gating, no constrained loss); the default recipe with each output rule
+switched off in turn (re-scored, no retraining); the default recipe (``cpu-small`` as shipped); stage 2 on it.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/wsss4luad_cpu.py --out runs/wsss4luad_cpu
-    .venv/bin/python benchmarks/wsss4luad_cpu.py --quick --out runs/wsss4luad_smoke   # 20 steps per row
+Usage (from the repository root; the folds run in parallel, one core each)::
 
-Tuning without touching the test images: ``--train-images 00-15 --test-images 16-20``.
+    .venv/bin/python benchmarks/wsss4luad_cpu.py --out runs/wsss4luad_2fold --minutes 8
+    .venv/bin/python benchmarks/wsss4luad_cpu.py --quick --out runs/wsss4luad_quick   # ~2 min smoke run
+
+Prints the table (markdown) and writes ``results.json`` and ``table.md`` into ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from nearest_colour import fit_colour_lookup, image_names, score_colour_lookup  # noqa: E402
-
-from napari_wsss_cram.core.classes import IGNORE_INDEX, ClassSpec  # noqa: E402
-from napari_wsss_cram.core.metrics import ConfusionMatrix  # noqa: E402
+from napari_wsss_cram.core.classes import IGNORE_INDEX, ClassSpec
+from napari_wsss_cram.core.metrics import ConfusionMatrix
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "wsss4luad"
+FOLDS = ("even", "odd")
 
-#: (key, title, ModelConfig overrides); stage 2 is added after them
-STAGE1_ROWS = [
-    ("cam", "CAM only", {"use_da": False, "use_joint": False, "use_crf": False}),
-    ("da", "+DA", {"use_da": True, "use_joint": False, "use_crf": False}),
-    ("da_joint", "+DA+joint", {"use_da": True, "use_joint": True, "use_crf": False}),
-    ("full", "+DA+joint+CRF", {"use_da": True, "use_joint": True, "use_crf": True}),
-]
-STAGE2 = ("stage2", "stage 2 (seg model on full's pseudo-labels)")
-ALL_ROWS = [key for key, _, _ in STAGE1_ROWS] + [STAGE2[0]]
+#: key -> (title, ModelConfig overrides for training, PredictSettings overrides for scoring, trains a model)
+ROWS: dict[str, tuple[str, dict, dict, bool]] = {
+    "cam": ("plain CAM (maps; gated, tissue background)",
+            {"use_da": False, "use_joint": False, "use_crf": False, "constrained_weight": 0.0}, {}, True),
+    "paper": ("WSSS-CRAM as written (paper switches)",
+              {"use_da": True, "use_joint": True, "use_crf": True, "constrained_weight": 0.0,
+               "background_needs_white": False}, {"background": "model", "gate_classes": False}, True),
+    "constrained_only": ("default without pseudo-labels (constrained loss alone on the seg branch)",
+                         {"lambda_seg": 0.0, "use_crf": False, "energy_weight": 0.0}, {}, True),
+    "default": ("default recipe (cpu-small as shipped)", {}, {}, True),
+}
+TTA = {"tta_scales": (0.75, 1.0, 1.25), "tta_flip": True}
+#: re-scorings of a trained row's checkpoint with other output rules (no training): key -> (title, row, overrides)
+RESCORE = {
+    "cam_tta": ("plain CAM, multi-scale + flip maps", "cam", TTA),
+    "default_no_gate": ("default, no class gating", "default", {"gate_classes": False}),
+    "default_model_bg": ("default, model background (not tissue mask)", "default", {"background": "model"}),
+    "default_tta": ("default + multi-scale + flip at inference", "default", TTA),
+}
+ALL_ROWS = ["constant", "cam", "paper", "constrained_only", "default", "stage2"]
+
+
+def fold_images(fold: str, n: int = 31) -> tuple[list[str], list[str]]:
+    """(training images, scored images) of a fold: ``even`` scores 00, 02, ... and trains on the odd ones."""
+    even = [f"{i:02d}" for i in range(0, n, 2)]
+    odd = [f"{i:02d}" for i in range(1, n, 2)]
+    return (odd, even) if fold == "even" else (even, odd)
 
 
 # ----------------------------------------------------------------------------------------------- scoring
 
-def present_miou(cm: ConfusionMatrix) -> float:
-    """Mean IoU over the tissue classes that occur in the ground truth (the test masks 21-30 hold no normal
-    tissue, so THE mIoU counts normal as 0 as soon as one pixel is predicted normal)."""
-    k = cm.classes.num_classes
-    present = cm.matrix[:k].sum(axis=1) > 0
-    iou = cm.iou()[present]
-    return float(np.nanmean(iou)) if iou.size else float("nan")
-
-
-def cm_summary(cm: ConfusionMatrix) -> dict:
-    out = cm.to_dict()
-    out["mIoU_present"] = present_miou(cm)
-    return out
-
-
-def image_level_labels(mask: np.ndarray, classes: ClassSpec, min_frac: float = 0.05) -> np.ndarray:
-    """The image-level labels a mask implies (same 5%-of-tissue rule as patchify)."""
-    from napari_wsss_cram.core.data.patchify import patch_labels
-
-    return np.asarray(patch_labels(mask, classes, min_frac)[0], dtype=bool)
-
-
-def score_model(model, info, test_index, scale: float, with_seg: bool) -> dict[str, ConfusionMatrix]:
-    """Run the inference engine once per test image; score the seg head (``seg``), the arg-max of the
-    activation maps (``maps``) and the maps with absent classes zeroed by the mask's image-level labels
-    (``maps_oracle``: the usual WSSS convention for map quality, which leaks labels: shown, never compared)."""
+def score_model(checkpoint: Path, test_index, overrides: dict) -> ConfusionMatrix:
+    """Predict every scored image with the engine (predict's defaults + ``overrides``) and pool one matrix."""
+    from napari_wsss_cram.core.checkpoint import default_resolution, load_checkpoint
     from napari_wsss_cram.core.data.pixel import load_pixel_sample
     from napari_wsss_cram.core.inference import PredictSettings, predict_array
     from napari_wsss_cram.core.progress import drive
 
-    classes = test_index.classes
-    k = classes.num_classes
-    cms = {"maps": ConfusionMatrix(classes), "maps_oracle": ConfusionMatrix(classes)}
-    if with_seg:
-        cms["seg"] = ConfusionMatrix(classes)
-    settings = PredictSettings(scale=scale, device="cpu", with_probs=False, with_cam=model.has_pseudo_branch)
+    model, info = load_checkpoint(checkpoint)
+    resolution = default_resolution(info, image_has_mpp=False)
+    settings = PredictSettings(scale=resolution.scale or 1.0, device="cpu", with_probs=False, with_cam=False,
+                               **overrides)
+    cm = ConfusionMatrix(test_index.classes)
     for sample in test_index.samples:
-        rgb, mask = load_pixel_sample(sample, classes)
+        rgb, mask = load_pixel_sample(sample, test_index.classes)
         prediction = drive(predict_array(model, info, rgb, settings))
-        if with_seg:
-            cms["seg"].update(np.asarray(prediction.labels), mask)
-        if prediction.cam is None:
-            cms.pop("maps", None)
-            cms.pop("maps_oracle", None)
-        else:
-            cam = np.asarray(prediction.cam).astype(np.float32)
-            cms["maps"].update(cam.argmax(0).astype(np.uint8), mask)
-            present = image_level_labels(mask, classes)
-            cam[:k][~present] = -1.0
-            cms["maps_oracle"].update(cam.argmax(0).astype(np.uint8), mask)
+        cm.update(np.asarray(prediction.labels), mask)
         prediction.cleanup()
-    return cms
+    return cm
 
 
-def constant_majority_baseline(train_index, test_index) -> dict:
-    """Every pixel gets the tissue class most common in the training masks: the floor below the colour lookup."""
+def constant_cm(test_index, class_name: str = "stroma") -> ConfusionMatrix:
     from napari_wsss_cram.core.data.pixel import load_mask
 
-    classes = train_index.classes
-    counts = np.zeros(classes.num_outputs, np.int64)
-    for sample in train_index.samples:
-        counts += np.bincount(load_mask(sample, classes).ravel(), minlength=256)[:classes.num_outputs]
-    majority = int(counts[:classes.num_classes].argmax())
+    classes = test_index.classes
     cm = ConfusionMatrix(classes)
     for sample in test_index.samples:
         mask = load_mask(sample, classes)
-        cm.update(np.full(mask.shape, majority, np.uint8), mask)
-    return {"key": "constant", "title": f"constant '{classes.names[majority]}' (majority tissue class)",
-            "scores": cm_summary(cm)}
+        cm.update(np.full(mask.shape, classes.names.index(class_name), np.uint8), mask)
+    return cm
 
 
-def pseudo_label_quality(pseudo_dir: Path, patch_dir: Path, classes: ClassSpec) -> dict:
-    """Pseudo-labels (``pseudo_dir/mask/*.png``) against the mask crops kept by patchify (``_masks/``):
-    precision of the confident pixels (all classes, and tissue classes alone), share of pixels at 255, and
-    per-class precision / recall of the confident pixels."""
+def pseudo_label_counts(pseudo_dir: Path, patch_dir: Path, classes: ClassSpec) -> np.ndarray:
+    """Joint counts (K+1, K+2): rows truth 0..K, columns pseudo-label 0..K then 255, over the training crops."""
     from napari_wsss_cram.core.data.patchify import MASKS_SUBDIR
     from napari_wsss_cram.core.io.outputs import read_index_png
 
     n = classes.num_outputs
-    joint = np.zeros((n, n + 1), np.int64)  # rows: truth 0..K; columns: pseudo 0..K, then 255
+    joint = np.zeros((n, n + 1), np.int64)
     for path in sorted((pseudo_dir / "mask").glob("*.png")):
         pseudo = read_index_png(path)
         truth = read_index_png(patch_dir / MASKS_SUBDIR / path.name)
@@ -147,41 +123,44 @@ def pseudo_label_quality(pseudo_dir: Path, patch_dir: Path, classes: ClassSpec) 
         p = pseudo[keep].astype(np.int64)
         p = np.where(p == IGNORE_INDEX, n, p)
         joint += np.bincount(t * (n + 1) + p, minlength=n * (n + 1)).reshape(n, n + 1)
-    total = joint.sum()
+    return joint
+
+
+def pseudo_label_quality(joint: np.ndarray, classes: ClassSpec) -> dict:
+    n = classes.num_outputs
     confident = joint[:, :n]
-    k = classes.num_classes
-    tissue_conf = confident[:k]
     with np.errstate(invalid="ignore", divide="ignore"):
-        per_class_precision = np.diag(confident) / confident.sum(axis=0)
-        per_class_recall = np.diag(confident) / joint.sum(axis=1)
-    return {
-        "pixels": int(total),
-        "ignored_share": float(joint[:, n].sum() / max(1, total)),
-        "precision": float(np.trace(confident) / max(1, confident.sum())),
-        "tissue_ignored_share": float(joint[:k, n].sum() / max(1, joint[:k].sum())),
-        "tissue_precision": float(np.trace(tissue_conf[:, :k]) / max(1, tissue_conf.sum())),
-        "per_class_precision": {c: _num(v) for c, v in zip(classes.all_names, per_class_precision, strict=True)},
-        "per_class_recall": {c: _num(v) for c, v in zip(classes.all_names, per_class_recall, strict=True)},
-        "confusion_with_ignore": joint.tolist(),
-    }
+        precision = np.diag(confident) / confident.sum(axis=0)
+        recall = np.diag(confident) / joint.sum(axis=1)
+    return {"precision": {c: _num(v) for c, v in zip(classes.all_names, precision, strict=True)},
+            "recall": {c: _num(v) for c, v in zip(classes.all_names, recall, strict=True)},
+            "ignored_share": float(joint[:, n].sum() / max(1, joint.sum()))}
+
+
+def tissue_as_background(matrix: np.ndarray, k: int) -> float:
+    """Share of true tissue pixels predicted as background."""
+    tissue = matrix[:k]
+    return float(tissue[:, k].sum() / max(1, tissue.sum()))
 
 
 def _num(v: float) -> float | None:
     return None if not np.isfinite(v) else float(v)
 
 
-# ----------------------------------------------------------------------------------------------- training
+# ----------------------------------------------------------------------------------------------- one fold
 
 def _row_config(args, patch_dir: Path, out: Path, model_overrides: dict, stage2_pseudo: Path | None = None):
     from napari_wsss_cram.core.train_config import TrainConfig, load_config
 
     data = load_config(args.config).to_dict()
     data["model"] = {**data["model"], **model_overrides}
-    data.update(out=str(out), seed=args.seed, val=None)
-    if args.budget_steps is not None:
-        data["steps"] = args.budget_steps
-    if args.threads is not None:
-        data["threads"] = args.threads
+    data.update(out=str(out), seed=args.seed, val=None, threads=1, weights="none", crf_workers=0, workers=0,
+                steps=args.steps, minutes=None if args.steps else args.minutes)
+    if data["joint_warmup_steps"] and args.steps:
+        data["joint_warmup_steps"] = min(data["joint_warmup_steps"], args.steps // 3)
+    elif data["joint_warmup_steps"] and data.get("minutes") and not args.steps:
+        # the preset's warm-up is sized for its own budget: keep the same share of a shorter one
+        data["joint_warmup_steps"] = int(data["joint_warmup_steps"] * min(1.0, args.minutes / data_minutes(args)))
     if stage2_pseudo is not None:
         data.update(stage2=True, pseudo=str(stage2_pseudo), data="")
     else:
@@ -189,118 +168,177 @@ def _row_config(args, patch_dir: Path, out: Path, model_overrides: dict, stage2_
     return TrainConfig.from_dict(data)
 
 
-def _printer(title: str):
-    last = [0.0]
+def data_minutes(args) -> float:
+    from napari_wsss_cram.core.train_config import load_config
+
+    return float(load_config(args.config).minutes or args.minutes)
+
+
+def data_has_pseudo_branch(key: str) -> bool:
+    """Rows whose reliable pseudo-labels are measured (the DA rows with joint training)."""
+    return key in ("paper", "default")
+
+
+def _log(fold: str, message: str) -> None:
+    print(f"[{fold} {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def _train(config, fold: str, title: str) -> tuple[Path, float, int]:
+    from napari_wsss_cram.core.train import train
+
+    if Path(config.out).exists():
+        shutil.rmtree(config.out)
+    steps = [0]
 
     def callback(event) -> None:
-        now = time.perf_counter()
-        if event.stage == "data":
-            print(f"  [{title}] {event.info.get('summary', '')}".replace("\n", "\n  "), flush=True)
-        elif event.stage == "train" and (now - last[0] > 30 or event.done == event.total):
-            last[0] = now
-            losses = " ".join(f"{k}={v:.3f}" for k, v in event.info.get("losses", {}).items())
-            print(f"  [{title}] step {event.done}/{event.total} {losses} eta {event.info.get('eta', 0):.0f}s",
-                  flush=True)
+        if event.stage == "train":
+            steps[0] = event.done
 
-    return callback
-
-
-def run_row(args, key: str, title: str, config, test_index, patch_dir: Path) -> dict:
-    from napari_wsss_cram.core.checkpoint import load_checkpoint
-    from napari_wsss_cram.core.progress import drive
-    from napari_wsss_cram.core.train import make_pseudo_labels, train
-
-    row_dir = Path(config.out)
-    if row_dir.exists():
-        shutil.rmtree(row_dir)
     t0 = time.perf_counter()
-    checkpoint = train(config, _printer(title))
-    train_s = time.perf_counter() - t0
-    model, info = load_checkpoint(checkpoint)
-    t1 = time.perf_counter()
-    with_seg = config.stage2 or bool(config.model.get("use_joint", True))
-    cms = score_model(model, info, test_index, config.mean_scale, with_seg)
-    result = {"key": key, "title": title, "checkpoint": str(checkpoint), "train_seconds": train_s,
-              "steps": config.steps, "scale": config.mean_scale,
-              "scores": {name: cm_summary(cm) for name, cm in cms.items()}}
-    if not config.stage2:
-        pseudo_dir = row_dir / "pseudo"
-        drive(make_pseudo_labels(checkpoint, patch_dir, pseudo_dir, scale=config.mean_scale, device="cpu",
-                                 overwrite=True))
-        result["pseudo_dir"] = str(pseudo_dir)
-        result["pseudo"] = pseudo_label_quality(pseudo_dir, patch_dir, test_index.classes)
-    result["eval_seconds"] = time.perf_counter() - t1
+    checkpoint = train(config, callback)
+    seconds = time.perf_counter() - t0
+    _log(fold, f"{title}: trained {steps[0]} steps in {seconds / 60:.1f} min")
+    return checkpoint, seconds, steps[0]
+
+
+def run_fold(args, fold: str) -> dict:
+    """Train and score every row on one fold; returns confusion matrices (lists) and pseudo-label counts."""
+    import torch
+
+    from napari_wsss_cram.core.data.patchify import patchify
+    from napari_wsss_cram.core.data.pixel import discover_pixel_dataset
+    from napari_wsss_cram.core.progress import drive
+    from napari_wsss_cram.core.pseudo_labels import make_pseudo_labels
+
+    torch.set_num_threads(1)
+    val = Path(args.data) / "2.validation"
+    dataset = discover_pixel_dataset(val)
+    train_names, test_names = fold_images(fold, len(dataset.samples))
+    if args.quick:
+        test_names = test_names[:4]
+    train_index, test_index = dataset.subset(train_names), dataset.subset(test_names)
+    assert not set(s.name for s in train_index.samples) & set(s.name for s in test_index.samples)
+    classes = dataset.classes
+    out = Path(args.out) / fold
+    out.mkdir(parents=True, exist_ok=True)
+    patch_dir = out / "patches"
+    cut = patchify(train_index, patch_dir, min_frac=0.05, size=(150, 300), overlap=args.overlap, seed=args.seed,
+                   keep_masks=True, overwrite=True)
+    _log(fold, f"patchify: images {','.join(train_names)} -> {len(cut.paths)} crops; scoring "
+               f"{','.join(test_names)}")
+    result: dict = {"fold": fold, "train_images": train_names, "test_images": test_names,
+                    "crops": len(cut.paths), "rows": {}}
+    rows = args.rows
+    if "constant" in rows:
+        result["rows"]["constant"] = {"matrix": constant_cm(test_index).matrix.tolist()}
+    checkpoints: dict[str, Path] = {}
+    for key in ("cam", "paper", "constrained_only", "default"):
+        if key not in rows:
+            continue
+        title, model_overrides, predict_overrides, _ = ROWS[key]
+        config = _row_config(args, patch_dir, out / key, model_overrides)
+        checkpoint, seconds, steps = _train(config, fold, title)
+        checkpoints[key] = checkpoint
+        row = {"matrix": score_model(checkpoint, test_index, predict_overrides).matrix.tolist(),
+               "train_seconds": seconds, "steps": steps}
+        if data_has_pseudo_branch(key):
+            pseudo_dir = out / key / "pseudo"
+            drive(make_pseudo_labels(checkpoint, patch_dir, pseudo_dir, device="cpu", overwrite=True))
+            row["pseudo_counts"] = pseudo_label_counts(pseudo_dir, patch_dir, classes).tolist()
+        result["rows"][key] = row
+        _log(fold, f"{title}: scored")
+    rescore(result, out, test_index)
+    if "stage2" in rows and "default" in checkpoints:
+        config = _row_config(args, patch_dir, out / "stage2", {}, stage2_pseudo=out / "default" / "pseudo")
+        checkpoint, seconds, steps = _train(config, fold, "stage 2")
+        result["rows"]["stage2"] = {"matrix": score_model(checkpoint, test_index, {}).matrix.tolist(),
+                                    "train_seconds": seconds, "steps": steps}
+    (out / "fold.json").write_text(json.dumps(result), encoding="utf-8")
+    return result
+
+
+def rescore(result: dict, out: Path, test_index) -> None:
+    """Score the trained rows' checkpoints again with each RESCORE variant (no training)."""
+    for rkey, (_, base, overrides) in RESCORE.items():
+        checkpoint = out / base / "last.pt"
+        if base in result["rows"] and checkpoint.is_file():
+            result["rows"][rkey] = {"matrix": score_model(checkpoint, test_index, overrides).matrix.tolist()}
+
+
+def rescore_fold(args, fold: str) -> dict:
+    """``--rescore``: add the RESCORE rows to a finished fold (same images, same checkpoints)."""
+    import torch
+
+    from napari_wsss_cram.core.data.pixel import discover_pixel_dataset
+
+    torch.set_num_threads(1)
+    out = Path(args.out) / fold
+    result = json.loads((out / "fold.json").read_text(encoding="utf-8"))
+    test_index = discover_pixel_dataset(Path(args.data) / "2.validation").subset(result["test_images"])
+    rescore(result, out, test_index)
+    (out / "fold.json").write_text(json.dumps(result), encoding="utf-8")
     return result
 
 
 # ----------------------------------------------------------------------------------------------- report
 
-def _fmt(v) -> str:
-    return "  n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.3f}"
+TITLES = {"constant": "constant stroma", **{k: v[0] for k, v in ROWS.items()},
+          **{k: v[0] for k, v in RESCORE.items()}, "stage2": "stage 2 on the default's pseudo-labels"}
+ORDER = ["constant", "cam", "cam_tta", "paper", "constrained_only", "default_no_gate", "default_model_bg", "default",
+         "default_tta", "stage2"]
 
 
-def format_table(results: dict) -> str:
-    """Markdown tables: the ablation (primary score per row), the maps of every stage-1 row, pseudo-labels."""
-    names = results["classes"]
-    lines = ["| row | scored output | mIoU | mIoU (classes in test masks) | "
-             + " | ".join(f"{n} IoU" for n in names) + " | pseudo-label precision | pseudo-label 255 share "
-             "| train s |",
-             "|---" * (7 + len(names) - 3 + 3) + "|"]
-    for base in results["baselines"]:
-        s = base["scores"]
-        how = "fitted on masks (full supervision)" if base["key"].startswith("colour") else "training masks' class shares"
-        lines.append(f"| {base['title']} | {how} | {_fmt(s['mIoU'])} | "
-                     f"{_fmt(s['mIoU_present'])} | " + " | ".join(_fmt(s["per_class"][n]) for n in names)
-                     + " | | | |")
-    for row in results["rows"]:
-        output = "seg" if "seg" in row["scores"] else "maps"
-        s = row["scores"][output]
-        pseudo = row.get("pseudo") or {}
-        label = "segmentation head" if output == "seg" else "arg-max of activation maps"
-        lines.append(f"| {row['title']} | {label} | {_fmt(s['mIoU'])} | {_fmt(s['mIoU_present'])} | "
-                     + " | ".join(_fmt(s["per_class"][n]) for n in names)
-                     + f" | {_fmt(pseudo.get('precision'))} | {_fmt(pseudo.get('ignored_share'))} | "
-                     f"{row['train_seconds']:.0f} |")
-    lines += ["", "Activation maps of the stage-1 rows (label-free arg-max; and with absent classes zeroed by the "
-              "test masks' image-level labels, which leaks those labels and is for reading only):", "",
-              "| row | maps mIoU | maps mIoU (classes in test) | " + " | ".join(names)
-              + " | oracle-label maps mIoU (classes in test) | " + " | ".join(f"oracle {n}" for n in names) + " |",
-              "|---" * (4 + 2 * len(names)) + "|"]
-    for row in results["rows"]:
-        if "maps" not in row["scores"]:
+def pool(folds: list[dict], classes: ClassSpec) -> dict:
+    """Pool each row's confusion matrices (and pseudo-label counts) over the folds into one report."""
+    k = classes.num_classes
+    report: dict = {}
+    for key in ORDER:
+        parts = [f["rows"][key] for f in folds if key in f["rows"]]
+        if not parts:
             continue
-        m, o = row["scores"]["maps"], row["scores"]["maps_oracle"]
-        lines.append(f"| {row['title']} | {_fmt(m['mIoU'])} | {_fmt(m['mIoU_present'])} | "
-                     + " | ".join(_fmt(m["per_class"][n]) for n in names) + f" | {_fmt(o['mIoU_present'])} | "
-                     + " | ".join(_fmt(o["per_class"][n]) for n in names) + " |")
-    all_names = names + ["background"]
-    lines += ["", "Pseudo-labels of the training patches (the joint branch's reliable labels, at the training scale) "
-              "against their masks: precision of confident pixels, share left at 255, per-class precision / "
-              "recall:", "",
-              "| row | precision | 255 share | tissue precision | tissue 255 share | "
-              + " | ".join(f"{n} P/R" for n in all_names) + " |", "|---" * (5 + len(all_names)) + "|"]
-    for row in results["rows"]:
-        p = row.get("pseudo")
-        if not p:
-            continue
-        lines.append(f"| {row['title']} | {_fmt(p['precision'])} | {_fmt(p['ignored_share'])} | "
-                     f"{_fmt(p['tissue_precision'])} | {_fmt(p['tissue_ignored_share'])} | "
-                     + " | ".join(f"{_fmt(p['per_class_precision'][n])}/{_fmt(p['per_class_recall'][n])}"
-                                  for n in all_names) + " |")
+        cm = ConfusionMatrix(classes)
+        cm.matrix = np.sum([np.asarray(p["matrix"], np.int64) for p in parts], axis=0)
+        iou = cm.iou()
+        row = {"title": TITLES[key], "folds": len(parts), "mIoU": _num(cm.miou()),
+               "iou": {n: _num(v) for n, v in zip(classes.names, iou, strict=True)},
+               "tissue_as_background": tissue_as_background(cm.matrix, k),
+               "matrix": cm.matrix.tolist(),
+               "train_minutes": (sum(p.get("train_seconds", 0.0) for p in parts) / 60.0 / len(parts)) or None,
+               "steps": [p.get("steps") for p in parts]}
+        counts = [np.asarray(p["pseudo_counts"], np.int64) for p in parts if "pseudo_counts" in p]
+        if counts:
+            row["pseudo"] = pseudo_label_quality(np.sum(counts, axis=0), classes)
+        report[key] = row
+    return report
+
+
+def format_table(report: dict, classes: ClassSpec) -> str:
+    names = list(classes.names)
+    head = ("| row | mIoU | " + " | ".join(f"{n} IoU" for n in names) + " | tissue called background | "
+            + " | ".join(f"PL {n} P/R" for n in names) + " | train min / fold |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for row in report.values():
+        pseudo = row.get("pseudo")
+        pl = [f"{_fmt(pseudo['precision'][n])}/{_fmt(pseudo['recall'][n])}" if pseudo else "" for n in names]
+        minutes = "" if not row["train_minutes"] else f"{row['train_minutes']:.1f}"
+        lines.append(f"| {row['title']} | {_fmt(row['mIoU'])} | " + " | ".join(_fmt(row["iou"][n]) for n in names)
+                     + f" | {row['tissue_as_background']:.1%} | " + " | ".join(pl) + f" | {minutes} |")
     return "\n".join(lines)
 
 
-def verdict(results: dict) -> str:
-    rows = {r["key"]: r for r in results["rows"]}
-    if "cam" not in rows or "full" not in rows:
-        return ""
-    cam = rows["cam"]["scores"]["maps"]
-    full = rows["full"]["scores"]["seg"]
-    gap = full["mIoU"] - cam["mIoU"]
-    gap_p = full["mIoU_present"] - cam["mIoU_present"]
-    ok = "meets" if gap >= 0.05 else "does NOT meet"
-    return (f"Full method (+DA+joint+CRF, seg head) minus CAM only: {gap:+.3f} mIoU ({gap_p:+.3f} over the classes "
-            f"in the test masks): {ok} the >= 0.05 target.")
+def format_confusion(row: dict, classes: ClassSpec) -> str:
+    """Row-normalised confusion of tissue pixels (truth rows; predicted tissue classes and background)."""
+    names = list(classes.all_names)
+    m = np.asarray(row["matrix"], np.float64)[: classes.num_classes]
+    share = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+    lines = ["| truth \\ predicted | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for i, n in enumerate(classes.names):
+        lines.append(f"| {n} | " + " | ".join(f"{v:.2f}" for v in share[i]) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.3f}"
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -310,115 +348,68 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
                         help="the WSSS4LUAD sample (default: ../shared/data/wsss4luad beside the repository)")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "wsss4luad_cpu",
-                        help="run folder (patches, one sub-folder per row, results.json, table.md)")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "wsss4luad_2fold")
     parser.add_argument("--config", default="cpu-small", help="training preset (default: cpu-small)")
-    parser.add_argument("--budget-steps", type=int, default=None,
-                        help="optimiser steps per row (default: the preset's `steps`)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 20 steps per row")
+    parser.add_argument("--minutes", type=float, default=8.0, help="wall-clock training budget of every row")
+    parser.add_argument("--steps", type=int, default=None, help="a step budget instead of --minutes")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 6 steps per row, rows constant,cam,default, 4 scored images per fold")
     parser.add_argument("--rows", default=",".join(ALL_ROWS), help=f"rows to run, of {','.join(ALL_ROWS)}")
-    parser.add_argument("--train-images", default="00-20", help="validation images cut into training patches")
-    parser.add_argument("--test-images", default="21-30", help="validation images whose masks are scored")
-    parser.add_argument("--patch-size", default="96-160", help="patch side range in px for patchify")
-    parser.add_argument("--patch-overlap", type=float, default=0.5, help="patchify overlap (more patches)")
-    parser.add_argument("--min-frac", type=float, default=0.05, help="share of tissue that makes a label")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the preset's)")
+    parser.add_argument("--folds", default=",".join(FOLDS), help="even,odd (both are needed for the pooled score)")
+    parser.add_argument("--overlap", type=float, default=0.5, help="patchify overlap (more crops per image)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rescore", action="store_true",
+                        help="no training: score a finished --out's checkpoints with the re-scoring rows")
+    parser.add_argument("--fold-worker", choices=FOLDS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.quick and args.budget_steps is None:
-        args.budget_steps = 20
-    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-    unknown = sorted(set(rows) - set(ALL_ROWS))
+    if args.quick:
+        args.steps = args.steps or 6
+        if args.rows == ",".join(ALL_ROWS):
+            args.rows = "constant,cam,default"
+    args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = sorted(set(args.rows) - set(ALL_ROWS))
     if unknown:
         parser.error(f"unknown rows {unknown}; choose from {ALL_ROWS}")
-    if "stage2" in rows and "full" not in rows:
-        parser.error("stage2 needs the full row's pseudo-labels: add 'full' to --rows")
-
     val = Path(args.data) / "2.validation"
     if not (val / "img").is_dir() or not (val / "mask").is_dir():
         print(f"error: the WSSS4LUAD sample was not found at {args.data} (expected 2.validation/img and mask). "
               "This benchmark needs the shared data (../shared/data/wsss4luad); pass --data.", file=sys.stderr)
         return 2
+    if args.fold_worker:
+        (rescore_fold if args.rescore else run_fold)(args, args.fold_worker)
+        return 0
 
-    from napari_wsss_cram.core.data.patchify import patchify
-    from napari_wsss_cram.core.data.pixel import discover_pixel_dataset
+    t0 = time.perf_counter()
+    folds = [f.strip() for f in args.folds.split(",") if f.strip()]
+    args.out.mkdir(parents=True, exist_ok=True)
+    passthrough = [a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--fold")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, __file__, *passthrough, "--folds", fold, "--fold-worker", fold],
+                              env=env) for fold in folds]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        print(f"error: a fold failed (exit codes {codes}); see the output above.", file=sys.stderr)
+        return 1
+    from napari_wsss_cram.core.classes import WSSS4LUAD
 
-    t_start = time.perf_counter()
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    dataset = discover_pixel_dataset(val)
-    train_names, test_names = image_names(args.train_images), image_names(args.test_images)
-    if set(train_names) & set(test_names):
-        parser.error("--train-images and --test-images overlap")
-    train_index, test_index = dataset.subset(train_names), dataset.subset(test_names)
-    classes = dataset.classes
-
-    smin, smax = (int(v) for v in args.patch_size.split("-")) if "-" in args.patch_size else (int(args.patch_size),) * 2
-    patch_dir = out / "patches"
-    cut = patchify(train_index, patch_dir, min_frac=args.min_frac, size=(smin, smax), overlap=args.patch_overlap,
-                   seed=args.seed, keep_masks=True, overwrite=True)
-    from napari_wsss_cram.core.data.patches import discover_patches
-
-    print(f"patchify: images {args.train_images} -> {len(cut.paths)} patches of {args.patch_size} px "
-          f"(overlap {args.patch_overlap}, labels: classes >= {args.min_frac:.0%} of tissue)")
-    print("  " + discover_patches(patch_dir).summary().replace("\n", "\n  "), flush=True)
-
-    results: dict = {"started_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "data": str(args.data), "train_images": args.train_images, "test_images": args.test_images,
-                     "config": args.config, "patches": len(cut.paths), "patch_size": args.patch_size,
-                     "patch_overlap": args.patch_overlap, "classes": list(classes.names), "baselines": [],
-                     "rows": []}
-
-    majority = constant_majority_baseline(train_index, test_index)
-    results["baselines"].append(majority)
-    print(f"baseline {majority['title']}: mIoU {majority['scores']['mIoU']:.3f}", flush=True)
-    lookup = fit_colour_lookup(train_index)
-    for name, cm in score_colour_lookup(lookup, test_index).items():
-        title = {"mean": "nearest mean colour", "histogram": "colour lookup (16^3 RGB cells)"}[name]
-        results["baselines"].append({"key": f"colour_{name}", "title": title, "scores": cm_summary(cm)})
-        print(f"baseline {title}: mIoU {cm.miou():.3f}, over classes in test {present_miou(cm):.3f}", flush=True)
-
-    for key, title, overrides in STAGE1_ROWS:
-        if key not in rows:
-            continue
-        config = _row_config(args, patch_dir, out / key, overrides)
-        print(f"== {title}: {config.steps} steps, crop {config.crop}, scale {config.scale_min}-{config.scale_max}, "
-              f"{config.model.get('backbone')}", flush=True)
-        result = run_row(args, key, title, config, test_index, patch_dir)
-        results["rows"].append(result)
-        _print_row(result)
-    if "stage2" in rows:
-        full = next(r for r in results["rows"] if r["key"] == "full")
-        config = _row_config(args, patch_dir, out / "stage2", {}, stage2_pseudo=Path(full["pseudo_dir"]))
-        print(f"== {STAGE2[1]}: {config.steps} steps", flush=True)
-        result = run_row(args, *STAGE2, config, test_index, patch_dir)
-        results["rows"].append(result)
-        _print_row(result)
-
-    results["wall_seconds"] = time.perf_counter() - t_start
-    results["command"] = " ".join([Path(sys.executable).name, "benchmarks/wsss4luad_cpu.py", *(argv or sys.argv[1:])])
-    table = format_table(results)
-    note = verdict(results)
-    (out / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
-    (out / "table.md").write_text(table + "\n\n" + note + "\n", encoding="utf-8")
-    print()
-    print(f"WSSS4LUAD CPU ablation: train on patches of images {args.train_images}, score masks {args.test_images}")
-    print(table)
-    if note:
-        print()
-        print(note)
-    print(f"\nwall time {results['wall_seconds'] / 60:.1f} min; results in {out / 'results.json'}")
+    results = [json.loads((args.out / fold / "fold.json").read_text(encoding="utf-8")) for fold in folds]
+    report = pool(results, WSSS4LUAD)
+    command = " ".join([".venv/bin/python", "benchmarks/wsss4luad_cpu.py", *passthrough])
+    table = format_table(report, WSSS4LUAD)
+    text = [f"WSSS4LUAD two-fold benchmark ({', '.join(folds)}; crops per fold "
+            f"{', '.join(str(r['crops']) for r in results)}), pooled over the folds. Command: `{command}`", "",
+            table]
+    for key in ("cam", "default"):
+        if key in report:
+            text += ["", f"Row-normalised confusion of tissue pixels, {report[key]['title']}:", "",
+                     format_confusion(report[key], WSSS4LUAD)]
+    wall = (time.perf_counter() - t0) / 60.0
+    text += ["", f"wall time {wall:.1f} min"]
+    (args.out / "results.json").write_text(json.dumps({"command": command, "folds": results, "report": report,
+                                                       "wall_minutes": wall}, indent=1), encoding="utf-8")
+    (args.out / "table.md").write_text("\n".join(text) + "\n", encoding="utf-8")
+    print("\n".join(text))
     return 0
-
-
-def _print_row(result: dict) -> None:
-    for name, s in result["scores"].items():
-        per = ", ".join(f"{k} {_fmt(v)}" for k, v in s["per_class"].items())
-        print(f"  {result['title']} [{name}]: mIoU {_fmt(s['mIoU'])} (in-test {_fmt(s['mIoU_present'])}); {per}")
-    if "pseudo" in result:
-        p = result["pseudo"]
-        print(f"  pseudo-labels: precision {p['precision']:.3f}, 255 share {p['ignored_share']:.3f}, "
-              f"tissue precision {p['tissue_precision']:.3f}")
-    print(f"  train {result['train_seconds']:.0f} s, eval {result['eval_seconds']:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

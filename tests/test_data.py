@@ -162,7 +162,8 @@ def test_grayscale_rgba_16bit_patches_are_converted(tmp_path):
     dataset = PatchDataset(index, AugmentConfig(1.0, 1.0, 32, False, False, 0.0))
     by_name = {p.name[0]: i for i, p in enumerate(index.paths)}
     for key, expected in (("g", 90), ("r", 200), ("s", 255)):
-        rgb, labels, _, strong = dataset[by_name[key]]
+        item = dataset[by_name[key]]
+        rgb, labels, strong = item["image"], item["labels"], item["strong_mask"]
         assert (strong == 255).all()  # no _masks/ folder: no strong labels
         assert rgb.shape == (32, 32, 3) and rgb.dtype == np.uint8
         assert int(rgb.mean()) == expected
@@ -233,6 +234,7 @@ def test_pixel_dataset_items_and_weights(tmp_path):
     root = make_pixel_set(tmp_path / "px", n=2, size=40)
     index = discover_pixel_dataset(root)
     ds = PixelDataset(index.samples, class_spec_from_names(None), AugmentConfig(1.0, 1.0, 32), weights=[1.0, 3.0])
-    rgb, mask, weight, i = ds[1]
+    item = ds[1]
+    rgb, mask, weight, i = item["image"], item["target"], item["weight"], item["index"]
     assert rgb.shape == (32, 32, 3) and mask.shape == (32, 32) and mask.dtype == np.int64
     assert weight == np.float32(3.0) and i == 1

@@ -13,11 +13,11 @@ from napari_wsss_cram.cli import main
 from napari_wsss_cram.core.checkpoint import save_checkpoint
 from napari_wsss_cram.core.classes import WSSS4LUAD
 from napari_wsss_cram.core.data import discover_pixel_dataset
+from napari_wsss_cram.core.evaluate import evaluate_model
 from napari_wsss_cram.core.io.outputs import write_index_png
 from napari_wsss_cram.core.model.config import ModelConfig
 from napari_wsss_cram.core.model.cram import CRAMNet
 from napari_wsss_cram.core.progress import drive
-from napari_wsss_cram.core.train import evaluate_model
 
 
 def constant_model(predicted_class: int) -> CRAMNet:
@@ -28,6 +28,10 @@ def constant_model(predicted_class: int) -> CRAMNet:
         model.seg_head.classifier.weight.zero_()
         model.seg_head.classifier.bias.fill_(-5.0)
         model.seg_head.classifier.bias[predicted_class] = 5.0
+        # its image-level classifier agrees (the engine gates out classes the classifier calls absent)
+        model.cls_head.classifier_weight.zero_()
+        model.cls_head.classifier_bias.fill_(-5.0)
+        model.cls_head.classifier_bias[predicted_class] = 5.0
     return model.eval()
 
 

@@ -15,9 +15,9 @@ from napari_wsss_cram.core.data.patchify import patchify
 from napari_wsss_cram.core.errors import DatasetError, OutOfMemoryError
 from napari_wsss_cram.core.model.config import ModelConfig
 from napari_wsss_cram.core.progress import Cancelled, CancelToken
+from napari_wsss_cram.core.pseudo_labels import PseudoLabeller
 from napari_wsss_cram.core.train import (
     RESUME,
-    PseudoLabeller,
     _atomic_torch_save,
     _is_oom,
     _oom_error,
@@ -239,12 +239,13 @@ def test_corrected_masks_are_strong_labels_in_joint_training(tmp_path):
 
     checked = patchify(pixel, tmp_path / "checked", size=(32, 32), keep_masks=True)
     weak = PatchDataset(discover_patches(checked.out_dir, WSSS4LUAD), aug)
-    assert weak.n_strong == 0 and all((item[3] == IGNORE_INDEX).all() for item in weak)
+    assert weak.n_strong == 0 and all((item["strong_mask"] == IGNORE_INDEX).all() for item in weak)
 
     strong = patchify(pixel, tmp_path / "strong", size=(32, 32), strong_masks=True)
     dataset = PatchDataset(discover_patches(strong.out_dir, WSSS4LUAD), aug)
     assert dataset.n_strong == len(dataset) == 4
-    for _rgb, labels, i, strong_mask in dataset:
+    for item in dataset:
+        labels, i, strong_mask = item["labels"], item["index"], item["strong_mask"]
         name = dataset.index.paths[i].name
         x = int(name.split("-")[2])
         assert (strong_mask == (0 if x < 32 else 1)).all()

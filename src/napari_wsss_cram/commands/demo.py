@@ -78,6 +78,7 @@ def run_headless(args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
 
+    from ..core.checkpoint import default_resolution
     from ..core.inference import PredictSettings, predict_array
     from ..core.io.images import read_rgb
     from ..core.io.outputs import atomic_path, write_index_png
@@ -88,13 +89,13 @@ def run_headless(args: argparse.Namespace) -> int:
         name, rgb = args.image.stem, read_rgb(args.image)
     else:
         name, rgb = sample_image()
-    # The model's own training scale (recorded in the checkpoint) is the scale to predict at.
-    settings = PredictSettings(scale=float(info.model_config.train_scale), crf=args.crf, device=args.device,
-                               with_cam=True)
+    # The checkpoint's default resolution; the image is read without its µm/px, so its training scale.
+    resolution = default_resolution(info, image_has_mpp=False)
+    settings = PredictSettings(scale=float(resolution.scale), crf=args.crf, device=args.device, with_cam=True)
     which = "the bundled demo model (trained on synthetic sample data only)" if args.checkpoint is None \
         else str(info.path)
     print(f"Segmenting {name} ({rgb.shape[1]}x{rgb.shape[0]} px) with {which}, classes "
-          f"{', '.join(info.classes.names)}…")
+          f"{', '.join(info.classes.names)}, at {resolution.describe()}…")
     prediction = drive(predict_array(model, info, rgb, settings))
     classes, out = info.classes, Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,8 @@ For each input (files, or folders of images), writes into --out, named after the
 STEM.png (index PNG, class palette; skipped for slides streamed to disk), STEM.ome.tif (pyramidal uint8
 labels with the pixel size), STEM.geojson (QuPath annotations), STEM_probs.ome.tif (with --format ...,probs),
 STEM_composition.json (area per class, tumor-stroma ratio), and predict_summary.csv over all inputs.
-Existing outputs are never overwritten without --overwrite.
+Existing outputs are never overwritten without --overwrite. Without --scale/--mpp the model runs at the
+checkpoint's default resolution (``core.checkpoint.default_resolution``), which is printed.
 
 Under `torchrun --nproc_per_node N wsss-cram predict ...` the inputs are sharded across ranks (one device per
 rank); each rank writes its own files and rank 0 writes the summary.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import logging
 import os
@@ -32,9 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="images, slides or folders of them")
     parser.add_argument("--out", required=True, help="output folder")
     res = parser.add_mutually_exclusive_group()
-    res.add_argument("--scale", type=float, default=2.5,
-                     help="resample the input by this factor before the model (default 2.5, the paper's "
-                          "test protocol)")
+    res.add_argument("--scale", type=float, default=None,
+                     help="resample the input by this factor before the model (default: the checkpoint's "
+                          "training µm/px when it records one and the image states its µm/px, else its mean "
+                          "training rescale, e.g. 2.5 for the paper's x2-x3 preset)")
     res.add_argument("--mpp", nargs="?", const="model", default=None, metavar="UM_PER_PX",
                      help="instead of --scale, process at this µm/px (default when given without a value: "
                           "the model's training µm/px), reading the closest pyramid level")
@@ -120,26 +123,37 @@ def _parse_crf_params(text: str | None):
     return CRFParams(**values)
 
 
-def settings_from_args(args: argparse.Namespace, model_mpp: float | None, device_type: str):
-    """PredictSettings from the command line (``--mpp`` alone = the model's training µm/px)."""
+def resolution_from_args(args: argparse.Namespace, info: Any):
+    """The resolution asked for on the command line, or the checkpoint's default (``default_resolution``)."""
+    from ..core.checkpoint import Resolution, default_resolution
     from ..core.errors import WsssCramError
+
+    if args.scale is not None:
+        return Resolution(scale=float(args.scale), origin="--scale")
+    if args.mpp is None:
+        return default_resolution(info)
+    if args.mpp == "model":
+        if info.model_config.mpp is None:
+            raise WsssCramError("--mpp was given without a value but the checkpoint does not record the "
+                                "training µm/px; pass --mpp X or use --scale.")
+        return Resolution(mpp=float(info.model_config.mpp), origin="--mpp: the checkpoint's training µm/px")
+    try:
+        return Resolution(mpp=float(args.mpp), origin="--mpp")
+    except ValueError:
+        raise WsssCramError(f"--mpp needs a number of µm per pixel, got '{args.mpp}'.") from None
+
+
+def settings_from_args(args: argparse.Namespace, info: Any, device_type: str):
+    """PredictSettings from the command line (no --scale/--mpp = the checkpoint's default resolution)."""
+    from ..core.checkpoint import default_resolution
     from ..core.inference import PredictSettings
 
-    mpp = None
-    if args.mpp is not None:
-        if args.mpp == "model":
-            if model_mpp is None:
-                raise WsssCramError("--mpp was given without a value but the checkpoint does not record the "
-                                    "training µm/px; pass --mpp X or use --scale.")
-            mpp = float(model_mpp)
-        else:
-            try:
-                mpp = float(args.mpp)
-            except ValueError:
-                raise WsssCramError(f"--mpp needs a number of µm per pixel, got '{args.mpp}'.") from None
+    resolution = resolution_from_args(args, info)
+    # with a µm/px, scale is unused by the engine; it holds the training scale for images without µm/px
+    scale = resolution.scale if resolution.scale is not None else default_resolution(info, False).scale
     batch = args.batch or (16 if device_type == "cuda" else 4)
     settings = PredictSettings(
-        scale=args.scale, mpp=mpp, tile=args.tile, overlap=args.overlap, batch=batch, crf=args.crf,
+        scale=scale, mpp=resolution.mpp, tile=args.tile, overlap=args.overlap, batch=batch, crf=args.crf,
         crf_params=_parse_crf_params(args.crf_params), device=args.device, amp=not args.no_amp,
         output_level=args.output_level,
         tissue_threshold=None if args.no_tissue_mask else args.tissue_threshold,
@@ -150,15 +164,20 @@ def settings_from_args(args: argparse.Namespace, model_mpp: float | None, device
 
 def predict_many(model: Any, info: Any, inputs: list[Path], out_dir: Path, settings: Any,
                  formats: tuple[str, ...], overwrite: bool, rank: int = 0, world: int = 1,
-                 show_progress: bool = False) -> list[dict]:
+                 show_progress: bool = False, fallback: Any = None) -> list[dict]:
     """Predict this rank's share of ``inputs`` and write their outputs; returns one summary row per input.
 
-    A bad input does not stop the others: its row has ``status`` = the error message.
+    ``fallback`` (settings, or None): used instead of ``settings`` for an image that does not state its µm/px
+    (the default resolution's training-scale fallback; one note is printed). A bad input does not stop the
+    others: its row has ``status`` = the error message.
     """
+    from ..core.checkpoint import default_resolution
     from ..core.errors import WsssCramError
-    from ..core.inference import predict_path, write_outputs
+    from ..core.inference import predict_source, write_outputs
+    from ..core.io.images import ImageSource
     from ..core.progress import drive
 
+    noted = False
     rows = []
     for path in shard(inputs, rank, world):
         stem = stem_of(path)
@@ -175,7 +194,15 @@ def predict_many(model: Any, info: Any, inputs: list[Path], out_dir: Path, setti
                 bar.refresh()
 
         try:
-            prediction = drive(predict_path(model, info, path, settings), on_progress)
+            with ImageSource.open(path) as source:
+                use = settings
+                if fallback is not None and source.mpp is None:
+                    use = fallback
+                    if not noted:
+                        print(f"note: {path.name} does not state its µm/px, so it (and any other such input) is "
+                              f"processed at {default_resolution(info, False).describe()}.", file=sys.stderr)
+                        noted = True
+                prediction = drive(predict_source(model, info, source, use, None), on_progress)
             try:
                 row = write_outputs(prediction, out_dir, stem, formats, overwrite=overwrite)
             finally:
@@ -254,11 +281,17 @@ def run(args: argparse.Namespace) -> int:
     try:
         device = resolve_device(args.device)
         model, info = load_checkpoint(args.checkpoint, map_location=device)
-        settings = settings_from_args(args, info.model_config.mpp, device.type)
+        settings = settings_from_args(args, info, device.type)
         settings.device = str(device)
+        fallback = None
+        if settings.mpp is not None and args.mpp is None:  # the default µm/px: images without one fall back
+            fallback = dataclasses.replace(settings, mpp=None)  # settings.scale is the training scale
+        if rank == 0:
+            print(f"Predicting {len(inputs)} input(s) at {resolution_from_args(args, info).describe()}.",
+                  file=sys.stderr)
         out_dir.mkdir(parents=True, exist_ok=True)
         rows = predict_many(model, info, inputs, out_dir, settings, args.formats, args.overwrite, rank, world,
-                            show_progress=sys.stderr.isatty())
+                            show_progress=sys.stderr.isatty(), fallback=fallback)
         all_rows = _gather_rows(rows, world)
         failed = 0
         if all_rows is not None:

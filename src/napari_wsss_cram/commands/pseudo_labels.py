@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ..core.train import make_pseudo_labels
+    from ..core.pseudo_labels import make_pseudo_labels
 
     gen = make_pseudo_labels(args.checkpoint, args.patches, args.out, scale=args.scale, device=args.device,
                              crf_workers=args.crf_workers, overwrite=args.overwrite)

@@ -25,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, help="number of epochs")
     length.add_argument("--steps", type=int, help="number of optimiser steps (overrides epochs)")
+    parser.add_argument("--minutes", type=float,
+                        help="wall-clock budget: training (and its learning-rate schedule) ends when it is spent; "
+                             "with --steps or --epochs, whichever comes first")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--crop", type=int, help="training crop size in pixels")
     parser.add_argument("--lr", type=float, help="base learning rate")
@@ -56,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     if args.epochs is not None:
         data["epochs"], data["steps"] = args.epochs, None
     config = TrainConfig.from_dict(data).updated(
-        data=args.data, out=args.out, val=args.val, backbone=args.backbone, steps=args.steps,
+        data=args.data, out=args.out, val=args.val, backbone=args.backbone, steps=args.steps, minutes=args.minutes,
         batch_size=args.batch_size, crop=args.crop, lr=args.lr, device=args.device, classes=args.classes,
         weights=args.weights, workers=args.workers, crf_workers=args.crf_workers, threads=args.threads,
         seed=args.seed, pseudo=args.pseudo, pixel_labels=args.pixel_labels, pixel_weight=args.pixel_weight,
@@ -86,12 +89,18 @@ class _Reporter:
 
         if event.stage == "data":
             print(event.info.get("summary", ""), file=sys.stderr)
-            print(f"device {event.info.get('device')}, {event.total} steps "
+            minutes = event.info.get("minutes")
+            length = f"{event.total} steps" if event.total < 10 ** 9 else "no step limit"
+            if minutes:
+                length += f", at most {minutes:g} minutes"
+            print(f"device {event.info.get('device')}, {length} "
                   f"({event.info.get('steps_per_epoch')} per epoch)", file=sys.stderr)
         elif event.stage == "train":
             if self.bar is None:
                 self.bar = tqdm(total=event.total, initial=event.done - 1, desc="train", unit="step",
                                 dynamic_ncols=True, file=sys.stderr)
+            if self.bar.total != event.total:  # a time budget: the total is an estimate that settles
+                self.bar.total = event.total
             self.bar.update(event.done - self.bar.n)
             losses = event.info.get("losses", {})
             self.bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()} | {"lr": f"{event.info['lr']:.2g}",

@@ -3,7 +3,7 @@
 API (used by ``wsss-cram predict``, ``demo`` and the napari Segment dock)
 -------------------------------------------------------------------------
 ``PredictSettings``
-    scale (2.5, the paper's test protocol) or mpp (target µm/px, e.g. the model's training pixel size),
+    scale (default 1.0; callers pass ``core.checkpoint.default_resolution``) or mpp (target µm/px),
     tile/overlap (work pixels), batch, crf + crf_params, device ("auto", "cpu", "cuda", "cuda:1"...), amp,
     output_level, tissue_threshold (None disables background-tile skipping), with_probs, with_cam,
     stream_threshold_mp (outputs above it go to disk-backed zarr arrays), work_dir (where those go).
@@ -93,7 +93,7 @@ DEFAULT_FORMATS = ("png", "ome-tiff", "geojson")
 class PredictSettings:
     """How to run the engine. ``tile``/``overlap`` are in work pixels (what the model sees)."""
 
-    scale: float = 2.5
+    scale: float = 1.0
     mpp: float | None = None
     tile: int = 512
     overlap: int = 64
@@ -105,6 +105,15 @@ class PredictSettings:
     channels_last: bool = True
     output_level: int = 0
     tissue_threshold: int | None = 200
+    # "tissue": background is where the tissue mask says (near-white), every tissue pixel takes the arg-max
+    # over the tissue classes; "model": the model's background channel competes with the classes (the paper).
+    background: str = "tissue"
+    # zero the classes the image-level classifier calls absent in a tile (presence < gate_threshold)
+    gate_classes: bool = True
+    gate_threshold: float = 0.5
+    # test-time augmentation: the model at each of these scales (and mirrored), averaged; costs len x (2 x) time
+    tta_scales: tuple[float, ...] = (1.0,)
+    tta_flip: bool = False
     with_probs: bool = True
     with_cam: bool = False
     stream_threshold_mp: float = 64.0
@@ -122,6 +131,10 @@ class PredictSettings:
                                 f"got {self.overlap}.")
         if self.batch < 1:
             raise WsssCramError(f"--batch must be at least 1, got {self.batch}.")
+        if not self.tta_scales or not all(0.25 <= float(v) <= 4.0 for v in self.tta_scales):
+            raise WsssCramError(f"test-time scales must lie between 0.25 and 4, got {self.tta_scales}.")
+        if self.background not in ("tissue", "model"):
+            raise WsssCramError(f"background must be 'tissue' or 'model', got '{self.background}'.")
 
 
 @dataclass
@@ -197,6 +210,46 @@ def _lerp(x: Any, dim: int, taps: tuple) -> Any:
     return a + (b - a) * t.view(shape)
 
 
+def near_white_mask(rgb: Any, threshold: float, cleanup: int = 5) -> Any:
+    """bool (B, H, W) torch: not tissue (gray level > ``threshold``), from float RGB (B, H, W, 3) in 0..255.
+
+    A ``cleanup`` x ``cleanup`` majority vote removes isolated specks of either kind (single bright pixels in
+    stroma, dust on the glass), as the tissue masks of MLPS and PistoSeg do with their small-object removal.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    weights = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float32, device=rgb.device)
+    white = ((rgb.float() * weights).sum(-1) > threshold).float()[:, None]
+    if cleanup > 1:
+        white = F.avg_pool2d(white, cleanup, stride=1, padding=cleanup // 2, count_include_pad=False)
+    return white[:, 0] > 0.5
+
+
+def restrict_to_tissue(probs: Any, white: Any | None, presence: Any | None, gate_threshold: float = 0.5) -> Any:
+    """Background is "not tissue": probabilities (B, K+1, H, W) -> the same, with background exactly where
+    ``white`` (B, H, W) is true and, on tissue, the tissue classes renormalised among themselves.
+
+    ``presence`` (B, K) gates classes: a class below ``gate_threshold`` is zeroed in that tile (the most
+    present class is always kept). ``white=None`` keeps the model's own background channel (gating only).
+    """
+    import torch
+
+    k = probs.shape[1] - 1
+    tissue = probs[:, :k]
+    if presence is not None:
+        keep = presence.float() >= gate_threshold
+        keep[torch.arange(len(keep), device=keep.device), presence.argmax(dim=1)] = True
+        tissue = tissue * keep[:, :, None, None].to(tissue.dtype)
+    if white is None:
+        out = torch.cat([tissue, probs[:, k:]], dim=1)
+        return out / out.sum(dim=1, keepdim=True).clamp_min(1e-8)
+    total = tissue.sum(dim=1, keepdim=True)
+    tissue = torch.where(total > 1e-8, tissue / total.clamp_min(1e-8), torch.full_like(tissue, 1.0 / max(1, k)))
+    white = white[:, None].to(tissue.dtype)
+    return torch.cat([tissue * (1.0 - white), white], dim=1)
+
+
 class TileRunner:
     """Runs the model on batches of tiles: resampling to the work grid, normalisation, the model and the
     resampling back to output pixels all happen on the device (only small arrays cross the bus); CUDA uses
@@ -213,6 +266,13 @@ class TileRunner:
         self.channels_last = settings.channels_last and self.cuda
         self.crf = settings.crf_params if settings.crf else None
         self.want_cam = settings.with_cam
+        self.tissue_threshold = (float(settings.tissue_threshold)
+                                 if settings.background == "tissue" and settings.tissue_threshold is not None
+                                 else None)
+        self.gate = bool(settings.gate_classes)
+        self.tta_scales = tuple(float(v) for v in settings.tta_scales)
+        self.tta_flip = bool(settings.tta_flip)
+        self.gate_threshold = float(settings.gate_threshold)
         self.model = model.eval().to(device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -249,6 +309,36 @@ class TileRunner:
         x = _lerp(x, 1, self._taps(job.in_cols))
         return x.round_().clamp_(0.0, 255.0)
 
+    def _predict_once(self, x: Any) -> tuple[Any, Any, Any]:
+        if hasattr(self.model, "predict_with_presence"):
+            return self.model.predict_with_presence(x)
+        probs, cam = self.model.predict(x)
+        return probs, cam, None
+
+    def _predict_augmented(self, x: Any) -> tuple[Any, Any, Any]:
+        """The model at each test-time scale (and mirrored, with ``tta_flip``), averaged at input size."""
+        import torch.nn.functional as F
+
+        if self.tta_scales == (1.0,) and not self.tta_flip:
+            return self._predict_once(x)
+        size = x.shape[-2:]
+        sums: list[Any] = [None, None, None]
+        count = 0
+        for scale in self.tta_scales:
+            xs = x if scale == 1.0 else F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+            for flip in ((False, True) if self.tta_flip else (False,)):
+                out = list(self._predict_once(xs.flip(-1) if flip else xs))
+                for i in (0, 1):
+                    if out[i] is not None:
+                        out[i] = out[i].float().flip(-1) if flip else out[i].float()
+                        if out[i].shape[-2:] != size:
+                            out[i] = F.interpolate(out[i], size=size, mode="bilinear", align_corners=False)
+                for i in range(3):
+                    if out[i] is not None:
+                        sums[i] = out[i].float() if sums[i] is None else sums[i] + out[i].float()
+                count += 1
+        return tuple(None if v is None else v / count for v in sums)
+
     def _run(self, jobs: list[TileJob]) -> list[TileResult]:
         torch = self.torch
         with torch.inference_mode():
@@ -258,10 +348,14 @@ class TileRunner:
                 x = x.contiguous(memory_format=torch.channels_last)
             amp = torch.autocast("cuda", dtype=torch.float16) if self.amp else nullcontext()
             with amp:
-                probs, cam = self.model.predict(x)
+                probs, cam, presence = self._predict_augmented(x)
             probs = probs.float()
             cam = cam.float().clamp(0.0, 1.0) if (cam is not None and self.want_cam) else None
             self.got_cam = self.got_cam or cam is not None
+            white = None
+            if self.tissue_threshold is not None:
+                white = near_white_mask(rgb, self.tissue_threshold)
+            probs = restrict_to_tissue(probs, white, presence if self.gate else None, self.gate_threshold)
             if self.crf is not None:
                 # The CRF runs on the CPU at the model's resolution, on the exact tile the model saw.
                 rgb_u8 = rgb.to(torch.uint8).cpu().numpy()
@@ -273,6 +367,8 @@ class TileRunner:
                     refined.append(dense_crf(rgb_u8[j], p, self.crf))
                 self.crf_seconds += time.perf_counter() - t0
                 probs = torch.from_numpy(np.stack(refined)).to(self.device)
+                if white is not None:  # the CRF may spread background over pale tissue: the mask decides
+                    probs = restrict_to_tissue(probs, white, None, self.gate_threshold)
             results = []
             for j, job in enumerate(jobs):
                 rows, cols = self._taps(job.out_rows, cache=True), self._taps(job.out_cols, cache=True)

@@ -1,7 +1,7 @@
 """Losses of WSSS-CRAM: image-level BCE, confident cross-entropy, the dense energy loss, and their joint total.
 
     L = L_cls + background_prior_weight * L_bg + map_presence_weight * L_presence
-        + lambda_seg * (L_ce + energy_weight * L_energy)
+        + constrained_weight * L_constrained + lambda_seg * (L_ce + energy_weight * L_energy)
 
 ``L_bg`` supervises the DA layer's background channel with the near-white tissue prior (glass and air are
 background, stained pixels are not). It is this package's addition to the paper: without it, nothing tells
@@ -70,6 +70,58 @@ def map_presence_loss(cam: torch.Tensor, labels: torch.Tensor, top: float = 0.1)
     pooled = maps.topk(k, dim=-1).values.mean(-1).clamp(1e-4, 1 - 1e-4)  # maps lie in [0, 1]
     target = labels.float()
     return -(target * pooled.log() + (1 - target) * (1 - pooled).log()).mean()
+
+
+def tissue_mask_tensor(image: torch.Tensor, threshold: float = 200.0) -> torch.Tensor:
+    """(B, 3, H, W) RGB in 0..255 -> bool (B, H, W): True on stained tissue (gray level <= ``threshold``)."""
+    weights = torch.tensor([0.299, 0.587, 0.114], device=image.device, dtype=torch.float32).view(1, 3, 1, 1)
+    return (image.float() * weights).sum(1) <= threshold
+
+
+def label_constrained_loss(seg_logits: torch.Tensor, labels: torch.Tensor, image: torch.Tensor,
+                           threshold: float = 200.0, top: float = 0.05, share: float = 0.3) -> torch.Tensor:
+    """Image-level labels as constraints on the segmentation branch's softmax S (B, K+1, H, W), per crop:
+
+    - *allowed mass*: on tissue pixels, -log of the probability summed over the crop's present classes, so
+      absent classes and background are pushed to zero there (a one-class crop is then fully supervised);
+      on near-white pixels, -log S_background;
+    - *presence*: each present class's mean over its top ``top`` share of tissue pixels should be 1;
+    - *share prior*: in a crop with two or more present classes, each must hold >= ``share`` of the tissue
+      (hinge on the log share). Why: tumor sits beside stroma in almost every crop and is recognised from a
+      few distinctive spots, so without a floor a 5% presence lets a model call nearly all tumor stroma.
+
+    ``image`` is RGB (B, 3, H, W) in 0..255 (the tissue mask), ``labels`` (B, K) 0/1. Float32 throughout.
+    """
+    with torch.autocast(device_type=seg_logits.device.type, enabled=False):
+        log_probs = seg_logits.float().log_softmax(dim=1)
+        b, c = log_probs.shape[:2]
+        k = labels.shape[1]
+        tissue = tissue_mask_tensor(image, threshold)
+        if tissue.shape[-2:] != log_probs.shape[-2:]:
+            tissue = F.interpolate(tissue[:, None].float(), size=log_probs.shape[-2:], mode="nearest")[:, 0] > 0.5
+        present = labels.float() > 0.5                                   # (B, K)
+        allowed = torch.cat([present, torch.zeros_like(present[:, :1])], dim=1)  # background not allowed
+        masked = log_probs.masked_fill(~allowed[:, :, None, None], float("-inf"))
+        allowed_log = torch.logsumexp(masked, dim=1)                     # (B, H, W); -inf if nothing present
+        no_class = ~present.any(dim=1)
+        allowed_log = torch.where(no_class[:, None, None], log_probs[:, c - 1], allowed_log)
+        target_log = torch.where(tissue, allowed_log, log_probs[:, c - 1])
+        mass = -target_log.flatten(1).mean(1)                            # (B,)
+
+        probs = log_probs[:, :k].exp().flatten(2)                        # (B, K, N)
+        tissue_flat = tissue.flatten(1).float()                          # (B, N)
+        n_tissue = tissue_flat.sum(1).clamp_min(1.0)
+        n_top = max(1, int(round(top * probs.shape[-1])))
+        # top share among tissue pixels: non-tissue pixels sit at -1 so they are taken last
+        on_tissue = torch.where(tissue_flat[:, None] > 0, probs, torch.full_like(probs, -1.0))
+        top_mean = on_tissue.topk(n_top, dim=-1).values.clamp_min(0.0).mean(-1).clamp(1e-4, 1.0)
+        has_tissue = (tissue_flat.sum(1) >= n_top).float()[:, None]
+        presence = -(top_mean.log() * present.float() * has_tissue).sum(1)
+        shares = (probs * tissue_flat[:, None]).sum(-1) / n_tissue[:, None]
+        multi = (present.sum(1) >= 2).float()[:, None] * has_tissue
+        floor = (torch.log(torch.tensor(float(share))) - shares.clamp_min(1e-4).log()).clamp_min(0.0)
+        share_term = (floor * present.float() * multi).sum(1)
+        return (mass + presence + share_term).mean()
 
 
 def _bilateral_features(image: torch.Tensor, sigma_xy: float, sigma_rgb: float) -> torch.Tensor:
@@ -179,6 +231,10 @@ def joint_loss(outputs: dict[str, torch.Tensor], labels: torch.Tensor | None, ps
                                                 config.tissue_threshold)
         if config.use_da and config.map_presence_weight > 0:
             terms["presence"] = map_presence_loss(outputs["cam"], labels, config.map_presence_top)
+        if config.constrained_weight > 0:
+            terms["constrained"] = label_constrained_loss(
+                outputs["seg"], labels, to_rgb255(x.detach(), config), config.tissue_threshold,
+                config.constrained_top, config.constrained_share)
         seg_weight = config.lambda_seg
         use_seg = config.use_joint and pseudo is not None
     else:
@@ -196,6 +252,8 @@ def joint_loss(outputs: dict[str, torch.Tensor], labels: torch.Tensor | None, ps
         total = total + config.background_prior_weight * terms["bg"]
     if "presence" in terms:
         total = total + config.map_presence_weight * terms["presence"]
+    if "constrained" in terms:
+        total = total + config.constrained_weight * terms["constrained"]
     if use_seg:
         seg_total = terms["ce"] + config.energy_weight * terms.get("energy", 0.0)
         total = total + seg_weight * seg_total

@@ -14,14 +14,25 @@ Rules, for one image with image-level labels y (K,) and maps M (K+1, H, W), back
    rule as written;
 4. p_crf = arg-max of the dense CRF run on the image with the maps normalised to probabilities;
 5. pseudo-label = p_r where p_r == p_crf, else 255 (with the CRF off: p_r). Prior pixels stay background.
+
+:class:`PseudoLabeller` runs these rules for a batch in a pool of processes (the trainer's joint training, and
+:func:`make_pseudo_labels`); :func:`make_pseudo_labels` writes a joint model's labels of a patch folder as the
+pixel-labelled input of stage 2.
 """
 
 from __future__ import annotations
+
+import os
+import time
+from collections.abc import Generator
+from concurrent.futures import Future, ProcessPoolExecutor
+from pathlib import Path
 
 import numpy as np
 
 from .classes import IGNORE_INDEX
 from .crf import CRFParams, dense_crf
+from .progress import CancelToken, Progress
 
 _DEFAULT_CRF = CRFParams()
 
@@ -106,3 +117,134 @@ def batch_pseudo_labels(cams, images: np.ndarray, labels, alpha: float = 0.3, be
     return np.stack([reliable_pseudo_labels(c, im, lab, alpha, beta, crf, tissue_threshold,
                                             background_needs_white)
                      for c, im, lab in zip(cams, images, labels, strict=True)])
+
+
+# ----------------------------------------------------------------------------------------------- worker pool
+
+def _pseudo_label_job(maps: np.ndarray, image: np.ndarray, labels: np.ndarray, model_config: dict,
+                      use_crf: bool) -> np.ndarray:
+    """One image's reliable pseudo-label (runs in a pool process; numpy in, numpy out)."""
+    crf = CRFParams.from_dict(model_config.get("crf")) if use_crf else None
+    return reliable_pseudo_labels(maps, image, labels, alpha=model_config["alpha"], beta=model_config["beta"],
+                                  crf=crf, tissue_threshold=model_config["tissue_threshold"],
+                                  background_needs_white=model_config["background_needs_white"])
+
+
+def _noop() -> None:
+    return None
+
+
+class PseudoLabeller:
+    """Makes reliable pseudo-labels for a batch, in ``workers`` processes (0 = in this process).
+
+    Processes are forked once, before torch starts its thread pools, and live for the whole run; each task
+    is one image's maps (K+1, h, w) float32, the image (h, w, 3) uint8 and its label vector. ``model_config``
+    (a ModelConfig's ``__dict__``) gives the rule's settings: ``alpha``, ``beta``, ``tissue_threshold``, ``crf``
+    and ``background_needs_white``.
+    """
+
+    SETTINGS = ("alpha", "beta", "tissue_threshold", "crf", "background_needs_white")
+
+    def __init__(self, workers: int, model_config: dict, use_crf: bool) -> None:
+        self.model_config = {k: model_config[k] for k in self.SETTINGS}
+        if hasattr(self.model_config["crf"], "to_dict"):  # CRFParams -> plain dict for the worker processes
+            self.model_config["crf"] = self.model_config["crf"].to_dict()
+        self.use_crf = use_crf
+        self.workers = int(workers)
+        self.pool: ProcessPoolExecutor | None = None
+        if workers > 0:
+            import multiprocessing as mp
+
+            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+            self.pool = ProcessPoolExecutor(workers, mp_context=mp.get_context(method))
+            for f in [self.pool.submit(_noop) for _ in range(workers)]:
+                f.result()  # start the processes now, while this process is still single-threaded
+        self.seconds = 0.0  # main-process time spent waiting for labels
+
+    def submit(self, maps: np.ndarray, images: np.ndarray, labels: np.ndarray) -> list[Future] | np.ndarray:
+        if self.pool is None:
+            return np.stack([_pseudo_label_job(m, i, lab, self.model_config, self.use_crf)
+                             for m, i, lab in zip(maps, images, labels, strict=True)])
+        return [self.pool.submit(_pseudo_label_job, m, i, lab, self.model_config, self.use_crf)
+                for m, i, lab in zip(maps, images, labels, strict=True)]
+
+    def result(self, pending: list[Future] | np.ndarray) -> np.ndarray:
+        t0 = time.perf_counter()
+        out = pending if isinstance(pending, np.ndarray) else np.stack([f.result() for f in pending])
+        self.seconds += time.perf_counter() - t0
+        return out
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+
+# ----------------------------------------------------------------------------------------------- stage 2 input
+
+def make_pseudo_labels(checkpoint: str | Path, patches: str | Path, out_dir: str | Path, scale: float | None = None,
+                       device: str = "auto", crf_workers: int = 0, overwrite: bool = False,
+                       cancel: CancelToken | None = None) -> Generator[Progress, None, Path]:
+    """Write the joint model's reliable pseudo-labels of every patch as ``out_dir/mask/<name>.png`` (palette
+    PNG, 255 = unreliable) with the patch under ``out_dir/img/`` (hard link, else copy): a pixel-labelled set
+    for ``train --stage2 --pseudo out_dir``. Returns ``out_dir``."""
+    import shutil
+    import tempfile
+
+    import torch
+    from PIL import Image
+
+    from .checkpoint import default_resolution, load_checkpoint
+    from .data.patches import discover_patches, load_patch_rgb, write_classes_file
+    from .device import resolve_device
+    from .errors import CheckpointError, OutputExistsError
+    from .io.outputs import write_index_png
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise OutputExistsError(f"{out_dir} exists and is not empty; choose another --out or pass --overwrite.")
+    dev = resolve_device(device)
+    model, info = load_checkpoint(checkpoint, map_location="cpu")
+    if not model.has_pseudo_branch:
+        raise CheckpointError(f"{checkpoint} is a stage-2 model without the pseudo-label branch; give the joint "
+                              "(stage 1) checkpoint.")
+    index = discover_patches(patches, info.classes)
+    if scale is None:  # patches carry no µm/px: the checkpoint's training scale
+        scale = float(default_resolution(info, image_has_mpp=False).scale)
+    model.to(dev).eval()
+    labeller = PseudoLabeller(crf_workers, model.config.__dict__, model.config.use_crf)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        (tmp / "img").mkdir()
+        (tmp / "mask").mkdir()
+        for i, path in enumerate(index.paths):
+            if cancel is not None:
+                cancel.raise_if_cancelled()
+            rgb = load_patch_rgb(path)
+            h, w = rgb.shape[:2]
+            size = (max(8, round(w * scale)), max(8, round(h * scale)))
+            big = np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR)) if abs(scale - 1) > 1e-6 else rgb
+            with torch.no_grad():
+                _, cam = model.predict(model.normalize(big[None]))
+            maps = cam[0].float().clamp_min(0).cpu().numpy()
+            label = labeller.result(labeller.submit(maps[None], np.ascontiguousarray(big)[None],
+                                                    index.labels[i][None]))[0].astype(np.uint8)
+            if label.shape != (h, w):
+                label = np.asarray(Image.fromarray(label).resize((w, h), Image.NEAREST))
+            name = path.stem + ".png"
+            write_index_png(tmp / "mask" / name, label, info.classes)
+            try:
+                os.link(path, tmp / "img" / path.name)
+            except OSError:
+                shutil.copy2(path, tmp / "img" / path.name)
+            yield Progress("pseudo-labels", i + 1, len(index), {"image": path.name})
+        write_classes_file(tmp, info.classes)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    finally:
+        labeller.close()
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir

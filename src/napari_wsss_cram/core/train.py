@@ -2,12 +2,15 @@
 
 API (both Qt-free):
 
-- :func:`train_steps` ``(config, cancel=None)`` is a **generator**: it yields :class:`Progress` events
-  (``stage="data"`` once with the dataset summary, ``"train"`` every step with
+- :func:`train_steps` ``(config, cancel=None, trainer_class=Trainer)`` is a **generator**: it yields
+  :class:`Progress` events (``stage="data"`` once with the dataset summary, ``"train"`` every step with
   ``info={"epoch", "losses", "lr", "eta"}``, ``"val"`` after each validation with ``info={"mIoU", "per_class"}``)
   and *returns* the path of the best (or last) checkpoint. napari's ``thread_worker`` drives it directly.
-- :func:`train` ``(config, callback=None, cancel=None)`` is the blocking form: it drives the generator, passes
-  every event to ``callback``, and returns the same path.
+- :func:`train` ``(config, callback=None, cancel=None, trainer_class=Trainer)`` is the blocking form: it drives
+  the generator, passes every event to ``callback``, and returns the same path.
+- :class:`Trainer` is one run as hook methods (``build_data``, ``build_model``, ``build_optimizer``,
+  ``training_step``, ``pseudo_labels``, ``validate``, ``save_checkpoint``, ...) that :meth:`Trainer.run` drives,
+  as in nnU-Net: an ablation subclasses it, overrides one hook and passes ``trainer_class=``.
 
 Cancellation (``CancelToken``) is checked every step; on cancel or Ctrl-C a usable ``last.pt`` is written, then
 :class:`Cancelled` / ``KeyboardInterrupt`` propagates. ``config.resume`` continues from ``last.pt`` exactly in
@@ -16,13 +19,16 @@ schedule: model, optimiser, scheduler, AMP scaler, RNG states and the step are s
 
 Pseudo-labels: the reliable CRF pseudo-labels of each step are made from that step's own activation maps (the
 paper's joint training), so they cannot be precomputed by DataLoader workers. They run in a pool of
-``crf_workers`` processes, one image per task, in parallel with each other and outside the GIL; the main process
-hands over numpy maps and images and gets uint8 label maps back. ``pseudo_label_scale`` < 1 runs the CRF on a
-smaller copy (its cost is linear in pixels).
+``crf_workers`` processes (:class:`~.pseudo_labels.PseudoLabeller`), one image per task, in parallel with each
+other and outside the GIL; the main process hands over numpy maps and images and gets uint8 label maps back.
+``pseudo_label_scale`` < 1 runs the CRF on a smaller copy (its cost is linear in pixels).
 
 Distributed: under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in DDP, a ``DistributedSampler``
 shards each epoch, and only rank 0 logs, validates and writes checkpoints. The batch self-attention mixes the
 images of one process's batch only.
+
+Evaluation (``evaluate_model``, ``predict_labels``) lives in :mod:`.evaluate`; writing a joint model's
+pseudo-labels for stage 2 (``make_pseudo_labels``) in :mod:`.pseudo_labels`.
 """
 
 from __future__ import annotations
@@ -34,7 +40,6 @@ import os
 import random
 import time
 from collections.abc import Generator
-from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,12 +50,14 @@ import torch.nn.functional as F
 
 from .classes import IGNORE_INDEX, ClassSpec
 from .data.augment import AugmentConfig
-from .data.patches import PatchDataset, PatchIndex, discover_patches
-from .data.pixel import PixelDataset, PixelIndex, discover_pixel_dataset, load_pixel_sample
+from .data.batch import Batch, collate_batch
+from .data.patches import PatchDataset, discover_patches
+from .data.pixel import PixelDataset, PixelIndex, discover_pixel_dataset
 from .device import resolve_device
 from .errors import CheckpointError, DatasetError, OutOfMemoryError
-from .metrics import ConfusionMatrix
+from .evaluate import evaluate_model
 from .progress import Cancelled, CancelToken, Progress, drive
+from .pseudo_labels import PseudoLabeller
 from .train_config import TrainConfig, dumps_toml, load_config
 
 log = logging.getLogger(__name__)
@@ -61,8 +68,7 @@ BEST = "best.pt"
 METRICS = "metrics.csv"
 CONFIG = "config.toml"
 
-__all__ = ["TrainConfig", "load_config", "train", "train_steps", "evaluate_model", "resolve_device",
-           "PseudoLabeller", "make_pseudo_labels"]
+__all__ = ["Trainer", "TrainingBudget", "TrainConfig", "load_config", "train", "train_steps", "resolve_device"]
 
 
 # ----------------------------------------------------------------------------------------------- runtime
@@ -163,63 +169,38 @@ def steps_per_epoch(n_samples: int, batch_size: int, world: int = 1) -> int:
     return max(1, per_rank // batch_size)
 
 
+class TrainingBudget:
+    """Where a run stands in its schedule: optimiser steps and, with a wall-clock budget (``--minutes``),
+    time. The larger share wins, so the poly learning rate reaches zero when either runs out."""
+
+    def __init__(self, total_steps: int, minutes: float | None, spent_seconds: float = 0.0) -> None:
+        self.total_steps = max(1, int(total_steps))
+        self.seconds = None if not minutes else float(minutes) * 60.0
+        self._origin = time.perf_counter() - float(spent_seconds)
+
+    def spent_seconds(self) -> float:
+        return time.perf_counter() - self._origin
+
+    def resume_from(self, spent_seconds: float) -> None:
+        self._origin = time.perf_counter() - float(spent_seconds)
+
+    def fraction(self, step: int) -> float:
+        share = step / self.total_steps
+        if self.seconds is not None:
+            share = max(share, self.spent_seconds() / self.seconds)
+        return min(1.0, share)
+
+    def done(self, step: int) -> bool:
+        return self.fraction(step) >= 1.0
+
+    def estimated_total(self, step: int) -> int:
+        """Total steps as far as known now (the step count, or what the time budget will allow)."""
+        if self.seconds is None or step <= 0:
+            return self.total_steps
+        return int(min(self.total_steps, max(step, round(step / max(1e-9, self.fraction(step))))))
+
+
 # ----------------------------------------------------------------------------------------------- pseudo-labels
-
-def _pseudo_label_job(maps: np.ndarray, image: np.ndarray, labels: np.ndarray, model_config: dict,
-                      use_crf: bool) -> np.ndarray:
-    """One image's reliable pseudo-label (runs in a pool process; numpy in, numpy out)."""
-    from .crf import CRFParams
-    from .pseudo_labels import reliable_pseudo_labels
-
-    crf = CRFParams.from_dict(model_config.get("crf")) if use_crf else None
-    return reliable_pseudo_labels(maps, image, labels, alpha=model_config["alpha"], beta=model_config["beta"],
-                                  crf=crf, tissue_threshold=model_config["tissue_threshold"])
-
-
-def _noop() -> None:
-    return None
-
-
-class PseudoLabeller:
-    """Makes reliable pseudo-labels for a batch, in ``workers`` processes (0 = in this process).
-
-    Processes are forked once, before torch starts its thread pools, and live for the whole run; each task
-    is one image's maps (K+1, h, w) float32, the image (h, w, 3) uint8 and its label vector.
-    """
-
-    def __init__(self, workers: int, model_config: dict, use_crf: bool) -> None:
-        self.model_config = {k: model_config[k] for k in ("alpha", "beta", "tissue_threshold", "crf")}
-        if hasattr(self.model_config["crf"], "to_dict"):  # CRFParams -> plain dict for the worker processes
-            self.model_config["crf"] = self.model_config["crf"].to_dict()
-        self.use_crf = use_crf
-        self.pool: ProcessPoolExecutor | None = None
-        if workers > 0:
-            import multiprocessing as mp
-
-            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-            self.pool = ProcessPoolExecutor(workers, mp_context=mp.get_context(method))
-            for f in [self.pool.submit(_noop) for _ in range(workers)]:
-                f.result()  # start the processes now, while this process is still single-threaded
-        self.seconds = 0.0  # main-process time spent waiting for labels
-
-    def submit(self, maps: np.ndarray, images: np.ndarray, labels: np.ndarray) -> list[Future] | np.ndarray:
-        if self.pool is None:
-            return np.stack([_pseudo_label_job(m, i, lab, self.model_config, self.use_crf)
-                             for m, i, lab in zip(maps, images, labels, strict=True)])
-        return [self.pool.submit(_pseudo_label_job, m, i, lab, self.model_config, self.use_crf)
-                for m, i, lab in zip(maps, images, labels, strict=True)]
-
-    def result(self, pending: list[Future] | np.ndarray) -> np.ndarray:
-        t0 = time.perf_counter()
-        out = pending if isinstance(pending, np.ndarray) else np.stack([f.result() for f in pending])
-        self.seconds += time.perf_counter() - t0
-        return out
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-            self.pool = None
-
 
 def batch_pseudo_labels(labeller: PseudoLabeller, cam: torch.Tensor, images_u8: torch.Tensor,
                         labels: torch.Tensor, size: int) -> torch.Tensor:
@@ -249,44 +230,6 @@ def merge_strong_labels(pseudo: torch.Tensor, strong: torch.Tensor) -> torch.Ten
     """
     strong = strong.to(pseudo.device, torch.int64)
     return torch.where(strong != IGNORE_INDEX, strong, pseudo)
-
-
-# ----------------------------------------------------------------------------------------------- evaluation
-
-def predict_labels(model, rgb: np.ndarray, scale: float = 1.0, crf: bool = False,
-                   device: torch.device | str = "cpu") -> np.ndarray:
-    """Label map (H, W) uint8 of one in-memory image, predicted by the inference engine at ``scale``
-    (the training rescale), as ``wsss-cram predict`` would (tiling, tissue prior, optional CRF)."""
-    from .inference import PredictSettings, predict_array
-
-    settings = PredictSettings(scale=scale, crf=crf, device=str(device), with_probs=False, with_cam=False)
-    prediction = drive(predict_array(model, None, rgb, settings))
-    labels = np.asarray(prediction.labels, dtype=np.uint8)
-    prediction.cleanup()
-    return labels
-
-
-def evaluate_model(model, dataset: PixelIndex, scale: float = 1.0, crf: bool = False,
-                   device: torch.device | str = "cpu",
-                   cancel: CancelToken | None = None) -> Generator[Progress, None, ConfusionMatrix]:
-    """Score ``model`` on a pixel-labelled set with THE metric (one confusion matrix over all images,
-    background pixels excluded). Yields ``Progress("evaluate", i, n)``; returns the ConfusionMatrix."""
-    if dataset.classes.all_names != model.classes.all_names:
-        raise DatasetError(f"{dataset.root}: classes {', '.join(dataset.classes.all_names)} differ from the "
-                           f"checkpoint's {', '.join(model.classes.all_names)}; pass --classes.")
-    was_training = model.training
-    model.eval()
-    cm = ConfusionMatrix(model.classes)
-    try:
-        for i, sample in enumerate(dataset.samples):
-            if cancel is not None:
-                cancel.raise_if_cancelled()
-            rgb, mask = load_pixel_sample(sample, dataset.classes)
-            cm.update(predict_labels(model, rgb, scale, crf, device), mask)
-            yield Progress("evaluate", i + 1, len(dataset.samples), {"image": sample.name})
-    finally:
-        model.train(was_training)
-    return cm
 
 
 # ----------------------------------------------------------------------------------------------- run folder
@@ -354,7 +297,7 @@ def _atomic_torch_save(obj: dict, path: Path) -> None:
             os.unlink(tmp)
 
 
-# ----------------------------------------------------------------------------------------------- loop
+# ----------------------------------------------------------------------------------------------- helpers
 
 def _oom_error(config: TrainConfig, err: BaseException) -> OutOfMemoryError:
     return OutOfMemoryError(
@@ -378,15 +321,6 @@ def _model_config(config: TrainConfig, stage: int):
         return ModelConfig.from_dict(overrides)
     except (TypeError, ValueError) as err:
         raise DatasetError(f"Invalid [model] settings {overrides}: {err}") from None
-
-
-def _build_model(config: TrainConfig, classes: ClassSpec, model_config):
-    from .model.cram import CRAMNet
-
-    weights = config.weights
-    if weights in (None, "none", "random"):
-        weights = "random"
-    return CRAMNet(classes, model_config, weights=weights)
 
 
 def _stage1_loss(model, out: dict, x: torch.Tensor, labels: torch.Tensor, pseudo: torch.Tensor | None):
@@ -428,331 +362,423 @@ def _load_stage2_data(config: TrainConfig, classes_opt) -> tuple[PixelIndex, lis
     return PixelIndex(samples, pseudo.classes, pseudo.root), weights
 
 
-def train_steps(config: TrainConfig, cancel: CancelToken | None = None) -> Generator[Progress, None, Path]:
-    """Train per ``config``; a generator of Progress events returning the best (or last) checkpoint path.
+# ----------------------------------------------------------------------------------------------- trainer
 
-    See the module docstring for the events, cancellation, resume and distributed behaviour.
+class Trainer:
+    """One training run as hooks that :meth:`run` drives (as nnU-Net's trainer): an ablation subclasses it,
+    overrides one hook, and passes the class as ``train(config, trainer_class=...)``.
+
+    Hooks, in the order :meth:`run` calls them:
+
+    - :meth:`setup`: torch threads, the process group, the device, the run-folder checks;
+    - :meth:`build_data`: augmentation, dataset, validation set, sampler and DataLoader (batches are
+      :class:`~.data.batch.Batch` records), steps per epoch and the total;
+    - :meth:`build_model`: the ModelConfig, the pseudo-labeller (:meth:`build_pseudo_labeller`; its processes
+      fork before torch starts threads), then the seeded model on the device;
+    - :meth:`build_optimizer`: optimiser over the parameter groups, the :class:`TrainingBudget`, the poly LR
+      scheduler (driven by ``budget.fraction``) and the AMP scaler;
+    - :meth:`load_resume_state` (``resume``), :meth:`wrap_model` (DDP), :meth:`open_run_folder`;
+    - :meth:`fit`, every step: :meth:`training_step` ``(batch) -> (loss, terms)``, which in stage 1 asks
+      :meth:`pseudo_labels` ``(batch, outputs)`` for the seg head's labels (None = none this step), then
+      :meth:`optimizer_step` ``(loss)``; :meth:`save_last` and :meth:`validate` ``(epoch)`` (a generator of
+      Progress) when due; :meth:`save_checkpoint` writes ``last.pt`` / ``best.pt``;
+    - :meth:`finish` (DDP sync check, CRF-wait log), :meth:`close` (always).
+
+    The state hooks share lives on the instance: ``config``, ``stage``, ``dist``, ``device``, ``augment``,
+    ``dataset``, ``loader``, ``val_index``, ``model`` (``net``: its DDP wrapper, or the model), ``labeller``,
+    ``optimizer``, ``scheduler``, ``scaler``, ``budget``, ``step``, ``epoch``, ``best_miou``.
     """
-    if not config.out:
-        raise DatasetError("No run folder given (--out RUN_DIR).")
-    if config.threads:
-        torch.set_num_threads(int(config.threads))
-    dist = _init_distributed(config.device)
-    device = resolve_device(config.device) if dist.world == 1 or not torch.cuda.is_available() \
-        else torch.device("cuda", dist.local_rank)
-    stage = 2 if config.stage2 else 1
-    run_dir = Path(config.out)
-    last_path = run_dir / LAST
-    if dist.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not config.resume and last_path.exists():
-            raise DatasetError(f"{run_dir} already holds a run ({LAST}); pass --resume to continue it, "
-                               "or choose another --out.")
-    if config.resume and not (run_dir / RESUME).exists():
-        raise CheckpointError(f"--resume: {run_dir / RESUME} does not exist; start without --resume.")
 
-    # --- data
-    aug = AugmentConfig(config.scale_min, config.scale_max, config.crop, config.flip, config.rot90, config.jitter)
-    if stage == 1:
-        if not config.data:
-            raise DatasetError("No training data given (DATA_DIR).")
-        index: PatchIndex = discover_patches(config.data, config.classes)
-        classes = index.classes
-        dataset: Any = PatchDataset(index, aug, config.seed)
-        summary = index.summary()
-    else:
-        pixel_index, weights = _load_stage2_data(config, config.classes)
-        classes = pixel_index.classes
-        dataset = PixelDataset(pixel_index.samples, classes, aug, config.seed, weights)
-        summary = f"stage 2: {len(dataset)} pixel-labelled samples ({config.pseudo}" + \
-            (f" + {config.pixel_labels} weight {config.pixel_weight}" if config.pixel_labels else "") + ")"
-    val_index = discover_pixel_dataset(config.val, classes) if config.val else None
-    if len(dataset) < config.batch_size * dist.world:
-        raise DatasetError(f"{config.data or config.pseudo}: {len(dataset)} samples are fewer than one batch "
-                           f"({config.batch_size} x {dist.world} processes); lower --batch-size.")
-    per_epoch = steps_per_epoch(len(dataset), config.batch_size, dist.world)
-    total_steps = int(config.steps) if config.steps else int(config.epochs) * per_epoch
-    if dist.main:
-        yield Progress("data", 0, total_steps, {"summary": summary, "steps_per_epoch": per_epoch,
-                                                "device": str(device)})
+    def __init__(self, config: TrainConfig, cancel: CancelToken | None = None) -> None:
+        self.config = config
+        self.cancel = cancel
+        self.stage = 2 if config.stage2 else 1
+        self.run_dir = Path(config.out)
+        self.dist = _Dist()
+        self.device = torch.device("cpu")
+        # build_data
+        self.augment: AugmentConfig | None = None
+        self.dataset: Any = None
+        self.classes: ClassSpec | None = None
+        self.val_index: PixelIndex | None = None
+        self.summary = ""
+        self.steps_per_epoch = 1
+        self.total_steps = 1
+        self.sampler: ResumableSampler | None = None
+        self.loader_generator: torch.Generator | None = None
+        self.loader: torch.utils.data.DataLoader | None = None
+        # build_model / build_optimizer
+        self.model_config: Any = None
+        self.model: Any = None
+        self.net: Any = None
+        self.labeller: PseudoLabeller | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+        self.scaler: torch.amp.GradScaler | None = None
+        self.budget: TrainingBudget | None = None
+        self.use_amp = False
+        # the CRF runs at this size (pseudo_label_scale of the crop)
+        self.pseudo_size = max(16, round(config.crop * config.pseudo_label_scale))
+        # progress
+        self.metrics: _MetricsLog | None = None
+        self.step, self.epoch, self.best_miou = 0, 0, -1.0
+        self.start_step = 0
+        self.t_start = 0.0
+        self.crf_wait = 0.0
+        self.pseudo_stats: dict[str, float] = {}
 
-    # --- pseudo-labeller (its processes fork before torch builds the model and starts its threads), model
-    model_config = _model_config(config, stage)
-    use_joint = stage == 1 and model_config.use_joint
-    labeller = PseudoLabeller(config.crf_workers, model_config.__dict__, model_config.use_crf) if use_joint else None
-    try:
+    # ------------------------------------------------------------------------------------------- building
+
+    def setup(self) -> None:
+        """Torch threads, the process group (torchrun), the device; check the run folder."""
+        config = self.config
+        if not config.out:
+            raise DatasetError("No run folder given (--out RUN_DIR).")
+        if config.threads:
+            torch.set_num_threads(int(config.threads))
+        self.dist = _init_distributed(config.device)
+        self.device = resolve_device(config.device) if self.dist.world == 1 or not torch.cuda.is_available() \
+            else torch.device("cuda", self.dist.local_rank)
+        run_dir = self.run_dir
+        if self.dist.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if not config.resume and (run_dir / LAST).exists():
+                raise DatasetError(f"{run_dir} already holds a run ({LAST}); pass --resume to continue it, "
+                                   "or choose another --out.")
+        if config.resume and not (run_dir / RESUME).exists():
+            raise CheckpointError(f"--resume: {run_dir / RESUME} does not exist; start without --resume.")
+
+    def build_data(self) -> None:
+        """Augmentation, the training dataset (patches, or stage 2's pixel-labelled sets), the validation set,
+        the sampler and the DataLoader; steps per epoch and the total steps."""
+        config, dist = self.config, self.dist
+        self.augment = AugmentConfig(config.scale_min, config.scale_max, config.crop, config.flip, config.rot90,
+                                     config.jitter)
+        if self.stage == 1:
+            if not config.data:
+                raise DatasetError("No training data given (DATA_DIR).")
+            index = discover_patches(config.data, config.classes)
+            self.classes = index.classes
+            self.dataset = PatchDataset(index, self.augment, config.seed)
+            self.summary = index.summary()
+        else:
+            pixel_index, weights = _load_stage2_data(config, config.classes)
+            self.classes = pixel_index.classes
+            self.dataset = PixelDataset(pixel_index.samples, self.classes, self.augment, config.seed, weights)
+            self.summary = f"stage 2: {len(self.dataset)} pixel-labelled samples ({config.pseudo}" + \
+                (f" + {config.pixel_labels} weight {config.pixel_weight}" if config.pixel_labels else "") + ")"
+        self.val_index = discover_pixel_dataset(config.val, self.classes) if config.val else None
+        if len(self.dataset) < config.batch_size * dist.world:
+            raise DatasetError(f"{config.data or config.pseudo}: {len(self.dataset)} samples are fewer than one "
+                               f"batch ({config.batch_size} x {dist.world} processes); lower --batch-size.")
+        self.steps_per_epoch = steps_per_epoch(len(self.dataset), config.batch_size, dist.world)
+        if config.steps:
+            self.total_steps = int(config.steps)
+        elif config.minutes:
+            self.total_steps = 10 ** 9  # the wall-clock budget ends the run
+        else:
+            self.total_steps = int(config.epochs) * self.steps_per_epoch
+        self.sampler = ResumableSampler(len(self.dataset), dist, config.seed, config.batch_size)
+        self.loader_generator = torch.Generator()
+        workers = max(0, int(config.workers))
+        self.loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=config.batch_size, sampler=self.sampler, num_workers=workers, drop_last=True,
+            collate_fn=collate_batch, pin_memory=self.device.type == "cuda", generator=self.loader_generator,
+            persistent_workers=False, multiprocessing_context=("fork" if workers and os.name == "posix" else None))
+
+    def build_pseudo_labeller(self) -> PseudoLabeller | None:
+        """Stage 1 with joint training: the pool that makes each step's reliable pseudo-labels (else None)."""
+        if self.stage != 1 or not self.model_config.use_joint:
+            return None
+        return PseudoLabeller(self.config.crf_workers, self.model_config.__dict__, self.model_config.use_crf)
+
+    def build_model(self) -> None:
+        """The ModelConfig (the preset's ``[model]`` table), the pseudo-labeller, then the seeded model."""
+        from .model.cram import CRAMNet
+
+        config = self.config
+        self.model_config = _model_config(config, self.stage)
+        # the labeller's processes fork before torch builds the model and starts its threads
+        self.labeller = self.build_pseudo_labeller()
         _seed_everything(config.seed)
-        model = _build_model(config, classes, model_config)
-        result = yield from _train_loop(config, model, dataset, val_index, dist, device, stage, labeller,
-                                        per_epoch, total_steps, run_dir, cancel)
-    finally:
-        if labeller is not None:
-            labeller.close()
-        if dist.world > 1:
-            import torch.distributed as tdist
+        weights = config.weights
+        if weights in (None, "none", "random"):
+            weights = "random"
+        self.model = CRAMNet(self.classes, self.model_config, weights=weights)
+        self.model.to(self.device)
+        self.model.train()
+        self.net = self.model
 
-            if tdist.is_initialized():
-                tdist.destroy_process_group()
-    return result
+    def build_optimizer(self) -> None:
+        """SGD/Adam over the model's parameter groups (new layers at ``head_lr_mult``), the training budget,
+        the poly learning rate on the budget's fraction, and the AMP scaler."""
+        config = self.config
+        groups = self.model.parameter_groups()
+        for g in groups:
+            if g.get("name") != "backbone":
+                g["lr_mult"] = config.head_lr_mult
+            g["lr"] = config.lr * g["lr_mult"]
+        if config.optimizer == "adam":
+            self.optimizer = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
+        else:
+            self.optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
+                                             weight_decay=config.weight_decay)
+        self.budget = budget = TrainingBudget(self.total_steps, config.minutes)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: max(0.0, 1.0 - budget.fraction(s)) ** config.poly_power)
+        self.use_amp = bool(config.amp) and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
 
-
-def _train_loop(config, model, dataset, val_index, dist, device, stage, labeller, per_epoch, total_steps,
-                run_dir, cancel):
-    classes: ClassSpec = model.classes
-    last_path, best_path = run_dir / LAST, run_dir / BEST
-    model.to(device)
-    model.train()
-    groups = model.parameter_groups()
-    for g in groups:
-        if g.get("name") != "backbone":
-            g["lr_mult"] = config.head_lr_mult
-        g["lr"] = config.lr * g["lr_mult"]
-    if config.optimizer == "adam":
-        optimizer = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: max(0.0, 1.0 - s / max(1, total_steps)) ** config.poly_power)
-    use_amp = bool(config.amp) and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-
-    step, best_miou = 0, -1.0
-    if config.resume:
-        resume_path = run_dir / RESUME
+    def load_resume_state(self) -> None:
+        """Continue from ``resume.pt``: model, optimiser, scheduler, scaler, step, best mIoU, time, RNG."""
+        resume_path = self.run_dir / RESUME
         try:
-            train_state = torch.load(resume_path, map_location="cpu", weights_only=True)
-            model.load_state_dict(train_state["model"])
+            state = torch.load(resume_path, map_location="cpu", weights_only=True)
+            self.model.load_state_dict(state["model"])
         except Exception as err:
             raise CheckpointError(f"--resume: cannot continue from {resume_path} ({str(err).splitlines()[0]}); "
                                   "was it written by this config (same classes and backbone)?") from None
-        optimizer.load_state_dict(train_state["optimizer"])
-        scheduler.load_state_dict(train_state["scheduler"])
-        scaler.load_state_dict(train_state["scaler"])
-        step, best_miou = int(train_state["step"]), float(train_state["best_miou"])
-        _set_rng_state(train_state["rng"], device)
-        del train_state
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.best_miou = int(state["step"]), float(state["best_miou"])
+        self.budget.resume_from(float(state.get("spent_seconds", 0.0)))
+        _set_rng_state(state["rng"], self.device)
 
-    net = model
-    if dist.world > 1:
+    def wrap_model(self) -> None:
+        """Under torchrun: ``net`` = the model in DDP."""
+        if self.dist.world <= 1:
+            return
         from torch.nn.parallel import DistributedDataParallel
 
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                      # the seg head is unused with joint training off (ablation rows) or during the warm-up
-                                      find_unused_parameters=stage == 1 and (not model.config.use_joint
-                                                                             or config.joint_warmup_steps > 0))
+        device = self.device
+        self.net = DistributedDataParallel(
+            self.model, device_ids=[device.index] if device.type == "cuda" else None,
+            # the seg head is unused with joint training off (ablation rows) or during the warm-up
+            find_unused_parameters=self.stage == 1 and (not self.model.config.use_joint
+                                                        or self.config.joint_warmup_steps > 0))
 
-    sampler = ResumableSampler(len(dataset), dist, config.seed, config.batch_size)
-    loader_gen = torch.Generator()
-    workers = max(0, int(config.workers))
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=config.batch_size, sampler=sampler, num_workers=workers, drop_last=True,
-        pin_memory=device.type == "cuda", generator=loader_gen, persistent_workers=False,
-        multiprocessing_context=("fork" if workers and os.name == "posix" else None))
-    metrics = _MetricsLog(run_dir / METRICS, classes, step if config.resume else None) if dist.main else None
-    if dist.main and not config.resume:
-        (run_dir / CONFIG).write_text(dumps_toml(config.to_dict()), encoding="utf-8")
+    def open_run_folder(self) -> None:
+        """``metrics.csv`` (a resumed run keeps its rows up to its step) and ``config.toml`` (new runs)."""
+        config = self.config
+        if self.dist.main:
+            self.metrics = _MetricsLog(self.run_dir / METRICS, self.model.classes,
+                                       self.step if config.resume else None)
+            if not config.resume:
+                (self.run_dir / CONFIG).write_text(dumps_toml(config.to_dict()), encoding="utf-8")
 
-    pseudo_size = max(16, round(config.crop * config.pseudo_label_scale))
+    # ------------------------------------------------------------------------------------------- one step
 
-    def train_state() -> dict:
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "step": step, "best_miou": best_miou,
-                "rng": _rng_state(device), "world": dist.world}
+    def training_step(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Forward and loss of one batch: ``(loss, terms)`` (terms are floats, for the log)."""
+        device = self.device
+        x = self.model.normalize(batch.images)
+        # Mixed precision for the network only; the losses run in float32 (BCE and the dense energy
+        # are not autocast-safe, and fp16 sums over N^2 pixel pairs would lose precision).
+        with torch.autocast(device.type, enabled=self.use_amp):
+            out = self.net(x, batch.labels.to(device)) if self.stage == 1 else self.net(x)
+        out = {k: v.float() for k, v in out.items()}
+        if self.stage == 2:
+            return _stage2_loss(self.model, out, x, batch.target.to(device), batch.weight.to(device))
+        t_crf = time.perf_counter()
+        pseudo = self.pseudo_labels(batch, out)
+        if pseudo is not None:
+            pseudo = pseudo.to(device)
+            self.crf_wait += time.perf_counter() - t_crf
+            # label coverage: what the seg head is taught from (all 255 = nothing to learn)
+            confident = pseudo != IGNORE_INDEX
+            self.pseudo_stats = {"confident": float(confident.float().mean()),
+                                 "foreground": float((pseudo < self.model.classes.background_index).float().mean())}
+        return _stage1_loss(self.model, out, x, batch.labels.to(device), pseudo)
 
-    def save_last() -> None:
-        if dist.main:
-            _atomic_torch_save(train_state(), run_dir / RESUME)
-            _save(last_path, model, config, {"step": step, "best_mIoU": best_miou})
+    def pseudo_labels(self, batch: Batch, outputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Stage 1: the seg head's labels (B, H, W) int64 for this step (255 = ignore), or None for none (no
+        joint training, or the warm-up): the reliable CRF pseudo-labels of this step's maps, with the
+        patches' strong pixel masks where they have one."""
+        if self.labeller is None or self.step < self.config.joint_warmup_steps:
+            return None
+        pseudo = batch_pseudo_labels(self.labeller, outputs["cam"], batch.images, batch.labels, self.pseudo_size)
+        return merge_strong_labels(pseudo, batch.strong_masks)
 
-    def validate(epoch: int):
-        nonlocal best_miou
-        cm = None
-        if dist.main:
+    def optimizer_step(self, loss: torch.Tensor) -> None:
+        """Backward (AMP-scaled), optimiser step, scheduler step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+
+    def save_checkpoint(self, path: Path, extra: dict) -> None:
+        """A model checkpoint (``last.pt`` / ``best.pt``) with this run's config and ``extra``."""
+        _save(path, self.model, self.config, extra)
+
+    def train_state(self) -> dict:
+        """Everything ``--resume`` needs (``resume.pt``)."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
+                "best_miou": self.best_miou, "rng": _rng_state(self.device), "world": self.dist.world,
+                "spent_seconds": self.budget.spent_seconds()}
+
+    def save_last(self) -> None:
+        """``resume.pt`` and ``last.pt`` (rank 0)."""
+        if self.dist.main:
+            _atomic_torch_save(self.train_state(), self.run_dir / RESUME)
+            self.save_checkpoint(self.run_dir / LAST, {"step": self.step, "best_mIoU": self.best_miou})
+
+    def validate(self, epoch: int) -> Generator[Progress, None, None]:
+        """Score on the validation set (rank 0), write ``best.pt`` on a new best; yields the evaluation's
+        Progress and one ``"val"`` event."""
+        if self.dist.main:
+            config, step = self.config, self.step
             scale = config.val_scale or config.mean_scale
-            cm = yield from evaluate_model(model, val_index, scale, False, device, cancel)
+            cm = yield from evaluate_model(self.model, self.val_index, scale, False, self.device, self.cancel)
             miou = cm.miou()
-            per_class = {n: (None if np.isnan(v) else float(v)) for n, v in zip(classes.names, cm.iou(), strict=True)}
-            metrics.write({"kind": "val", "step": step, "epoch": epoch, "mIoU": f"{miou:.5f}",
-                           **{f"iou_{n}": ("" if v is None else f"{v:.5f}") for n, v in per_class.items()}})
-            if not np.isnan(miou) and miou > best_miou:
-                best_miou = miou
-                _save(best_path, model, config, {"step": step, "val_mIoU": miou, "per_class": per_class})
-            yield Progress("val", step, total_steps, {"epoch": epoch, "mIoU": miou, "per_class": per_class,
-                                                      "best_mIoU": best_miou})
-        if dist.world > 1:
+            names = self.model.classes.names
+            per_class = {n: (None if np.isnan(v) else float(v)) for n, v in zip(names, cm.iou(), strict=True)}
+            self.metrics.write({"kind": "val", "step": step, "epoch": epoch, "mIoU": f"{miou:.5f}",
+                                **{f"iou_{n}": ("" if v is None else f"{v:.5f}") for n, v in per_class.items()}})
+            if not np.isnan(miou) and miou > self.best_miou:
+                self.best_miou = miou
+                self.save_checkpoint(self.run_dir / BEST, {"step": step, "val_mIoU": miou, "per_class": per_class})
+            yield Progress("val", step, self.budget.estimated_total(step),
+                           {"epoch": epoch, "mIoU": miou, "per_class": per_class, "best_mIoU": self.best_miou})
+        if self.dist.world > 1:
             import torch.distributed as tdist
 
             tdist.barrier()
 
-    t_start = time.perf_counter()
-    start_step = step
-    crf_wait = 0.0
-    pseudo_stats: dict[str, float] = {}
-    epoch = step // per_epoch
-    try:
-        while step < total_steps:
-            skip = step - epoch * per_epoch
-            sampler.set_epoch(epoch, skip)
-            dataset.set_epoch(epoch)
-            loader_gen.manual_seed(config.seed * 1000003 + epoch)
-            for batch in loader:
-                if cancel is not None:
-                    cancel.raise_if_cancelled()
-                t_step = time.perf_counter()
-                images_u8 = batch[0]
-                x = model.normalize(images_u8)
-                try:
-                    # Mixed precision for the network only; the losses run in float32 (BCE and the dense energy
-                    # are not autocast-safe, and fp16 sums over N^2 pixel pairs would lose precision).
-                    with torch.autocast(device.type, enabled=use_amp):
-                        out = net(x, batch[1].to(device)) if stage == 1 else net(x)
-                    out = {k: v.float() for k, v in out.items()}
-                    if stage == 1:
-                        labels = batch[1].to(device)
-                        pseudo = None
-                        if labeller is not None and step >= config.joint_warmup_steps:
-                            t_crf = time.perf_counter()
-                            pseudo = merge_strong_labels(
-                                batch_pseudo_labels(labeller, out["cam"], images_u8, batch[1], pseudo_size),
-                                batch[3]).to(device)
-                            crf_wait += time.perf_counter() - t_crf
-                            # label coverage: what the seg head is taught from (all 255 = nothing to learn)
-                            confident = pseudo != IGNORE_INDEX
-                            pseudo_stats = {"confident": float(confident.float().mean()),
-                                            "foreground": float((pseudo < classes.background_index).float().mean())}
-                        loss, terms = _stage1_loss(model, out, x, labels, pseudo)
-                    else:
-                        loss, terms = _stage2_loss(model, out, x, batch[1].to(device), batch[2].to(device))
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"The loss became {loss.item()} at step {step}; lower --lr.")
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                    scheduler.step()
-                except RuntimeError as err:
-                    if _is_oom(err):
-                        raise _oom_error(config, err) from None
-                    raise
-                step += 1
-                if dist.main:
-                    elapsed = time.perf_counter() - t_start
-                    eta = elapsed / max(1, step - start_step) * (total_steps - step)
-                    losses = {"total": float(loss.detach())}
-                    losses.update({k: float(v) for k, v in terms.items() if k != "total"})
-                    lr = optimizer.param_groups[0]["lr"]
-                    if step % max(1, config.log_every) == 0 or step == total_steps or step == start_step + 1:
-                        metrics.write({"kind": "train", "step": step, "epoch": epoch, "lr": f"{lr:.6g}",
-                                       "seconds": f"{time.perf_counter() - t_step:.3f}",
-                                       **{f"loss_{k}": f"{v:.5f}" for k, v in losses.items()},
-                                       **{f"pseudo_{k}": f"{v:.4f}" for k, v in pseudo_stats.items()}})
-                    yield Progress("train", step, total_steps, {
-                        "epoch": epoch, "losses": losses, "lr": lr, "eta": eta,
-                        "step_seconds": time.perf_counter() - t_step, "crf_wait_seconds": crf_wait,
-                        "pseudo": dict(pseudo_stats)})
-                end_of_epoch = step % per_epoch == 0
-                if step % max(1, config.checkpoint_every) == 0 or end_of_epoch or step == total_steps:
-                    save_last()
-                if val_index is not None and (
-                        (config.val_every_steps and step % config.val_every_steps == 0)
-                        or (not config.val_every_steps and end_of_epoch and (epoch + 1) % max(1, config.val_every) == 0)
-                        or step == total_steps):
-                    yield from validate(epoch)
-                if step >= total_steps or end_of_epoch:
-                    break
-            epoch += 1
-    except (KeyboardInterrupt, Cancelled):
-        save_last()
-        if dist.main:
-            log.warning("Stopped at step %d; a usable checkpoint is in %s (continue with --resume).", step, last_path)
-        raise
-    except torch.cuda.OutOfMemoryError as err:
-        raise _oom_error(config, err) from None
-    if dist.world > 1:
-        # DDP keeps replicas identical; check it once, and record it (a divergence would be a bug).
-        diff = ranks_param_difference(model)
-        if dist.main:
-            _save(last_path, model, config, {"step": step, "best_mIoU": best_miou, "world_size": dist.world,
-                                             "ranks_param_max_difference": diff})
-            if diff != 0.0:
-                log.warning("DDP replicas differ after training (max checksum difference %g).", diff)
-    if dist.main and labeller is not None and step > start_step:
-        log.info("Pseudo-labelling (CRF) wait: %.2f s over %d steps (%.0f%% of training time).", crf_wait,
-                 step - start_step, 100.0 * crf_wait / max(1e-9, time.perf_counter() - t_start))
-    return best_path if best_path.exists() else last_path
+    # ------------------------------------------------------------------------------------------- the loop
+
+    def run(self) -> Generator[Progress, None, Path]:
+        """The whole run: build, (resume,) train; yields Progress and returns the best (or last) checkpoint."""
+        try:
+            self.setup()
+            self.build_data()
+            if self.dist.main:
+                yield Progress("data", 0, self.total_steps, {
+                    "summary": self.summary, "steps_per_epoch": self.steps_per_epoch, "device": str(self.device),
+                    "minutes": self.config.minutes})
+            self.build_model()
+            self.build_optimizer()
+            if self.config.resume:
+                self.load_resume_state()
+            self.wrap_model()
+            self.open_run_folder()
+            yield from self.fit()
+            return self.finish()
+        finally:
+            self.close()
+
+    def fit(self) -> Generator[Progress, None, None]:
+        """Steps until the budget is spent: training step, log, ``last`` checkpoint and validation when due."""
+        config, dist, budget = self.config, self.dist, self.budget
+        per_epoch = self.steps_per_epoch
+        last_path = self.run_dir / LAST
+        self.t_start = time.perf_counter()
+        self.start_step = self.step
+        self.epoch = self.step // per_epoch
+        try:
+            while not budget.done(self.step):
+                skip = self.step - self.epoch * per_epoch
+                self.sampler.set_epoch(self.epoch, skip)
+                self.dataset.set_epoch(self.epoch)
+                self.loader_generator.manual_seed(config.seed * 1000003 + self.epoch)
+                for batch in self.loader:
+                    if self.cancel is not None:
+                        self.cancel.raise_if_cancelled()
+                    t_step = time.perf_counter()
+                    try:
+                        loss, terms = self.training_step(batch)
+                        if not torch.isfinite(loss):
+                            raise FloatingPointError(f"The loss became {loss.item()} at step {self.step}; lower --lr.")
+                        self.optimizer_step(loss)
+                    except RuntimeError as err:
+                        if _is_oom(err):
+                            raise _oom_error(config, err) from None
+                        raise
+                    self.step += 1
+                    step, epoch = self.step, self.epoch
+                    if dist.main:
+                        elapsed = time.perf_counter() - self.t_start
+                        finished = budget.done(step)
+                        estimated_total = budget.estimated_total(step)
+                        eta = elapsed / max(1, step - self.start_step) * (estimated_total - step)
+                        losses = {"total": float(loss.detach())}
+                        losses.update({k: float(v) for k, v in terms.items() if k != "total"})
+                        lr = self.optimizer.param_groups[0]["lr"]
+                        if step % max(1, config.log_every) == 0 or finished or step == self.start_step + 1:
+                            self.metrics.write({"kind": "train", "step": step, "epoch": epoch, "lr": f"{lr:.6g}",
+                                                "seconds": f"{time.perf_counter() - t_step:.3f}",
+                                                **{f"loss_{k}": f"{v:.5f}" for k, v in losses.items()},
+                                                **{f"pseudo_{k}": f"{v:.4f}" for k, v in self.pseudo_stats.items()}})
+                        yield Progress("train", step, estimated_total, {
+                            "epoch": epoch, "losses": losses, "lr": lr, "eta": eta,
+                            "step_seconds": time.perf_counter() - t_step, "crf_wait_seconds": self.crf_wait,
+                            "pseudo": dict(self.pseudo_stats)})
+                    end_of_epoch = step % per_epoch == 0
+                    finished = budget.done(step)
+                    if step % max(1, config.checkpoint_every) == 0 or end_of_epoch or finished:
+                        self.save_last()
+                    if self.val_index is not None and (
+                            (config.val_every_steps and step % config.val_every_steps == 0)
+                            or (not config.val_every_steps and end_of_epoch
+                                and (epoch + 1) % max(1, config.val_every) == 0)
+                            or finished):
+                        yield from self.validate(epoch)
+                    if finished or end_of_epoch:
+                        break
+                self.epoch += 1
+        except (KeyboardInterrupt, Cancelled):
+            self.save_last()
+            if dist.main:
+                log.warning("Stopped at step %d; a usable checkpoint is in %s (continue with --resume).", self.step,
+                            last_path)
+            raise
+        except torch.cuda.OutOfMemoryError as err:
+            raise _oom_error(config, err) from None
+
+    def finish(self) -> Path:
+        """After the last step: the DDP replicas' sync check (recorded in ``last.pt``), the CRF-wait log;
+        returns ``best.pt`` if validation wrote one, else ``last.pt``."""
+        dist, step = self.dist, self.step
+        last_path, best_path = self.run_dir / LAST, self.run_dir / BEST
+        if dist.world > 1:
+            # DDP keeps replicas identical; check it once, and record it (a divergence would be a bug).
+            diff = ranks_param_difference(self.model)
+            if dist.main:
+                self.save_checkpoint(last_path, {"step": step, "best_mIoU": self.best_miou, "world_size": dist.world,
+                                                 "ranks_param_max_difference": diff})
+                if diff != 0.0:
+                    log.warning("DDP replicas differ after training (max checksum difference %g).", diff)
+        if dist.main and self.labeller is not None and step > self.start_step:
+            log.info("Pseudo-labelling (CRF) wait: %.2f s over %d steps (%.0f%% of training time).", self.crf_wait,
+                     step - self.start_step, 100.0 * self.crf_wait / max(1e-9, time.perf_counter() - self.t_start))
+        return best_path if best_path.exists() else last_path
+
+    def close(self) -> None:
+        """Always, at the end: stop the labeller's processes, leave the process group."""
+        if self.labeller is not None:
+            self.labeller.close()
+        if self.dist.world > 1:
+            import torch.distributed as tdist
+
+            if tdist.is_initialized():
+                tdist.destroy_process_group()
 
 
-def train(config: TrainConfig, callback=None, cancel: CancelToken | None = None) -> Path:
+def train_steps(config: TrainConfig, cancel: CancelToken | None = None,
+                trainer_class: type[Trainer] = Trainer) -> Generator[Progress, None, Path]:
+    """Train per ``config``; a generator of Progress events returning the best (or last) checkpoint path.
+
+    ``trainer_class``: a :class:`Trainer` subclass (an ablation overriding hooks). See the module docstring for
+    the events, cancellation, resume and distributed behaviour.
+    """
+    return (yield from trainer_class(config, cancel).run())
+
+
+def train(config: TrainConfig, callback=None, cancel: CancelToken | None = None,
+          trainer_class: type[Trainer] = Trainer) -> Path:
     """Blocking form of :func:`train_steps`: events go to ``callback``; returns the best (or last) checkpoint."""
-    return drive(train_steps(config, cancel), callback)
-
-
-# ----------------------------------------------------------------------------------------------- stage 2 input
-
-def make_pseudo_labels(checkpoint: str | Path, patches: str | Path, out_dir: str | Path, scale: float | None = None,
-                       device: str = "auto", crf_workers: int = 0, overwrite: bool = False,
-                       cancel: CancelToken | None = None) -> Generator[Progress, None, Path]:
-    """Write the joint model's reliable pseudo-labels of every patch as ``out_dir/mask/<name>.png`` (palette
-    PNG, 255 = unreliable) with the patch under ``out_dir/img/`` (hard link, else copy): a pixel-labelled set
-    for ``train --stage2 --pseudo out_dir``. Returns ``out_dir``."""
-    import shutil
-    import tempfile
-
-    from PIL import Image
-
-    from .checkpoint import load_checkpoint
-    from .data.patches import load_patch_rgb
-    from .errors import OutputExistsError
-    from .io.outputs import write_index_png
-
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise OutputExistsError(f"{out_dir} exists and is not empty; choose another --out or pass --overwrite.")
-    dev = resolve_device(device)
-    model, info = load_checkpoint(checkpoint, map_location="cpu")
-    if not model.has_pseudo_branch:
-        raise CheckpointError(f"{checkpoint} is a stage-2 model without the pseudo-label branch; give the joint "
-                              "(stage 1) checkpoint.")
-    index = discover_patches(patches, info.classes)
-    if scale is None:
-        scale = float(info.train_config.get("scale_min", 1.0) + info.train_config.get("scale_max", 1.0)) / 2 \
-            if info.train_config else 1.0
-    model.to(dev).eval()
-    labeller = PseudoLabeller(crf_workers, model.config.__dict__, model.config.use_crf)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        (tmp / "img").mkdir()
-        (tmp / "mask").mkdir()
-        for i, path in enumerate(index.paths):
-            if cancel is not None:
-                cancel.raise_if_cancelled()
-            rgb = load_patch_rgb(path)
-            h, w = rgb.shape[:2]
-            size = (max(8, round(w * scale)), max(8, round(h * scale)))
-            big = np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR)) if abs(scale - 1) > 1e-6 else rgb
-            with torch.no_grad():
-                _, cam = model.predict(model.normalize(big[None]))
-            maps = cam[0].float().clamp_min(0).cpu().numpy()
-            label = labeller.result(labeller.submit(maps[None], np.ascontiguousarray(big)[None],
-                                                    index.labels[i][None]))[0].astype(np.uint8)
-            if label.shape != (h, w):
-                label = np.asarray(Image.fromarray(label).resize((w, h), Image.NEAREST))
-            name = path.stem + ".png"
-            write_index_png(tmp / "mask" / name, label, info.classes)
-            try:
-                os.link(path, tmp / "img" / path.name)
-            except OSError:
-                shutil.copy2(path, tmp / "img" / path.name)
-            yield Progress("pseudo-labels", i + 1, len(index), {"image": path.name})
-        from .data.patches import write_classes_file
-
-        write_classes_file(tmp, info.classes)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        labeller.close()
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    return drive(train_steps(config, cancel, trainer_class), callback)

@@ -33,6 +33,7 @@ class TrainConfig:
     # schedule
     epochs: int = 10
     steps: int | None = None         # total optimiser steps; overrides epochs when set
+    minutes: float | None = None     # wall-clock budget: the run (and its poly schedule) ends when it is spent
     batch_size: int = 8
     optimizer: str = "sgd"           # sgd (paper) | adam (short random-init CPU runs)
     lr: float = 1e-3
@@ -81,6 +82,8 @@ class TrainConfig:
             raise DatasetError(f"crop must be >= 16 px, got {self.crop}.")
         if not 0 < self.scale_min <= self.scale_max:
             raise DatasetError(f"Need 0 < scale_min <= scale_max, got {self.scale_min}, {self.scale_max}.")
+        if self.minutes is not None and not (isinstance(self.minutes, int | float) and 0 < self.minutes < 1e6):
+            raise DatasetError(f"minutes must be a positive number, got {self.minutes}.")
         if self.optimizer not in ("sgd", "adam"):
             raise DatasetError(f"optimizer must be 'sgd' or 'adam', got '{self.optimizer}'.")
         self.model = dict(self.model or {})

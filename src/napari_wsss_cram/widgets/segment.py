@@ -50,7 +50,7 @@ class SegmentWidget(QWidget):
         self.device_combo.addItems(common.available_devices())
         self.resolution_combo = QComboBox()
         self.resolution_combo.addItems(["scale", "µm/px"])
-        self.resolution_value = spin(QDoubleSpinBox, 0.05, 20.0, 2.5, 0.1, 3)
+        self.resolution_value = spin(QDoubleSpinBox, 0.05, 20.0, 1.0, 0.1, 3)  # set from the model when picked
         self.tile_spin = spin(QSpinBox, 64, 4096, 512, 64)
         self.level_spin = spin(QSpinBox, 0, 0, 0)
         self.level_spin.setToolTip("Pyramid level of the labels (slides: a coarser level keeps them paintable)")
@@ -95,7 +95,8 @@ class SegmentWidget(QWidget):
         self.overlap_spin.setMaximum(self.tile_spin.value() // 2)
         self._connect()
         self._refresh_layer_choices()
-        self._restoring = True
+        # a restored session keeps its saved resolution; a first launch gets the model's default
+        self._restoring = common.settings("segment").contains("resolution_value")
         self._load_selected_model()
         self._restoring = False
 
@@ -164,14 +165,28 @@ class SegmentWidget(QWidget):
             else:
                 self._validate()
             return False
-        if self.resolution_combo.currentText() == "scale" and not self._restoring:
-            # a newly chosen model: predict at the scale it was trained at (a restored session keeps its own)
-            self.resolution_value.setValue(float(self.info.model_config.train_scale))
+        if not self._restoring:  # a newly chosen model: its default resolution (a restored session keeps its own)
+            self.set_default_resolution()
         self.classes_label.setText(" ".join(
             f'<span style="color: rgb{tuple(color)}">■</span> {name}'
             for name, color in zip(self.info.classes.names, self.info.classes.colors, strict=True)))
         self._validate()
         return True
+
+    def set_default_resolution(self) -> None:
+        """Set the resolution row from the model's default (``core.checkpoint.default_resolution``); an image
+        layer known to lack a µm/px gets the training scale."""
+        from ..core.checkpoint import default_resolution
+
+        if self.info is None:
+            return
+        layer = self.image_layer()
+        meta = getattr(layer, "metadata", None)
+        has_mpp = not (isinstance(meta, dict) and "mpp" in meta and not meta["mpp"])
+        resolution = default_resolution(self.info, image_has_mpp=has_mpp)
+        self.resolution_combo.setCurrentText("µm/px" if resolution.mpp is not None else "scale")
+        self.resolution_value.setValue(resolution.mpp if resolution.mpp is not None else resolution.scale)
+        self.resolution_combo.setToolTip(f"Default for this model: {resolution.describe()}")
 
     # ----- validation -------------------------------------------------------------------------------------
     def _validate(self, *_args, error: str | None = None, quiet: bool = False) -> bool:
@@ -206,14 +221,14 @@ class SegmentWidget(QWidget):
 
         crf = CRFParams(**{k: s.value() for k, s in self.crf_spins.items()}, iterations=self.crf_iterations.value())
         use_mpp = self.resolution_combo.currentText() == "µm/px"
+        value = self.resolution_value.value()
         # Cancel takes effect between batches: on CPU one tile per batch keeps it within about a second, at no
         # cost in throughput (a CPU gains nothing from batching).
         on_cpu = resolve_device(self.device_combo.currentText()).type == "cpu"
         return PredictSettings(
-            batch=1 if on_cpu else 4,
-            scale=2.5 if use_mpp else self.resolution_value.value(), output_level=self.level_spin.value(),
-            mpp=self.resolution_value.value() if use_mpp else None, tile=self.tile_spin.value(),
-            overlap=self.overlap_spin.value(), crf=self.crf_check.isChecked(), crf_params=crf,
+            batch=1 if on_cpu else 4, **({"mpp": value} if use_mpp else {"scale": value}),
+            output_level=self.level_spin.value(), tile=self.tile_spin.value(), overlap=self.overlap_spin.value(),
+            crf=self.crf_check.isChecked(), crf_params=crf,
             device=self.device_combo.currentText(), with_cam=True)
 
     def region(self, layer) -> tuple[int, int, int, int] | None:

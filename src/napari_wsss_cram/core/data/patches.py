@@ -280,8 +280,9 @@ def strong_mask_path(patch: Path) -> Path | None:
 class PatchDataset:
     """Map-style dataset of augmented patches for a torch ``DataLoader``.
 
-    Item ``i`` is ``(rgb uint8 (crop, crop, 3), labels float32 (K,), i, strong int64 (crop, crop))``.
-    ``strong`` is the patch's pixel mask (see :func:`strong_mask_path`) augmented with it, or all IGNORE_INDEX:
+    Item ``i`` is ``{"image": rgb uint8 (crop, crop, 3), "labels": float32 (K,), "index": i,
+    "strong_mask": int64 (crop, crop)}`` (``data.batch.collate_batch`` stacks items into a ``Batch``).
+    ``strong_mask`` is the patch's pixel mask (see :func:`strong_mask_path`) augmented with it, or all IGNORE_INDEX:
     the trainer uses it instead of the pseudo-label where it is set (strong labels mixed in, WSSS-CRAM3).
     Augmentation is seeded from ``(seed, epoch, i)``; call :meth:`set_epoch` before each epoch (workers are
     not persistent, so they pick it up).
@@ -321,4 +322,5 @@ class PatchDataset:
         rgb, mask = augment(rgb, self.augment_config, rng, mask)
         if mask is None:
             mask = np.full(rgb.shape[:2], IGNORE_INDEX, dtype=np.int64)
-        return rgb, self.index.labels[i].astype(np.float32), int(i), mask.astype(np.int64)
+        return {"image": rgb, "labels": self.index.labels[i].astype(np.float32), "index": int(i),
+                "strong_mask": mask.astype(np.int64)}

@@ -117,7 +117,8 @@ def load_pixel_sample(sample: PixelSample, classes: ClassSpec) -> tuple[np.ndarr
 class PixelDataset:
     """Map-style dataset of augmented (image, mask) crops for stage-2 training.
 
-    Item ``i`` is ``(rgb uint8 (crop, crop, 3), mask int64 (crop, crop), weight float32, i)``; ``weights[i]``
+    Item ``i`` is ``{"image": rgb uint8 (crop, crop, 3), "target": mask int64 (crop, crop), "weight": float32,
+    "index": i}`` (stacked into a ``data.batch.Batch`` by ``collate_batch``); ``weights[i]``
     lets pixel-labelled samples count more (or less) than pseudo-labelled ones. Seeded from ``(seed, epoch, i)``.
     """
 
@@ -142,5 +143,4 @@ class PixelDataset:
         rng = np.random.default_rng([self.seed, self.epoch, int(i)])
         rgb, mask = load_pixel_sample(self.samples[i], self.classes)
         rgb, mask = augment(rgb, self.augment_config, rng, mask)
-        return (rgb, mask.astype(np.int64),
-                np.float32(self.weights[i]), int(i))
+        return {"image": rgb, "target": mask.astype(np.int64), "weight": np.float32(self.weights[i]), "index": int(i)}

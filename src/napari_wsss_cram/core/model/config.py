@@ -53,6 +53,13 @@ class ModelConfig:
     energy_sigma_xy: float = 200.0  # in input pixels (= 100 at the half scale used by RRM)
     energy_sigma_rgb: float = 15.0
     energy_scale: float = 0.5       # the energy is computed on the prediction resized by this factor
+    # Label-constrained loss on the segmentation branch (0 = off, the paper): on each crop's tissue, the mass of
+    # absent classes (and of background) is pushed to zero, each present class must be high in its top
+    # ``constrained_top`` share of pixels, and in a crop with several present classes each must hold at
+    # least ``constrained_share`` of the tissue (the labelling rule only promises 5%; see losses).
+    constrained_weight: float = 0.0
+    constrained_top: float = 0.05
+    constrained_share: float = 0.3
     # Input convention
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD

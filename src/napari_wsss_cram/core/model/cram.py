@@ -116,6 +116,33 @@ class CRAMNet(nn.Module):
             cam = self._upsample(self.plain_cam(features)[1], x)
         return seg_probs, cam
 
+    @torch.no_grad()
+    def predict_with_presence(self, x: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Inference with class presence: (probabilities (B, K+1, H, W), maps or None, presence (B, K) or None).
+
+        ``presence`` is the image-level classifier's sigmoid, each image scored alone (the collaborative
+        attention would otherwise mix the tiles of one batch). A stage-1 model trained without joint training
+        (the CAM-only and +DA ablations) has an untrained segmentation head: its probabilities are its
+        activation maps, normalised over classes. Stage-2 models have neither maps nor presence.
+        """
+        features = self.backbone(x)
+        cam = presence = None
+        if self.da is not None:
+            maps = self.da(features)
+            logits = torch.cat([self.cls_head(features[i:i + 1], maps[i:i + 1]) for i in range(len(x))])
+            presence, cam = logits.sigmoid(), self._upsample(maps, x)
+        elif self.plain_cam is not None:
+            logits, maps = self.plain_cam(features)
+            presence, cam = logits.sigmoid(), self._upsample(maps, x)
+        if cam is not None and not self.config.use_joint:
+            # DA maps are L2-normalised (squares sum to 1); plain-CAM maps are max-normalised per class
+            weights = cam.float().square() if self.da is not None else cam.float().clamp_min(0.0)
+            probs = weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-6)
+        else:
+            probs = self._upsample(self.seg_head(features), x).softmax(dim=1)
+        return probs, cam, presence
+
     @staticmethod
     def _upsample(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return F.interpolate(t, size=like.shape[-2:], mode="bilinear", align_corners=False)
