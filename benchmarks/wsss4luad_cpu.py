@@ -60,6 +60,7 @@ ROWS: dict[str, tuple[str, dict, dict, bool]] = {
 TTA = {"tta_scales": (0.75, 1.0, 1.25), "tta_flip": True}
 #: re-scorings of a trained row's checkpoint with other output rules (no training): key -> (title, row, overrides)
 RESCORE = {
+    "cam_no_gate": ("plain CAM, no class gating", "cam", {"gate_classes": False}),
     "cam_tta": ("plain CAM, multi-scale + flip maps", "cam", TTA),
     "default_no_gate": ("default, no class gating", "default", {"gate_classes": False}),
     "default_model_bg": ("default, model background (not tissue mask)", "default", {"background": "model"}),
@@ -243,16 +244,23 @@ def run_fold(args, fold: str) -> dict:
                "train_seconds": seconds, "steps": steps}
         if data_has_pseudo_branch(key):
             pseudo_dir = out / key / "pseudo"
-            drive(make_pseudo_labels(checkpoint, patch_dir, pseudo_dir, device="cpu", overwrite=True))
+            # the reliable labels the joint training learnt from (the activation maps' alpha/beta + CRF)
+            drive(make_pseudo_labels(checkpoint, patch_dir, pseudo_dir, device="cpu", overwrite=True, source="maps"))
             row["pseudo_counts"] = pseudo_label_counts(pseudo_dir, patch_dir, classes).tolist()
+            if key == "default" and "stage2" in rows:
+                # stage 2 learns from the segmentation branch restricted to each crop's classes
+                seg_dir = out / key / "pseudo_seg"
+                drive(make_pseudo_labels(checkpoint, patch_dir, seg_dir, device="cpu", overwrite=True))
+                result["stage2_pseudo_counts"] = pseudo_label_counts(seg_dir, patch_dir, classes).tolist()
         result["rows"][key] = row
         _log(fold, f"{title}: scored")
     rescore(result, out, test_index)
     if "stage2" in rows and "default" in checkpoints:
-        config = _row_config(args, patch_dir, out / "stage2", {}, stage2_pseudo=out / "default" / "pseudo")
+        config = _row_config(args, patch_dir, out / "stage2", {}, stage2_pseudo=out / "default" / "pseudo_seg")
         checkpoint, seconds, steps = _train(config, fold, "stage 2")
         result["rows"]["stage2"] = {"matrix": score_model(checkpoint, test_index, {}).matrix.tolist(),
-                                    "train_seconds": seconds, "steps": steps}
+                                    "train_seconds": seconds, "steps": steps,
+                                    "pseudo_counts": result["stage2_pseudo_counts"]}
     (out / "fold.json").write_text(json.dumps(result), encoding="utf-8")
     return result
 
@@ -284,7 +292,7 @@ def rescore_fold(args, fold: str) -> dict:
 
 TITLES = {"constant": "constant stroma", **{k: v[0] for k, v in ROWS.items()},
           **{k: v[0] for k, v in RESCORE.items()}, "stage2": "stage 2 on the default's pseudo-labels"}
-ORDER = ["constant", "cam", "cam_tta", "paper", "constrained_only", "default_no_gate", "default_model_bg", "default",
+ORDER = ["constant", "cam", "cam_no_gate", "cam_tta", "paper", "constrained_only", "default_no_gate", "default_model_bg", "default",
          "default_tta", "stage2"]
 
 

@@ -106,3 +106,31 @@ def test_torchrun_two_gloo_ranks_predict_each_input_once(tmp_path, checkpoint):
     assert sorted(r["image"] for r in rows) == ["patch0", "patch1", "patch2"]  # each exactly once
     assert {r["rank"] for r in rows} == {"0", "1"}
     assert sorted(p.name for p in out.glob("*.png")) == ["patch0.png", "patch1.png", "patch2.png"]
+
+
+def test_output_rule_flags_reach_the_engine(checkpoint, tmp_path):
+    """--background model / --no-gate / --tta are the paper's output rule and test-time augmentation."""
+    import argparse
+
+    from napari_wsss_cram.commands.predict import TTA_SCALES, add_arguments, settings_from_args
+    from napari_wsss_cram.core.checkpoint import load_checkpoint
+    from napari_wsss_cram.core.inference import PredictSettings
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    _, info = load_checkpoint(checkpoint)
+    default_args = parser.parse_args([str(checkpoint), "x.png", "--out", str(tmp_path)])
+    default_args.formats = ("png",)
+    defaults = settings_from_args(default_args, info, "cpu")
+    assert (defaults.background, defaults.gate_classes, defaults.tta_scales) == (
+        PredictSettings.background, PredictSettings.gate_classes, PredictSettings.tta_scales)
+    args = parser.parse_args([str(checkpoint), "x.png", "--out", str(tmp_path), "--background", "model",
+                              "--no-gate", "--tta"])
+    args.formats = ("png",)
+    paper = settings_from_args(args, info, "cpu")
+    assert paper.background == "model" and paper.gate_classes is False
+    assert paper.tta_scales == TTA_SCALES and paper.tta_flip
+    inputs = make_inputs(tmp_path / "in", 1)
+    assert main(["predict", str(checkpoint), str(inputs[0]), "--out", str(tmp_path / "out"), "--device", "cpu",
+                 "--background", "model", "--no-gate", "--tta", "--format", "png"]) == 0
+    assert (tmp_path / "out" / "patch0.png").is_file()

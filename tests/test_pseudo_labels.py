@@ -94,3 +94,22 @@ def test_maps_at_feature_resolution_and_torch_batches():
                               background_needs_white=False)
     assert out.shape == (2, 32, 48)
     assert (out[:, :, :20] == 0).all() and (out[:, :, 28:] == BG).all()
+
+
+def test_segmentation_pseudo_label_keeps_the_patch_classes_and_tissue():
+    from napari_wsss_cram.core.pseudo_labels import segmentation_pseudo_label
+
+    image = np.full((6, 8, 3), 150, np.uint8)
+    image[:, 4:] = 250                                    # glass on the right
+    probs = np.zeros((4, 6, 8), np.float32)
+    probs[1] = 0.6                                        # stroma favoured, but the patch is tumor+normal
+    probs[0, :3] = 0.3
+    probs[2, :3] = 0.1
+    probs[0, 3:] = 0.2
+    probs[2, 3:] = 0.2                                    # a tie between the present classes: unsure
+    probs[3] = 1.0 - probs[:3].sum(0)
+    label = segmentation_pseudo_label(probs, image, [1, 0, 1], min_confidence=0.6)
+    assert (label[:3, :4] == 0).all()                     # tumor holds 0.75 of the present classes' mass
+    assert (label[3:, :4] == 255).all()                   # 0.5 / 0.5: below the confidence floor
+    assert (label[:, 4:] == 3).all()                      # glass is background
+    assert not (label == 1).any()                         # an absent class never appears

@@ -181,6 +181,11 @@ def test_pseudo_labels_then_stage2_through_cli(tiny_data, tmp_path, capsys):
     assert capsys.readouterr().out.strip().endswith("pl")
     pseudo = discover_pixel_dataset(tmp_path / "pl")
     assert len(pseudo) == 6
+    # the paper's labels of the activation maps are one option away
+    assert main(["pseudo-labels", str(stage1), str(patches), "--out", str(tmp_path / "pl_maps"), "--device", "cpu",
+                 "--source", "maps"]) == 0
+    assert len(discover_pixel_dataset(tmp_path / "pl_maps")) == 6
+    capsys.readouterr()
     from napari_wsss_cram.core.data import load_pixel_sample
 
     rgb, mask = load_pixel_sample(pseudo.samples[0], pseudo.classes)

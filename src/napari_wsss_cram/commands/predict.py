@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".svs", ".btf")
 SUMMARY_NAME = "predict_summary.csv"
+TTA_SCALES = (0.75, 1.0, 1.25)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,7 +58,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tissue-threshold", type=int, default=200,
                         help="gray level above which low-res pixels are background; tiles without tissue "
                              "are skipped (default 200)")
-    parser.add_argument("--no-tissue-mask", action="store_true", help="run the model on every tile")
+    parser.add_argument("--no-tissue-mask", action="store_true",
+                        help="run the model on every tile, and let its background channel decide background")
+    parser.add_argument("--background", choices=("tissue", "model"), default=None,
+                        help="tissue (default): background is where the tissue mask says, every tissue pixel gets "
+                             "a tissue class; model: the model's background channel competes (the paper)")
+    parser.add_argument("--gate", action=argparse.BooleanOptionalAction, default=None,
+                        help="zero the classes the image-level classifier calls absent in a tile")
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time augmentation: the model at x0.75, x1, x1.25 and mirrored, averaged (6x slower)")
     parser.add_argument("--no-amp", action="store_true", help="disable CUDA mixed precision")
     parser.add_argument("--work-dir", default=None,
                         help="folder for the temporary disk-backed arrays of large slides (default: system temp)")
@@ -158,6 +167,12 @@ def settings_from_args(args: argparse.Namespace, info: Any, device_type: str):
         output_level=args.output_level,
         tissue_threshold=None if args.no_tissue_mask else args.tissue_threshold,
         with_probs="probs" in args.formats, work_dir=args.work_dir)
+    if args.background is not None:
+        settings.background = args.background
+    if args.gate is not None:
+        settings.gate_classes = args.gate
+    if args.tta:
+        settings.tta_scales, settings.tta_flip = TTA_SCALES, True
     settings.validate()
     return settings
 

@@ -1,4 +1,4 @@
-"""Write the joint (stage-1) model's reliable pseudo-labels of a patch folder as palette PNGs (255 = unreliable):
+"""Write the joint (stage-1) model's pseudo-labels of a patch folder as palette PNGs (255 = unreliable):
 OUT/mask/<name>.png with the patches linked under OUT/img/, ready for `wsss-cram train --stage2 --pseudo OUT`.
 """
 
@@ -15,6 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scale", type=float, help="rescale patches by this factor (default: the training mean)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     parser.add_argument("--crf-workers", type=int, default=0, help="processes for the CRF (0 = in-process)")
+    parser.add_argument("--source", choices=("segmentation", "maps"), default="segmentation",
+                        help="segmentation: the segmentation branch restricted to each patch's classes and tissue "
+                             "(default); maps: the paper's reliable labels of the activation maps (alpha/beta + CRF)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
 
 
@@ -24,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from ..core.pseudo_labels import make_pseudo_labels
 
     gen = make_pseudo_labels(args.checkpoint, args.patches, args.out, scale=args.scale, device=args.device,
-                             crf_workers=args.crf_workers, overwrite=args.overwrite)
+                             crf_workers=args.crf_workers, overwrite=args.overwrite, source=args.source)
     bar = None
     try:
         while True:

@@ -182,12 +182,43 @@ class PseudoLabeller:
 
 # ----------------------------------------------------------------------------------------------- stage 2 input
 
+PSEUDO_LABEL_SOURCES = ("segmentation", "maps")
+
+
+def segmentation_pseudo_label(probs: np.ndarray, image: np.ndarray, labels, tissue_threshold: float | None = 200,
+                              min_confidence: float = 0.5) -> np.ndarray:
+    """Pseudo-label (H, W) uint8 from the segmentation branch's probabilities (K+1, H, W) of a training patch:
+    restricted to the patch's image-level classes and to its tissue (near-white is background), the arg-max
+    class where its probability among the present classes reaches ``min_confidence``, else 255."""
+    import torch
+
+    from .inference import near_white_mask, restrict_to_tissue
+
+    labels = np.asarray(labels, dtype=np.float32).reshape(1, -1)
+    p = torch.from_numpy(np.ascontiguousarray(probs, dtype=np.float32))[None]
+    white = None
+    if tissue_threshold is not None:
+        white = near_white_mask(torch.from_numpy(np.ascontiguousarray(image[..., :3])).float()[None], tissue_threshold)
+    presence = torch.from_numpy(labels)
+    if not labels.any():  # no class present: nothing to restrict to, keep the model's own answer
+        presence = None
+    restricted = restrict_to_tissue(p, white, presence, 0.5)[0].numpy()
+    label = restricted.argmax(axis=0).astype(np.uint8)
+    label[restricted.max(axis=0) < min_confidence] = IGNORE_INDEX
+    return label
+
+
 def make_pseudo_labels(checkpoint: str | Path, patches: str | Path, out_dir: str | Path, scale: float | None = None,
                        device: str = "auto", crf_workers: int = 0, overwrite: bool = False,
-                       cancel: CancelToken | None = None) -> Generator[Progress, None, Path]:
-    """Write the joint model's reliable pseudo-labels of every patch as ``out_dir/mask/<name>.png`` (palette
-    PNG, 255 = unreliable) with the patch under ``out_dir/img/`` (hard link, else copy): a pixel-labelled set
-    for ``train --stage2 --pseudo out_dir``. Returns ``out_dir``."""
+                       cancel: CancelToken | None = None, source: str = "segmentation"
+                       ) -> Generator[Progress, None, Path]:
+    """Write pseudo-labels of every patch as ``out_dir/mask/<name>.png`` (palette PNG, 255 = unreliable) with
+    the patch under ``out_dir/img/`` (hard link, else copy): a pixel-labelled set for
+    ``train --stage2 --pseudo out_dir``. Returns ``out_dir``.
+
+    ``source="segmentation"``: the joint model's segmentation branch, restricted to each patch's image-level
+    classes and its tissue (:func:`segmentation_pseudo_label`); ``"maps"``: the paper's reliable labels of the
+    activation maps (alpha/beta + CRF agreement, :func:`reliable_pseudo_labels`)."""
     import shutil
     import tempfile
 
@@ -203,6 +234,8 @@ def make_pseudo_labels(checkpoint: str | Path, patches: str | Path, out_dir: str
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise OutputExistsError(f"{out_dir} exists and is not empty; choose another --out or pass --overwrite.")
+    if source not in PSEUDO_LABEL_SOURCES:
+        raise ValueError(f"source must be one of {', '.join(PSEUDO_LABEL_SOURCES)}, got '{source}'.")
     dev = resolve_device(device)
     model, info = load_checkpoint(checkpoint, map_location="cpu")
     if not model.has_pseudo_branch:
@@ -226,10 +259,14 @@ def make_pseudo_labels(checkpoint: str | Path, patches: str | Path, out_dir: str
             size = (max(8, round(w * scale)), max(8, round(h * scale)))
             big = np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR)) if abs(scale - 1) > 1e-6 else rgb
             with torch.no_grad():
-                _, cam = model.predict(model.normalize(big[None]))
-            maps = cam[0].float().clamp_min(0).cpu().numpy()
-            label = labeller.result(labeller.submit(maps[None], np.ascontiguousarray(big)[None],
-                                                    index.labels[i][None]))[0].astype(np.uint8)
+                probs, cam, _ = model.predict_with_presence(model.normalize(big[None]))
+            if source == "segmentation":
+                label = segmentation_pseudo_label(probs[0].float().cpu().numpy(), big, index.labels[i],
+                                                  model.config.tissue_threshold)
+            else:
+                maps = cam[0].float().clamp_min(0).cpu().numpy()
+                label = labeller.result(labeller.submit(maps[None], np.ascontiguousarray(big)[None],
+                                                        index.labels[i][None]))[0].astype(np.uint8)
             if label.shape != (h, w):
                 label = np.asarray(Image.fromarray(label).resize((w, h), Image.NEAREST))
             name = path.stem + ".png"
