@@ -48,7 +48,7 @@ FOLDS = ("even", "odd")
 
 #: key -> (title, ModelConfig overrides for training, PredictSettings overrides for scoring, trains a model)
 ROWS: dict[str, tuple[str, dict, dict, bool]] = {
-    "cam": ("plain CAM (maps; gated, tissue background)",
+    "cam": ("plain CAM (maps, tissue background)",
             {"use_da": False, "use_joint": False, "use_crf": False, "constrained_weight": 0.0}, {}, True),
     "paper": ("WSSS-CRAM as written (paper switches)",
               {"use_da": True, "use_joint": True, "use_crf": True, "constrained_weight": 0.0,
@@ -60,11 +60,12 @@ ROWS: dict[str, tuple[str, dict, dict, bool]] = {
 TTA = {"tta_scales": (0.75, 1.0, 1.25), "tta_flip": True}
 #: re-scorings of a trained row's checkpoint with other output rules (no training): key -> (title, row, overrides)
 RESCORE = {
-    "cam_no_gate": ("plain CAM, no class gating", "cam", {"gate_classes": False}),
+    "cam_gated": ("plain CAM + class gating", "cam", {"gate_classes": True}),
     "cam_tta": ("plain CAM, multi-scale + flip maps", "cam", TTA),
-    "default_no_gate": ("default, no class gating", "default", {"gate_classes": False}),
+    "default_gated": ("default + class gating", "default", {"gate_classes": True}),
     "default_model_bg": ("default, model background (not tissue mask)", "default", {"background": "model"}),
     "default_tta": ("default + multi-scale + flip at inference", "default", TTA),
+    "default_crf": ("default + dense CRF at inference (DSRG parameters)", "default", {"crf": True}),
 }
 ALL_ROWS = ["constant", "cam", "paper", "constrained_only", "default", "stage2"]
 
@@ -265,8 +266,15 @@ def run_fold(args, fold: str) -> dict:
     return result
 
 
-def rescore(result: dict, out: Path, test_index) -> None:
-    """Score the trained rows' checkpoints again with each RESCORE variant (no training)."""
+def rescore(result: dict, out: Path, test_index, rows_too: bool = False) -> None:
+    """Score the trained rows' checkpoints again with each RESCORE variant (no training); ``rows_too``: the
+    trained rows themselves as well (after a change of the engine's defaults)."""
+    if rows_too:
+        for key, row in result["rows"].items():
+            checkpoint = out / key / "last.pt"
+            if checkpoint.is_file() and (key in ROWS or key == "stage2"):
+                overrides = ROWS[key][2] if key in ROWS else {}
+                row["matrix"] = score_model(checkpoint, test_index, overrides).matrix.tolist()
     for rkey, (_, base, overrides) in RESCORE.items():
         checkpoint = out / base / "last.pt"
         if base in result["rows"] and checkpoint.is_file():
@@ -283,7 +291,7 @@ def rescore_fold(args, fold: str) -> dict:
     out = Path(args.out) / fold
     result = json.loads((out / "fold.json").read_text(encoding="utf-8"))
     test_index = discover_pixel_dataset(Path(args.data) / "2.validation").subset(result["test_images"])
-    rescore(result, out, test_index)
+    rescore(result, out, test_index, rows_too=True)
     (out / "fold.json").write_text(json.dumps(result), encoding="utf-8")
     return result
 
@@ -292,8 +300,9 @@ def rescore_fold(args, fold: str) -> dict:
 
 TITLES = {"constant": "constant stroma", **{k: v[0] for k, v in ROWS.items()},
           **{k: v[0] for k, v in RESCORE.items()}, "stage2": "stage 2 on the default's pseudo-labels"}
-ORDER = ["constant", "cam", "cam_no_gate", "cam_tta", "paper", "constrained_only", "default_no_gate", "default_model_bg", "default",
-         "default_tta", "stage2"]
+ORDER = ["constant", "cam", "cam_gated", "cam_tta", "paper", "constrained_only", "default_gated", "default_model_bg",
+         "default",
+         "default_tta", "default_crf", "stage2"]
 
 
 def pool(folds: list[dict], classes: ClassSpec) -> dict:
@@ -367,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overlap", type=float, default=0.5, help="patchify overlap (more crops per image)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rescore", action="store_true",
-                        help="no training: score a finished --out's checkpoints with the re-scoring rows")
+                        help="no training: score a finished --out's checkpoints again with the current engine "
+                             "(every trained row and the re-scoring rows)")
     parser.add_argument("--fold-worker", choices=FOLDS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
@@ -407,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     text = [f"WSSS4LUAD two-fold benchmark ({', '.join(folds)}; crops per fold "
             f"{', '.join(str(r['crops']) for r in results)}), pooled over the folds. Command: `{command}`", "",
             table]
-    for key in ("cam", "default"):
+    for key in ("cam", "default", "stage2"):
         if key in report:
             text += ["", f"Row-normalised confusion of tissue pixels, {report[key]['title']}:", "",
                      format_confusion(report[key], WSSS4LUAD)]

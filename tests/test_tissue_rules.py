@@ -66,12 +66,13 @@ def test_pale_tissue_is_not_background_and_glass_is():
 def test_class_gating_zeroes_absent_classes():
     img = _pale_tissue_image()
     gated = np.asarray(drive(predict_array(BackgroundLovingNet(), None, img,
-                                           PredictSettings(scale=1.0, device="cpu"))).labels)
-    # stroma (0.2) beats tumor (0.1) until the classifier calls stroma absent (0.1 < 0.5)
+                                           PredictSettings(scale=1.0, device="cpu", gate_classes=True))).labels)
+    # stroma (0.2) beats tumor (0.1) until the classifier calls stroma absent (0.1 < 0.3)
     assert (gated[:, :60] == TUMOR).all()
     # nothing present at all: the most present class is kept, so tissue still gets a tissue class
     none_present = BackgroundLovingNet(presence=(0.2, 0.3, 0.1))
-    labels = np.asarray(drive(predict_array(none_present, None, img, PredictSettings(scale=1.0, device="cpu"))).labels)
+    labels = np.asarray(drive(predict_array(none_present, None, img, PredictSettings(
+        scale=1.0, device="cpu", gate_classes=True, gate_threshold=0.5))).labels)
     assert (labels[:, :60] == STROMA).all()
 
 

@@ -257,3 +257,20 @@ def test_reliable_pseudo_label_view(make_napari_viewer, qtbot, tiny_checkpoint):
     assert values <= set(range(WSSS4LUAD.num_outputs)) | {255}
     assert pseudo.colormap.map(np.array([255]))[0][3] == 0  # unsure pixels are see-through
     assert widget.export_panel.labels_combo.currentText() == "patch CRF labels"
+
+
+def test_output_rules_default_from_the_engine_and_reach_it(make_napari_viewer, qtbot, tiny_checkpoint):
+    from napari_wsss_cram.core.inference import PredictSettings
+
+    viewer = make_napari_viewer()
+    widget = _segment_dock(viewer, tiny_checkpoint)
+    settings = widget.predict_settings()
+    assert settings.background == PredictSettings.background == "tissue"
+    assert settings.gate_classes == PredictSettings.gate_classes
+    widget.tissue_check.setChecked(False)
+    widget.gate_check.setChecked(False)
+    settings = widget.predict_settings()
+    assert settings.background == "model" and settings.gate_classes is False
+    qtbot.wait(800)  # saved (debounced) as they change
+    _, second = make_napari_viewer().window.add_plugin_dock_widget(PLUGIN, "Segment")
+    assert not second.tissue_check.isChecked() and not second.gate_check.isChecked()

@@ -42,7 +42,8 @@ def spin(cls, lo, hi, value, step=1, decimals=None):
 
 
 class AdvancedPanel(QCollapsible):
-    """CRF refinement and its parameters (DSRG defaults), tile overlap, and the alpha/beta pseudo-label view."""
+    """Output rules (tissue-mask background, class gating), CRF refinement and its parameters (DSRG defaults),
+    tile overlap, and the alpha/beta pseudo-label view."""
 
     def __init__(self):
         super().__init__("Advanced")
@@ -58,6 +59,18 @@ class AdvancedPanel(QCollapsible):
         self.alpha_spin = spin(QDoubleSpinBox, 0.0, 1.0, 0.3, 0.05, 2)
         self.beta_spin = spin(QDoubleSpinBox, 0.0, 1.0, 0.9, 0.05, 2)
         self.pseudo_check = QCheckBox("Show reliable pseudo-labels (alpha/beta)")
+        from ..core.inference import PredictSettings  # defaults have one owner: the engine's settings
+
+        self.tissue_check = QCheckBox("Background = no tissue (near-white), not a class")
+        self.tissue_check.setToolTip("Every stained pixel gets a tissue class; glass and air spaces are background. "
+                                     "Off: the model's background channel competes with the tissue classes.")
+        self.tissue_check.setChecked(PredictSettings.background == "tissue")
+        self.gate_check = QCheckBox("Drop classes the model finds absent in a tile")
+        self.gate_check.setToolTip("The image-level classifier decides per tile which classes are present; "
+                                   "absent ones are never painted there.")
+        self.gate_check.setChecked(PredictSettings.gate_classes)
+        form.addRow(self.tissue_check)
+        form.addRow(self.gate_check)
         form.addRow(self.crf_check)
         for name, box in self.crf_spins.items():
             form.addRow(name.replace("_", " "), box)

@@ -69,7 +69,7 @@ class SegmentWidget(QWidget):
 
         advanced = AdvancedPanel()
         for name in ("crf_check", "crf_spins", "crf_iterations", "overlap_spin", "alpha_spin", "beta_spin",
-                     "pseudo_check"):
+                     "pseudo_check", "tissue_check", "gate_check"):
             setattr(self, name, getattr(advanced, name))
 
         self.run_button = QPushButton("Run")
@@ -229,6 +229,8 @@ class SegmentWidget(QWidget):
             batch=1 if on_cpu else 4, **({"mpp": value} if use_mpp else {"scale": value}),
             output_level=self.level_spin.value(), tile=self.tile_spin.value(), overlap=self.overlap_spin.value(),
             crf=self.crf_check.isChecked(), crf_params=crf,
+            background="tissue" if self.tissue_check.isChecked() else "model",
+            gate_classes=self.gate_check.isChecked(),
             device=self.device_combo.currentText(), with_cam=True)
 
     def region(self, layer) -> tuple[int, int, int, int] | None:
@@ -354,6 +356,7 @@ class SegmentWidget(QWidget):
                 "region": self.region_combo, "resolution_value": self.resolution_value, "tile": self.tile_spin,
                 "overlap": self.overlap_spin, "alpha": self.alpha_spin, "beta": self.beta_spin,
                 "crf": self.crf_check, "pseudo": self.pseudo_check, "checkpoint": self.checkpoint_row,
+                "tissue_background": self.tissue_check, "gate_classes": self.gate_check,
                 "export_dir": self.export_panel.export_dir, "level": self.level_spin,
                 "crf_iterations": self.crf_iterations, **self.crf_spins}
 
