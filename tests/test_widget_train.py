@@ -154,3 +154,16 @@ def test_cancel_then_resume_finishes_the_run(make_napari_viewer, qtbot, patch_fo
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
     assert widget.checkpoint_path is not None, widget.message.text()
     assert widget.progress_bar.value() == 4
+
+
+def test_time_budget_comes_from_the_preset_and_reaches_the_run(make_napari_viewer, patch_folder, tmp_path):
+    viewer = make_napari_viewer()
+    widget = _train_dock(viewer)
+    widget.preset_combo.setCurrentText("cpu-small")
+    widget.apply_preset()
+    assert widget.minutes_spin.value() == 30.0            # cpu-small trains for 30 minutes
+    widget.data_row.setText(str(patch_folder))
+    widget.out_row.setText(str(tmp_path / "run"))
+    assert widget.config().minutes == 30.0
+    widget.minutes_spin.setValue(0.0)                     # "no time limit"
+    assert widget.config().minutes is None

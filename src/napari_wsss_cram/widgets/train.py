@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -68,7 +69,11 @@ class TrainWidget(QWidget):
         self.backbone_combo.addItems(["resnet18", "resnet34", "resnet50", "resnet101"])
         self.epochs_spin = _spin(QSpinBox, 1, 1000)
         self.steps_spin = _spin(QSpinBox, 0, 1_000_000, 10)
-        self.steps_spin.setSpecialValueText("by epochs")
+        self.steps_spin.setSpecialValueText("by epochs / time")
+        self.minutes_spin = _spin(QDoubleSpinBox, 0.0, 100_000.0, 5.0, 1)
+        self.minutes_spin.setSpecialValueText("no time limit")
+        self.minutes_spin.setSuffix(" min")
+        self.minutes_spin.setToolTip("Wall-clock budget: training ends when it is spent (or at Steps, if set)")
         self.batch_spin = _spin(QSpinBox, 1, 256)
         self.crop_spin = _spin(QSpinBox, 32, 1024, 16)
         self.lr_spin = _spin(QDoubleSpinBox, 1e-6, 1.0, 1e-4, 6)
@@ -77,7 +82,8 @@ class TrainWidget(QWidget):
         self.out_row = common.PathRow("run folder (checkpoints, metrics.csv)")
         self.mix_check = QCheckBox("Mix in patches cut from corrected labels")
         for label, widget in [("Preset", self.preset_combo), ("Backbone", self.backbone_combo),
-                              ("Epochs", self.epochs_spin), ("Steps", self.steps_spin), ("Batch", self.batch_spin),
+                              ("Epochs", self.epochs_spin), ("Steps", self.steps_spin),
+                              ("Time budget", self.minutes_spin), ("Batch", self.batch_spin),
                               ("Crop", self.crop_spin), ("Learning rate", self.lr_spin),
                               ("Device", self.device_combo), ("Output", self.out_row), ("", self.mix_check)]:
             form.addRow(label, widget)
@@ -138,6 +144,7 @@ class TrainWidget(QWidget):
         self.backbone_combo.setCurrentText(str(config.model.get("backbone", "resnet50")))
         self.epochs_spin.setValue(config.epochs)
         self.steps_spin.setValue(config.steps or 0)
+        self.minutes_spin.setValue(config.minutes or 0.0)
         self.batch_spin.setValue(config.batch_size)
         self.crop_spin.setValue(config.crop)
         self.lr_spin.setValue(config.lr)
@@ -153,11 +160,12 @@ class TrainWidget(QWidget):
         if val and not Path(val).is_dir():
             raise WsssCramError(f"Validation folder '{val}' does not exist (leave it empty to skip validation).")
         mix = self.corrections_row.text() if self.mix_check.isChecked() else None
-        return preset_config(
+        config = preset_config(
             self.preset_combo.currentText(), data=data, out=out, val=val, backbone=self.backbone_combo.currentText(),
             epochs=self.epochs_spin.value(), steps=self.steps_spin.value() or None,
             batch_size=self.batch_spin.value(), crop=self.crop_spin.value(), lr=self.lr_spin.value(),
             device=self.device_combo.currentText(), resume=resume, corrections=mix)
+        return dataclasses.replace(config, minutes=self.minutes_spin.value() or None)
 
     def _refresh_layer_choices(self, event=None) -> None:
         from napari.layers import Image, Labels
@@ -280,6 +288,7 @@ class TrainWidget(QWidget):
     def _persisted(self) -> dict:
         return {"data": self.data_row, "val": self.val_row, "out": self.out_row, "preset": self.preset_combo,
                 "backbone": self.backbone_combo, "epochs": self.epochs_spin, "steps": self.steps_spin,
+                "minutes": self.minutes_spin,
                 "batch": self.batch_spin, "crop": self.crop_spin, "lr": self.lr_spin,
                 "device": self.device_combo, "corrections": self.corrections_row, "mix": self.mix_check}
 
