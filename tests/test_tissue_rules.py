@@ -8,14 +8,10 @@ import torch
 from torch import nn
 
 from napari_wsss_cram.core.classes import WSSS4LUAD
-from napari_wsss_cram.core.inference import (
-    PredictSettings,
-    near_white_mask,
-    predict_array,
-    restrict_to_tissue,
-)
+from napari_wsss_cram.core.inference import PredictSettings, predict_array
 from napari_wsss_cram.core.losses import label_constrained_loss
 from napari_wsss_cram.core.progress import drive
+from napari_wsss_cram.core.tissue import near_white_mask, restrict_to_tissue
 from napari_wsss_cram.core.train import TrainingBudget
 
 TUMOR, STROMA, NORMAL = 0, 1, 2

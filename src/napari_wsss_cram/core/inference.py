@@ -74,6 +74,7 @@ from .tiling import (
     tissue_thumbnail,
     window_1d,
 )
+from .tissue import near_white_mask, restrict_to_tissue
 
 log = logging.getLogger(__name__)
 
@@ -211,46 +212,6 @@ def _lerp(x: Any, dim: int, taps: tuple) -> Any:
     shape = [1] * x.ndim
     shape[dim] = -1
     return a + (b - a) * t.view(shape)
-
-
-def near_white_mask(rgb: Any, threshold: float, cleanup: int = 5) -> Any:
-    """bool (B, H, W) torch: not tissue (gray level > ``threshold``), from float RGB (B, H, W, 3) in 0..255.
-
-    A ``cleanup`` x ``cleanup`` majority vote removes isolated specks of either kind (single bright pixels in
-    stroma, dust on the glass), as the tissue masks of MLPS and PistoSeg do with their small-object removal.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    weights = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float32, device=rgb.device)
-    white = ((rgb.float() * weights).sum(-1) > threshold).float()[:, None]
-    if cleanup > 1:
-        white = F.avg_pool2d(white, cleanup, stride=1, padding=cleanup // 2, count_include_pad=False)
-    return white[:, 0] > 0.5
-
-
-def restrict_to_tissue(probs: Any, white: Any | None, presence: Any | None, gate_threshold: float = 0.5) -> Any:
-    """Background is "not tissue": probabilities (B, K+1, H, W) -> the same, with background exactly where
-    ``white`` (B, H, W) is true and, on tissue, the tissue classes renormalised among themselves.
-
-    ``presence`` (B, K) gates classes: a class below ``gate_threshold`` is zeroed in that tile (the most
-    present class is always kept). ``white=None`` keeps the model's own background channel (gating only).
-    """
-    import torch
-
-    k = probs.shape[1] - 1
-    tissue = probs[:, :k]
-    if presence is not None:
-        keep = presence.float() >= gate_threshold
-        keep[torch.arange(len(keep), device=keep.device), presence.argmax(dim=1)] = True
-        tissue = tissue * keep[:, :, None, None].to(tissue.dtype)
-    if white is None:
-        out = torch.cat([tissue, probs[:, k:]], dim=1)
-        return out / out.sum(dim=1, keepdim=True).clamp_min(1e-8)
-    total = tissue.sum(dim=1, keepdim=True)
-    tissue = torch.where(total > 1e-8, tissue / total.clamp_min(1e-8), torch.full_like(tissue, 1.0 / max(1, k)))
-    white = white[:, None].to(tissue.dtype)
-    return torch.cat([tissue * (1.0 - white), white], dim=1)
 
 
 class TileRunner:

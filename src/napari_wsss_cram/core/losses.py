@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from .classes import IGNORE_INDEX
 from .model.config import ModelConfig
 from .model.cram import to_rgb255
+from .tissue import near_white_mask
 
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -47,8 +48,7 @@ def background_prior_loss(cam: torch.Tensor, image: torch.Tensor, threshold: flo
     """Squared error between the background map ``cam[:, -1]`` (B, h, w) and the share of near-white pixels
     (gray > ``threshold``) of ``image`` (B, 3, H, W, RGB 0..255) under each map pixel."""
     with torch.no_grad():
-        weights = torch.tensor([0.299, 0.587, 0.114], device=image.device, dtype=torch.float32)
-        white = ((image.float() * weights.view(1, 3, 1, 1)).sum(1, keepdim=True) > threshold).float()
+        white = near_white_mask(image.permute(0, 2, 3, 1), threshold, cleanup=1).float()[:, None]
         target = F.adaptive_avg_pool2d(white, cam.shape[-2:])[:, 0]
     # A squared error, not a BCE: M_bg = |z_bg| / ||z|| is 0 wherever z_bg changes sign, so log(M_bg) has a
     # singularity there and a BCE step from random init throws the whole map to background (measured: the
@@ -72,12 +72,6 @@ def map_presence_loss(cam: torch.Tensor, labels: torch.Tensor, top: float = 0.1)
     return -(target * pooled.log() + (1 - target) * (1 - pooled).log()).mean()
 
 
-def tissue_mask_tensor(image: torch.Tensor, threshold: float = 200.0) -> torch.Tensor:
-    """(B, 3, H, W) RGB in 0..255 -> bool (B, H, W): True on stained tissue (gray level <= ``threshold``)."""
-    weights = torch.tensor([0.299, 0.587, 0.114], device=image.device, dtype=torch.float32).view(1, 3, 1, 1)
-    return (image.float() * weights).sum(1) <= threshold
-
-
 def label_constrained_loss(seg_logits: torch.Tensor, labels: torch.Tensor, image: torch.Tensor,
                            threshold: float = 200.0, top: float = 0.05, share: float = 0.3) -> torch.Tensor:
     """Image-level labels as constraints on the segmentation branch's softmax S (B, K+1, H, W), per crop:
@@ -96,7 +90,7 @@ def label_constrained_loss(seg_logits: torch.Tensor, labels: torch.Tensor, image
         log_probs = seg_logits.float().log_softmax(dim=1)
         b, c = log_probs.shape[:2]
         k = labels.shape[1]
-        tissue = tissue_mask_tensor(image, threshold)
+        tissue = ~near_white_mask(image.permute(0, 2, 3, 1), threshold, cleanup=1)
         if tissue.shape[-2:] != log_probs.shape[-2:]:
             tissue = F.interpolate(tissue[:, None].float(), size=log_probs.shape[-2:], mode="nearest")[:, 0] > 0.5
         present = labels.float() > 0.5                                   # (B, K)

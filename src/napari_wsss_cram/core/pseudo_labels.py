@@ -192,7 +192,7 @@ def segmentation_pseudo_label(probs: np.ndarray, image: np.ndarray, labels, tiss
     class where its probability among the present classes reaches ``min_confidence``, else 255."""
     import torch
 
-    from .inference import near_white_mask, restrict_to_tissue
+    from .tissue import near_white_mask, restrict_to_tissue
 
     labels = np.asarray(labels, dtype=np.float32).reshape(1, -1)
     p = torch.from_numpy(np.ascontiguousarray(probs, dtype=np.float32))[None]
