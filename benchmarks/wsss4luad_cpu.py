@@ -66,6 +66,8 @@ RESCORE = {
     "default_model_bg": ("default, model background (not tissue mask)", "default", {"background": "model"}),
     "default_tta": ("default + multi-scale + flip at inference", "default", TTA),
     "default_crf": ("default + dense CRF at inference (DSRG parameters)", "default", {"crf": True}),
+    "stage2_tta": ("stage 2 + multi-scale + flip at inference", "stage2", TTA),
+    "stage2_crf": ("stage 2 + dense CRF at inference (DSRG parameters)", "stage2", {"crf": True}),
 }
 ALL_ROWS = ["constant", "cam", "paper", "constrained_only", "default", "stage2"]
 
@@ -255,13 +257,13 @@ def run_fold(args, fold: str) -> dict:
                 result["stage2_pseudo_counts"] = pseudo_label_counts(seg_dir, patch_dir, classes).tolist()
         result["rows"][key] = row
         _log(fold, f"{title}: scored")
-    rescore(result, out, test_index)
     if "stage2" in rows and "default" in checkpoints:
         config = _row_config(args, patch_dir, out / "stage2", {}, stage2_pseudo=out / "default" / "pseudo_seg")
         checkpoint, seconds, steps = _train(config, fold, "stage 2")
         result["rows"]["stage2"] = {"matrix": score_model(checkpoint, test_index, {}).matrix.tolist(),
                                     "train_seconds": seconds, "steps": steps,
                                     "pseudo_counts": result["stage2_pseudo_counts"]}
+    rescore(result, out, test_index)
     (out / "fold.json").write_text(json.dumps(result), encoding="utf-8")
     return result
 
@@ -302,7 +304,7 @@ TITLES = {"constant": "constant stroma", **{k: v[0] for k, v in ROWS.items()},
           **{k: v[0] for k, v in RESCORE.items()}, "stage2": "stage 2 on the default's pseudo-labels"}
 ORDER = ["constant", "cam", "cam_gated", "cam_tta", "paper", "constrained_only", "default_gated", "default_model_bg",
          "default",
-         "default_tta", "default_crf", "stage2"]
+         "default_tta", "default_crf", "stage2", "stage2_tta", "stage2_crf"]
 
 
 def pool(folds: list[dict], classes: ClassSpec) -> dict:
