@@ -245,7 +245,8 @@ def make_pseudo_labels(checkpoint: str | Path, patches: str | Path, out_dir: str
     if scale is None:  # patches carry no µm/px: the checkpoint's training scale
         scale = float(default_resolution(info, image_has_mpp=False).scale)
     model.to(dev).eval()
-    labeller = PseudoLabeller(crf_workers, model.config.__dict__, model.config.use_crf)
+    # the CRF worker pool is needed only for the maps' reliable labels
+    labeller = PseudoLabeller(crf_workers, model.config.__dict__, model.config.use_crf) if source == "maps" else None
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
@@ -281,7 +282,8 @@ def make_pseudo_labels(checkpoint: str | Path, patches: str | Path, out_dir: str
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
     finally:
-        labeller.close()
+        if labeller is not None:
+            labeller.close()
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
