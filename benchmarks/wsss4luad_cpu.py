@@ -56,7 +56,18 @@ ROWS: dict[str, tuple[str, dict, dict, bool]] = {
     "constrained_only": ("default without pseudo-labels (constrained loss alone on the seg branch)",
                          {"lambda_seg": 0.0, "use_crf": False, "energy_weight": 0.0}, {}, True),
     "default": ("default recipe (cpu-small as shipped)", {}, {}, True),
+    "stain": ("default + H&E stain jitter 0.1", {}, {}, True),
+    "mosaic": ("default + mosaics of single-label crops (25% of items)", {}, {}, True),
 }
+#: rows that change training settings (TrainConfig keys) rather than the model: key -> overrides
+TRAIN_OVERRIDES = {
+    "stain": {"stain": 0.1},
+    "mosaic": {"mosaic_share": 0.25},
+    "stage2_mosaic": {"mosaic_share": 0.25},
+}
+#: stage-2 rows, trained on the default row's segmentation-branch pseudo-labels
+STAGE2_ROWS = {"stage2": "stage 2 on the default's pseudo-labels",
+               "stage2_mosaic": "stage 2 + mosaics of pseudo-labelled cells >= 90% one class (25% of items)"}
 TTA = {"tta_scales": (0.75, 1.0, 1.25), "tta_flip": True}
 #: re-scorings of a trained row's checkpoint with other output rules (no training): key -> (title, row, overrides)
 RESCORE = {
@@ -69,7 +80,7 @@ RESCORE = {
     "stage2_tta": ("stage 2 + multi-scale + flip at inference", "stage2", TTA),
     "stage2_crf": ("stage 2 + dense CRF at inference (DSRG parameters)", "stage2", {"crf": True}),
 }
-ALL_ROWS = ["constant", "cam", "paper", "constrained_only", "default", "stage2"]
+ALL_ROWS = ["constant", "cam", "paper", "constrained_only", "default", "stain", "mosaic", "stage2", "stage2_mosaic"]
 
 
 def fold_images(fold: str, n: int = 31) -> tuple[list[str], list[str]]:
@@ -153,14 +164,18 @@ def _num(v: float) -> float | None:
 
 # ----------------------------------------------------------------------------------------------- one fold
 
-def _row_config(args, patch_dir: Path, out: Path, model_overrides: dict, stage2_pseudo: Path | None = None):
+def _row_config(args, patch_dir: Path, out: Path, model_overrides: dict, stage2_pseudo: Path | None = None,
+                train_overrides: dict | None = None):
     from napari_wsss_cram.core.train_config import TrainConfig, load_config
 
     data = load_config(args.config).to_dict()
     data["model"] = {**data["model"], **model_overrides}
     data.update(out=str(out), seed=args.seed, val=None, threads=1, weights="none", crf_workers=0, workers=0,
-                steps=args.steps, minutes=None if args.steps else args.minutes)
-    if data["joint_warmup_steps"] and args.steps:
+                steps=args.steps, minutes=None if args.steps else args.minutes, **(train_overrides or {}))
+    if args.warmup_steps is not None:
+        # a step budget that repeats a timed run: give it that run's warm-up
+        data["joint_warmup_steps"] = args.warmup_steps
+    elif data["joint_warmup_steps"] and args.steps:
         data["joint_warmup_steps"] = min(data["joint_warmup_steps"], args.steps // 3)
     elif data["joint_warmup_steps"] and data.get("minutes") and not args.steps:
         # the preset's warm-up is sized for its own budget: keep the same share of a shorter one
@@ -180,7 +195,7 @@ def data_minutes(args) -> float:
 
 def data_has_pseudo_branch(key: str) -> bool:
     """Rows whose reliable pseudo-labels are measured (the DA rows with joint training)."""
-    return key in ("paper", "default")
+    return key in ("paper", "default", "stain", "mosaic")
 
 
 def _log(fold: str, message: str) -> None:
@@ -232,15 +247,21 @@ def run_fold(args, fold: str) -> dict:
                f"{','.join(test_names)}")
     result: dict = {"fold": fold, "train_images": train_names, "test_images": test_names,
                     "crops": len(cut.paths), "rows": {}}
+    previous = out / "fold.json"
+    if previous.is_file():
+        # rows added to a finished run (same crops, same scored images): keep the rows already there
+        old = json.loads(previous.read_text(encoding="utf-8"))
+        if old.get("test_images") == test_names and old.get("crops") == len(cut.paths):
+            result = {**old, "rows": dict(old["rows"])}
     rows = args.rows
     if "constant" in rows:
         result["rows"]["constant"] = {"matrix": constant_cm(test_index).matrix.tolist()}
     checkpoints: dict[str, Path] = {}
-    for key in ("cam", "paper", "constrained_only", "default"):
+    for key in ("cam", "paper", "constrained_only", "default", "stain", "mosaic"):
         if key not in rows:
             continue
         title, model_overrides, predict_overrides, _ = ROWS[key]
-        config = _row_config(args, patch_dir, out / key, model_overrides)
+        config = _row_config(args, patch_dir, out / key, model_overrides, train_overrides=TRAIN_OVERRIDES.get(key))
         checkpoint, seconds, steps = _train(config, fold, title)
         checkpoints[key] = checkpoint
         row = {"matrix": score_model(checkpoint, test_index, predict_overrides).matrix.tolist(),
@@ -257,12 +278,19 @@ def run_fold(args, fold: str) -> dict:
                 result["stage2_pseudo_counts"] = pseudo_label_counts(seg_dir, patch_dir, classes).tolist()
         result["rows"][key] = row
         _log(fold, f"{title}: scored")
-    if "stage2" in rows and "default" in checkpoints:
-        config = _row_config(args, patch_dir, out / "stage2", {}, stage2_pseudo=out / "default" / "pseudo_seg")
-        checkpoint, seconds, steps = _train(config, fold, "stage 2")
-        result["rows"]["stage2"] = {"matrix": score_model(checkpoint, test_index, {}).matrix.tolist(),
-                                    "train_seconds": seconds, "steps": steps,
-                                    "pseudo_counts": result["stage2_pseudo_counts"]}
+    seg_dir = out / "default" / "pseudo_seg"
+    for key, title in STAGE2_ROWS.items():
+        if key not in rows:
+            continue
+        if not (seg_dir / "mask").is_dir() or "stage2_pseudo_counts" not in result:
+            raise SystemExit(f"error: row {key} needs the default row's pseudo-labels ({seg_dir}); add row default.")
+        config = _row_config(args, patch_dir, out / key, {}, stage2_pseudo=seg_dir,
+                             train_overrides=TRAIN_OVERRIDES.get(key))
+        checkpoint, seconds, steps = _train(config, fold, title)
+        result["rows"][key] = {"matrix": score_model(checkpoint, test_index, {}).matrix.tolist(),
+                               "train_seconds": seconds, "steps": steps,
+                               "pseudo_counts": result["stage2_pseudo_counts"]}
+        _log(fold, f"{title}: scored")
     rescore(result, out, test_index)
     (out / "fold.json").write_text(json.dumps(result), encoding="utf-8")
     return result
@@ -274,7 +302,7 @@ def rescore(result: dict, out: Path, test_index, rows_too: bool = False) -> None
     if rows_too:
         for key, row in result["rows"].items():
             checkpoint = out / key / "last.pt"
-            if checkpoint.is_file() and (key in ROWS or key == "stage2"):
+            if checkpoint.is_file() and (key in ROWS or key in STAGE2_ROWS):
                 overrides = ROWS[key][2] if key in ROWS else {}
                 row["matrix"] = score_model(checkpoint, test_index, overrides).matrix.tolist()
     for rkey, (_, base, overrides) in RESCORE.items():
@@ -301,10 +329,10 @@ def rescore_fold(args, fold: str) -> dict:
 # ----------------------------------------------------------------------------------------------- report
 
 TITLES = {"constant": "constant stroma", **{k: v[0] for k, v in ROWS.items()},
-          **{k: v[0] for k, v in RESCORE.items()}, "stage2": "stage 2 on the default's pseudo-labels"}
+          **{k: v[0] for k, v in RESCORE.items()}, **STAGE2_ROWS}
 ORDER = ["constant", "cam", "cam_gated", "cam_tta", "paper", "constrained_only", "default_gated", "default_model_bg",
-         "default",
-         "default_tta", "default_crf", "stage2", "stage2_tta", "stage2_crf"]
+         "stain", "mosaic", "default", "default_tta", "default_crf", "stage2", "stage2_tta", "stage2_crf",
+         "stage2_mosaic"]
 
 
 def pool(folds: list[dict], classes: ClassSpec) -> dict:
@@ -371,6 +399,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="cpu-small", help="training preset (default: cpu-small)")
     parser.add_argument("--minutes", type=float, default=8.0, help="wall-clock training budget of every row")
     parser.add_argument("--steps", type=int, default=None, help="a step budget instead of --minutes")
+    parser.add_argument("--warmup-steps", type=int, default=None,
+                        help="classification-only steps of the joint rows (default: the preset's, scaled to the "
+                             "budget); with --steps, repeat a timed run's warm-up")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 6 steps per row, rows constant,cam,default, 4 scored images per fold")
     parser.add_argument("--rows", default=",".join(ALL_ROWS), help=f"rows to run, of {','.join(ALL_ROWS)}")

@@ -11,6 +11,7 @@ import torch
 
 from napari_wsss_cram.core.classes import IGNORE_INDEX
 from napari_wsss_cram.core.data.batch import Batch
+from napari_wsss_cram.core.data.mosaic import MosaicMix
 from napari_wsss_cram.core.model.config import ModelConfig
 from napari_wsss_cram.core.progress import drive
 from napari_wsss_cram.core.pseudo_labels import PseudoLabeller, reliable_pseudo_labels
@@ -112,6 +113,11 @@ CONSUMERS = {
     "flip": lambda t: t.dataset.augment_config.flip,
     "rot90": lambda t: t.dataset.augment_config.rot90,
     "jitter": lambda t: t.dataset.augment_config.jitter,
+    "stain": lambda t: t.dataset.augment_config.stain,
+    "mosaic_share": lambda t: t.dataset.share if isinstance(t.dataset, MosaicMix) else 0.0,
+    "mosaic_cell": lambda t: t.dataset.bank.cell,
+    # stage 2's cell bank (stage 1 takes single-label patches whole): read by Trainer.build_mosaic_bank
+    "mosaic_purity": lambda t: t.config.mosaic_purity,
     # pseudo-labels
     "pseudo_label_scale": lambda t: t.pseudo_size / t.dataset.augment_config.crop,
     "crf_workers": lambda t: t.labeller.workers,
@@ -144,6 +150,10 @@ crop = 96
 flip = false
 rot90 = false
 jitter = 0.0
+stain = 0.1
+mosaic_share = 0.5
+mosaic_cell = 16
+mosaic_purity = 0.8
 pseudo_label_scale = 0.75
 crf_workers = 0
 workers = 0

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from .classes import IGNORE_INDEX, ClassSpec
 from .data.augment import AugmentConfig
 from .data.batch import Batch, collate_batch
+from .data.mosaic import CellBank, MosaicMix, cells_from_pixel_labels, cells_from_single_label_patches
 from .data.patches import PatchDataset, discover_patches
 from .data.pixel import PixelDataset, PixelIndex, discover_pixel_dataset
 from .device import resolve_device
@@ -452,8 +453,7 @@ class Trainer:
         """Augmentation, the training dataset (patches, or stage 2's pixel-labelled sets), the validation set,
         the sampler and the DataLoader; steps per epoch and the total steps."""
         config, dist = self.config, self.dist
-        self.augment = AugmentConfig(config.scale_min, config.scale_max, config.crop, config.flip, config.rot90,
-                                     config.jitter)
+        self.augment = config.augment_config()
         if self.stage == 1:
             if not config.data:
                 raise DatasetError("No training data given (DATA_DIR).")
@@ -467,6 +467,14 @@ class Trainer:
             self.dataset = PixelDataset(pixel_index.samples, self.classes, self.augment, config.seed, weights)
             self.summary = f"stage 2: {len(self.dataset)} pixel-labelled samples ({config.pseudo}" + \
                 (f" + {config.pixel_labels} weight {config.pixel_weight}" if config.pixel_labels else "") + ")"
+        if config.mosaic_share > 0:
+            bank = self.build_mosaic_bank()
+            if bank:
+                self.dataset = MosaicMix(self.dataset, bank, config.mosaic_share, self.augment, self.stage, config.seed)
+                self.summary += f"; mosaics: {config.mosaic_share:.0%} of items, cells " + \
+                    ", ".join(f"{name} {n}" for name, n in bank.counts.items())
+            else:
+                self.summary += "; mosaics: no cell of known class (no single-label patch), none made"
         self.val_index = discover_pixel_dataset(config.val, self.classes) if config.val else None
         if len(self.dataset) < config.batch_size * dist.world:
             raise DatasetError(f"{config.data or config.pseudo}: {len(self.dataset)} samples are fewer than one "
@@ -485,6 +493,15 @@ class Trainer:
             self.dataset, batch_size=config.batch_size, sampler=self.sampler, num_workers=workers, drop_last=True,
             collate_fn=collate_batch, pin_memory=self.device.type == "cuda", generator=self.loader_generator,
             persistent_workers=False, multiprocessing_context=("fork" if workers and os.name == "posix" else None))
+
+    def build_mosaic_bank(self) -> CellBank:
+        """The cells that mosaics are made of: the single-label patches' (stage 1), or the pseudo-labelled
+        regions of at least ``mosaic_purity`` one class (stage 2)."""
+        config = self.config
+        if self.stage == 1:
+            index = self.dataset.index
+            return cells_from_single_label_patches(index.paths, index.labels, self.classes, config.mosaic_cell)
+        return cells_from_pixel_labels(self.dataset.samples, self.classes, config.mosaic_cell, config.mosaic_purity)
 
     def build_pseudo_labeller(self) -> PseudoLabeller | None:
         """Stage 1 with joint training: the pool that makes each step's reliable pseudo-labels (else None)."""

@@ -48,6 +48,12 @@ class TrainConfig:
     flip: bool = True
     rot90: bool = True
     jitter: float = 0.05
+    stain: float = 0.0               # haematoxylin/eosin stain jitter (0 = off; 0.05 light, 0.2 strong)
+    # PistoSeg-style mosaics of cells of known class, as strong pixel labels: the share of items replaced by one
+    # (0 = off); cells from single-label patches (stage 1) or pseudo-labelled regions >= mosaic_purity one class
+    mosaic_share: float = 0.0
+    mosaic_cell: int = 32            # cell side in pixels of the source images
+    mosaic_purity: float = 0.9
     # model (ModelConfig overrides, e.g. backbone, use_da, use_joint, use_crf, lambda_seg, alpha, beta, crf)
     model: dict[str, Any] = field(default_factory=dict)
     weights: str | None = "auto"     # "auto" (torchvision cache), a file path, or "none" (random init)
@@ -84,6 +90,12 @@ class TrainConfig:
             raise DatasetError(f"Need 0 < scale_min <= scale_max, got {self.scale_min}, {self.scale_max}.")
         if self.minutes is not None and not (isinstance(self.minutes, int | float) and 0 < self.minutes < 1e6):
             raise DatasetError(f"minutes must be a positive number, got {self.minutes}.")
+        if not 0.0 <= self.mosaic_share <= 1.0:
+            raise DatasetError(f"mosaic_share must be between 0 and 1, got {self.mosaic_share}.")
+        if self.mosaic_cell < 4:
+            raise DatasetError(f"mosaic_cell must be >= 4 px, got {self.mosaic_cell}.")
+        if not 0.0 <= self.stain < 1.0:
+            raise DatasetError(f"stain must be in [0, 1), got {self.stain}.")
         if self.optimizer not in ("sgd", "adam"):
             raise DatasetError(f"optimizer must be 'sgd' or 'adam', got '{self.optimizer}'.")
         self.model = dict(self.model or {})
@@ -92,6 +104,12 @@ class TrainConfig:
     def mean_scale(self) -> float:
         """The scale the model sees images at on average: the one to predict at."""
         return 0.5 * (self.scale_min + self.scale_max)
+
+    def augment_config(self):
+        """The :class:`~.data.augment.AugmentConfig` of this run: its fields, taken by name from these settings."""
+        from .data.augment import AugmentConfig
+
+        return AugmentConfig(**{f.name: getattr(self, f.name) for f in fields(AugmentConfig)})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

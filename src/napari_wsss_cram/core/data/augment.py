@@ -31,6 +31,8 @@ class AugmentConfig:
     rot90: bool = True
     #: relative strength of the per-channel colour/brightness jitter (0 turns it off)
     jitter: float = 0.05
+    #: strength of the haematoxylin/eosin stain jitter (Tellez et al. 2018; 0 turns it off, 0.05 "light")
+    stain: float = 0.0
 
 
 def rescale(rgb: np.ndarray, factor: float, mask: np.ndarray | None = None):
@@ -78,8 +80,33 @@ def color_jitter(rgb: np.ndarray, strength: float, rng: np.random.Generator) -> 
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
+#: H&E-DAB stain vectors (rows: haematoxylin, eosin, DAB) in optical density, Ruifrok & Johnston 2001 (as
+#: scikit-image's ``rgb_from_hed``); their inverse separates an RGB image into stain concentrations
+RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float32)
+HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED).astype(np.float32)
+
+
+def stain_jitter(rgb: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """Stain variation between labs and scanners: each stain's concentration scaled by ``1 +- strength`` and
+    shifted by ``+- strength`` optical density (HED jitter, Tellez et al. 2018), glass kept as glass.
+
+    The shift fades out on near-empty pixels (total optical density below 0.3) so that white glass does not turn
+    pink or blue: the tissue mask (gray > 200) must see the same background before and after.
+    """
+    if strength <= 0:
+        return rgb
+    od = -np.log(np.maximum(rgb.astype(np.float32), 1.0) / 255.0)
+    hed = od.reshape(-1, 3) @ HED_FROM_RGB
+    scale = 1.0 + rng.uniform(-strength, strength, size=3).astype(np.float32)
+    shift = rng.uniform(-strength, strength, size=3).astype(np.float32)
+    fade = np.clip(od.reshape(-1, 3).sum(axis=1, keepdims=True) / 0.3, 0.0, 1.0)
+    hed = hed * scale + shift * fade
+    out = 255.0 * np.exp(-np.maximum(hed @ RGB_FROM_HED, 0.0))
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8).reshape(rgb.shape)
+
+
 def augment(rgb: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator, mask: np.ndarray | None = None):
-    """Rescale by a random factor in ``[scale_min, scale_max]``, crop, flip, rotate, jitter.
+    """Rescale by a random factor in ``[scale_min, scale_max]``, crop, flip, rotate, stain and colour jitter.
 
     Returns ``(rgb uint8 (crop, crop, 3), mask uint8 (crop, crop) or None)``, C-contiguous.
     """
@@ -96,5 +123,6 @@ def augment(rgb: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator, mask:
         k = int(rng.integers(0, 4))
         rgb = np.rot90(rgb, k)
         mask = None if mask is None else np.rot90(mask, k)
-    rgb = color_jitter(np.ascontiguousarray(rgb), cfg.jitter, rng)
+    rgb = stain_jitter(np.ascontiguousarray(rgb), cfg.stain, rng)
+    rgb = color_jitter(rgb, cfg.jitter, rng)
     return np.ascontiguousarray(rgb), (None if mask is None else np.ascontiguousarray(mask))
