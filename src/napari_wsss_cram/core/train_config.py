@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .data.augment import AugmentConfig
 from .errors import DatasetError
 
 try:
@@ -41,14 +42,14 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 2e-4
     poly_power: float = 0.9
-    # augmentation
-    scale_min: float = 2.0
-    scale_max: float = 3.0
-    crop: int = 513
-    flip: bool = True
-    rot90: bool = True
-    jitter: float = 0.05
-    stain: float = 0.0               # haematoxylin/eosin stain jitter (0 = off; 0.05 light, 0.2 strong)
+    # augmentation: defaults owned by AugmentConfig (the component), written there once
+    scale_min: float = AugmentConfig.scale_min
+    scale_max: float = AugmentConfig.scale_max
+    crop: int = AugmentConfig.crop
+    flip: bool = AugmentConfig.flip
+    rot90: bool = AugmentConfig.rot90
+    jitter: float = AugmentConfig.jitter
+    stain: float = AugmentConfig.stain  # haematoxylin/eosin stain jitter (0 = off; 0.05 light, 0.2 strong)
     # PistoSeg-style mosaics of cells of known class, as strong pixel labels: the share of items replaced by one
     # (0 = off); cells from single-label patches (stage 1) or pseudo-labelled regions >= mosaic_purity one class
     mosaic_share: float = 0.0
@@ -107,8 +108,6 @@ class TrainConfig:
 
     def augment_config(self):
         """The :class:`~.data.augment.AugmentConfig` of this run: its fields, taken by name from these settings."""
-        from .data.augment import AugmentConfig
-
         return AugmentConfig(**{f.name: getattr(self, f.name) for f in fields(AugmentConfig)})
 
     def to_dict(self) -> dict[str, Any]:
