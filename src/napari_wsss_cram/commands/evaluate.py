@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,7 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rescale images by this factor before predicting (default: the checkpoint's mean "
                              "training rescale, e.g. 2.5 for the paper's x2-x3 preset)")
     parser.add_argument("--crf", action="store_true", help="refine predictions with the dense CRF")
-    parser.add_argument("--json", metavar="OUT", help="write the scores as JSON")
+    parser.add_argument("--json", metavar="OUT", help="write the scores as JSON (an existing file needs --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     parser.add_argument("--classes", help="class names 'a,b,c' (default: the checkpoint's)")
 
@@ -28,9 +30,13 @@ def run(args: argparse.Namespace) -> int:
     from ..core.data.pixel import discover_pixel_dataset
     from ..core.device import resolve_device
     from ..core.evaluate import evaluate_model
-    from ..core.io.outputs import atomic_path
+    from ..core.io.outputs import atomic_path, ensure_can_write, ensure_writable_folder
     from ..core.progress import drive
 
+    if args.json:
+        # before the evaluation, not after it: a folder, a read-only place or an existing file fails at once
+        ensure_can_write(args.json, args.overwrite)
+        ensure_writable_folder(Path(args.json).resolve().parent, "folder of --json")
     model, info = load_checkpoint(args.checkpoint,
                                   expect_classes=class_spec_from_names(args.classes) if args.classes else None)
     dataset = discover_pixel_dataset(args.data, info.classes)

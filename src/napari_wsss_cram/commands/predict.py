@@ -14,6 +14,7 @@ rank); each rank writes its own files and rank 0 writes the summary.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import io
@@ -264,9 +265,9 @@ def _gather_rows(rows: list[dict], world: int) -> list[dict] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..core.checkpoint import load_checkpoint
-    from ..core.inference import check_outputs_free, parse_formats, resolve_device
-    from ..core.io.outputs import atomic_path, ensure_can_write
+    from ..core.errors import WsssCramError
+    from ..core.inference import check_outputs_free, parse_formats
+    from ..core.io.outputs import ensure_can_write, ensure_writable_folder, folder_lock
 
     rank, world = _dist_env()
     args.formats = parse_formats(args.format)
@@ -275,15 +276,27 @@ def run(args: argparse.Namespace) -> int:
     stems = [stem_of(p) for p in inputs]
     duplicates = sorted({s for s in stems if stems.count(s) > 1})
     if duplicates:
-        from ..core.errors import WsssCramError
-
         raise WsssCramError(f"Several inputs share the name(s) {', '.join(duplicates)}; their outputs would "
                             "collide. Rename them or predict them into different --out folders.")
     # Refuse before any work (every rank checks everything, so all ranks fail alike).
     for stem in stems:
-        check_outputs_free(out_dir, stem, args.formats, args.overwrite)
+        check_outputs_free(out_dir, stem, args.formats, args.overwrite, inputs=inputs)
     summary_path = out_dir / SUMMARY_NAME
+    if summary_path.resolve() in {p.resolve() for p in inputs}:
+        raise WsssCramError(f"The run summary '{summary_path}' would replace an input; choose another --out.")
     ensure_can_write(summary_path, args.overwrite)
+    ensure_writable_folder(out_dir, "--out folder")
+    with contextlib.ExitStack() as stack:
+        if rank == 0:  # one run per folder: the other ranks of this run write beside rank 0, never alone
+            stack.enter_context(folder_lock(out_dir, "wsss-cram predict"))
+        return _run_locked(args, inputs, out_dir, summary_path, rank, world)
+
+
+def _run_locked(args: argparse.Namespace, inputs: list[Path], out_dir: Path, summary_path: Path, rank: int,
+                world: int) -> int:
+    from ..core.checkpoint import load_checkpoint
+    from ..core.inference import resolve_device
+    from ..core.io.outputs import atomic_path
 
     initialized_here = False
     if world > 1:

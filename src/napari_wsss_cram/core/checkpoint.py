@@ -6,6 +6,7 @@ pickle code execution is refused.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -89,6 +90,19 @@ def _plain(data: dict | None) -> dict:
     return json.loads(json.dumps(data or {}, default=str))
 
 
+def tensors_sha256(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over a state dict's names, dtypes, shapes and bytes (sorted by name): stored in every checkpoint
+    and checked on load, so that damaged tensor bytes (a flipped bit on disk or in transfer) are refused
+    instead of predicting garbage with status ok."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        if tensor.numel():
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def save_checkpoint(path: str | os.PathLike, model: CRAMNet, extra: dict | None = None,
                     train_config: dict | None = None) -> Path:
     """Write ``model`` (+ classes, config, versions, ``train_config`` and ``extra``) to ``path`` atomically."""
@@ -104,6 +118,7 @@ def save_checkpoint(path: str | os.PathLike, model: CRAMNet, extra: dict | None 
         "extra": _plain(extra),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
+    payload["tensor_sha256"] = tensors_sha256(payload["state_dict"])
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -144,6 +159,18 @@ def read_checkpoint_payload(path: str | os.PathLike, map_location="cpu") -> dict
     for key in ("classes", "model_config", "state_dict"):
         if not isinstance(payload.get(key), dict):
             raise CheckpointError(f"{path} is incomplete: '{key}' is missing.")
+    state = payload["state_dict"]
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} is damaged: its weights are not all tensors.")
+    stored = payload.get("tensor_sha256")  # checkpoints written before 0.1 have none
+    if stored is not None and stored != tensors_sha256(state):
+        raise CheckpointError(f"{path} is damaged: its weights do not match the checksum written with them (a "
+                              "corrupted copy or disk). Copy the file again from its source, or retrain.")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{path} holds weights that are not finite (NaN or infinite) in {len(bad)} tensor(s), "
+                              f"e.g. {bad[0]}: the training diverged. Use an earlier checkpoint, or retrain with a "
+                              "lower learning rate.")
     return payload
 
 

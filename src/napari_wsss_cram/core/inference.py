@@ -756,11 +756,18 @@ def parse_formats(text: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
-def check_outputs_free(out_dir: str | os.PathLike, stem: str, formats: Iterable[str], overwrite: bool) -> None:
-    """Raise OutputExistsError before any work when an output exists and overwrite is off."""
+def check_outputs_free(out_dir: str | os.PathLike, stem: str, formats: Iterable[str], overwrite: bool,
+                       inputs: Iterable[str | os.PathLike] = ()) -> None:
+    """Raise OutputExistsError before any work when an output exists and overwrite is off, and always when an
+    output would replace one of ``inputs`` (outputs are named after their inputs: ``--out`` = the input folder
+    would turn the H&E images into label masks, ``--overwrite`` or not)."""
     from .io.outputs import ensure_can_write
 
+    protected = {Path(p).resolve() for p in inputs}
     for path in output_paths(out_dir, stem, formats).values():
+        if path.resolve() in protected:
+            raise OutputExistsError(f"The output '{path}' would replace the input image of the same name. "
+                                    "Inputs are never overwritten: choose another output folder.")
         ensure_can_write(path, overwrite)
 
 

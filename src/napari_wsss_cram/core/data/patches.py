@@ -158,7 +158,8 @@ def _from_names(folder: Path, files: list[Path], classes) -> PatchIndex:
 
 def _from_csv(csv_path: Path, classes) -> PatchIndex:
     base = csv_path.parent
-    with open(csv_path, newline="", encoding="utf-8") as fh:
+    # utf-8-sig: Excel writes a byte-order mark that would otherwise glue itself to the header's first name
+    with open(csv_path, newline="", encoding="utf-8-sig") as fh:
         rows = list(csv.reader(fh))
     rows = [r for r in rows if any(c.strip() for c in r)]
     if len(rows) < 2:
@@ -179,11 +180,14 @@ def _from_csv(csv_path: Path, classes) -> PatchIndex:
         if not p.is_file():
             raise DatasetError(f"{csv_path}, line {line_no}: image {p} does not exist.")
         try:
-            flags = [int(float(v)) for v in row[1:]]
+            values = [float(v) for v in row[1:]]
         except ValueError:
             raise DatasetError(f"{csv_path}, line {line_no}: class values must be 0 or 1, got {row[1:]}.") from None
-        if any(v not in (0, 1) for v in flags):
-            raise DatasetError(f"{csv_path}, line {line_no}: class values must be 0 or 1, got {row[1:]}.")
+        # exactly 0 or 1 (also written 0.0 / 1.0): a fraction such as 0.6 is not a label, never round it
+        if any(v not in (0.0, 1.0) for v in values):
+            raise DatasetError(f"{csv_path}, line {line_no}: class values must be 0 or 1, got {row[1:]} "
+                               "(fractions are not image-level labels: mark a class present with 1).")
+        flags = [int(v) for v in values]
         if not any(flags):
             raise DatasetError(f"{csv_path}, line {line_no}: {p.name} has no class set.")
         paths.append(p)

@@ -24,6 +24,9 @@ class PixelSample:
     image: Path
     mask: Path
     background: Path | None = None
+    #: mask value -> class index of the requested classes, when the folder's ``classes.txt`` orders them
+    #: differently (None: the values are already the requested indices)
+    remap: tuple[int, ...] | None = None
 
     @property
     def name(self) -> str:
@@ -63,10 +66,12 @@ def discover_pixel_dataset(path: str | Path, classes: ClassSpec | str | list[str
     if not img_dir.is_dir() or not mask_dir.is_dir():
         raise DatasetError(f"{root}: a pixel-labelled set needs 'img/' and 'mask/' sub-folders "
                            "(plus optional 'background-mask/').")
+    folder_names = read_classes_file(root)
     if isinstance(classes, ClassSpec):
         spec = classes
     else:
-        spec = class_spec_from_names(classes if classes is not None else read_classes_file(root))
+        spec = class_spec_from_names(classes if classes is not None else folder_names)
+    remap = _class_remap(class_spec_from_names(folder_names), spec, root) if folder_names else None
     images = sorted(p for p in img_dir.iterdir()
                     if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
     if not images:
@@ -77,8 +82,26 @@ def discover_pixel_dataset(path: str | Path, classes: ClassSpec | str | list[str
         if mask is None:
             raise DatasetError(f"{img}: no mask '{mask_dir / (img.stem + '.png')}' for this image.")
         bg = _find_by_stem(bg_dir, img.stem) if bg_dir.is_dir() else None
-        samples.append(PixelSample(img, mask, bg))
+        samples.append(PixelSample(img, mask, bg, remap))
     return PixelIndex(samples, spec, root)
+
+
+def _class_remap(folder: ClassSpec, wanted: ClassSpec, root: Path) -> tuple[int, ...] | None:
+    """Mask value -> index in ``wanted`` for masks written in ``folder``'s class order (``classes.txt``); None
+    when the orders agree. Different class sets are an error: the masks cannot be read as the wanted classes."""
+    have = [n.lower() for n in folder.names]
+    want = [n.lower() for n in wanted.names]
+    if have == want:
+        return None
+    if sorted(have) != sorted(want):
+        raise DatasetError(f"{root}: its classes.txt names the classes {', '.join(folder.names)}, but "
+                           f"{', '.join(wanted.names)} are needed (the model's). Use masks of these classes, or "
+                           "fix classes.txt.")
+    table = list(range(256))
+    for value, name in enumerate(have):
+        table[value] = want.index(name)
+    table[folder.background_index] = wanted.background_index
+    return tuple(table)
 
 
 def load_mask(sample: PixelSample, classes: ClassSpec, shape: tuple[int, int] | None = None) -> np.ndarray:
@@ -92,6 +115,8 @@ def load_mask(sample: PixelSample, classes: ClassSpec, shape: tuple[int, int] | 
         raise DatasetError(f"{sample.mask}: mask is {mask.shape[1]}x{mask.shape[0]} px but its image "
                            f"{sample.image.name} is {shape[1]}x{shape[0]} px.")
     mask = mask.astype(np.uint8, copy=True)
+    if sample.remap is not None:
+        mask = np.asarray(sample.remap, dtype=np.uint8)[mask]
     bad = (mask > classes.background_index) & (mask != IGNORE_INDEX)
     if bad.any():
         raise DatasetError(

@@ -46,10 +46,12 @@ def _describe(path: Path) -> str:
     return f"'{path}'"
 
 
-def to_rgb_uint8(block: np.ndarray, *, source: str = "image") -> np.ndarray:
+def to_rgb_uint8(block: np.ndarray, *, source: str = "image", float_max: float = 1.0) -> np.ndarray:
     """Convert a (h, w), (h, w, 1..4) block of uint8/uint16/float/bool to ``uint8 (h, w, 3)``.
 
-    No warning here: the grayscale warning is issued once per image by ``ImageSource``.
+    Float data is read as ``0..float_max`` (1 for the usual 0..1 images; :func:`float_range_max` tells an
+    ImageJ/MATLAB 0..255 export). No warning here: the grayscale warning is issued once per image by
+    ``ImageSource``.
     """
     a = np.asarray(block)
     if a.dtype == np.uint8:
@@ -60,7 +62,7 @@ def to_rgb_uint8(block: np.ndarray, *, source: str = "image") -> np.ndarray:
         # Full 16-bit range to 8 bits, rounded; fixed scaling keeps tiles of one image consistent.
         a = ((a.astype(np.uint32) + 128) // 257).astype(np.uint8)
     elif a.dtype.kind == "f":
-        a = np.clip(np.nan_to_num(a.astype(np.float32)) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        a = np.clip(np.nan_to_num(a.astype(np.float32)) * (255.0 / float_max) + 0.5, 0, 255).astype(np.uint8)
     elif a.dtype.kind in "iu" and a.dtype.itemsize <= 4:
         # 32-bit integer data (e.g. Pillow mode "I" PNGs holding 16-bit values): treat as 16-bit.
         a = ((np.clip(a, 0, 65535).astype(np.uint32) + 128) // 257).astype(np.uint8)
@@ -76,6 +78,24 @@ def to_rgb_uint8(block: np.ndarray, *, source: str = "image") -> np.ndarray:
     if channels >= 3:
         return np.ascontiguousarray(a[:, :, :3])
     raise ImageReadError(f"{source}: unsupported channel count {channels}.")
+
+
+def float_range_max(values: np.ndarray, source: str) -> float:
+    """The full-scale value of a float image from a sample of its pixels: 1 (0..1 data), 255 (an 8-bit image
+    saved as float, as ImageJ and MATLAB do) or 65535; raises ``ImageReadError`` when no value is finite."""
+    finite = np.asarray(values, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    if finite.size == 0:
+        raise ImageReadError(f"{source} holds no finite pixel values (all NaN or infinite); re-export the image.")
+    top = float(finite.max())
+    if top <= 1.0 + 1e-3:
+        return 1.0
+    if top <= 255.0 + 0.5:
+        return 255.0
+    if top <= 65535.0 + 0.5:
+        return 65535.0
+    raise ImageReadError(f"{source} holds float values up to {top:g}, beyond any image range (0..1, 0..255, "
+                         "0..65535); convert it to 8-bit RGB.")
 
 
 class _ArrayLevel:
@@ -164,13 +184,15 @@ class ImageSource:
     """
 
     def __init__(self, path: Path | None, levels: list[_Level], mpp: float | None,
-                 grayscale: bool = False, handle: Any = None, fmt: str = "array") -> None:
+                 grayscale: bool = False, handle: Any = None, fmt: str = "array", float_max: float = 1.0) -> None:
         self._path = path
         self._levels = levels
         self._mpp = mpp
         self._handle = handle
         self.grayscale = grayscale
         self.format = fmt
+        #: full-scale value of float pixel data (see :func:`float_range_max`)
+        self.float_max = float(float_max)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -181,6 +203,10 @@ class ImageSource:
             raise ImageReadError(f"Image {_describe(p)} does not exist; check the path.")
         if p.is_dir():
             raise ImageReadError(f"{_describe(p)} is a folder, not an image file.")
+        if not p.is_file():
+            # a named pipe would block the reader forever (and napari's GUI with it); devices and sockets too
+            raise ImageReadError(f"{_describe(p)} is not a regular file (a pipe, device or socket); save the image "
+                                 "to a file and open that.")
         try:
             size = p.stat().st_size
             with open(p, "rb") as fh:
@@ -214,6 +240,8 @@ class ImageSource:
 
         try:
             with Image.open(path) as img:
+                if img.format == "PNG":
+                    check_png_pixel_data(path, img)
                 img.load()
                 mode = img.mode
                 mpp = _mpp_from_dpi(img.info.get("dpi"))
@@ -234,7 +262,8 @@ class ImageSource:
         except (OSError, SyntaxError, ValueError) as err:
             raise ImageReadError(f"Cannot decode {_describe(path)} (truncated or corrupt?): {err}.") from None
         grayscale = arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (1, 2))
-        rgb = to_rgb_uint8(arr, source=str(path))
+        float_max = float_range_max(arr, _describe(path)) if arr.dtype.kind == "f" else 1.0
+        rgb = to_rgb_uint8(arr, source=str(path), float_max=float_max)
         return cls(path, [_ArrayLevel(rgb)], mpp, grayscale=grayscale, fmt="pillow")
 
     @classmethod
@@ -258,7 +287,14 @@ class ImageSource:
             source = cls(path, levels, mpp, grayscale=grayscale, handle=tif, fmt="tiff")
             # Decode one tile now so a truncated or corrupt file fails at open, not deep in a worker.
             lvl = levels[-1]
-            source._read_raw(len(levels) - 1, 0, min(lvl.shape[0], 16), 0, min(lvl.shape[1], 16))
+            corner = source._read_raw(len(levels) - 1, 0, min(lvl.shape[0], 16), 0, min(lvl.shape[1], 16))
+            if dtype.kind == "f":
+                # the value range of float data, from the smallest level (or its centre when that is large)
+                sh, sw = lvl.shape
+                ch, cw = min(sh, 2048), min(sw, 2048)
+                sample = source._read_raw(len(levels) - 1, (sh - ch) // 2, (sh - ch) // 2 + ch,
+                                          (sw - cw) // 2, (sw - cw) // 2 + cw) if sh * sw > 256 else corner
+                source.float_max = float_range_max(sample, f"TIFF {_describe(path)}")
             h0, w0 = levels[0].shape
             source._read_raw(0, max(0, h0 - 1), h0, max(0, w0 - 1), w0)
             return source
@@ -340,7 +376,7 @@ class ImageSource:
             except Exception as err:
                 raise ImageReadError(f"Cannot read pixels of {self.name} at level {level}, region "
                                      f"y={y0}:{y1} x={x0}:{x1} (truncated or corrupt file?): {err}.") from None
-            out[y0 - y: y1 - y, x0 - x: x1 - x] = to_rgb_uint8(block, source=self.name)
+            out[y0 - y: y1 - y, x0 - x: x1 - x] = to_rgb_uint8(block, source=self.name, float_max=self.float_max)
         return out
 
     def read_level(self, level: int = 0) -> np.ndarray:
@@ -433,6 +469,63 @@ def _chunk_sizes(n: int, chunk: int) -> tuple[int, ...]:
     if n % chunk:
         sizes.append(n % chunk)
     return tuple(sizes)
+
+
+def _png_raw_size(width: int, height: int, bit_depth: int, color_type: int, interlace: int) -> int:
+    """Bytes of a PNG's decompressed IDAT stream: each row's filter byte plus its packed samples (per Adam7
+    pass when interlaced)."""
+    channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}.get(color_type, 4)
+
+    def rows(w: int, h: int) -> int:
+        return 0 if w == 0 or h == 0 else h * (1 + (w * channels * bit_depth + 7) // 8)
+
+    if not interlace:
+        return rows(width, height)
+    passes = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+    return sum(rows(-(-(width - x0) // dx), -(-(height - y0) // dy)) for x0, y0, dx, dy in passes)
+
+
+def check_png_pixel_data(path: Path, img: Any) -> None:
+    """Raise ``ImageReadError`` when a PNG's compressed pixel data is shorter than its header's size says.
+
+    Pillow decodes such a file without complaint when the end marker is present, filling the missing rows
+    with black (which would be segmented), and a tiny file that claims a huge size decodes for minutes. The
+    zlib stream is inflated here in bounded pieces, output discarded: cheap for patch-sized images.
+    """
+    import struct
+    import zlib
+
+    data = Path(path).read_bytes()
+    pos, chunks = 8, []
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        if kind == b"IDAT":
+            chunks.append(data[pos + 8:pos + 8 + length])
+        elif kind == b"IEND":
+            break
+        pos += 12 + length
+    if len(data) < 29:
+        raise ImageReadError(f"{_describe(path)} is too short to be a PNG (truncated?).")
+    width, height, bit_depth, color_type, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
+    expected = _png_raw_size(width, height, bit_depth, color_type, interlace)
+    inflater = zlib.decompressobj()
+    produced = 0
+    try:
+        for chunk in chunks:
+            piece = inflater.decompress(chunk, 1 << 24)
+            produced += len(piece)
+            while inflater.unconsumed_tail and produced < expected:
+                piece = inflater.decompress(inflater.unconsumed_tail, 1 << 24)
+                produced += len(piece)
+            if produced >= expected:
+                break
+    except zlib.error as err:
+        raise ImageReadError(f"Cannot decode {_describe(path)}: its pixel data is corrupt ({err}).") from None
+    if produced < expected:
+        rows = max(1, expected // max(1, height))
+        raise ImageReadError(
+            f"{_describe(path)} is truncated: its header says {width}x{height} px but its pixel data stops after "
+            f"about {produced // rows} of {height} rows. Re-export or re-copy the file.")
 
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:

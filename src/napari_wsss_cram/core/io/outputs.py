@@ -21,6 +21,7 @@ is also downsampled by 2 and appended to a raw temporary file, which becomes the
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -41,12 +42,68 @@ TileSource = Callable[[int, int, int, int], np.ndarray]
 def ensure_can_write(path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Raise ``OutputExistsError`` when ``path`` exists and ``overwrite`` is False; return it as a Path."""
     p = Path(path)
+    if p.is_dir():  # first: --overwrite would not help
+        raise OutputExistsError(f"Output '{p}' is a folder; choose a file name.")
     if p.exists() and not overwrite:
         raise OutputExistsError(f"Output '{p}' already exists; delete it, choose another output folder, "
                                 "or pass --overwrite.")
-    if p.is_dir():
-        raise OutputExistsError(f"Output '{p}' is a folder; choose a file name.")
     return p
+
+
+def ensure_writable_folder(folder: str | os.PathLike, what: str = "output folder") -> Path:
+    """Create ``folder`` if needed and prove it takes a file; raise ``WsssCramError`` naming it otherwise (a
+    read-only place, an existing file in the way, a full disk) before any long work starts."""
+    p = Path(folder)
+    if p.exists() and not p.is_dir():
+        raise WsssCramError(f"The {what} '{p}' is an existing file, not a folder; choose a folder.")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".wsss-cram-write-test.", dir=p)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        reason = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err)).lower()
+        raise WsssCramError(f"Cannot write into the {what} '{p}': {reason}. Choose a folder you can write to.") \
+            from None
+    return p
+
+
+LOCK_NAME = ".wsss-cram.lock"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, what: str = "wsss-cram run") -> Iterator[Path]:
+    """Hold an exclusive lock on ``folder`` for a run that writes into it; raise ``WsssCramError`` at once when
+    another run holds it (two runs into one folder would each keep only their own rows of a shared summary).
+
+    An OS file lock (``flock`` / ``msvcrt``): it is released when the process ends, even by ``kill -9``, so a
+    crashed run never leaves the folder locked.
+    """
+    folder = ensure_writable_folder(folder)
+    path = folder / LOCK_NAME
+    fh = open(path, "a+")
+    try:
+        try:
+            if os.name == "nt":  # pragma: no cover - Windows
+                import msvcrt
+
+                msvcrt.locking(fh.fileno(), msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().strip()
+            raise WsssCramError(f"Another {what} is writing into '{folder}'{f' ({holder})' if holder else ''}; "
+                                "wait for it to finish, or choose another output folder.") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{what}, process {os.getpid()}")
+        fh.flush()
+        yield path
+    finally:
+        fh.close()
 
 
 @contextlib.contextmanager

@@ -1,0 +1,227 @@
+"""Issue 11's "bad" inputs: each one used to corrupt data or give a silent wrong answer; now each is refused
+with a message that names the file and what to do, and nothing is lost."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from napari_wsss_cram.cli import main
+from napari_wsss_cram.core.checkpoint import load_checkpoint, save_checkpoint
+from napari_wsss_cram.core.classes import WSSS4LUAD
+from napari_wsss_cram.core.data.patches import discover_patches
+from napari_wsss_cram.core.data.pixel import discover_pixel_dataset, load_mask
+from napari_wsss_cram.core.errors import CheckpointError, DatasetError, ImageReadError
+from napari_wsss_cram.core.io.images import ImageSource, read_rgb
+from napari_wsss_cram.core.io.outputs import folder_lock, write_index_png
+from napari_wsss_cram.core.model.config import ModelConfig
+from napari_wsss_cram.core.model.cram import CRAMNet
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = CRAMNet(WSSS4LUAD, ModelConfig(backbone="resnet18"), weights=None)
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", model)
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _he_patch(path: Path, size: int = 40, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    Image.fromarray((rng.random((size, size, 3)) * 180).astype(np.uint8)).save(path)
+    return path
+
+
+# 1 ---------------------------------------------------------------------------------- outputs never replace inputs
+
+def test_predict_into_the_input_folder_never_replaces_the_inputs(tmp_path, checkpoint, capsys):
+    images = tmp_path / "img"
+    images.mkdir()
+    for i in range(2):
+        _he_patch(images / f"p{i}.png", seed=i)
+    before = _digest(images)
+    code = main(["predict", str(checkpoint), str(images), "--out", str(images), "--overwrite", "--scale", "1"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "would replace the input" in err and "p0.png" in err
+    assert _digest(images) == before
+
+
+# 2 ---------------------------------------------------------------------------------- CSV labels are exact
+
+def test_fractional_csv_labels_are_refused_not_floored(tmp_path):
+    _he_patch(tmp_path / "a.png")
+    (tmp_path / "labels.csv").write_text("path,tumor,stroma,normal\na.png,0.6,1,0\n", encoding="utf-8")
+    with pytest.raises(DatasetError, match=r"line 2: class values must be 0 or 1.*fractions"):
+        discover_patches(tmp_path / "labels.csv")
+
+
+def test_excel_byte_order_mark_and_decimal_ones_are_read(tmp_path):
+    _he_patch(tmp_path / "a.png")
+    (tmp_path / "labels.csv").write_bytes("\ufeffpath,tumor,stroma,normal\na.png,1.0,0,1\n".encode())
+    index = discover_patches(tmp_path / "labels.csv")
+    assert index.labels.tolist() == [[1, 0, 1]]
+
+
+# 3 ---------------------------------------------------------------------------------- mask folders keep their order
+
+def test_mask_folder_class_order_is_read_from_its_classes_txt(tmp_path):
+    truth = np.array([[0, 1, 2, 3], [3, 2, 1, 0]], np.uint8)  # tumor, stroma, normal, background
+    # the same mask written by a tool that ordered the classes alphabetically: normal, stroma, tumor
+    alphabetical = np.array([2, 1, 0, 3], np.uint8)[truth]
+    for d in ("img", "mask"):
+        (tmp_path / d).mkdir()
+    Image.fromarray(np.full((2, 4, 3), 120, np.uint8)).save(tmp_path / "img" / "a.png")
+    write_index_png(tmp_path / "mask" / "a.png", alphabetical, WSSS4LUAD)
+    (tmp_path / "classes.txt").write_text("normal\nstroma\ntumor\n", encoding="utf-8")
+    index = discover_pixel_dataset(tmp_path, WSSS4LUAD)  # the model's order
+    assert np.array_equal(load_mask(index.samples[0], WSSS4LUAD), truth)
+    (tmp_path / "classes.txt").write_text("necrosis\nstroma\ntumor\n", encoding="utf-8")
+    with pytest.raises(DatasetError, match="classes.txt names the classes necrosis"):
+        discover_pixel_dataset(tmp_path, WSSS4LUAD)
+
+
+# 4 ---------------------------------------------------------------------------------- damaged checkpoints
+
+def _tamper(source: Path, dest: Path, change) -> Path:
+    payload = torch.load(source, weights_only=True)
+    name = "backbone.conv1.weight" if "backbone.conv1.weight" in payload["state_dict"] else \
+        next(k for k, v in payload["state_dict"].items() if v.is_floating_point() and v.numel() > 10)
+    change(payload, name)
+    torch.save(payload, dest)
+    return dest
+
+
+def test_a_checkpoint_with_damaged_tensor_bytes_is_refused(tmp_path, checkpoint):
+    load_checkpoint(checkpoint)  # the intact file loads
+
+    def flip(payload, name):
+        raw = payload["state_dict"][name].reshape(-1).view(torch.int32)
+        raw[3] ^= 1 << 20  # one bit of one weight
+
+    with pytest.raises(CheckpointError, match="damaged.*checksum"):
+        load_checkpoint(_tamper(checkpoint, tmp_path / "flipped.pt", flip))
+
+
+def test_a_checkpoint_with_nan_weights_is_refused_even_with_a_matching_checksum(tmp_path, checkpoint):
+    from napari_wsss_cram.core.checkpoint import tensors_sha256
+
+    def nan(payload, name):
+        payload["state_dict"][name].fill_(float("nan"))
+        payload["tensor_sha256"] = tensors_sha256(payload["state_dict"])
+
+    with pytest.raises(CheckpointError, match="not finite.*diverged"):
+        load_checkpoint(_tamper(checkpoint, tmp_path / "nan.pt", nan))
+
+
+# 5 ---------------------------------------------------------------------------------- truncated PNG pixel data
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _png(width: int, height: int, rows_present: int) -> bytes:
+    """An RGB PNG whose compressed data holds only ``rows_present`` rows, with a valid end marker."""
+    raw = b"".join(b"\x00" + bytes([120, 60, 140]) * width for _ in range(rows_present))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(raw)) + _chunk(b"IEND", b"")
+
+
+def test_png_whose_pixel_data_stops_early_is_refused(tmp_path):
+    whole = tmp_path / "whole.png"
+    whole.write_bytes(_png(30, 20, 20))
+    assert read_rgb(whole)[19, 29].tolist() == [120, 60, 140]
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(_png(30, 20, 1))
+    with pytest.raises(ImageReadError, match=r"cut.png.*truncated.*1 of 20 rows"):
+        read_rgb(cut)
+
+
+def test_tiny_png_claiming_a_huge_size_is_refused_at_once(tmp_path):
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png(12000, 12000, 0))
+    assert bomb.stat().st_size < 200
+    t0 = time.perf_counter()
+    with pytest.raises(ImageReadError, match="12000x12000"):
+        read_rgb(bomb)
+    assert time.perf_counter() - t0 < 10  # refused from the header and the stream length, nothing decoded
+
+
+# 6 ---------------------------------------------------------------------------------- float TIFF ranges
+
+def test_float_tiff_holding_0_to_255_reads_as_the_8_bit_image(tmp_path):
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    rgb = (rng.random((24, 32, 3)) * 255).round().astype(np.uint8)
+    tifffile.imwrite(tmp_path / "f255.tif", rgb.astype(np.float32), photometric="rgb")
+    tifffile.imwrite(tmp_path / "f01.tif", rgb.astype(np.float32) / 255.0, photometric="rgb")
+    assert np.array_equal(read_rgb(tmp_path / "f255.tif"), rgb)
+    assert np.array_equal(read_rgb(tmp_path / "f01.tif"), rgb)
+    tifffile.imwrite(tmp_path / "nan.tif", np.full((24, 32, 3), np.nan, np.float32), photometric="rgb")
+    with pytest.raises(ImageReadError, match="nan.tif.*no finite pixel values"):
+        read_rgb(tmp_path / "nan.tif")
+
+
+# 7 ---------------------------------------------------------------------------------- one run per output folder
+
+def test_a_second_predict_into_a_busy_folder_is_refused(tmp_path, checkpoint, capsys):
+    images = tmp_path / "img"
+    images.mkdir()
+    _he_patch(images / "p.png")
+    out = tmp_path / "out"
+    with folder_lock(out, "wsss-cram predict"):
+        assert main(["predict", str(checkpoint), str(images), "--out", str(out), "--scale", "1"]) == 2
+        assert "Another wsss-cram predict is writing into" in capsys.readouterr().err
+        assert not (out / "p.png").exists()
+    # released: the run goes through
+    assert main(["predict", str(checkpoint), str(images), "--out", str(out), "--scale", "1",
+                 "--format", "png"]) == 0
+    assert (out / "p.png").exists()
+
+
+# 8 ---------------------------------------------------------------------------------- evaluate --json
+
+def test_evaluate_refuses_an_existing_json_before_evaluating(tmp_path, checkpoint, capsys, sample_data_dir):
+    scores = tmp_path / "scores.json"
+    scores.write_text('{"keep": true}', encoding="utf-8")
+    t0 = time.perf_counter()
+    code = main(["evaluate", str(checkpoint), str(sample_data_dir / "validation"), "--json", str(scores)])
+    assert code == 2 and "already exists" in capsys.readouterr().err
+    assert json.loads(scores.read_text(encoding="utf-8")) == {"keep": True}
+    assert time.perf_counter() - t0 < 30
+    folder = tmp_path / "a-folder.json"
+    folder.mkdir()
+    assert main(["evaluate", str(checkpoint), str(sample_data_dir / "validation"), "--json", str(folder)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
+# 9 ---------------------------------------------------------------------------------- pipes do not hang
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_a_named_pipe_is_refused_not_read_forever(tmp_path):
+    from napari_wsss_cram._reader import napari_get_reader
+
+    fifo = tmp_path / "slide.png"
+    os.mkfifo(fifo)
+    t0 = time.perf_counter()
+    with pytest.raises(ImageReadError, match="not a regular file"):
+        ImageSource.open(fifo)
+    reader = napari_get_reader(str(fifo))
+    if reader is not None:  # napari's reader refuses it the same way, on the GUI thread, at once
+        with pytest.raises(ImageReadError, match="not a regular file"):
+            reader(str(fifo))
+    assert time.perf_counter() - t0 < 5
