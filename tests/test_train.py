@@ -12,7 +12,7 @@ from napari_wsss_cram.cli import main
 from napari_wsss_cram.core.checkpoint import load_checkpoint
 from napari_wsss_cram.core.data import discover_patches, discover_pixel_dataset
 from napari_wsss_cram.core.data.patchify import patchify
-from napari_wsss_cram.core.errors import DatasetError, OutOfMemoryError
+from napari_wsss_cram.core.errors import DatasetError, OutOfMemoryError, TrainingError
 from napari_wsss_cram.core.model.config import ModelConfig
 from napari_wsss_cram.core.progress import Cancelled, CancelToken
 from napari_wsss_cram.core.pseudo_labels import PseudoLabeller
@@ -139,7 +139,7 @@ def test_resume_state_is_written_atomically(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError):
+    with pytest.raises(TrainingError, match="Cannot write the checkpoint.*previous checkpoint is untouched"):
         _atomic_torch_save({"step": 2}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"step": 1}

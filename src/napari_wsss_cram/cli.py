@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
+import warnings
 
 from . import __version__
 
@@ -50,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 1
+    if not args.verbose:
+        # "warning: <what>" without the source path and code line of the library that raised it
+        warnings.formatwarning = lambda message, category, *rest, **kw: f"warning: {message}\n"
+    previous = _stop_on_sigterm()
     try:
         return int(args._module.run(args) or 0)
     except WsssCramError as err:
@@ -60,6 +66,22 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, Cancelled):
         print("Interrupted.", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_on_sigterm():
+    """SIGTERM (``timeout``, SLURM, ``docker stop``) stops a command as Ctrl-C does: training saves its
+    checkpoint, outputs and temporary stores are cleaned up. Returns the previous handler (None off the main
+    thread, where signals cannot be set)."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread (e.g. called from a test runner's worker)
+        return None
 
 
 if __name__ == "__main__":

@@ -161,7 +161,7 @@ def settings_from_args(args: argparse.Namespace, info: Any, device_type: str):
     resolution = resolution_from_args(args, info)
     # with a µm/px, scale is unused by the engine; it holds the training scale for images without µm/px
     scale = resolution.scale if resolution.scale is not None else default_resolution(info, False).scale
-    batch = args.batch or (16 if device_type == "cuda" else 4)
+    batch = args.batch if args.batch is not None else (16 if device_type == "cuda" else 4)  # 0 is refused
     settings = PredictSettings(
         scale=scale, mpp=resolution.mpp, tile=args.tile, overlap=args.overlap, batch=batch, crf=args.crf,
         crf_params=_parse_crf_params(args.crf_params), device=args.device, amp=not args.no_amp,

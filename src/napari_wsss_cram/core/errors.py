@@ -29,3 +29,7 @@ class OutOfMemoryError(WsssCramError):
 
 class DependencyError(WsssCramError):
     """An optional dependency is missing; the message gives the install command."""
+
+
+class TrainingError(WsssCramError):
+    """Training cannot go on (the loss diverged, the disk is full); the last checkpoint is kept."""

@@ -126,6 +126,13 @@ class PredictSettings:
     def validate(self) -> None:
         if self.mpp is None and not (self.scale > 0 and math.isfinite(self.scale)):
             raise WsssCramError(f"--scale must be a positive number, got {self.scale}.")
+        if self.mpp is None and not MIN_SCALE <= self.scale <= MAX_SCALE:
+            # x250 of a 100 px patch is 25000^2 px of work: almost surely a µm/px or a percentage typed as a scale
+            raise WsssCramError(f"--scale {self.scale:g} is outside {MIN_SCALE:g}..{MAX_SCALE:g} (a factor on the "
+                                "image's pixels: 1 = as stored, 2.5 = the paper's). For a pixel size use --mpp.")
+        if self.mpp is not None and not MIN_MPP <= self.mpp <= MAX_MPP:
+            raise WsssCramError(f"--mpp {self.mpp:g} is outside {MIN_MPP:g}..{MAX_MPP:g} µm per pixel (40x scans are "
+                                "about 0.25, 20x about 0.5).")
         if self.mpp is not None and not self.mpp > 0:
             raise WsssCramError(f"--mpp must be a positive number of µm per pixel, got {self.mpp}.")
         if self.tile < 32:
@@ -139,6 +146,11 @@ class PredictSettings:
             raise WsssCramError(f"test-time scales must lie between 0.25 and 4, got {self.tta_scales}.")
         if self.background not in ("tissue", "model"):
             raise WsssCramError(f"background must be 'tissue' or 'model', got '{self.background}'.")
+
+
+#: the resampling factors and pixel sizes the engine accepts (beyond them, a typing slip is likelier than intent)
+MIN_SCALE, MAX_SCALE = 0.01, 16.0
+MIN_MPP, MAX_MPP = 0.05, 100.0
 
 
 @dataclass

@@ -12,6 +12,10 @@ import numpy as np
 
 from .classes import IGNORE_INDEX, ClassSpec
 
+#: why an mIoU is undefined
+NO_TISSUE_NOTE = ("mIoU n/a: no tissue-class pixel in the masks or the predictions (all background or "
+                  "unlabelled); check that the masks use the class indices of the model.")
+
 
 @dataclass
 class ConfusionMatrix:
@@ -56,8 +60,10 @@ class ConfusionMatrix:
 
     def to_dict(self) -> dict:
         iou = self.iou()
+        miou = self.miou()
         return {
-            "mIoU": self.miou(),
+            "mIoU": None if np.isnan(miou) else miou,  # JSON has no NaN: null, explained by "note"
+            **({"note": NO_TISSUE_NOTE} if np.isnan(miou) else {}),
             "per_class": {n: (None if np.isnan(v) else float(v)) for n, v in zip(self.classes.names, iou, strict=True)},
             "confusion": self.matrix.tolist(),
             "classes": list(self.classes.all_names),
@@ -68,5 +74,12 @@ class ConfusionMatrix:
         lines = [f"{'class':<14}{'IoU':>8}"]
         for n, v in zip(self.classes.names, self.iou(), strict=True):
             lines.append(f"{n:<14}{'n/a' if np.isnan(v) else f'{v:.4f}':>8}")
-        lines.append(f"{'mIoU':<14}{self.miou():>8.4f}")
+        miou = self.miou()
+        lines.append(f"{'mIoU':<14}{'n/a' if np.isnan(miou) else f'{miou:.4f}':>8}")
+        if np.isnan(miou):
+            lines.append(NO_TISSUE_NOTE)
+        else:
+            missing = [n for n, v in zip(self.classes.names, self.iou(), strict=True) if np.isnan(v)]
+            if missing:
+                lines.append(f"n/a: {', '.join(missing)} neither in the masks nor predicted; left out of the mIoU.")
         return "\n".join(lines)

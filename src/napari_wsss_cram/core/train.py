@@ -55,7 +55,7 @@ from .data.mosaic import CellBank, MosaicMix, cells_from_pixel_labels, cells_fro
 from .data.patches import PatchDataset, discover_patches
 from .data.pixel import PixelDataset, PixelIndex, discover_pixel_dataset
 from .device import resolve_device
-from .errors import CheckpointError, DatasetError, OutOfMemoryError
+from .errors import CheckpointError, DatasetError, OutOfMemoryError, TrainingError
 from .evaluate import evaluate_model
 from .progress import Cancelled, CancelToken, Progress, drive
 from .pseudo_labels import PseudoLabeller
@@ -282,20 +282,48 @@ class _MetricsLog:
 def _save(path: Path, model, config: TrainConfig, extra: dict) -> None:
     from .checkpoint import save_checkpoint
 
-    save_checkpoint(path, model, extra=extra, train_config=config.to_dict())
+    try:
+        save_checkpoint(path, model, extra=extra, train_config=config.to_dict())
+    except (OSError, RuntimeError) as err:
+        raise _write_error(path, err) from None
 
 
 def _atomic_torch_save(obj: dict, path: Path) -> None:
     import tempfile
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise _write_error(path, err) from None
     os.close(fd)
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch reports a full disk as a RuntimeError from its zip writer
+        raise _write_error(path, err) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _write_error(path: Path, err: BaseException) -> TrainingError:
+    """A checkpoint that could not be written, said plainly (the previous one is untouched)."""
+    import errno as errno_codes
+    import shutil
+
+    text = str(err).lower()
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    if getattr(err, "errno", None) == errno_codes.ENOSPC or "no space" in text or (free is not None and free < 1 << 20):
+        reason = "the disk is full"
+    elif getattr(err, "errno", None) in (errno_codes.EACCES, errno_codes.EPERM, errno_codes.EROFS):
+        reason = "permission denied"
+    else:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return TrainingError(f"Cannot write the checkpoint {path}: {reason}. The previous checkpoint is untouched; "
+                         "free space or choose another --out, then continue with --resume.")
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -442,7 +470,9 @@ class Trainer:
             else torch.device("cuda", self.dist.local_rank)
         run_dir = self.run_dir
         if self.dist.main:
-            run_dir.mkdir(parents=True, exist_ok=True)
+            from .io.outputs import ensure_writable_folder
+
+            ensure_writable_folder(run_dir, "run folder (--out)")
             if not config.resume and (run_dir / LAST).exists():
                 raise DatasetError(f"{run_dir} already holds a run ({LAST}); pass --resume to continue it, "
                                    "or choose another --out.")
@@ -709,7 +739,11 @@ class Trainer:
                     try:
                         loss, terms = self.training_step(batch)
                         if not torch.isfinite(loss):
-                            raise FloatingPointError(f"The loss became {loss.item()} at step {self.step}; lower --lr.")
+                            kept = f"{last_path} holds the last good step" if last_path.exists() else \
+                                "no checkpoint was written yet"
+                            raise TrainingError(f"The loss became {loss.item()} at step {self.step + 1}: training "
+                                                f"diverged ({kept}). Lower the learning rate (--lr, now "
+                                                f"{config.lr:g}) and train again.")
                         self.optimizer_step(loss)
                     except RuntimeError as err:
                         if _is_oom(err):

@@ -7,6 +7,7 @@ CLI flags override the preset. The run folder keeps the resolved config as ``con
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,16 @@ class TrainConfig:
     pixel_weight: float = 1.0        # loss weight of pixel-labelled vs pseudo-labelled samples
 
     def __post_init__(self) -> None:
+        self._check_types()
+        for name in ("epochs", "steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise DatasetError(f"{name} must be at least 1, got {value} (leave it out for the preset's length).")
+        for name in ("lr", "momentum", "weight_decay", "poly_power", "head_lr_mult"):
+            value = float(getattr(self, name))
+            if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
+                raise DatasetError(f"{name} must be a finite {'positive' if name == 'lr' else 'non-negative'} "
+                                   f"number, got {value}.")
         if self.batch_size < 1:
             raise DatasetError(f"batch_size must be >= 1, got {self.batch_size}.")
         if self.crop < 16:
@@ -100,6 +111,30 @@ class TrainConfig:
         if self.optimizer not in ("sgd", "adam"):
             raise DatasetError(f"optimizer must be 'sgd' or 'adam', got '{self.optimizer}'.")
         self.model = dict(self.model or {})
+        if self.model:
+            from .model.config import ModelConfig
+
+            unknown = sorted(set(self.model) - {f.name for f in fields(ModelConfig)})
+            if unknown:  # a misspelt [model] key would otherwise be a switch that does nothing
+                raise DatasetError(f"Unknown [model] settings: {', '.join(unknown)} (known: "
+                                   f"{', '.join(sorted(f.name for f in fields(ModelConfig)))}).")
+
+    def _check_types(self) -> None:
+        """Each setting has the type its annotation says (a TOML typo such as ``lr = "fast"`` or ``crop = 1.5``
+        is named here, not deep in the trainer); ints are accepted for floats."""
+        kinds = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+        words = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text"}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            parts = [t.strip() for t in str(f.type).split("|")]
+            if value is None and "None" in parts:
+                continue
+            allowed = tuple(t for part in parts for t in kinds.get(part, ()))
+            if not allowed:
+                continue  # dict (the model table): checked by ModelConfig
+            if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
+                wanted = " or ".join(words.get(p, p) for p in parts if p != "None")
+                raise DatasetError(f"setting '{f.name}' must be {wanted}, got {value!r} ({type(value).__name__}).")
 
     @property
     def mean_scale(self) -> float:
@@ -156,7 +191,13 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig
         except tomllib.TOMLDecodeError as err:
             raise DatasetError(f"{p}: not valid TOML ({err}).") from None
         data.pop("description", None)
-    return TrainConfig.from_dict(data).updated(**overrides)
+        try:
+            base = TrainConfig.from_dict(data)
+        except DatasetError as err:
+            raise DatasetError(f"{p}: {err}") from None
+    else:
+        base = TrainConfig()
+    return base.updated(**overrides)
 
 
 def _toml_value(value: Any) -> str:
