@@ -383,3 +383,13 @@ def test_sigterm_during_training_saves_a_checkpoint(tmp_path, sample_data_dir):
     assert "Interrupted." in err and "Traceback" not in err
     step = load_checkpoint(run / "last.pt")[1].extra["step"]
     assert step >= 1
+
+
+def test_napari_reader_names_the_file_of_a_decompression_bomb(tmp_path, monkeypatch):
+    from napari_wsss_cram._reader import read_layer
+
+    big = tmp_path / "huge.png"
+    Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(big)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 64x64 > 2 x 100: Pillow's bomb error
+    with pytest.raises(ImageReadError, match="huge.png.*too large"):
+        read_layer(big)

@@ -53,8 +53,8 @@ def _palette_mask(path: Path) -> Any | None:
             n = WSSS4LUAD.num_outputs
             if palette[: 3 * n] != WSSS4LUAD.palette()[: 3 * n]:
                 return None
-    except OSError:
-        return None  # ImageSource gives the proper error below
+    except (OSError, Image.DecompressionBombError):
+        return None  # ImageSource gives the proper error below, naming the file
     from .core.io.outputs import read_index_png
 
     return read_index_png(path)

@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         # "warning: <what>" without the source path and code line of the library that raised it
         warnings.formatwarning = lambda message, category, *rest, **kw: f"warning: {message}\n"
+        # tifffile logs each damaged tag it skips; the reader's own error (or the image) is what the user needs
+        logging.getLogger("tifffile").setLevel(logging.ERROR)
     previous = _stop_on_sigterm()
     try:
         return int(args._module.run(args) or 0)

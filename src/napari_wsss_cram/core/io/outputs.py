@@ -457,34 +457,61 @@ def geojson_to_labels(
     """
     from skimage.draw import polygon as fill_polygon
 
-    if not isinstance(geojson, dict):
+    where = "GeoJSON"
+    if isinstance(geojson, str | os.PathLike):
         p = Path(geojson)
+        where = f"GeoJSON '{p}'"
         try:
-            geojson = json.loads(p.read_text())
-        except (OSError, ValueError) as err:
-            raise WsssCramError(f"Cannot read GeoJSON '{p}': {err}.") from None
+            geojson = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as err:
+            raise WsssCramError(f"Cannot read {where}: {err}.") from None
+
+    def bad(what: str) -> WsssCramError:
+        return WsssCramError(f"{where}: {what}. Export the annotations from QuPath as GeoJSON (features with a "
+                             "Polygon or MultiPolygon geometry and a classification name).")
+
+    if not isinstance(geojson, dict):
+        raise bad("the file holds no GeoJSON object")
     h, w = int(shape[0]), int(shape[1])
     out = np.full((h, w), classes.background_index if fill is None else fill, np.uint8)
     features = geojson.get("features", []) if geojson.get("type") == "FeatureCollection" else [geojson]
-    for feat in features:
+    if not isinstance(features, list):
+        raise bad("'features' is not a list")
+    for n, feat in enumerate(features, start=1):
+        if not isinstance(feat, dict):
+            raise bad(f"feature {n} is not an object")
         geom = feat.get("geometry") or {}
-        cls = ((feat.get("properties") or {}).get("classification") or {}).get("name")
+        props = feat.get("properties") or {}
+        if not isinstance(geom, dict) or not isinstance(props, dict):
+            raise bad(f"feature {n} has a malformed geometry or properties")
+        classification = props.get("classification") or {}
+        cls = classification.get("name") if isinstance(classification, dict) else classification
         if cls is None:
             continue
+        if not isinstance(cls, str):
+            raise bad(f"feature {n} has a classification that is not a name")
         try:
             idx = classes.index_of(cls)
         except KeyError as err:
-            raise WsssCramError(str(err.args[0])) from None
+            raise WsssCramError(f"{where}: {err.args[0]}") from None
+        coordinates = geom.get("coordinates")
         if geom.get("type") == "Polygon":
-            polys = [geom["coordinates"]]
+            polys = [coordinates]
         elif geom.get("type") == "MultiPolygon":
-            polys = geom["coordinates"]
+            polys = coordinates
         else:
             continue
+        if not isinstance(polys, list) or not all(isinstance(poly, list) for poly in polys):
+            raise bad(f"feature {n} has malformed polygon coordinates")
         mask = np.zeros((h, w), bool)
         for poly in polys:
             for ring in poly:
-                xy = np.asarray(ring, float)
+                try:
+                    xy = np.asarray(ring, float)
+                except (TypeError, ValueError):
+                    raise bad(f"feature {n} has a ring that is not a list of [x, y] points") from None
+                if xy.ndim != 2 or xy.shape[1] < 2 or not np.isfinite(xy[:, :2]).all():
+                    raise bad(f"feature {n} has a ring that is not a list of finite [x, y] points")
                 if len(xy) < 3:
                     continue
                 cols = (xy[:, 0] - offset[1]) / scale - 0.5

@@ -1,0 +1,254 @@
+"""Property-based fuzzing of everything that reads a user's bytes (issue 11): whatever the input, the result is a
+valid value or a clear ``WsssCramError`` naming the problem, never a hang, a crash or another exception.
+
+Targets: the image reader (PNG, JPEG, TIFF, OME-TIFF: bytes flipped, inserted, truncated), patch names, the
+labels CSV, the QuPath GeoJSON importer and checkpoint loading. Bounded for CI (``WSSS_FUZZ_EXAMPLES`` examples
+per target, default 25); ``benchmarks/fuzz_inputs.py`` runs them longer and prints what each target saw.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from napari_wsss_cram.core.classes import WSSS4LUAD
+from napari_wsss_cram.core.errors import WsssCramError
+
+EXAMPLES = int(os.environ.get("WSSS_FUZZ_EXAMPLES", "25"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=20_000, derandomize=os.environ.get("WSSS_FUZZ_RANDOM") is None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture], database=None)
+#: target -> outcome -> count (printed by benchmarks/fuzz_inputs.py)
+OUTCOMES: dict[str, Counter] = {}
+
+
+def _record(target: str, outcome: str) -> None:
+    OUTCOMES.setdefault(target, Counter())[outcome] += 1
+
+
+# ----------------------------------------------------------------------------------------------- seed files
+
+def _seed_images() -> dict[str, bytes]:
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    rgb = (rng.random((40, 48, 3)) * 255).astype(np.uint8)
+    seeds = {}
+    for fmt, suffix in (("PNG", ".png"), ("JPEG", ".jpg")):
+        buffer = io.BytesIO()
+        Image.fromarray(rgb).save(buffer, format=fmt)
+        seeds[suffix] = buffer.getvalue()
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, rgb, photometric="rgb", tile=(16, 16), compression="zlib")
+    seeds[".tif"] = buffer.getvalue()
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, rgb, photometric="rgb", ome=True, metadata={"PhysicalSizeX": 0.5,
+                                                                        "PhysicalSizeY": 0.5})
+    seeds[".ome.tif"] = buffer.getvalue()
+    return seeds
+
+
+SEEDS = _seed_images()
+
+
+@st.composite
+def mutated(draw, seed: bytes) -> bytes:
+    """``seed`` with a few bytes replaced, a run inserted or deleted, and maybe truncated."""
+    data = bytearray(seed)
+    for _ in range(draw(st.integers(0, 6))):
+        data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
+    if draw(st.booleans()):
+        at = draw(st.integers(0, len(data)))
+        data[at:at] = draw(st.binary(min_size=1, max_size=16))
+    if draw(st.booleans()):
+        at = draw(st.integers(0, len(data) - 1))
+        del data[at:at + draw(st.integers(1, 64))]
+    if draw(st.booleans()):
+        data = data[: draw(st.integers(0, len(data)))]
+    return bytes(data)
+
+
+def _write(suffix: str, data: bytes) -> Path:
+    fd, name = tempfile.mkstemp(suffix=suffix)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    return Path(name)
+
+
+@pytest.mark.parametrize("suffix", sorted(SEEDS))
+def test_image_reader_never_crashes_on_damaged_files(suffix):
+    from napari_wsss_cram.core.io.images import ImageSource
+
+    @FUZZ
+    @given(data=mutated(SEEDS[suffix]))
+    def check(data: bytes) -> None:
+        path = _write(suffix, data)
+        try:
+            with ImageSource.open(path) as source:
+                rgb = source.read_level(0)
+                assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3
+                assert rgb.shape[:2] == source.shape
+            _record(f"image {suffix}", "read")
+        except WsssCramError as err:
+            assert path.name in str(err) or str(path) in str(err), f"the message does not name the file: {err}"
+            _record(f"image {suffix}", "refused")
+        finally:
+            path.unlink()
+
+    check()
+
+
+# ----------------------------------------------------------------------------------------------- names and CSV
+
+@FUZZ
+@given(name=st.one_of(st.text(min_size=1, max_size=40).filter(lambda s: "/" not in s and "\x00" not in s),
+                      st.from_regex(r"\A[a-z0-9_.-]{0,6}-\[[0-9, .-]{0,10}\]\Z")))
+def test_patch_name_parser_gives_flags_or_a_clear_error(name):
+    from napari_wsss_cram.core.data.patches import parse_patch_name
+
+    try:
+        stem, flags = parse_patch_name(Path(name + ".png"))
+        assert isinstance(stem, str) and all(v in (0, 1) for v in flags)
+        _record("patch names", "parsed")
+    except WsssCramError:
+        _record("patch names", "refused")
+
+
+CSV_CELLS = st.one_of(st.sampled_from(["0", "1", "1.0", "0.6", "", " 1 ", "-1", "nan", "inf", "yes", "a.png",
+                                       "missing.png", '"', "\ufeffpath"]), st.text(max_size=8))
+
+
+VALID_ROW = st.tuples(st.sampled_from(["a.png", " a.png "]), st.sampled_from(["0", "1", "1.0"]),
+                      st.sampled_from(["0", "1"]), st.sampled_from(["0", "1", "0.0"])).map(list)
+
+
+@FUZZ
+@given(rows=st.lists(st.one_of(VALID_ROW, st.lists(CSV_CELLS, min_size=0, max_size=5)), min_size=0, max_size=5),
+       header=st.sampled_from(["path,tumor,stroma,normal", "\ufeffpath,tumor,stroma,normal", "file,a,b", "x", ""]),
+       separator=st.sampled_from([",", ";", "\t"]))
+def test_labels_csv_gives_an_index_or_a_clear_error(rows, header, separator):
+    from napari_wsss_cram.core.data.patches import discover_patches
+
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        Image.fromarray(np.full((8, 8, 3), 120, np.uint8)).save(folder / "a.png")
+        text = header + "\n" + "\n".join(separator.join(r) for r in rows) + "\n"
+        (folder / "labels.csv").write_text(text, encoding="utf-8")
+        try:
+            index = discover_patches(folder / "labels.csv")
+            assert len(index) >= 1 and set(np.unique(index.labels)) <= {0, 1}
+            assert index.labels.sum(axis=1).min() >= 1
+            _record("labels CSV", "read")
+        except WsssCramError:
+            _record("labels CSV", "refused")
+
+
+# ----------------------------------------------------------------------------------------------- GeoJSON
+
+JSON_LEAF = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6),
+                      st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=10),
+                      st.sampled_from(["Polygon", "MultiPolygon", "tumor", "stroma", "Feature", "FeatureCollection"]))
+JSON_ANY = st.recursive(JSON_LEAF, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                            st.dictionaries(st.sampled_from(
+                                                                ["type", "features", "geometry", "properties",
+                                                                 "classification", "name", "coordinates"]),
+                                                                inner, max_size=4)), max_leaves=20)
+RING = st.lists(st.lists(st.one_of(st.floats(-50, 100), st.floats(allow_nan=True, allow_infinity=True),
+                                   st.text(max_size=2)), min_size=0, max_size=3), min_size=0, max_size=6)
+FEATURE = st.fixed_dictionaries({
+    "type": st.just("Feature"),
+    "geometry": st.one_of(JSON_ANY, st.fixed_dictionaries({
+        "type": st.sampled_from(["Polygon", "MultiPolygon", "Point"]),
+        "coordinates": st.one_of(st.lists(RING, max_size=2), st.lists(st.lists(RING, max_size=2), max_size=2),
+                                 JSON_ANY)})),
+    "properties": st.one_of(JSON_ANY, st.fixed_dictionaries({"classification": st.one_of(
+        st.fixed_dictionaries({"name": st.sampled_from(["tumor", "stroma", "Tumor", "necrosis", "", "normal"])}),
+        JSON_ANY)})),
+})
+
+
+@FUZZ
+@given(document=st.one_of(JSON_ANY, st.fixed_dictionaries({"type": st.just("FeatureCollection"),
+                                                           "features": st.lists(FEATURE, max_size=4)})))
+def test_geojson_importer_gives_labels_or_a_clear_error(document):
+    from napari_wsss_cram.core.io.outputs import geojson_to_labels
+
+    try:
+        labels = geojson_to_labels(document, (24, 32), WSSS4LUAD)
+        assert labels.shape == (24, 32) and labels.max() <= WSSS4LUAD.background_index
+        _record("GeoJSON", "imported")
+    except WsssCramError:
+        _record("GeoJSON", "refused")
+
+
+@FUZZ
+@given(data=st.binary(max_size=200))
+def test_geojson_file_bytes_give_labels_or_a_clear_error(data):
+    from napari_wsss_cram.core.io.outputs import geojson_to_labels
+
+    path = _write(".geojson", data)
+    try:
+        geojson_to_labels(path, (8, 8), WSSS4LUAD)
+        _record("GeoJSON file", "imported")
+    except WsssCramError as err:
+        assert path.name in str(err)
+        _record("GeoJSON file", "refused")
+    finally:
+        path.unlink()
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+@pytest.fixture(scope="module")
+def small_checkpoint_bytes() -> bytes:
+    return checkpoint_bytes()
+
+
+def checkpoint_bytes() -> bytes:
+    """A real checkpoint file of a real (tiny-head resnet18) model: what `wsss-cram train` writes."""
+    from napari_wsss_cram.core.checkpoint import save_checkpoint
+    from napari_wsss_cram.core.model.config import ModelConfig
+    from napari_wsss_cram.core.model.cram import CRAMNet
+
+    torch.manual_seed(0)
+    model = CRAMNet(WSSS4LUAD, ModelConfig(backbone="resnet18", aspp_channels=8, attention_dim=8), weights=None)
+    with tempfile.TemporaryDirectory() as folder:
+        return save_checkpoint(Path(folder) / "m.pt", model).read_bytes()
+
+
+def test_checkpoint_loading_never_crashes_on_damaged_files(small_checkpoint_bytes):
+    from napari_wsss_cram.core.checkpoint import load_checkpoint
+
+    # the zip's central directory (where damage decides what torch sees) is at the end: mutate there and anywhere
+    tail = len(small_checkpoint_bytes) - 4096
+
+    @settings(FUZZ, max_examples=max(5, EXAMPLES // 2))
+    @given(flips=st.lists(st.tuples(st.one_of(st.integers(0, len(small_checkpoint_bytes) - 1),
+                                              st.integers(tail, len(small_checkpoint_bytes) - 1)),
+                                    st.integers(0, 255)), min_size=1, max_size=4),
+           cut=st.one_of(st.none(), st.integers(0, len(small_checkpoint_bytes))))
+    def check(flips, cut) -> None:
+        data = bytearray(small_checkpoint_bytes)
+        for at, value in flips:
+            data[at] = value
+        path = _write(".pt", bytes(data[:cut] if cut is not None else data))
+        try:
+            model, info = load_checkpoint(path)
+            assert info.classes.names == WSSS4LUAD.names
+            _record("checkpoint", "loaded (damage outside the weights)")
+        except WsssCramError as err:
+            assert path.name in str(err)
+            _record("checkpoint", "refused")
+        finally:
+            path.unlink()
+
+    check()
