@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from napari_wsss_cram.cli import main
+from napari_wsss_cram.commands.predict import SUMMARY_NAME as SUMMARY
 from napari_wsss_cram.core.checkpoint import load_checkpoint, save_checkpoint
 from napari_wsss_cram.core.classes import WSSS4LUAD
 from napari_wsss_cram.core.data.patches import discover_patches
@@ -393,3 +394,33 @@ def test_napari_reader_names_the_file_of_a_decompression_bomb(tmp_path, monkeypa
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 64x64 > 2 x 100: Pillow's bomb error
     with pytest.raises(ImageReadError, match="huge.png.*too large"):
         read_layer(big)
+
+
+def test_a_missing_work_dir_is_refused_before_work(tmp_path, checkpoint, capsys):
+    _he_patch(tmp_path / "p.png")
+    assert main(["predict", str(checkpoint), str(tmp_path / "p.png"), "--out", str(tmp_path / "out"), "--scale",
+                 "1", "--work-dir", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "--work-dir" in err and "not an existing folder" in err
+
+
+def test_a_run_killed_between_renames_is_cleaned_by_the_next(tmp_path, checkpoint, capsys):
+    images = tmp_path / "img"
+    images.mkdir()
+    _he_patch(images / "p.png")
+    out = tmp_path / "out"
+    assert main(["predict", str(checkpoint), str(images), "--out", str(out), "--scale", "1",
+                 "--format", "png,geojson"]) == 0
+    reference = (out / "p.png").read_bytes()
+    # what kill -9 leaves: a temporary, and a set half renamed (its marker, the PNG moved, the rest not)
+    (out / "p.geojson").unlink()
+    (out / "p_composition.json").unlink()
+    (out / ".p.renaming").write_text("p.png\np.geojson\np_composition.json", encoding="utf-8")
+    (out / ".p.geojson.1234abcd.partial.geojson").write_text("{", encoding="utf-8")
+    (out / SUMMARY).unlink()
+    assert main(["predict", str(checkpoint), str(images), "--out", str(out), "--scale", "1",
+                 "--format", "png,geojson"]) == 0
+    assert "removed what an interrupted run left" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".wsss-cram")) == \
+        ["p.geojson", "p.png", "p_composition.json", SUMMARY]
+    assert (out / "p.png").read_bytes() == reference

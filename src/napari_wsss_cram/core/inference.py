@@ -144,6 +144,9 @@ class PredictSettings:
             raise WsssCramError(f"--batch must be at least 1, got {self.batch}.")
         if not self.tta_scales or not all(0.25 <= float(v) <= 4.0 for v in self.tta_scales):
             raise WsssCramError(f"test-time scales must lie between 0.25 and 4, got {self.tta_scales}.")
+        if self.work_dir is not None and not Path(self.work_dir).is_dir():
+            raise WsssCramError(f"--work-dir '{self.work_dir}' is not an existing folder; create it or leave the "
+                                "option out (the system's temporary folder is used).")
         if self.background not in ("tissue", "model"):
             raise WsssCramError(f"background must be 'tissue' or 'model', got '{self.background}'.")
 
@@ -775,12 +778,19 @@ def check_outputs_free(out_dir: str | os.PathLike, stem: str, formats: Iterable[
     would turn the H&E images into label masks, ``--overwrite`` or not)."""
     from .io.outputs import ensure_can_write
 
+    check_outputs_spare_inputs(out_dir, stem, formats, inputs)
+    for path in output_paths(out_dir, stem, formats).values():
+        ensure_can_write(path, overwrite)
+
+
+def check_outputs_spare_inputs(out_dir: str | os.PathLike, stem: str, formats: Iterable[str],
+                               inputs: Iterable[str | os.PathLike]) -> None:
+    """Raise OutputExistsError when an output of ``stem`` would replace one of ``inputs``."""
     protected = {Path(p).resolve() for p in inputs}
     for path in output_paths(out_dir, stem, formats).values():
         if path.resolve() in protected:
             raise OutputExistsError(f"The output '{path}' would replace the input image of the same name. "
                                     "Inputs are never overwritten: choose another output folder.")
-        ensure_can_write(path, overwrite)
 
 
 def _temp_name(final: Path, tag: str) -> Path:
@@ -860,13 +870,45 @@ def write_outputs(prediction: Prediction, out_dir: str | os.PathLike, stem: str,
             if final.exists() and not overwrite:
                 raise OutputExistsError(f"{final} appeared while predicting; not overwriting it "
                                         "(use --overwrite).")
+        # A marker names the set while it is renamed into place: a run killed between two renames leaves it,
+        # and the next run into this folder (see recover_interrupted_outputs) removes the incomplete set.
+        marker = _renaming_marker(out_dir, stem)
+        marker.write_text("\n".join(p.name for p in finals.values()), encoding="utf-8")
         for key, final in finals.items():
             os.replace(temps[key], final)
+        marker.unlink()
     finally:
         for tmp in temps.values():
             if tmp.exists():
                 tmp.unlink()
     return summary_row(prediction, stem, comp, finals, timings)
+
+
+def _renaming_marker(out_dir: Path, stem: str) -> Path:
+    return Path(out_dir) / f".{stem}.renaming"
+
+
+def recover_interrupted_outputs(out_dir: str | os.PathLike) -> list[str]:
+    """Clean what killed runs left in ``out_dir``: hidden ``.partial`` temporaries, and the outputs of a set
+    whose renaming into place was cut short (they are an incomplete set; the input is simply predicted again).
+    Call it only while holding the folder's lock (``io.outputs.folder_lock``): then no other run is writing.
+    Returns what was removed (file names), for a note to the user."""
+    out_dir = Path(out_dir)
+    removed: list[str] = []
+    if not out_dir.is_dir():
+        return removed
+    for marker in sorted(out_dir.glob(".*.renaming")):
+        for name in marker.read_text(encoding="utf-8").split():
+            target = out_dir / name
+            if target.parent == out_dir and target.is_file():
+                target.unlink()
+                removed.append(name)
+        marker.unlink()
+    for temp in sorted(out_dir.glob(".*.partial*")):
+        if temp.is_file():
+            temp.unlink()
+            removed.append(temp.name)
+    return removed
 
 
 def _cancel_hook(cancel: CancelToken | None):
