@@ -140,3 +140,14 @@ def test_torch_crf_is_deterministic_and_a_batch_equals_its_images():
     torch.testing.assert_close(dense_crf_torch(images.float(), probs), first, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="B, H, W, 3"):
         dense_crf_torch(images.permute(0, 3, 1, 2), probs)
+
+
+def test_predict_cli_parses_the_backend():
+    from napari_wsss_cram.commands.predict import _parse_crf_params
+    from napari_wsss_cram.core.errors import WsssCramError
+
+    params = _parse_crf_params("bilateral_srgb=5, iterations=3, backend=pydensecrf")
+    assert params == CRFParams(bilateral_srgb=5.0, iterations=3, backend="pydensecrf")
+    assert _parse_crf_params(None).backend == "auto"
+    with pytest.raises(WsssCramError, match="backend must be one of"):
+        _parse_crf_params("backend=gpu")
