@@ -151,3 +151,20 @@ def test_predict_cli_parses_the_backend():
     assert _parse_crf_params(None).backend == "auto"
     with pytest.raises(WsssCramError, match="backend must be one of"):
         _parse_crf_params("backend=gpu")
+
+
+def test_isolated_pydensecrf_runs_in_a_helper_process_with_the_same_result():
+    """The GUI's path for pydensecrf (a helper process, so the worker thread never holds the GIL) changes
+    nothing in the result, and checks its inputs in the caller's process."""
+    from napari_wsss_cram.core import crf as crf_module
+
+    image, probs = _synthetic_case(48)
+    params = CRFParams(backend="pydensecrf", iterations=3)
+    isolated = crf_module.dense_crf_isolated(image, probs, params)
+    assert crf_module._HELPER is not None  # pydensecrf went to the helper
+    np.testing.assert_array_equal(isolated, dense_crf(image, probs, params))
+    torch_params = CRFParams(backend="torch", iterations=3)
+    np.testing.assert_array_equal(crf_module.dense_crf_isolated(image, probs, torch_params),
+                                  dense_crf(image, probs, torch_params))
+    with pytest.raises(ValueError, match="sum to 1"):
+        crf_module.dense_crf_isolated(image, probs * 2, params)

@@ -61,7 +61,7 @@ from typing import Any
 import numpy as np
 
 from .classes import WSSS4LUAD, ClassSpec
-from .crf import CRFParams, dense_crf, dense_crf_torch, resolve_backend
+from .crf import CRFParams, dense_crf, dense_crf_isolated, dense_crf_torch, resolve_backend
 from .device import resolve_device
 from .errors import ImageReadError, OutOfMemoryError, OutputExistsError, WsssCramError
 from .progress import CancelToken, Progress
@@ -101,6 +101,9 @@ class PredictSettings:
     batch: int = 4
     crf: bool = False
     crf_params: CRFParams = field(default_factory=CRFParams)
+    # run a pydensecrf CRF in a helper process (GUI callers: the worker thread then never holds the GIL for a
+    # whole tile); the torch backend releases the GIL by itself and ignores this
+    crf_isolated: bool = False
     device: str = "auto"
     amp: bool = True
     channels_last: bool = True
@@ -229,6 +232,7 @@ class TileRunner:
         self.amp = settings.amp and self.cuda
         self.channels_last = settings.channels_last and self.cuda
         self.crf = settings.crf_params if settings.crf else None
+        self.crf_isolated = bool(settings.crf_isolated)
         self.want_cam = settings.with_cam
         self.tissue_threshold = (float(settings.tissue_threshold)
                                  if settings.background == "tissue" and settings.tissue_threshold is not None
@@ -335,7 +339,7 @@ class TileRunner:
                     refined = []
                     for j in range(len(jobs)):
                         p = probs_np[j] / np.maximum(probs_np[j].sum(axis=0, keepdims=True), 1e-8)
-                        refined.append(dense_crf(rgb_u8[j], p, self.crf))
+                        refined.append((dense_crf_isolated if self.crf_isolated else dense_crf)(rgb_u8[j], p, self.crf))
                     probs = torch.from_numpy(np.stack(refined)).to(self.device)
                 self.crf_seconds += time.perf_counter() - t0
                 if white is not None:  # the CRF may spread background over pale tissue: the mask decides
