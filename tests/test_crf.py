@@ -63,6 +63,7 @@ def test_crf_input_validation(backend):
 def test_missing_pydensecrf_gives_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "pydensecrf.densecrf", None)  # makes the import fail
     monkeypatch.setitem(sys.modules, "pydensecrf", None)
+    assert resolve_backend(CRFParams()) == "torch"  # "auto" falls back to the torch backend
     with pytest.raises(DependencyError, match="pip install pydensecrf2"):
         dense_crf(_two_colour_image(), np.full((2, 48, 64), 0.5, dtype=np.float32), CRFParams(backend="pydensecrf"))
 
@@ -72,8 +73,10 @@ def test_params_round_trip_and_backend_setting():
     assert CRFParams.from_dict(params.to_dict()) == params
     assert CRFParams.from_dict(None) == CRFParams()
     assert CRFParams.from_dict({"iterations": 2}).backend == "auto"  # checkpoints saved before the setting
-    assert resolve_backend(CRFParams()) == "torch" and resolve_backend(None) == "torch"
-    assert resolve_backend(params) == "pydensecrf"
+    # auto: torch where the work is on CUDA, pydensecrf on the CPU (faster per core there), torch without it
+    assert resolve_backend(CRFParams(), "cuda:1") == "torch"
+    assert resolve_backend(CRFParams()) == resolve_backend(None, "cpu") == "pydensecrf"
+    assert resolve_backend(params, "cuda") == "pydensecrf" and resolve_backend(CRFParams(backend="torch")) == "torch"
     with pytest.raises(ValueError, match="backend"):
         CRFParams(backend="cuda")
 

@@ -161,9 +161,10 @@ def test_pseudo_labeller_pool_matches_in_process():
     images = rng.integers(0, 255, (3, 24, 24, 3), dtype=np.uint8)
     labels = np.array([[1, 0, 0], [1, 1, 0], [0, 1, 1]], np.uint8)
     cfg = ModelConfig().__dict__
-    reference = {**cfg, "crf": CRFParams(backend="pydensecrf")}
-    # torch backend: in this process whatever crf_workers says; pydensecrf: a pool of processes
-    local, pooled = PseudoLabeller(2, cfg, True), PseudoLabeller(2, reference, True)
+    in_step = {**cfg, "crf": CRFParams(backend="torch")}
+    # torch backend: in this process whatever crf_workers says; pydensecrf ("auto" on the CPU): a pool
+    local, pooled = PseudoLabeller(2, in_step, True), PseudoLabeller(2, cfg, True, "cpu")
+    assert PseudoLabeller(2, cfg, True, "cuda").backend == "torch"  # no pool on a GPU (nothing is started)
     try:
         assert local.pool is None and pooled.pool is not None
         a = local.result(local.submit(maps, images, labels))

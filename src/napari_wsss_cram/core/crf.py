@@ -15,8 +15,12 @@ filtered on a permutohedral lattice (Adams et al. 2010) and symmetrically normal
   ConvCRF window: the lattice is the approximation pydensecrf itself makes, so the labels agree with the
   reference on ~99.9% of pixels, and it is O(N) with sxy=80 (a window that wide is a dense filter), while the
   downsampled exact filter moves boundaries by up to the downsampling step (see benchmarks/crf_speed.py);
-- ``"auto"`` (default): ``"torch"``. Measured on 2 shared CPU cores it is faster than pydensecrf at every crop
-  size, and it releases the GIL, runs on the model's GPU and needs no process pool.
+- ``"auto"`` (default): ``"torch"`` where the work is on a CUDA device, ``"pydensecrf"`` on the CPU (``"torch"``
+  if pydensecrf is not installed). Why, measured (benchmarks/crf_speed.py, 1 thread, same parameters and 10
+  iterations): on the CPU pydensecrf is 1.2-1.4x faster per core (565 vs 741 ms per 512², 119 vs 151 ms per
+  256²) and torch threads contend badly on a shared machine; on a GPU the torch backend is batched, runs in
+  the training step on the model's device and needs no process pool. Where the GIL matters (the Segment dock)
+  pydensecrf runs in a helper process (:func:`dense_crf_isolated`).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ BACKENDS = ("auto", "torch", "pydensecrf")
 @dataclass
 class CRFParams:
     """Dense-CRF settings (DSRG defaults). Distances in pixels of the image given to :func:`dense_crf`;
-    ``backend``: "auto" (= "torch"), "torch" or "pydensecrf" (the C++ reference)."""
+    ``backend``: "auto" (torch on CUDA, pydensecrf on the CPU), "torch" or "pydensecrf" (the C++ reference)."""
 
     gaussian_sxy: float = 3.0
     gaussian_compat: float = 3.0
@@ -67,10 +71,19 @@ class CRFParams:
         return cls(**known)
 
 
-def resolve_backend(params: CRFParams | None) -> str:
-    """The backend that runs: "torch" or "pydensecrf" ("auto" is torch, see the module notes)."""
+def resolve_backend(params: CRFParams | None, device: object = None) -> str:
+    """The backend that runs for work on ``device`` (None = the CPU): "torch" or "pydensecrf".
+
+    "auto" is torch on CUDA and pydensecrf elsewhere, torch where pydensecrf is not installed (module notes).
+    """
     backend = (params or CRFParams()).backend
-    return "torch" if backend == "auto" else backend
+    if backend != "auto":
+        return backend
+    if str(device or "cpu").split(":")[0] == "cuda":
+        return "torch"
+    import importlib.util
+
+    return "pydensecrf" if importlib.util.find_spec("pydensecrf") is not None else "torch"
 
 
 def _densecrf_module():

@@ -327,9 +327,9 @@ class TileRunner:
             if self.crf is not None:
                 # The CRF runs at the model's resolution, on the exact tiles the model saw: the torch backend on
                 # the model's device for the whole batch (its ops release the GIL, so a GUI thread keeps
-                # running), pydensecrf on the CPU tile by tile.
+                # running), pydensecrf on the CPU tile by tile (in a helper process with crf_isolated).
                 t0 = time.perf_counter()
-                if resolve_backend(self.crf) == "torch":
+                if resolve_backend(self.crf, self.device) == "torch":
                     probs = dense_crf_torch(rgb, probs, self.crf)
                     if self.cuda:
                         torch.cuda.synchronize(self.device)  # so that crf_seconds is the CRF's time

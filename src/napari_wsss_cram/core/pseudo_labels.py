@@ -52,7 +52,8 @@ def reliable_pseudo_labels_batch(maps, images, labels, alpha: float = 0.3, beta:
     """The rules above for a batch, in torch on the device of ``maps``: maps (B, K+1, h, w) (any size, resized
     bilinearly to the images), images uint8 RGB (B, H, W, 3), labels (B, K) 0/1 -> uint8 (B, H, W) tensor.
 
-    The torch CRF backend refines the whole batch on that device; pydensecrf runs image by image on the CPU.
+    The torch CRF backend refines the whole batch on that device; pydensecrf runs image by image on the CPU
+    ("auto": torch on CUDA, pydensecrf on the CPU).
     """
     import torch
     import torch.nn.functional as F
@@ -101,7 +102,7 @@ def reliable_pseudo_labels_batch(maps, images, labels, alpha: float = 0.3, beta:
         probs = maps + 1e-5  # every pixel gets a valid distribution, also where all maps are zero
         probs[:, :k] = probs[:, :k].masked_fill(absent, 0.0)
         probs = probs / probs.sum(1, keepdim=True)
-        if resolve_backend(crf) == "torch":
+        if resolve_backend(crf, dev) == "torch":
             p_crf = dense_crf_torch(images, probs, crf).argmax(1)
         else:
             p_crf = torch.stack([torch.from_numpy(dense_crf(im.cpu().numpy(), p.cpu().numpy(), crf).argmax(0))
@@ -177,6 +178,7 @@ def _noop() -> None:
 class PseudoLabeller:
     """Makes reliable pseudo-labels for a batch: in this process with the torch CRF backend (on the device of
     the maps, the whole batch at once), or, with the pydensecrf backend, in ``workers`` processes (0 = here).
+    ``device``: where the maps will be (the CRF backend "auto" resolves with it: torch on CUDA).
 
     Why the pool is for pydensecrf only: pydensecrf holds the GIL and one CPU core per image, so processes are
     what parallelises it; the torch backend is batched, runs on the model's device and releases the GIL.
@@ -188,13 +190,14 @@ class PseudoLabeller:
 
     SETTINGS = ("alpha", "beta", "tissue_threshold", "crf", "background_needs_white")
 
-    def __init__(self, workers: int, model_config: dict, use_crf: bool) -> None:
+    def __init__(self, workers: int, model_config: dict, use_crf: bool, device: object = None) -> None:
         self.model_config = {k: model_config[k] for k in self.SETTINGS}
         if hasattr(self.model_config["crf"], "to_dict"):  # CRFParams -> plain dict for the worker processes
             self.model_config["crf"] = self.model_config["crf"].to_dict()
         self.use_crf = use_crf
         self.workers = int(workers)
-        self.backend = resolve_backend(CRFParams.from_dict(self.model_config["crf"])) if use_crf else None
+        crf = CRFParams.from_dict(self.model_config["crf"])
+        self.backend = resolve_backend(crf, device) if use_crf else None
         self.pool: ProcessPoolExecutor | None = None
         if workers > 0 and self.backend == "pydensecrf":
             import multiprocessing as mp
@@ -307,7 +310,8 @@ def make_pseudo_labels(checkpoint: str | Path, patches: str | Path, out_dir: str
         scale = float(default_resolution(info, image_has_mpp=False).scale)
     model.to(dev).eval()
     # the CRF worker pool is needed only for the maps' reliable labels
-    labeller = PseudoLabeller(crf_workers, model.config.__dict__, model.config.use_crf) if source == "maps" else None
+    labeller = (PseudoLabeller(crf_workers, model.config.__dict__, model.config.use_crf, dev) if source == "maps"
+                else None)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:

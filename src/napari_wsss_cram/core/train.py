@@ -19,7 +19,8 @@ schedule: model, optimiser, scheduler, AMP scaler, RNG states and the step are s
 
 Pseudo-labels: the reliable CRF pseudo-labels of each step are made from that step's own activation maps (the
 paper's joint training), so they cannot be precomputed by DataLoader workers. With the torch CRF backend (the
-default) they are made in the step, on the model's device, for the whole batch. With pydensecrf they run in a
+default on CUDA) they are made in the step, on the model's device, for the whole batch. With pydensecrf (the
+default on the CPU, where it is faster per core) they run in a
 pool of ``crf_workers`` processes (:class:`~.pseudo_labels.PseudoLabeller`), one image per task, in parallel
 with each other and outside the GIL; the main process hands over numpy maps and images and gets uint8 labels.
 ``pseudo_label_scale`` < 1 runs the CRF on a smaller copy (its cost is linear in pixels).
@@ -490,7 +491,8 @@ class Trainer:
         """Stage 1 with joint training: the pool that makes each step's reliable pseudo-labels (else None)."""
         if self.stage != 1 or not self.model_config.use_joint:
             return None
-        return PseudoLabeller(self.config.crf_workers, self.model_config.__dict__, self.model_config.use_crf)
+        return PseudoLabeller(self.config.crf_workers, self.model_config.__dict__, self.model_config.use_crf,
+                              self.device)
 
     def build_model(self) -> None:
         """The ModelConfig (the preset's ``[model]`` table), the pseudo-labeller, then the seeded model."""
