@@ -44,6 +44,10 @@ def image_source_of_layer(layer, level: int = 0):
 def segment_job(layer, model, info, settings, region, pseudo, cancel: CancelToken
                 ) -> Generator[Progress, None, dict]:
     """Predict ``region`` (y, x, h, w in pixels of the output level, or None) of ``layer``; return plain arrays."""
+    # pandas: napari's Labels layer features need it. Imported here (~0.35 s), not on the GUI thread when the
+    # first result layer is added (measured there: a 350-860 ms stall, benchmarks/napari_stall.py).
+    import pandas  # noqa: F401
+
     from ..core.inference import predict_source, prediction_pseudo_labels
 
     with leave_gui_a_core():
