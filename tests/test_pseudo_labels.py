@@ -141,3 +141,15 @@ def test_segmentation_pseudo_label_keeps_the_patch_classes_and_tissue():
     assert (label[3:, :4] == 255).all()                   # 0.5 / 0.5: below the confidence floor
     assert (label[:, 4:] == 3).all()                      # glass is background
     assert not (label == 1).any()                         # an absent class never appears
+
+
+def test_isolated_crf_gives_the_same_pseudo_labels():
+    """The dock's pseudo-label view runs pydensecrf in a helper process: same labels as in this process."""
+    rng = np.random.default_rng(4)
+    maps = rng.random((4, 16, 24)).astype(np.float32)
+    image = _image()
+    image[:, 30:] = (110, 60, 150)
+    crf = CRFParams(backend="pydensecrf", iterations=3)
+    here = reliable_pseudo_labels(maps, image, [1, 1, 0], alpha=0.2, beta=0.6, crf=crf)
+    isolated = reliable_pseudo_labels(maps, image, [1, 1, 0], alpha=0.2, beta=0.6, crf=crf, crf_isolated=True)
+    assert np.array_equal(here, isolated) and (here != IGNORE_INDEX).any()

@@ -723,8 +723,9 @@ def predict_source(model: Any, info: Any, source: Any, settings: PredictSettings
 
 # ================================================================================ outputs
 def prediction_pseudo_labels(source: Any, prediction: Prediction, classes: ClassSpec, alpha: float, beta: float,
-                             crf: CRFParams | None = None) -> np.ndarray:
+                             crf: CRFParams | None = None, crf_isolated: bool = False) -> np.ndarray:
     """Reliable pseudo-labels (alpha/beta thresholds + CRF agreement) of a prediction's DA maps.
+    ``crf_isolated``: a pydensecrf CRF runs in a helper process (GUI callers; see ``PredictSettings``).
 
     The classes the prediction found serve as the image-level label (at inference there is no other); the image
     is read from ``source`` at the prediction's region and level. Returns uint8 (h, w) in 0..K with 255 ignore.
@@ -742,7 +743,8 @@ def prediction_pseudo_labels(source: Any, prediction: Prediction, classes: Class
         image = np.asarray(Image.fromarray(image).resize(labels.shape[::-1], Image.BILINEAR))
     present = np.bincount(labels.ravel(), minlength=classes.num_outputs)[: classes.num_classes] > 0
     cam = np.asarray(prediction.cam, dtype=np.float32) / 255.0  # the engine stores maps as uint8 x 255
-    return reliable_pseudo_labels(cam, image, present.astype(np.float32), alpha=alpha, beta=beta, crf=crf)
+    return reliable_pseudo_labels(cam, image, present.astype(np.float32), alpha=alpha, beta=beta, crf=crf,
+                                  crf_isolated=crf_isolated)
 
 
 def output_paths(out_dir: str | os.PathLike, stem: str, formats: Iterable[str]) -> dict[str, Path]:

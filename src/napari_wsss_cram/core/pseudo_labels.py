@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from .classes import IGNORE_INDEX
-from .crf import CRFParams, dense_crf, dense_crf_torch, resolve_backend
+from .crf import CRFParams, dense_crf, dense_crf_isolated, dense_crf_torch, resolve_backend
 from .progress import CancelToken, Progress
 
 _DEFAULT_CRF = CRFParams()
@@ -48,12 +48,12 @@ def tissue_background(image: np.ndarray, threshold: int | None = 200) -> np.ndar
 
 def reliable_pseudo_labels_batch(maps, images, labels, alpha: float = 0.3, beta: float = 0.9,
                                  crf: CRFParams | None = _DEFAULT_CRF, tissue_threshold: int | None = 200,
-                                 background_needs_white: bool = True):
+                                 background_needs_white: bool = True, crf_isolated: bool = False):
     """The rules above for a batch, in torch on the device of ``maps``: maps (B, K+1, h, w) (any size, resized
     bilinearly to the images), images uint8 RGB (B, H, W, 3), labels (B, K) 0/1 -> uint8 (B, H, W) tensor.
 
     The torch CRF backend refines the whole batch on that device; pydensecrf runs image by image on the CPU
-    ("auto": torch on CUDA, pydensecrf on the CPU).
+    ("auto": torch on CUDA, pydensecrf on the CPU), in a helper process with ``crf_isolated`` (GUI callers).
     """
     import torch
     import torch.nn.functional as F
@@ -105,7 +105,8 @@ def reliable_pseudo_labels_batch(maps, images, labels, alpha: float = 0.3, beta:
         if resolve_backend(crf, dev) == "torch":
             p_crf = dense_crf_torch(images, probs, crf).argmax(1)
         else:
-            p_crf = torch.stack([torch.from_numpy(dense_crf(im.cpu().numpy(), p.cpu().numpy(), crf).argmax(0))
+            run = dense_crf_isolated if crf_isolated else dense_crf
+            p_crf = torch.stack([torch.from_numpy(run(im.cpu().numpy(), p.cpu().numpy(), crf).argmax(0))
                                  for im, p in zip(images, probs, strict=True)]).to(dev)
         pseudo = torch.where(p_r.long() == p_crf, p_r, torch.full_like(p_r, IGNORE_INDEX))
         pseudo[background] = k
@@ -114,12 +115,13 @@ def reliable_pseudo_labels_batch(maps, images, labels, alpha: float = 0.3, beta:
 
 def reliable_pseudo_labels(maps, image: np.ndarray, labels, alpha: float = 0.3, beta: float = 0.9,
                            crf: CRFParams | None = _DEFAULT_CRF, tissue_threshold: int | None = 200,
-                           background_needs_white: bool = True) -> np.ndarray:
+                           background_needs_white: bool = True, crf_isolated: bool = False) -> np.ndarray:
     """Pseudo-label (H, W) uint8 in 0..K with 255 = unreliable, from maps (K+1, h, w) and RGB image.
 
     ``maps`` may be a numpy array or a torch tensor, at any size (bilinearly resized to the image);
     ``labels`` (K,) are the image-level labels (0/1); ``crf=None`` turns the CRF agreement off;
-    ``background_needs_white``: background only on near-white pixels (see the module notes).
+    ``background_needs_white``: background only on near-white pixels (see the module notes);
+    ``crf_isolated``: pydensecrf runs in a helper process (GUI callers).
     """
     import torch
 
@@ -137,7 +139,7 @@ def reliable_pseudo_labels(maps, image: np.ndarray, labels, alpha: float = 0.3, 
     out = reliable_pseudo_labels_batch(torch.from_numpy(maps)[None],
                                        torch.from_numpy(np.ascontiguousarray(image[..., :3]))[None],
                                        torch.from_numpy(labels)[None], alpha, beta, crf, tissue_threshold,
-                                       background_needs_white)
+                                       background_needs_white, crf_isolated)
     return out[0].numpy()
 
 

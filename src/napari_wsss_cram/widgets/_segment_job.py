@@ -66,7 +66,7 @@ def segment_job(layer, model, info, settings, region, pseudo, cancel: CancelToke
                 if pseudo is not None and cam is not None:
                     result["pseudo"] = prediction_pseudo_labels(
                         source, prediction, info.classes, alpha=pseudo[0], beta=pseudo[1],
-                        crf=settings.crf_params if settings.crf else None)
+                        crf=settings.crf_params if settings.crf else None, crf_isolated=settings.crf_isolated)
             finally:
                 prediction.cleanup()
         finally:
