@@ -2,10 +2,13 @@
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/train_step.py --config cpu-small --steps 8
     python benchmarks/train_step.py --config wsss4luad --steps 20 --device cuda      # GPU check
+    python benchmarks/train_step.py --config wsss4luad --steps 20 --device cuda --crf-backend torch,pydensecrf \
+        --crf-workers 0,8                                   # issue 9: the CRF's share of a step, both backends
 
 Runs on synthetic patches (150-300 px, WSSS4LUAD naming) made in a temp folder, so it needs no data.
-For each --crf-workers value it prints the mean step time (first step excluded) and the main process's
-wait for pseudo-labels, in seconds and as a share of the step.
+For each --crf-backend and --crf-workers value (the torch backend ignores the workers: it runs in the step)
+it prints the mean step time (first step excluded) and the main process's wait for pseudo-labels, in seconds
+and as a share of the step.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ def main() -> None:
     parser.add_argument("--crf-workers", default="0,1", help="comma-separated values to compare")
     parser.add_argument("--no-crf", action="store_true", help="model.use_crf = false (no pydensecrf needed)")
     parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--crf-backend", default="auto", help="comma-separated CRF backends to compare")
     args = parser.parse_args()
 
     import torch
@@ -56,12 +60,15 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         data = synthetic_patches(Path(tmp) / "patches")
-        for workers in [int(w) for w in args.crf_workers.split(",")]:
-            config = load_config(args.config, data=str(data), out=str(Path(tmp) / f"run{workers}"),
+        runs = [(backend, int(w)) for backend in args.crf_backend.split(",") for w in args.crf_workers.split(",")
+                if backend != "torch" or w == args.crf_workers.split(",")[0]]
+        for backend, workers in runs:
+            config = load_config(args.config, data=str(data), out=str(Path(tmp) / f"run{backend}{workers}"),
                                  steps=args.steps, crf_workers=workers, device=args.device, workers=2,
                                  checkpoint_every=10 ** 6, batch_size=args.batch_size, weights="none")
             if args.no_crf:
                 config.model["use_crf"] = False
+            config.model["crf"] = {**config.model.get("crf", {}), "backend": backend}
             times, waits = [], []
 
             def on_event(event, times=times, waits=waits):
@@ -78,7 +85,7 @@ def main() -> None:
             crf = (waits[-1] - waits[0]) / max(1, len(waits) - 1)
             mem = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if torch.cuda.is_available() else ""
             print(f"{args.config} backbone={config.model.get('backbone', 'resnet50')} crop={config.crop} "
-                  f"batch={config.batch_size} crf={'off' if args.no_crf else 'on'} crf_workers={workers} "
+                  f"batch={config.batch_size} crf={'off' if args.no_crf else backend} crf_workers={workers} "
                   f"threads={torch.get_num_threads()}: step {step:.3f} s, CRF wait {crf:.3f} s/step "
                   f"({100 * crf / step:.0f}% of a step), {args.steps} steps in {wall:.1f} s wall{mem}", flush=True)
 

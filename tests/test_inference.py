@@ -112,6 +112,22 @@ def test_tiled_equals_whole_with_crf():
     assert (whole.labels == tiled.labels).mean() > 0.99
 
 
+def test_crf_backends_give_the_same_labels():
+    """The engine's batched torch CRF (on the model's device) and the per-tile pydensecrf reference agree."""
+    from napari_wsss_cram.core.crf import CRFParams
+
+    img, _ = colour_blocks(120, 120, 30)
+    img = np.clip(img.astype(int) + np.random.default_rng(2).integers(-25, 25, img.shape), 0, 255).astype(np.uint8)
+    labels = {}
+    for backend in ("torch", "pydensecrf"):
+        settings = PredictSettings(tile=64, overlap=32, batch=4, crf=True, crf_params=CRFParams(backend=backend),
+                                   scale=1.0, tissue_threshold=None)
+        pred = run(predict_array(TinyNet(), None, img, settings))
+        assert pred.info["crf_seconds"] > 0
+        labels[backend] = pred.labels
+    assert (labels["torch"] == labels["pydensecrf"]).mean() > 0.99
+
+
 def test_outputs_land_on_the_right_pixels_from_another_level(tmp_path):
     """--mpp reads a coarser pyramid level; labels mapped back to level 0 and level 1 stay aligned."""
     img, truth = colour_blocks(512, 384, 64)

@@ -7,7 +7,11 @@ import torch
 
 from napari_wsss_cram.core.classes import IGNORE_INDEX
 from napari_wsss_cram.core.crf import CRFParams
-from napari_wsss_cram.core.pseudo_labels import batch_pseudo_labels, reliable_pseudo_labels
+from napari_wsss_cram.core.pseudo_labels import (
+    batch_pseudo_labels,
+    reliable_pseudo_labels,
+    reliable_pseudo_labels_batch,
+)
 
 BG = 3
 
@@ -96,6 +100,30 @@ def test_maps_at_feature_resolution_and_torch_batches():
     assert (out[:, :, :20] == 0).all() and (out[:, :, 28:] == BG).all()
 
 
+def test_batched_rule_equals_the_per_image_rule_for_both_crf_backends():
+    """The trainer's batched, on-device rule gives the per-image rule's labels; the CRF backends agree."""
+    rng = np.random.default_rng(3)
+    maps = rng.random((2, 4, 12, 16)).astype(np.float32)
+    maps[:, 0, :, :8] += 0.8
+    images = np.stack([_image(), _image()])
+    images[:, :, 24:] = (110, 60, 150)   # a purple block: a colour edge for the CRF
+    images[1, :4] = 250                  # near-white rows: background by the tissue prior
+    labels = np.array([[1, 0, 1], [1, 1, 0]], np.float32)
+    out = {}
+    for backend in ("torch", "pydensecrf"):
+        crf = CRFParams(backend=backend)
+        batched = reliable_pseudo_labels_batch(torch.from_numpy(maps), torch.from_numpy(images),
+                                               torch.from_numpy(labels), alpha=0.2, beta=0.6, crf=crf)
+        assert batched.dtype == torch.uint8 and batched.shape == (2, 32, 48)
+        single = np.stack([reliable_pseudo_labels(m, im, lab, alpha=0.2, beta=0.6, crf=crf)
+                           for m, im, lab in zip(maps, images, labels, strict=True)])
+        assert np.array_equal(batched.numpy(), single)
+        out[backend] = single
+    assert (out["torch"] == out["pydensecrf"]).mean() > 0.99
+    assert (out["torch"][1, :4] == BG).all() and not np.isin(out["torch"][0], [1]).any()
+    assert (out["torch"] == IGNORE_INDEX).any() and (out["torch"] == 0).any()
+
+
 def test_segmentation_pseudo_label_keeps_the_patch_classes_and_tissue():
     from napari_wsss_cram.core.pseudo_labels import segmentation_pseudo_label
 
@@ -113,3 +141,15 @@ def test_segmentation_pseudo_label_keeps_the_patch_classes_and_tissue():
     assert (label[3:, :4] == 255).all()                   # 0.5 / 0.5: below the confidence floor
     assert (label[:, 4:] == 3).all()                      # glass is background
     assert not (label == 1).any()                         # an absent class never appears
+
+
+def test_isolated_crf_gives_the_same_pseudo_labels():
+    """The dock's pseudo-label view runs pydensecrf in a helper process: same labels as in this process."""
+    rng = np.random.default_rng(4)
+    maps = rng.random((4, 16, 24)).astype(np.float32)
+    image = _image()
+    image[:, 30:] = (110, 60, 150)
+    crf = CRFParams(backend="pydensecrf", iterations=3)
+    here = reliable_pseudo_labels(maps, image, [1, 1, 0], alpha=0.2, beta=0.6, crf=crf)
+    isolated = reliable_pseudo_labels(maps, image, [1, 1, 0], alpha=0.2, beta=0.6, crf=crf, crf_isolated=True)
+    assert np.array_equal(here, isolated) and (here != IGNORE_INDEX).any()

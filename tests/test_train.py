@@ -10,6 +10,7 @@ import torch
 
 from napari_wsss_cram.cli import main
 from napari_wsss_cram.core.checkpoint import load_checkpoint
+from napari_wsss_cram.core.crf import CRFParams
 from napari_wsss_cram.core.data import discover_patches, discover_pixel_dataset
 from napari_wsss_cram.core.data.patchify import patchify
 from napari_wsss_cram.core.errors import DatasetError, OutOfMemoryError, TrainingError
@@ -160,14 +161,20 @@ def test_pseudo_labeller_pool_matches_in_process():
     images = rng.integers(0, 255, (3, 24, 24, 3), dtype=np.uint8)
     labels = np.array([[1, 0, 0], [1, 1, 0], [0, 1, 1]], np.uint8)
     cfg = ModelConfig().__dict__
-    local, pooled = PseudoLabeller(0, cfg, True), PseudoLabeller(2, cfg, True)
+    in_step = {**cfg, "crf": CRFParams(backend="torch")}
+    # torch backend: in this process whatever crf_workers says; pydensecrf ("auto" on the CPU): a pool
+    local, pooled = PseudoLabeller(2, in_step, True), PseudoLabeller(2, cfg, True, "cpu")
+    assert PseudoLabeller(2, cfg, True, "cuda").backend == "torch"  # no pool on a GPU (nothing is started)
     try:
+        assert local.pool is None and pooled.pool is not None
         a = local.result(local.submit(maps, images, labels))
         b = pooled.result(pooled.submit(maps, images, labels))
+        on_tensors = local.label(torch.from_numpy(maps), torch.from_numpy(images), torch.from_numpy(labels))
     finally:
         pooled.close()
     assert a.shape == (3, 24, 24) and a.dtype == np.uint8
-    assert np.array_equal(a, b)
+    assert np.array_equal(a, on_tensors.numpy())
+    assert (a == b).mean() > 0.99  # the two CRF backends (same lattice) agree
     assert not np.isin(a[0], [1, 2]).any()  # absent classes never appear
 
 

@@ -49,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--crf", action=argparse.BooleanOptionalAction, default=False,
                         help="refine tiles with the dense CRF (default off)")
     parser.add_argument("--crf-params", default=None, metavar="K=V,...",
-                        help="CRF settings, e.g. bilateral_sxy=80,bilateral_srgb=13,iterations=10")
+                        help="CRF settings, e.g. bilateral_sxy=80,bilateral_srgb=13,iterations=10,backend=torch "
+                             "(backend: auto = torch, torch, or pydensecrf, the C++ reference)")
     parser.add_argument("--format", default="png,ome-tiff,geojson",
                         help="comma-separated outputs among png,ome-tiff,geojson,probs (default png,ome-tiff,"
                              "geojson; the composition JSON is always written)")
@@ -112,12 +113,12 @@ def _dist_env() -> tuple[int, int]:
 
 
 def _parse_crf_params(text: str | None):
-    from ..core.crf import CRFParams
+    from ..core.crf import BACKENDS, CRFParams
     from ..core.errors import WsssCramError
 
     if not text:
         return CRFParams()
-    values: dict[str, float] = {}
+    values: dict[str, float | str] = {}
     for item in text.split(","):
         if not item.strip():
             continue
@@ -126,6 +127,11 @@ def _parse_crf_params(text: str | None):
         if key not in CRFParams.__dataclass_fields__ or not value:
             raise WsssCramError(f"Bad --crf-params item '{item}'; known settings: "
                                 f"{', '.join(CRFParams.__dataclass_fields__)} (as name=value).")
+        if key == "backend":
+            if value.strip() not in BACKENDS:
+                raise WsssCramError(f"--crf-params backend must be one of {', '.join(BACKENDS)}, got '{value}'.")
+            values[key] = value.strip()
+            continue
         try:
             values[key] = int(value) if key == "iterations" else float(value)
         except ValueError:

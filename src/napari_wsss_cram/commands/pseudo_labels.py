@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (img/ + mask/)")
     parser.add_argument("--scale", type=float, help="rescale patches by this factor (default: the training mean)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
-    parser.add_argument("--crf-workers", type=int, default=0, help="processes for the CRF (0 = in-process)")
+    parser.add_argument("--crf-workers", type=int, default=0, help="processes for the pydensecrf CRF backend (0 = in-process)")
     parser.add_argument("--source", choices=("segmentation", "maps"), default="segmentation",
                         help="segmentation: the segmentation branch restricted to each patch's classes and tissue "
                              "(default); maps: the paper's reliable labels of the activation maps (alpha/beta + CRF)")

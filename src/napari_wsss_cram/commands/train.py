@@ -36,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classes", help="class names 'a,b,c' (default: from the data)")
     parser.add_argument("--weights", help="backbone init: auto (cached ImageNet), a .pth file, or none")
     parser.add_argument("--workers", type=int, help="DataLoader worker processes")
-    parser.add_argument("--crf-workers", type=int, help="processes making CRF pseudo-labels (0 = in-process)")
+    parser.add_argument("--crf-workers", type=int, help="processes making CRF pseudo-labels with the pydensecrf backend (0 = in-process; "
+                             "the torch backend runs in the step)")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")

@@ -35,8 +35,8 @@ or None (then ``model.classes``/``model.config`` or the WSSS4LUAD classes and Im
 How it works: the region is covered by tiles in the *work* grid (the image resampled by ``scale``), each with
 context padding; tiles whose footprint has no tissue on a low-resolution near-white mask are predicted as
 background without running the model; the others are batched on the device (CUDA: AMP + channels-last;
-out-of-memory halves the batch and retries). Tile probabilities are optionally refined by the dense CRF (same
-wrapper as training), resampled to the output grid and blended with a linear-ramp window into a band of rows
+out-of-memory halves the batch and retries). Tile probabilities are optionally refined by the dense CRF (the entry
+point training uses; the torch backend runs on the model's device for the whole batch), resampled to the output grid and blended with a linear-ramp window into a band of rows
 (:class:`~napari_wsss_cram.core.tiling.BandAccumulator`), which is finalized (arg-max, quantized) row band by
 row band: memory grows with the slide width, not its area. See :mod:`napari_wsss_cram.core.tiling`.
 """
@@ -61,7 +61,7 @@ from typing import Any
 import numpy as np
 
 from .classes import WSSS4LUAD, ClassSpec
-from .crf import CRFParams, dense_crf
+from .crf import CRFParams, dense_crf, dense_crf_isolated, dense_crf_torch, resolve_backend
 from .device import resolve_device
 from .errors import ImageReadError, OutOfMemoryError, OutputExistsError, WsssCramError
 from .progress import CancelToken, Progress
@@ -101,6 +101,9 @@ class PredictSettings:
     batch: int = 4
     crf: bool = False
     crf_params: CRFParams = field(default_factory=CRFParams)
+    # run a pydensecrf CRF in a helper process (GUI callers: the worker thread then never holds the GIL for a
+    # whole tile); the torch backend releases the GIL by itself and ignores this
+    crf_isolated: bool = False
     device: str = "auto"
     amp: bool = True
     channels_last: bool = True
@@ -244,6 +247,7 @@ class TileRunner:
         self.amp = settings.amp and self.cuda
         self.channels_last = settings.channels_last and self.cuda
         self.crf = settings.crf_params if settings.crf else None
+        self.crf_isolated = bool(settings.crf_isolated)
         self.want_cam = settings.with_cam
         self.tissue_threshold = (float(settings.tissue_threshold)
                                  if settings.background == "tissue" and settings.tissue_threshold is not None
@@ -336,16 +340,23 @@ class TileRunner:
                 white = near_white_mask(rgb, self.tissue_threshold)
             probs = restrict_to_tissue(probs, white, presence if self.gate else None, self.gate_threshold)
             if self.crf is not None:
-                # The CRF runs on the CPU at the model's resolution, on the exact tile the model saw.
-                rgb_u8 = rgb.to(torch.uint8).cpu().numpy()
-                probs_np = probs.cpu().numpy()
+                # The CRF runs at the model's resolution, on the exact tiles the model saw: the torch backend on
+                # the model's device for the whole batch (its ops release the GIL, so a GUI thread keeps
+                # running), pydensecrf on the CPU tile by tile (in a helper process with crf_isolated).
                 t0 = time.perf_counter()
-                refined = []
-                for j in range(len(jobs)):
-                    p = probs_np[j] / np.maximum(probs_np[j].sum(axis=0, keepdims=True), 1e-8)
-                    refined.append(dense_crf(rgb_u8[j], p, self.crf))
+                if resolve_backend(self.crf, self.device) == "torch":
+                    probs = dense_crf_torch(rgb, probs, self.crf)
+                    if self.cuda:
+                        torch.cuda.synchronize(self.device)  # so that crf_seconds is the CRF's time
+                else:
+                    rgb_u8 = rgb.to(torch.uint8).cpu().numpy()
+                    probs_np = probs.cpu().numpy()
+                    refined = []
+                    for j in range(len(jobs)):
+                        p = probs_np[j] / np.maximum(probs_np[j].sum(axis=0, keepdims=True), 1e-8)
+                        refined.append((dense_crf_isolated if self.crf_isolated else dense_crf)(rgb_u8[j], p, self.crf))
+                    probs = torch.from_numpy(np.stack(refined)).to(self.device)
                 self.crf_seconds += time.perf_counter() - t0
-                probs = torch.from_numpy(np.stack(refined)).to(self.device)
                 if white is not None:  # the CRF may spread background over pale tissue: the mask decides
                     probs = restrict_to_tissue(probs, white, None, self.gate_threshold)
             results = []
@@ -727,8 +738,9 @@ def predict_source(model: Any, info: Any, source: Any, settings: PredictSettings
 
 # ================================================================================ outputs
 def prediction_pseudo_labels(source: Any, prediction: Prediction, classes: ClassSpec, alpha: float, beta: float,
-                             crf: CRFParams | None = None) -> np.ndarray:
+                             crf: CRFParams | None = None, crf_isolated: bool = False) -> np.ndarray:
     """Reliable pseudo-labels (alpha/beta thresholds + CRF agreement) of a prediction's DA maps.
+    ``crf_isolated``: a pydensecrf CRF runs in a helper process (GUI callers; see ``PredictSettings``).
 
     The classes the prediction found serve as the image-level label (at inference there is no other); the image
     is read from ``source`` at the prediction's region and level. Returns uint8 (h, w) in 0..K with 255 ignore.
@@ -746,7 +758,8 @@ def prediction_pseudo_labels(source: Any, prediction: Prediction, classes: Class
         image = np.asarray(Image.fromarray(image).resize(labels.shape[::-1], Image.BILINEAR))
     present = np.bincount(labels.ravel(), minlength=classes.num_outputs)[: classes.num_classes] > 0
     cam = np.asarray(prediction.cam, dtype=np.float32) / 255.0  # the engine stores maps as uint8 x 255
-    return reliable_pseudo_labels(cam, image, present.astype(np.float32), alpha=alpha, beta=beta, crf=crf)
+    return reliable_pseudo_labels(cam, image, present.astype(np.float32), alpha=alpha, beta=beta, crf=crf,
+                                  crf_isolated=crf_isolated)
 
 
 def output_paths(out_dir: str | os.PathLike, stem: str, formats: Iterable[str]) -> dict[str, Path]:

@@ -15,8 +15,9 @@ Rules, for one image with image-level labels y (K,) and maps M (K+1, H, W), back
 4. p_crf = arg-max of the dense CRF run on the image with the maps normalised to probabilities;
 5. pseudo-label = p_r where p_r == p_crf, else 255 (with the CRF off: p_r). Prior pixels stay background.
 
-:class:`PseudoLabeller` runs these rules for a batch in a pool of processes (the trainer's joint training, and
-:func:`make_pseudo_labels`); :func:`make_pseudo_labels` writes a joint model's labels of a patch folder as the
+:func:`reliable_pseudo_labels_batch` runs these rules for a batch in torch, on the device of the maps (the CRF
+through its one entry point). :class:`PseudoLabeller` runs them for the trainer's joint training and for
+:func:`make_pseudo_labels`: in the step with the torch CRF backend, in a pool of processes with pydensecrf; :func:`make_pseudo_labels` writes a joint model's labels of a patch folder as the
 pixel-labelled input of stage 2.
 """
 
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from .classes import IGNORE_INDEX
-from .crf import CRFParams, dense_crf
+from .crf import CRFParams, dense_crf, dense_crf_isolated, dense_crf_torch, resolve_backend
 from .progress import CancelToken, Progress
 
 _DEFAULT_CRF = CRFParams()
@@ -45,26 +46,85 @@ def tissue_background(image: np.ndarray, threshold: int | None = 200) -> np.ndar
     return gray > threshold
 
 
-def _resize_maps(maps: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    if maps.shape[1:] == tuple(shape):
-        return maps
+def reliable_pseudo_labels_batch(maps, images, labels, alpha: float = 0.3, beta: float = 0.9,
+                                 crf: CRFParams | None = _DEFAULT_CRF, tissue_threshold: int | None = 200,
+                                 background_needs_white: bool = True, crf_isolated: bool = False):
+    """The rules above for a batch, in torch on the device of ``maps``: maps (B, K+1, h, w) (any size, resized
+    bilinearly to the images), images uint8 RGB (B, H, W, 3), labels (B, K) 0/1 -> uint8 (B, H, W) tensor.
+
+    The torch CRF backend refines the whole batch on that device; pydensecrf runs image by image on the CPU
+    ("auto": torch on CUDA, pydensecrf on the CPU), in a helper process with ``crf_isolated`` (GUI callers).
+    """
     import torch
     import torch.nn.functional as F
 
-    resized = F.interpolate(torch.from_numpy(np.ascontiguousarray(maps))[None], size=shape, mode="bilinear",
-                            align_corners=False)[0]
-    return resized.numpy()
+    with torch.no_grad():
+        maps = torch.as_tensor(maps).detach().float()
+        dev = maps.device
+        images = torch.as_tensor(images).to(dev)
+        present = torch.as_tensor(labels).to(dev).reshape(maps.shape[0], -1) > 0.5   # (B, K)
+        b, k = present.shape
+        if maps.ndim != 4 or maps.shape[1] != k + 1:
+            raise ValueError(f"maps must be (B, K+1, h, w) with K={k} classes, got {tuple(maps.shape)}.")
+        if images.ndim != 4 or images.shape[0] != b or images.shape[-1] < 3:
+            raise ValueError(f"images must be RGB (B, H, W, 3), got {tuple(images.shape)}.")
+        if images.dtype != torch.uint8:
+            raise ValueError(f"images must be uint8, got {images.dtype}.")
+        images = images[..., :3]
+        size = tuple(images.shape[1:3])
+        if tuple(maps.shape[-2:]) != size:
+            maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+        else:
+            maps = maps.clone()
+        absent = ~present[:, :, None, None]
+        maps[:, :k] = maps[:, :k].masked_fill(absent, 0.0)
+        if tissue_threshold is None:
+            background = torch.zeros((b, *size), dtype=torch.bool, device=dev)
+        else:  # near-white: gray > threshold, the weights of tissue_background()
+            gray = images.float() @ torch.tensor([0.299, 0.587, 0.114], device=dev)
+            background = gray > tissue_threshold
+        maps[:, :k] = maps[:, :k].masked_fill(background[:, None], 0.0)
+        maps[:, k] = maps[:, k].masked_fill(background, 1.0)
+        maps = maps.clamp_min(0.0)
+
+        fg_max = maps[:, :k].amax(1) if k else torch.zeros((b, *size), device=dev)
+        p_r = torch.full((b, *size), IGNORE_INDEX, dtype=torch.uint8, device=dev)
+        low = fg_max < alpha
+        if background_needs_white and tissue_threshold is not None:
+            low &= background
+        p_r[low] = k
+        if k:
+            confident = fg_max > beta
+            p_r = torch.where(confident, maps[:, :k].argmax(1).to(torch.uint8), p_r)
+        if crf is None:
+            return p_r
+
+        probs = maps + 1e-5  # every pixel gets a valid distribution, also where all maps are zero
+        probs[:, :k] = probs[:, :k].masked_fill(absent, 0.0)
+        probs = probs / probs.sum(1, keepdim=True)
+        if resolve_backend(crf, dev) == "torch":
+            p_crf = dense_crf_torch(images, probs, crf).argmax(1)
+        else:
+            run = dense_crf_isolated if crf_isolated else dense_crf
+            p_crf = torch.stack([torch.from_numpy(run(im.cpu().numpy(), p.cpu().numpy(), crf).argmax(0))
+                                 for im, p in zip(images, probs, strict=True)]).to(dev)
+        pseudo = torch.where(p_r.long() == p_crf, p_r, torch.full_like(p_r, IGNORE_INDEX))
+        pseudo[background] = k
+        return pseudo
 
 
 def reliable_pseudo_labels(maps, image: np.ndarray, labels, alpha: float = 0.3, beta: float = 0.9,
                            crf: CRFParams | None = _DEFAULT_CRF, tissue_threshold: int | None = 200,
-                           background_needs_white: bool = True) -> np.ndarray:
+                           background_needs_white: bool = True, crf_isolated: bool = False) -> np.ndarray:
     """Pseudo-label (H, W) uint8 in 0..K with 255 = unreliable, from maps (K+1, h, w) and RGB image.
 
     ``maps`` may be a numpy array or a torch tensor, at any size (bilinearly resized to the image);
     ``labels`` (K,) are the image-level labels (0/1); ``crf=None`` turns the CRF agreement off;
-    ``background_needs_white``: background only on near-white pixels (see the module notes).
+    ``background_needs_white``: background only on near-white pixels (see the module notes);
+    ``crf_isolated``: pydensecrf runs in a helper process (GUI callers).
     """
+    import torch
+
     if hasattr(maps, "detach"):
         maps = maps.detach().float().cpu().numpy()
     maps = np.asarray(maps, dtype=np.float32)
@@ -76,33 +136,11 @@ def reliable_pseudo_labels(maps, image: np.ndarray, labels, alpha: float = 0.3, 
         raise ValueError(f"image must be RGB (H, W, 3), got {image.shape}.")
     if image.dtype != np.uint8:
         raise ValueError(f"image must be uint8, got {image.dtype}.")
-    image = np.ascontiguousarray(image[..., :3])
-    k = labels.size
-    maps = _resize_maps(maps, image.shape[:2]).copy()
-    maps[:k][~labels] = 0.0
-    background = tissue_background(image, tissue_threshold)
-    maps[:k, background] = 0.0
-    maps[k, background] = 1.0
-    maps = np.clip(maps, 0.0, None)
-
-    fg_max = maps[:k].max(axis=0) if k else np.zeros(image.shape[:2], np.float32)
-    p_r = np.full(image.shape[:2], IGNORE_INDEX, dtype=np.uint8)
-    low = fg_max < alpha
-    if background_needs_white and tissue_threshold is not None:
-        low &= background
-    p_r[low] = k
-    confident = fg_max > beta
-    p_r[confident] = maps[:k].argmax(axis=0)[confident]
-    if crf is None:
-        return p_r
-
-    probs = maps + 1e-5  # every pixel gets a valid distribution, also where all maps are zero
-    probs[:k][~labels] = 0.0
-    probs /= probs.sum(axis=0, keepdims=True)
-    p_crf = dense_crf(image, probs, crf).argmax(axis=0)
-    pseudo = np.where(p_r == p_crf, p_r, IGNORE_INDEX).astype(np.uint8)
-    pseudo[background] = k
-    return pseudo
+    out = reliable_pseudo_labels_batch(torch.from_numpy(maps)[None],
+                                       torch.from_numpy(np.ascontiguousarray(image[..., :3]))[None],
+                                       torch.from_numpy(labels)[None], alpha, beta, crf, tissue_threshold,
+                                       background_needs_white, crf_isolated)
+    return out[0].numpy()
 
 
 def batch_pseudo_labels(cams, images: np.ndarray, labels, alpha: float = 0.3, beta: float = 0.9,
@@ -121,13 +159,18 @@ def batch_pseudo_labels(cams, images: np.ndarray, labels, alpha: float = 0.3, be
 
 # ----------------------------------------------------------------------------------------------- worker pool
 
+def _rule_settings(model_config: dict, use_crf: bool) -> dict:
+    """The rule's keyword arguments from a labeller's settings (plain dicts, as the worker processes get)."""
+    crf = CRFParams.from_dict(model_config.get("crf")) if use_crf else None
+    return {"alpha": model_config["alpha"], "beta": model_config["beta"], "crf": crf,
+            "tissue_threshold": model_config["tissue_threshold"],
+            "background_needs_white": model_config["background_needs_white"]}
+
+
 def _pseudo_label_job(maps: np.ndarray, image: np.ndarray, labels: np.ndarray, model_config: dict,
                       use_crf: bool) -> np.ndarray:
     """One image's reliable pseudo-label (runs in a pool process; numpy in, numpy out)."""
-    crf = CRFParams.from_dict(model_config.get("crf")) if use_crf else None
-    return reliable_pseudo_labels(maps, image, labels, alpha=model_config["alpha"], beta=model_config["beta"],
-                                  crf=crf, tissue_threshold=model_config["tissue_threshold"],
-                                  background_needs_white=model_config["background_needs_white"])
+    return reliable_pseudo_labels(maps, image, labels, **_rule_settings(model_config, use_crf))
 
 
 def _noop() -> None:
@@ -135,8 +178,12 @@ def _noop() -> None:
 
 
 class PseudoLabeller:
-    """Makes reliable pseudo-labels for a batch, in ``workers`` processes (0 = in this process).
+    """Makes reliable pseudo-labels for a batch: in this process with the torch CRF backend (on the device of
+    the maps, the whole batch at once), or, with the pydensecrf backend, in ``workers`` processes (0 = here).
+    ``device``: where the maps will be (the CRF backend "auto" resolves with it: torch on CUDA).
 
+    Why the pool is for pydensecrf only: pydensecrf holds the GIL and one CPU core per image, so processes are
+    what parallelises it; the torch backend is batched, runs on the model's device and releases the GIL.
     Processes are forked once, before torch starts its thread pools, and live for the whole run; each task
     is one image's maps (K+1, h, w) float32, the image (h, w, 3) uint8 and its label vector. ``model_config``
     (a ModelConfig's ``__dict__``) gives the rule's settings: ``alpha``, ``beta``, ``tissue_threshold``, ``crf``
@@ -145,14 +192,16 @@ class PseudoLabeller:
 
     SETTINGS = ("alpha", "beta", "tissue_threshold", "crf", "background_needs_white")
 
-    def __init__(self, workers: int, model_config: dict, use_crf: bool) -> None:
+    def __init__(self, workers: int, model_config: dict, use_crf: bool, device: object = None) -> None:
         self.model_config = {k: model_config[k] for k in self.SETTINGS}
         if hasattr(self.model_config["crf"], "to_dict"):  # CRFParams -> plain dict for the worker processes
             self.model_config["crf"] = self.model_config["crf"].to_dict()
         self.use_crf = use_crf
         self.workers = int(workers)
+        crf = CRFParams.from_dict(self.model_config["crf"])
+        self.backend = resolve_backend(crf, device) if use_crf else None
         self.pool: ProcessPoolExecutor | None = None
-        if workers > 0:
+        if workers > 0 and self.backend == "pydensecrf":
             import multiprocessing as mp
 
             method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
@@ -162,19 +211,36 @@ class PseudoLabeller:
         self.seconds = 0.0  # main-process time spent waiting for labels
 
     def submit(self, maps: np.ndarray, images: np.ndarray, labels: np.ndarray) -> list[Future] | np.ndarray:
+        """Start labelling a batch (numpy in); :meth:`result` returns uint8 (B, H, W)."""
         if self.pool is None:
-            return np.stack([_pseudo_label_job(m, i, lab, self.model_config, self.use_crf)
-                             for m, i, lab in zip(maps, images, labels, strict=True)])
+            return reliable_pseudo_labels_batch(maps, np.ascontiguousarray(images), labels,
+                                                **_rule_settings(self.model_config, self.use_crf)).numpy()
         return [self.pool.submit(_pseudo_label_job, m, i, lab, self.model_config, self.use_crf)
                 for m, i, lab in zip(maps, images, labels, strict=True)]
 
     def result(self, pending: list[Future] | np.ndarray) -> np.ndarray:
+        """The labels of a :meth:`submit` (waits for the pool's processes)."""
         t0 = time.perf_counter()
         out = pending if isinstance(pending, np.ndarray) else np.stack([f.result() for f in pending])
         self.seconds += time.perf_counter() - t0
         return out
 
+    def label(self, maps, images, labels):
+        """Labels of a batch of tensors (maps (B, K+1, h, w), images uint8 (B, H, W, 3), labels (B, K)) as a
+        uint8 (B, H, W) tensor on the maps' device: in the step, on that device, with the torch backend."""
+        import torch
+
+        if self.pool is not None:
+            pending = self.submit(maps.detach().float().cpu().numpy(), images.cpu().numpy(),
+                                  labels.detach().cpu().numpy())
+            return torch.from_numpy(self.result(pending)).to(maps.device)
+        t0 = time.perf_counter()
+        out = reliable_pseudo_labels_batch(maps, images, labels, **_rule_settings(self.model_config, self.use_crf))
+        self.seconds += time.perf_counter() - t0
+        return out
+
     def close(self) -> None:
+        """Stop the worker processes (if any)."""
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
@@ -246,7 +312,8 @@ def make_pseudo_labels(checkpoint: str | Path, patches: str | Path, out_dir: str
         scale = float(default_resolution(info, image_has_mpp=False).scale)
     model.to(dev).eval()
     # the CRF worker pool is needed only for the maps' reliable labels
-    labeller = PseudoLabeller(crf_workers, model.config.__dict__, model.config.use_crf) if source == "maps" else None
+    labeller = (PseudoLabeller(crf_workers, model.config.__dict__, model.config.use_crf, dev) if source == "maps"
+                else None)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
@@ -265,9 +332,8 @@ def make_pseudo_labels(checkpoint: str | Path, patches: str | Path, out_dir: str
                 label = segmentation_pseudo_label(probs[0].float().cpu().numpy(), big, index.labels[i],
                                                   model.config.tissue_threshold)
             else:
-                maps = cam[0].float().clamp_min(0).cpu().numpy()
-                label = labeller.result(labeller.submit(maps[None], np.ascontiguousarray(big)[None],
-                                                        index.labels[i][None]))[0].astype(np.uint8)
+                label = labeller.label(cam[:1].float().clamp_min(0), torch.from_numpy(np.ascontiguousarray(big))[None],
+                                       torch.from_numpy(np.asarray(index.labels[i]))[None])[0].cpu().numpy()
             if label.shape != (h, w):
                 label = np.asarray(Image.fromarray(label).resize((w, h), Image.NEAREST))
             name = path.stem + ".png"

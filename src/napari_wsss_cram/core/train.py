@@ -18,9 +18,11 @@ schedule: model, optimiser, scheduler, AMP scaler, RNG states and the step are s
 ``(seed, epoch, sample)`` and the shuffling per ``(seed, epoch)``, so a resumed run sees the same batches.
 
 Pseudo-labels: the reliable CRF pseudo-labels of each step are made from that step's own activation maps (the
-paper's joint training), so they cannot be precomputed by DataLoader workers. They run in a pool of
-``crf_workers`` processes (:class:`~.pseudo_labels.PseudoLabeller`), one image per task, in parallel with each
-other and outside the GIL; the main process hands over numpy maps and images and gets uint8 label maps back.
+paper's joint training), so they cannot be precomputed by DataLoader workers. With the torch CRF backend (the
+default on CUDA) they are made in the step, on the model's device, for the whole batch. With pydensecrf (the
+default on the CPU, where it is faster per core) they run in a
+pool of ``crf_workers`` processes (:class:`~.pseudo_labels.PseudoLabeller`), one image per task, in parallel
+with each other and outside the GIL; the main process hands over numpy maps and images and gets uint8 labels.
 ``pseudo_label_scale`` < 1 runs the CRF on a smaller copy (its cost is linear in pixels).
 
 Distributed: under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in DDP, a ``DistributedSampler``
@@ -205,21 +207,20 @@ class TrainingBudget:
 
 def batch_pseudo_labels(labeller: PseudoLabeller, cam: torch.Tensor, images_u8: torch.Tensor,
                         labels: torch.Tensor, size: int) -> torch.Tensor:
-    """Reliable pseudo-labels (B, H, W) int64 for a batch: maps and images resized to ``size`` for the CRF,
-    labels brought back to the input size (nearest)."""
+    """Reliable pseudo-labels (B, H, W) int64 on the device of ``cam`` for a batch: maps and images resized to
+    ``size`` for the CRF, labels brought back to the input size (nearest). With the torch CRF backend all of it
+    runs on that device, in the step."""
     b, h, w, _ = images_u8.shape
     with torch.no_grad():
         maps = F.interpolate(cam.detach().float(), size=(size, size), mode="bilinear", align_corners=False)
-        maps = maps.clamp_min(0).cpu().numpy().astype(np.float32)
-        imgs = images_u8.cpu()
+        maps = maps.clamp_min(0)
+        imgs = images_u8.to(cam.device, non_blocking=True)
         if size != h or size != w:
             imgs = F.interpolate(imgs.permute(0, 3, 1, 2).float(), size=(size, size), mode="area")
             imgs = imgs.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-        imgs = np.ascontiguousarray(imgs.numpy())
-    pending = labeller.submit(maps, imgs, labels.cpu().numpy().astype(np.uint8))
-    out = torch.from_numpy(labeller.result(pending).astype(np.int64))
-    if size != h or size != w:
-        out = F.interpolate(out[:, None].float(), size=(h, w), mode="nearest")[:, 0].long()
+        out = labeller.label(maps, imgs.contiguous(), labels.to(cam.device)).long()
+        if size != h or size != w:
+            out = F.interpolate(out[:, None].float(), size=(h, w), mode="nearest")[:, 0].long()
     return out
 
 
@@ -537,7 +538,8 @@ class Trainer:
         """Stage 1 with joint training: the pool that makes each step's reliable pseudo-labels (else None)."""
         if self.stage != 1 or not self.model_config.use_joint:
             return None
-        return PseudoLabeller(self.config.crf_workers, self.model_config.__dict__, self.model_config.use_crf)
+        return PseudoLabeller(self.config.crf_workers, self.model_config.__dict__, self.model_config.use_crf,
+                              self.device)
 
     def build_model(self) -> None:
         """The ModelConfig (the preset's ``[model]`` table), the pseudo-labeller, then the seeded model."""

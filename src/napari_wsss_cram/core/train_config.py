@@ -62,7 +62,9 @@ class TrainConfig:
     # steps of classification-only training before the pseudo-labels and the segmentation loss switch on: a
     # randomly initialised backbone's first maps are noise, and the seg head would learn "all background" from them
     joint_warmup_steps: int = 0
-    # pseudo-labels: the CRF runs at this fraction of the crop size, in `crf_workers` processes (0 = in-process)
+    # pseudo-labels: the CRF runs at this fraction of the crop size; with the pydensecrf backend (CRF "auto" on the
+    # CPU) in `crf_workers` processes (0 = in-process), with the torch backend (auto on CUDA) in the step on the
+    # model's device (no processes)
     pseudo_label_scale: float = 1.0
     crf_workers: int = 2
     # runtime

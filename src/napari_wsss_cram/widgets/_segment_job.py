@@ -44,6 +44,10 @@ def image_source_of_layer(layer, level: int = 0):
 def segment_job(layer, model, info, settings, region, pseudo, cancel: CancelToken
                 ) -> Generator[Progress, None, dict]:
     """Predict ``region`` (y, x, h, w in pixels of the output level, or None) of ``layer``; return plain arrays."""
+    # pandas: napari's Labels layer features need it. Imported here (~0.35 s), not on the GUI thread when the
+    # first result layer is added (measured there: a 350-860 ms stall, benchmarks/napari_stall.py).
+    import pandas  # noqa: F401
+
     from ..core.inference import predict_source, prediction_pseudo_labels
 
     with leave_gui_a_core():
@@ -62,7 +66,7 @@ def segment_job(layer, model, info, settings, region, pseudo, cancel: CancelToke
                 if pseudo is not None and cam is not None:
                     result["pseudo"] = prediction_pseudo_labels(
                         source, prediction, info.classes, alpha=pseudo[0], beta=pseudo[1],
-                        crf=settings.crf_params if settings.crf else None)
+                        crf=settings.crf_params if settings.crf else None, crf_isolated=settings.crf_isolated)
             finally:
                 prediction.cleanup()
         finally:

@@ -228,7 +228,7 @@ class SegmentWidget(QWidget):
         return PredictSettings(
             batch=1 if on_cpu else 4, **({"mpp": value} if use_mpp else {"scale": value}),
             output_level=self.level_spin.value(), tile=self.tile_spin.value(), overlap=self.overlap_spin.value(),
-            crf=self.crf_check.isChecked(), crf_params=crf,
+            crf=self.crf_check.isChecked(), crf_params=crf, crf_isolated=True,  # pydensecrf: never block the GUI
             background="tissue" if self.tissue_check.isChecked() else "model",
             gate_classes=self.gate_check.isChecked(),
             device=self.device_combo.currentText(), with_cam=True)
