@@ -284,10 +284,11 @@ def test_an_output_folder_that_is_a_file_is_refused_before_work(tmp_path, checkp
 def _tiny_config(sample_data_dir: Path, out: Path, **kw):
     from napari_wsss_cram.core.train_config import TrainConfig
 
-    return TrainConfig(data=str(sample_data_dir / "patches"), out=str(out), weights="none", device="cpu", steps=3,
-                       batch_size=2, crop=32, scale_min=1.0, scale_max=1.0, workers=0, threads=1, crf_workers=0,
-                       checkpoint_every=1, model={"backbone": "resnet18", "output_stride": 16, "aspp_channels": 16,
-                                                  "attention_dim": 16}, **kw)
+    settings = dict(data=str(sample_data_dir / "patches"), out=str(out), weights="none", device="cpu", steps=3,
+                    batch_size=2, crop=32, scale_min=1.0, scale_max=1.0, workers=0, threads=1, crf_workers=0,
+                    checkpoint_every=1, model={"backbone": "resnet18", "output_stride": 16, "aspp_channels": 16,
+                                               "attention_dim": 16})
+    return TrainConfig(**{**settings, **kw})
 
 
 def test_a_diverging_loss_stops_with_a_message_and_keeps_the_checkpoint(tmp_path, sample_data_dir):
@@ -424,3 +425,50 @@ def test_a_run_killed_between_renames_is_cleaned_by_the_next(tmp_path, checkpoin
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".wsss-cram")) == \
         ["p.geojson", "p.png", "p_composition.json", SUMMARY]
     assert (out / "p.png").read_bytes() == reference
+
+
+# ---------------------------------------------------------------------------------- weak cases: silent acceptance
+
+def test_bracket_patches_beside_class_folders_are_refused(tmp_path):
+    _he_patch(tmp_path / "a-[1, 0, 0].png")
+    (tmp_path / "stroma").mkdir()
+    _he_patch(tmp_path / "stroma" / "b.png", seed=1)
+    with pytest.raises(DatasetError, match=r"both bracket-named patches and class sub-folders.*stroma"):
+        discover_patches(tmp_path)
+
+
+def test_identical_files_with_contradictory_labels_are_reported(tmp_path):
+    _he_patch(tmp_path / "a-[1, 0, 0].png")
+    _he_patch(tmp_path / "b-[0, 1, 0].png")  # the same pixels, another label
+    _he_patch(tmp_path / "c-[0, 1, 0].png", seed=2)
+    _he_patch(tmp_path / "d-[0, 1, 0].png", seed=2)  # a plain duplicate: no contradiction
+    warnings = discover_patches(tmp_path).warnings
+    found = [w for w in warnings if "same image as another but labelled differently" in w]
+    assert len(found) == 1 and found[0].startswith("1 patch(es)")
+    assert "b-[0, 1, 0].png {stroma} = a-[1, 0, 0].png {tumor}" in found[0]
+
+
+def test_a_one_pixel_patch_is_refused(tmp_path):
+    _he_patch(tmp_path / "a-[1, 0, 0].png")
+    Image.fromarray(np.full((1, 1, 3), 120, np.uint8)).save(tmp_path / "dot-[0, 1, 0].png")
+    with pytest.raises(DatasetError, match=r"dot-\[0, 1, 0\].png: the patch is only 1x1 px"):
+        discover_patches(tmp_path)
+
+
+def test_a_pickled_resume_state_is_refused_without_torchs_hint(tmp_path, sample_data_dir):
+    import pickle
+
+    from napari_wsss_cram.core.progress import drive
+    from napari_wsss_cram.core.train import train_steps
+
+    run = tmp_path / "run"
+    drive(train_steps(_tiny_config(sample_data_dir, run, steps=1)))
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pickled code ran",))
+
+    torch.save({"model": Payload()}, run / "resume.pt", pickle_module=pickle)
+    with pytest.raises(CheckpointError, match="refusing .*resume.pt: it holds pickled Python objects") as err:
+        drive(train_steps(_tiny_config(sample_data_dir, run, steps=2, resume=True)))
+    assert "weights_only" not in str(err.value)

@@ -39,6 +39,7 @@ import csv
 import logging
 import math
 import os
+import pickle
 import random
 import time
 from collections.abc import Generator
@@ -584,6 +585,11 @@ class Trainer:
         try:
             state = torch.load(resume_path, map_location="cpu", weights_only=True)
             self.model.load_state_dict(state["model"])
+        except pickle.UnpicklingError:
+            # torch's own message suggests turning weights_only off, i.e. running the file's code: never
+            raise CheckpointError(f"--resume: refusing {resume_path}: it holds pickled Python objects, which could "
+                                  "run code when loaded. Delete it and train again, or continue from a resume.pt "
+                                  "written by this package.") from None
         except Exception as err:
             raise CheckpointError(f"--resume: cannot continue from {resume_path} ({str(err).splitlines()[0]}); "
                                   "was it written by this config (same classes and backbone)?") from None

@@ -244,6 +244,11 @@ def discover_patches(path: str | Path, classes: ClassSpec | str | list[str] | No
         subdirs = sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith((".", "_")))
         csvs = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() == ".csv")
         if images and any(_NAME_RE.match(p.stem) for p in images):
+            holding = [d.name for d in subdirs if any(_is_image(f) for f in d.iterdir())]
+            if holding:
+                raise DatasetError(f"{path}: holds both bracket-named patches and class sub-folders with images "
+                                   f"({', '.join(holding)}); the sub-folders would be ignored. Keep one layout: "
+                                   "move the other out of this folder.")
             index = _from_names(path, images, classes)
         elif len(csvs) == 1:
             index = _from_csv(csvs[0], classes)
@@ -259,6 +264,7 @@ def discover_patches(path: str | Path, classes: ClassSpec | str | list[str] | No
                 f"{path}: no patches found. Expected '<id>-[t, s, n].png' files, a CSV 'path,<classes>', "
                 "or one sub-folder of images per class."
             )
+    _check_patch_files(index)
     counts = index.counts_per_class()
     for name, count in counts.items():
         if count == 0:
@@ -269,6 +275,43 @@ def discover_patches(path: str | Path, classes: ClassSpec | str | list[str] | No
     for w in index.warnings:
         log.warning("%s", w)
     return index
+
+
+#: patches smaller than this (per side) are refused: padded to the crop they would train as white glass
+MIN_PATCH_SIDE = 16
+
+
+def _check_patch_files(index: PatchIndex) -> None:
+    """Refuse patches too small to hold tissue; warn about identical files labelled differently (one of the
+    labels is likely wrong, and the model is taught both)."""
+    from PIL import Image, UnidentifiedImageError
+
+    seen: dict[str, int] = {}
+    contradictions: list[str] = []
+    for i, path in enumerate(index.paths):
+        try:
+            with Image.open(path) as img:  # the header only
+                width, height = img.size
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError):
+            continue  # unreadable files are reported by the reader, naming the file, when the patch is loaded
+        if min(width, height) < MIN_PATCH_SIDE:
+            raise DatasetError(f"{path}: the patch is only {width}x{height} px (at least {MIN_PATCH_SIDE} px a side "
+                               "is needed to show tissue); remove it.")
+        digest = _file_hash(path)
+        if digest in seen:
+            j = seen[digest]
+            if not np.array_equal(index.labels[i], index.labels[j]):
+                contradictions.append(f"{path.name} {_label_set(index, i)} = {index.paths[j].name} "
+                                      f"{_label_set(index, j)}")
+        else:
+            seen[digest] = i
+    if contradictions:
+        index.warnings.append(f"{len(contradictions)} patch(es) are the same image as another but labelled "
+                              f"differently, e.g. {contradictions[0]}; correct one label or remove one copy.")
+
+
+def _label_set(index: PatchIndex, i: int) -> str:
+    return "{" + ", ".join(n for n, v in zip(index.classes.names, index.labels[i], strict=True) if v) + "}"
 
 
 def strong_mask_path(patch: Path) -> Path | None:
