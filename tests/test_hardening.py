@@ -472,3 +472,33 @@ def test_a_pickled_resume_state_is_refused_without_torchs_hint(tmp_path, sample_
     with pytest.raises(CheckpointError, match="refusing .*resume.pt: it holds pickled Python objects") as err:
         drive(train_steps(_tiny_config(sample_data_dir, run, steps=2, resume=True)))
     assert "weights_only" not in str(err.value)
+
+
+def test_a_corrupt_patch_in_a_loader_worker_gives_its_message_not_the_workers_traceback(tmp_path, sample_data_dir):
+    import shutil
+
+    from napari_wsss_cram.core.progress import drive
+    from napari_wsss_cram.core.train import train_steps
+
+    patches = tmp_path / "patches"
+    shutil.copytree(sample_data_dir / "patches", patches)
+    (patches / "broken-[1, 0, 0].png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    with pytest.raises(ImageReadError) as err:
+        drive(train_steps(_tiny_config(sample_data_dir, tmp_path / "run", data=str(patches), workers=1,
+                                       steps=40, batch_size=4)))
+    assert "broken-[1, 0, 0].png" in str(err.value)
+    assert "Traceback" not in str(err.value) and "DataLoader worker" not in str(err.value)
+
+
+def test_crf_worker_processes_leave_ctrl_c_to_the_main_process():
+    import signal
+
+    from napari_wsss_cram.core.model.config import ModelConfig
+    from napari_wsss_cram.core.pseudo_labels import PseudoLabeller
+
+    labeller = PseudoLabeller(1, ModelConfig(crf={"backend": "pydensecrf"}).__dict__, True)
+    try:
+        assert labeller.pool is not None
+        assert labeller.pool.submit(signal.getsignal, signal.SIGINT).result(timeout=60) == signal.SIG_IGN
+    finally:
+        labeller.close()

@@ -89,6 +89,14 @@ def resolve_backend(params: CRFParams | None, device: object = None) -> str:
     return "pydensecrf" if importlib.util.find_spec("pydensecrf") is not None else "torch"
 
 
+def ignore_interrupts() -> None:
+    """Worker-process initializer: Ctrl-C goes to the main process, which stops the pool; a worker that got it
+    too would print its own KeyboardInterrupt traceback over the main process's clean message."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _densecrf_module():
     """Import pydensecrf lazily so that a missing install fails with a hint, not an obscure ImportError."""
     try:
@@ -159,7 +167,8 @@ def dense_crf_isolated(image: np.ndarray, probs: np.ndarray, params: CRFParams |
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
-            _HELPER = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            _HELPER = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                          initializer=ignore_interrupts)
         helper = _HELPER
     return helper.submit(_dense_crf_pydensecrf, np.ascontiguousarray(image), np.ascontiguousarray(probs),
                          params).result()

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from .classes import IGNORE_INDEX
-from .crf import CRFParams, dense_crf, dense_crf_isolated, dense_crf_torch, resolve_backend
+from .crf import CRFParams, dense_crf, dense_crf_isolated, dense_crf_torch, ignore_interrupts, resolve_backend
 from .progress import CancelToken, Progress
 
 _DEFAULT_CRF = CRFParams()
@@ -205,7 +205,8 @@ class PseudoLabeller:
             import multiprocessing as mp
 
             method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-            self.pool = ProcessPoolExecutor(workers, mp_context=mp.get_context(method))
+            self.pool = ProcessPoolExecutor(workers, mp_context=mp.get_context(method),
+                                            initializer=ignore_interrupts)
             for f in [self.pool.submit(_noop) for _ in range(workers)]:
                 f.result()  # start the processes now, while this process is still single-threaded
         self.seconds = 0.0  # main-process time spent waiting for labels

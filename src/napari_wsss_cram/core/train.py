@@ -58,7 +58,7 @@ from .data.mosaic import CellBank, MosaicMix, cells_from_pixel_labels, cells_fro
 from .data.patches import PatchDataset, discover_patches
 from .data.pixel import PixelDataset, PixelIndex, discover_pixel_dataset
 from .device import resolve_device
-from .errors import CheckpointError, DatasetError, OutOfMemoryError, TrainingError
+from .errors import CheckpointError, DatasetError, OutOfMemoryError, TrainingError, WsssCramError
 from .evaluate import evaluate_model
 from .progress import Cancelled, CancelToken, Progress, drive
 from .pseudo_labels import PseudoLabeller
@@ -335,6 +335,17 @@ def _oom_error(config: TrainConfig, err: BaseException) -> OutOfMemoryError:
         f"Out of memory while training (batch {config.batch_size}, crop {config.crop}, backbone "
         f"{config.model.get('backbone', 'resnet50')}): lower --batch-size, then --crop, or use resnet18 "
         f"(e.g. --config training/cpu-small.toml). ({str(err).splitlines()[0]})")
+
+
+def _without_worker_traceback(err: WsssCramError) -> WsssCramError:
+    """A DataLoader worker's error comes back with the worker's whole traceback in its message; the user needs
+    only the message itself (which names the file)."""
+    text = str(err)
+    if "DataLoader worker process" not in text or "Original Traceback" not in text:
+        return err
+    last = [line for line in text.strip().splitlines() if line.strip()][-1]
+    prefix = f"{type(err).__module__}.{type(err).__name__}: "
+    return type(err)(last[len(prefix):] if last.startswith(prefix) else last)
 
 
 def _is_oom(err: BaseException) -> bool:
@@ -797,6 +808,8 @@ class Trainer:
             raise
         except torch.cuda.OutOfMemoryError as err:
             raise _oom_error(config, err) from None
+        except WsssCramError as err:
+            raise _without_worker_traceback(err) from None
 
     def finish(self) -> Path:
         """After the last step: the DDP replicas' sync check (recorded in ``last.pt``), the CRF-wait log;
