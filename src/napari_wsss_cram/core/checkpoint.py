@@ -60,6 +60,18 @@ class Resolution:
         what = f"{self.mpp:g} µm/px" if self.mpp is not None else f"scale {self.scale:g}x"
         return f"{what} ({self.origin})" if self.origin else what
 
+    def to_mpp(self, image_mpp: float | None) -> float | None:
+        """The µm/px the model sees on an image of ``image_mpp`` µm/px (a scale s resamples it to mpp / s)."""
+        if self.mpp is not None:
+            return self.mpp
+        return image_mpp / self.scale if image_mpp else None
+
+    def to_scale(self, image_mpp: float | None) -> float | None:
+        """The resample factor of an image of ``image_mpp`` µm/px that gives this resolution."""
+        if self.scale is not None:
+            return self.scale
+        return image_mpp / self.mpp if image_mpp else None
+
 
 def default_resolution(info: CheckpointInfo, image_has_mpp: bool = True) -> Resolution:
     """THE rule for the resolution a model is applied at when the user does not choose one.
