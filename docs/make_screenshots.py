@@ -96,9 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     Image.fromarray(viewer.screenshot(canvas_only=False, flash=False)).save(args.out / "segment_dock.png")
 
     # Montage: the image, the image with its CRF labels, then each class's activation map alone.
-    labels = viewer.layers[f"{image.name} CRF labels"]
-    names = list(segment.info.classes.names)
-    activations = [viewer.layers[f"{image.name} {name} activation"] for name in names]
+    from napari_wsss_cram.widgets.layers import result_layers_of
+
+    [labels] = result_layers_of(viewer, image.name, "labels")
+    activations = result_layers_of(viewer, image.name, "activation")
 
     def show(*visible) -> None:
         for layer in [image, labels, *activations]:

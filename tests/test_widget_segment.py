@@ -60,9 +60,9 @@ def test_segment_patch_adds_named_coloured_layers(make_napari_viewer, qtbot, tin
     viewer.layers["patch"].translate = (10.0, 20.0)
     _run_and_wait(qtbot, widget)
     names = [layer.name for layer in viewer.layers]
-    assert names == ["patch", "patch tumor activation", "patch stroma activation", "patch normal activation",
-                     "patch CRF labels"]
-    labels = viewer.layers["patch CRF labels"]
+    assert names == ["patch", "tumor activation: patch", "stroma activation: patch", "normal activation: patch",
+                     "labels: patch"]
+    labels = viewer.layers["labels: patch"]
     assert labels.data.shape == (96, 96) and labels.data.dtype == np.uint8
     assert labels.data.max() <= WSSS4LUAD.background_index
     np.testing.assert_allclose(labels.scale, (0.5, 0.5))
@@ -71,7 +71,7 @@ def test_segment_patch_adds_named_coloured_layers(make_napari_viewer, qtbot, tin
     np.testing.assert_allclose(labels.colormap.map(np.array([0]))[0][:3], np.array(WSSS4LUAD.colors[0]) / 255)
     assert labels.colormap.map(np.array([WSSS4LUAD.background_index]))[0][3] == 0
     assert list(labels.features["class"]) == list(WSSS4LUAD.all_names)
-    activations = [viewer.layers[f"patch {n} activation"] for n in WSSS4LUAD.names]
+    activations = [viewer.layers[f"{n} activation: patch"] for n in WSSS4LUAD.names]
     assert [a.visible for a in activations] == [True, False, False]
     assert all(a.blending == "additive" and a.data.shape == (96, 96) for a in activations)
     assert tuple(activations[0].contrast_limits) == (0, 255) and activations[0].data.dtype == np.uint8
@@ -104,18 +104,18 @@ def test_rerun_keeps_edited_labels(make_napari_viewer, qtbot, tiny_checkpoint):
     widget = _segment_dock(viewer, tiny_checkpoint)
     widget.crf_check.setChecked(False)
     _run_and_wait(qtbot, widget)
-    first = viewer.layers["patch CRF labels"]
+    first = viewer.layers["labels: patch"]
     # An unedited result is updated in place by a re-run.
     _run_and_wait(qtbot, widget)
-    assert [ly.name for ly in viewer.layers].count("patch CRF labels") == 1
-    assert viewer.layers["patch CRF labels"] is first
+    assert [ly.name for ly in viewer.layers].count("labels: patch") == 1
+    assert viewer.layers["labels: patch"] is first
     # The user paints a correction: the next run must not touch it.
     before = first.data.copy()
     first.paint((5, 5), new_label=2)
     edited = first.data.copy()
     assert (edited != before).any()
     _run_and_wait(qtbot, widget)
-    labels_layers = [ly for ly in viewer.layers if ly.name.startswith("patch CRF labels")]
+    labels_layers = [ly for ly in viewer.layers if ly.name.startswith("labels: patch")]
     assert len(labels_layers) == 2
     np.testing.assert_array_equal(first.data, edited)
     assert widget.export_panel.labels_combo.currentText() == labels_layers[1].name
@@ -130,7 +130,7 @@ def test_export_writes_valid_png_ometiff_geojson(make_napari_viewer, qtbot, tiny
     widget = _segment_dock(viewer, tiny_checkpoint)
     widget.crf_check.setChecked(False)
     _run_and_wait(qtbot, widget)
-    layer = viewer.layers["patch CRF labels"]
+    layer = viewer.layers["labels: patch"]
     layer.data = np.full_like(layer.data, WSSS4LUAD.background_index)
     layer.data[10:60, 10:50] = 0
     layer.data[60:90, 40:90] = 1  # a "corrected" mask with two classes
@@ -188,7 +188,7 @@ def test_field_of_view_on_a_multiscale_layer(make_napari_viewer, qtbot, tiny_che
     if layer.data_level == 1:
         assert region == (0, 0, 64, 64)
     _run_and_wait(qtbot, widget)
-    labels = viewer.layers["slide CRF labels"]
+    labels = viewer.layers["labels: slide"]
     y, x, h, w = region
     assert labels.data.shape == (h, w)
     # Level-1 pixels are 2 level-0 pixels: the labels sit on the slide with its world scale x 2.
@@ -234,7 +234,7 @@ def test_pyramidal_slide_file_field_of_view_overlays_exactly(make_napari_viewer,
     d = layer.downsample_factors[level][0] / 2  # displayed level -> output level 1
     assert (y, x) == (int(32 * d), int(64 * d))
     _run_and_wait(qtbot, widget)
-    labels = viewer.layers["slide CRF labels"]
+    labels = viewer.layers["labels: slide"]
     assert labels.data.shape == (h, w)
     # One level-1 pixel = 2 level-0 pixels of 0.5 µm; pixel centres line up with the slide's.
     np.testing.assert_allclose(labels.scale, (1.0, 1.0))
@@ -251,12 +251,12 @@ def test_reliable_pseudo_label_view(make_napari_viewer, qtbot, tiny_checkpoint):
     widget.alpha_spin.setValue(0.3)
     widget.beta_spin.setValue(0.9)
     _run_and_wait(qtbot, widget)
-    pseudo = viewer.layers["patch reliable pseudo-labels"]
+    pseudo = viewer.layers["pseudo-labels: patch"]
     assert pseudo.data.shape == (96, 96)
     values = set(np.unique(pseudo.data).tolist())
     assert values <= set(range(WSSS4LUAD.num_outputs)) | {255}
     assert pseudo.colormap.map(np.array([255]))[0][3] == 0  # unsure pixels are see-through
-    assert widget.export_panel.labels_combo.currentText() == "patch CRF labels"
+    assert widget.export_panel.labels_combo.currentText() == "labels: patch"
 
 
 def test_output_rules_default_from_the_engine_and_reach_it(make_napari_viewer, qtbot, tiny_checkpoint):
@@ -274,3 +274,170 @@ def test_output_rules_default_from_the_engine_and_reach_it(make_napari_viewer, q
     qtbot.wait(800)  # saved (debounced) as they change
     _, second = make_napari_viewer().window.add_plugin_dock_widget(PLUGIN, "Segment")
     assert not second.tissue_check.isChecked() and not second.gate_check.isChecked()
+
+
+# ----- issue 12: bugs found by a pathologist's day in the dock -----------------------------------------------------
+def _table_text(widget) -> list[str]:
+    table = widget.export_panel.composition_table
+    return [table.item(r, 0).text() for r in range(table.rowCount())]
+
+
+def test_composition_follows_undo(make_napari_viewer, qtbot, tiny_checkpoint):
+    viewer = make_napari_viewer()
+    widget = _segment_dock(viewer, tiny_checkpoint)
+    widget.crf_check.setChecked(False)
+    _run_and_wait(qtbot, widget)
+    layer = viewer.layers["labels: patch"]
+    qtbot.waitUntil(lambda: widget.export_panel.composition_table.rowCount() > 0)
+    before = _table_text(widget)
+    layer.brush_size = 40
+    layer.paint((48, 48), new_label=2 if layer.data[48, 48] != 2 else 1)
+    qtbot.waitUntil(lambda: _table_text(widget) != before, timeout=3000)
+    layer.undo()  # Ctrl+Z: napari emits neither paint nor data
+    qtbot.waitUntil(lambda: _table_text(widget) == before, timeout=3000)
+
+
+def test_reruns_after_an_edit_update_one_new_result(make_napari_viewer, qtbot, tiny_checkpoint):
+    viewer = make_napari_viewer()
+    widget = _segment_dock(viewer, tiny_checkpoint)
+    widget.crf_check.setChecked(False)
+    _run_and_wait(qtbot, widget)
+    viewer.layers["labels: patch"].paint((5, 5), new_label=2)
+    for _ in range(3):
+        _run_and_wait(qtbot, widget)
+    names = [ly.name for ly in viewer.layers]
+    # the edited layer, and one new result that later runs update in place
+    assert [n for n in names if n.startswith("labels: patch")] == ["labels: patch", "labels: patch [1]"]
+    assert len(names) == 1 + 3 + 2
+    assert all(len(n) <= len("stroma activation: patch") for n in names)  # role first, no "CRF" padding
+
+
+def test_only_class_labels_can_be_painted(make_napari_viewer, qtbot, tiny_checkpoint):
+    from napari.layers.labels._labels_key_bindings import new_label
+
+    viewer = make_napari_viewer()
+    widget = _segment_dock(viewer, tiny_checkpoint)
+    widget.crf_check.setChecked(False)
+    _run_and_wait(qtbot, widget)
+    layer = viewer.layers["labels: patch"]
+    layer.selected_label = 1
+    new_label(layer)  # napari's "new label" button: max + 1 = K + 1, a label without colour or class
+    assert layer.selected_label == 1
+    layer.selected_label = WSSS4LUAD.background_index + 1
+    assert layer.selected_label == 1
+    layer.selected_label = WSSS4LUAD.background_index  # the eraser (background) stays allowed
+    assert layer.selected_label == WSSS4LUAD.background_index
+
+
+def test_export_needs_a_folder_and_asks_before_replacing(make_napari_viewer, qtbot, tiny_checkpoint, tmp_path,
+                                                         monkeypatch):
+    viewer = make_napari_viewer()
+    widget = _segment_dock(viewer, tiny_checkpoint)
+    widget.crf_check.setChecked(False)
+    _run_and_wait(qtbot, widget)
+    monkeypatch.chdir(tmp_path)
+    widget.export_panel.export_dir.setText("")
+    assert widget.export() == []
+    assert "Choose an output folder" in widget.message.text()
+    assert not any(tmp_path.glob("*labels*"))  # nothing written into the working directory
+    out = tmp_path / "out"
+    written = widget.export(out)
+    assert [p.split("/")[-1] for p in written] == ["patch_labels.png", "patch_labels.ome.tif",
+                                                   "patch_labels.geojson", "patch_labels_composition.json"]
+    stamp = {p: (out / p.split("/")[-1]).stat().st_mtime_ns for p in written}
+    asked = []
+    monkeypatch.setattr(widget.export_panel, "confirm_overwrite", lambda existing: asked.append(existing) or False)
+    assert widget.export(out) == []
+    assert len(asked[0]) == 4 and "no file was replaced" in widget.message.text()
+    assert stamp == {p: (out / p.split("/")[-1]).stat().st_mtime_ns for p in written}
+    monkeypatch.setattr(widget.export_panel, "confirm_overwrite", lambda existing: True)
+    assert len(widget.export(out)) == 4
+
+
+def test_closing_the_dock_cancels_its_run(make_napari_viewer, qtbot, tiny_checkpoint):
+    viewer = make_napari_viewer()
+    widget = _segment_dock(viewer, tiny_checkpoint, image=he_like_image(384))
+    widget.crf_check.setChecked(True)
+    widget.run()
+    qtbot.waitUntil(lambda: widget.progress_bar.value() >= 1, timeout=30_000)
+    worker = widget.worker
+    finished = []
+    worker.finished.connect(lambda: finished.append(True))
+    dock = widget.parent()
+    while dock is not None and not hasattr(dock, "destroyOnClose"):
+        dock = dock.parent()
+    dock.destroyOnClose()  # the dock title bar's close button
+    qtbot.waitUntil(lambda: bool(finished), timeout=10_000)
+    qtbot.wait(500)
+    assert [layer.name for layer in viewer.layers] == ["patch"]
+
+
+def test_resolution_always_follows_the_model(make_napari_viewer, qtbot, tmp_path):
+    from napari_wsss_cram.core.checkpoint import load_checkpoint, save_checkpoint
+
+    model, _ = load_checkpoint(make_tiny_checkpoint(tmp_path / "base.pt"))
+    checkpoint = save_checkpoint(tmp_path / "x2-x3.pt", model, train_config={"scale_min": 2.0, "scale_max": 3.0})
+    viewer = make_napari_viewer()
+    viewer.add_image(he_like_image(96), name="patch", rgb=True)
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    assert widget.set_checkpoint(checkpoint)
+    assert (widget.resolution_combo.currentText(), widget.resolution_value.value()) == ("scale", 2.5)
+    widget.resolution_value.setValue(1.0)
+    qtbot.wait(800)  # autosave
+    assert widget.set_checkpoint(checkpoint)  # the same model picked again
+    assert widget.resolution_value.value() == 2.5
+    widget.resolution_value.setValue(1.0)
+    qtbot.wait(800)
+    _, second = make_napari_viewer().window.add_plugin_dock_widget(PLUGIN, "Segment")  # the next launch
+    assert second.checkpoint_row.text() == str(checkpoint)
+    assert (second.resolution_combo.currentText(), second.resolution_value.value()) == ("scale", 2.5)
+
+
+def test_resolution_units_convert_and_show(make_napari_viewer, tiny_checkpoint):
+    viewer = make_napari_viewer()
+    widget = _segment_dock(viewer, tiny_checkpoint)
+    viewer.layers["patch"].metadata["mpp"] = 0.5
+    widget.resolution_value.setValue(2.0)
+    assert widget.resolution_value.suffix().strip() == "×"
+    widget.resolution_combo.setCurrentText("µm/px")
+    assert widget.resolution_value.value() == pytest.approx(0.25)  # 0.5 µm/px resampled x2
+    assert widget.resolution_value.suffix().strip() == "µm/px"
+    assert widget.predict_settings().mpp == pytest.approx(0.25)
+    widget.resolution_combo.setCurrentText("scale")
+    assert widget.resolution_value.value() == pytest.approx(2.0)
+    # an image without a pixel size: µm/px has no meaning for it, and the dock says so in its own words
+    viewer.layers["patch"].metadata["mpp"] = None
+    widget.resolution_combo.setCurrentText("µm/px")
+    assert widget.resolution_combo.currentText() == "scale" and widget.resolution_value.value() == 2.0
+    assert "µm/px" in widget.message.text() and "--" not in widget.message.text()
+
+
+def test_dock_errors_name_dock_controls():
+    from napari_wsss_cram.widgets import _common as common
+    from napari_wsss_cram.widgets.segment import FIELDS as SEGMENT
+    from napari_wsss_cram.widgets.train import FIELDS as TRAIN
+
+    text = common.dock_wording("x.png does not state its pixel size (µm/px), so --mpp 2.5 cannot be applied; "
+                               "use --scale instead.", SEGMENT)
+    assert "--" not in text and "'Resolution as a scale'" in text
+    text = common.dock_wording("run already holds a run (last.pt); pass --resume to continue it, or choose "
+                               "another --out.", TRAIN)
+    assert text == "run already holds a run (last.pt); use 'Resume' to continue it, or choose another 'Output'."
+    assert common.dock_wording("--resume: r/resume.pt does not exist; start without --resume.", TRAIN) == \
+        "'Resume': r/resume.pt does not exist; press 'Start'."
+    assert "lower 'Batch'" in common.dock_wording("out of memory: lower --batch-size, then --crop", TRAIN)
+
+
+def test_dock_fits_a_small_screen(make_napari_viewer, qtbot):
+    from superqt import QCollapsible
+
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    _, train = viewer.window.add_plugin_dock_widget(PLUGIN, "Train")
+    [panel] = widget.findChildren(QCollapsible)
+    assert widget.scroll_area.isAncestorOf(panel) and train.scroll_area.isAncestorOf(train.plot)
+    for expand in (False, True, False):  # Advanced open or closed, the dock asks for no more height
+        panel.expand(animate=False) if expand else panel.collapse(animate=False)
+        qtbot.wait(50)
+        for dock in (widget, train):
+            assert dock.minimumSizeHint().height() < 400  # its contents scroll instead of growing the window

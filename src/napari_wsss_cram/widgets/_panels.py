@@ -123,8 +123,10 @@ class ExportPanel(QGroupBox):
         """Recompute the composition after each edit of the chosen Labels layer."""
         layer = self.labels_layer()
         if layer is not None and id(layer) not in self._watched:
-            layer.events.paint.connect(lambda *_: self._timer.start())
-            layer.events.data.connect(lambda *_: self._timer.start())
+            # paint: brush and fill; data: a new array; set_data: undo/redo (Ctrl+Z), which emit neither of the
+            # others but refresh the layer
+            for event in (layer.events.paint, layer.events.data, layer.events.set_data):
+                event.connect(lambda *_: self._timer.start())
             self._watched.add(id(layer))
         self._timer.start()
 
@@ -157,29 +159,60 @@ class ExportPanel(QGroupBox):
             + ("" if percentage is None else f"  (stroma {100 * percentage:.1f}% of tumor+stroma)"))
         return table
 
+    def export_paths(self, layer, folder: Path) -> list[Path]:
+        """The files an export of ``layer`` into ``folder`` writes: one per checked format + the composition."""
+        from .._writer import FORMAT_SUFFIXES
+
+        meta = layer.metadata.get(result_layers.METADATA_KEY, {})
+        # a result layer is named after its image ("<image>_labels"), not after its role-first layer name
+        name = f"{meta['source']}_labels" if meta.get("role") == "labels" and meta.get("source") else layer.name
+        stem = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+        paths = [folder / f"{stem}{FORMAT_SUFFIXES[fmt]}" for fmt, check in self.format_checks.items()
+                 if check.isChecked()]
+        return [*paths, folder / f"{stem}_composition.json"]
+
+    def confirm_overwrite(self, existing: list[Path]) -> bool:
+        """Ask before replacing files (tests replace this method)."""
+        from qtpy.QtWidgets import QMessageBox
+
+        names = "\n".join(p.name for p in existing[:6]) + ("\n…" if len(existing) > 6 else "")
+        answer = QMessageBox.question(self, "Replace files?", f"These files exist in {existing[0].parent}:\n{names}"
+                                      "\n\nReplace them?", QMessageBox.Yes | QMessageBox.No, QMessageBox.No)
+        return answer == QMessageBox.Yes
+
     def export(self, folder: str | Path | None = None) -> list[str]:
-        """Write the chosen labels layer in the checked formats plus ``<name>_composition.json``."""
-        from .._writer import FORMAT_SUFFIXES, export_labels
+        """Write the chosen labels layer in the checked formats plus ``<image>_labels_composition.json``.
+
+        A folder must be chosen (never napari's working directory); existing files are replaced only after
+        :meth:`confirm_overwrite` says yes.
+        """
+        from .._writer import export_labels
 
         layer = self.labels_layer()
-        folder = Path(folder or self.export_dir.text() or ".")
         written: list[str] = []
         try:
             if layer is None:
                 raise WsssCramError("There is no Labels layer to export: run a segmentation first.")
+            folder_text = str(folder) if folder else self.export_dir.text()
+            if not folder_text:
+                raise WsssCramError("Choose an output folder (Folder, Browse…) to export the labels into.")
+            folder = Path(folder_text).expanduser()
+            paths = self.export_paths(layer, folder)
+            existing = [p for p in paths if p.exists()]
+            if existing and not self.confirm_overwrite(existing):
+                common.show_message(self.message, "Export cancelled: no file was replaced.")
+                return written
             folder.mkdir(parents=True, exist_ok=True)
-            stem = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in layer.name)
             meta = layer.metadata.get(result_layers.METADATA_KEY, {})
             data = np.asarray(layer.data[0] if layer.multiscale else layer.data)
-            for fmt, check in self.format_checks.items():
-                if check.isChecked():
-                    written.append(export_labels(
-                        folder / f"{stem}{FORMAT_SUFFIXES[fmt]}", data, self.classes_of(layer), meta.get("mpp"),
-                        level0_scale=meta.get("level0_scale", 1.0),
-                        level0_offset=tuple(meta.get("level0_offset", (0.0, 0.0)))))
+            for path in paths[:-1]:
+                written.append(export_labels(
+                    path, data, self.classes_of(layer), meta.get("mpp"), overwrite=True,
+                    level0_scale=meta.get("level0_scale", 1.0),
+                    level0_offset=tuple(meta.get("level0_offset", (0.0, 0.0)))))
             table = self.update_composition()
-            (folder / f"{stem}_composition.json").write_text(json.dumps(table, indent=2))
-            written.append(str(folder / f"{stem}_composition.json"))
+            paths[-1].write_text(json.dumps(table, indent=2))
+            written.append(str(paths[-1]))
         except Exception as err:  # shown in the dock, never raised into the event loop
             common.show_message(self.message, common.notify_error(err), error=True)
             return written

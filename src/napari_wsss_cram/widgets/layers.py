@@ -1,12 +1,17 @@
 """How segmentation results become napari layers: names, colours, placement, and never clobbering user edits.
 
 Layer conventions (relied upon by the docks, the writer and the tests):
-- ``"<image> <class> activation"``: one Image layer per tissue class with that class's DA map, a colormap fading
+- Names put the role first (``"labels: <image>"``, ``"<class> activation: <image>"``), because napari's layer
+  list cuts long names at the end and WSSS4LUAD image names are long.
+- ``"<class> activation: <image>"``: one Image layer per tissue class with that class's DA map, a colormap fading
   from transparent black to the class colour, additive blending; only the first class is visible.
-- ``"<image> CRF labels"``: a Labels layer whose values are class indices (background = K, transparent), coloured
+- ``"labels: <image>"``: a Labels layer whose values are class indices (background = K, transparent), coloured
   with a ``DirectLabelColormap`` from the ``ClassSpec``; its ``features`` table carries the class names so napari's
-  status bar shows them under the cursor. ``metadata["wsss_cram"]`` holds the classes, µm/px and a fingerprint of
-  the predicted labels, which is how an edited layer is recognised.
+  status bar shows them under the cursor. ``metadata["wsss_cram"]`` holds the role, the source image, the classes,
+  µm/px and a fingerprint of the predicted labels, which is how an edited layer is recognised. Only class labels
+  (0..K) can be chosen for painting.
+- One result set per image: a re-run updates the newest *unedited* result layers of that image in place; an edited
+  labels layer is never touched (the re-run then adds a new labels layer next to it, which later runs update).
 All result layers get ``scale``/``translate`` composed from the source layer and the prediction's own placement
 (relative to level 0), so they overlay the source exactly, also on multiscale slides.
 """
@@ -25,11 +30,30 @@ METADATA_KEY = "wsss_cram"
 
 
 def labels_layer_name(image_name: str) -> str:
-    return f"{image_name} CRF labels"
+    """Name of the result labels layer of ``image_name`` (role first: the layer list cuts names at the end)."""
+    return f"labels: {image_name}"
 
 
 def activation_layer_name(image_name: str, class_name: str) -> str:
-    return f"{image_name} {class_name} activation"
+    """Name of the activation-map layer of one class of ``image_name``."""
+    return f"{class_name} activation: {image_name}"
+
+
+def pseudo_layer_name(image_name: str) -> str:
+    """Name of the reliable pseudo-label view of ``image_name``."""
+    return f"pseudo-labels: {image_name}"
+
+
+def role_of(layer) -> str | None:
+    """``"labels"``, ``"activation"`` or ``"pseudo"`` for a result layer of this plugin, else None."""
+    meta = layer.metadata.get(METADATA_KEY) if isinstance(layer.metadata, dict) else None
+    return meta.get("role") if isinstance(meta, dict) else None
+
+
+def result_layers_of(viewer, image_name: str, role: str) -> list:
+    """The result layers of ``role`` made for ``image_name``, oldest first."""
+    return [layer for layer in viewer.layers
+            if role_of(layer) == role and layer.metadata[METADATA_KEY].get("source") == image_name]
 
 
 def labels_colormap(classes: ClassSpec):
@@ -76,6 +100,23 @@ def _mark_edited(layer) -> None:
     layer.metadata.setdefault(METADATA_KEY, {})["edited"] = True
 
 
+def keep_to_class_labels(layer, classes: ClassSpec) -> None:
+    """Let ``layer`` paint only class labels 0..K (K = background): napari's "new label" button and +/- keys
+    would otherwise pick K+1, which has no colour, drops out of the composition and cannot be exported."""
+    valid = range(classes.num_outputs)
+    last = {"label": 0}
+
+    def on_selected(event=None) -> None:
+        value = int(layer.selected_label)
+        if value in valid:
+            last["label"] = value
+        else:  # back to the last class chosen (the setter emits again, with a valid value)
+            layer.selected_label = last["label"]
+
+    layer.selected_label = 0
+    layer.events.selected_label.connect(on_selected)
+
+
 def placement(source_layer, pred_scale, pred_translate) -> tuple[np.ndarray, np.ndarray]:
     """World scale/translate of a result whose pixel ``i`` sits at ``pred_translate + i * pred_scale`` level-0 pixels
     of the source layer."""
@@ -84,10 +125,6 @@ def placement(source_layer, pred_scale, pred_translate) -> tuple[np.ndarray, np.
     pred_scale = np.broadcast_to(np.asarray(pred_scale, dtype=float), (2,))
     pred_translate = np.broadcast_to(np.asarray(pred_translate, dtype=float), (2,))
     return src_scale * pred_scale, src_translate + src_scale * pred_translate
-
-
-def _find(viewer, name: str):
-    return viewer.layers[name] if name in viewer.layers else None
 
 
 def add_result_layers(viewer, source_layer, labels: np.ndarray, activations: np.ndarray | None,
@@ -111,7 +148,8 @@ def iter_result_layers(viewer, source_layer, labels: np.ndarray, activations: np
         for k, class_name in enumerate(classes.names):
             data = np.asarray(activations[k])  # uint8 (x255) from the engine: 4x less memory than float
             layer_name = activation_layer_name(name, class_name)
-            layer = _find(viewer, layer_name)
+            layer = next((ly for ly in reversed(result_layers_of(viewer, name, "activation"))
+                          if ly.metadata[METADATA_KEY].get("class") == class_name), None)
             if layer is not None and layer.data.shape == data.shape:
                 layer.data = data
                 layer.scale, layer.translate = world_scale, world_translate
@@ -122,6 +160,7 @@ def iter_result_layers(viewer, source_layer, labels: np.ndarray, activations: np
                     data, name=layer_name, colormap=activation_colormap(classes.colors[k], class_name),
                     blending="additive", contrast_limits=_full_range(data), opacity=0.7, visible=(k == 0),
                     scale=world_scale, translate=world_translate, units=source_layer.units,
+                    metadata={METADATA_KEY: {"role": "activation", "source": name, "class": class_name}},
                 )
             result["activations"].append(layer)
             yield layer
@@ -130,11 +169,13 @@ def iter_result_layers(viewer, source_layer, labels: np.ndarray, activations: np
     pred_scale = np.broadcast_to(np.asarray(scale, dtype=float), (2,))
     # GeoJSON wants pixel corners in level-0 pixels; ``translate`` is napari's pixel-centre convention.
     level0_offset = np.broadcast_to(np.asarray(translate, dtype=float), (2,)) - (pred_scale - 1) / 2
-    meta = {"classes": classes.to_dict(), "mpp": mpp, "source": name, "fingerprint": fingerprint(labels),
+    meta = {"role": "labels", "classes": classes.to_dict(), "mpp": mpp, "source": name,
+            "fingerprint": fingerprint(labels),
             "edited": False, "level0_scale": float(pred_scale[0]), "level0_offset": [float(v) for v in level0_offset]}
     layer_name = labels_layer_name(name)
-    existing = _find(viewer, layer_name)
-    if existing is not None and not is_edited(existing):
+    # the newest unedited result of this image (after an edit, the layer added next to it is the one to update)
+    existing = next((ly for ly in reversed(result_layers_of(viewer, name, "labels")) if not is_edited(ly)), None)
+    if existing is not None:
         existing.data = labels
         existing.scale, existing.translate = world_scale, world_translate
         existing.metadata[METADATA_KEY] = meta
@@ -146,6 +187,7 @@ def iter_result_layers(viewer, source_layer, labels: np.ndarray, activations: np
                               opacity=0.6, metadata={METADATA_KEY: meta}, features=class_features(classes))
     layer.colormap = labels_colormap(classes)
     layer.events.paint.connect(lambda event=None, lyr=layer: _mark_edited(lyr))
+    keep_to_class_labels(layer, classes)
     result["labels"] = layer
     return result
 
@@ -168,15 +210,15 @@ def mpp_of_layer(layer) -> float | None:
 
 def add_pseudo_label_layer(viewer, source_layer, pseudo: np.ndarray, classes: ClassSpec, scale=1.0,
                            translate=0.0):
-    """The reliable pseudo-label view ("<image> reliable pseudo-labels"): class colours, 255 (unsure) clear."""
+    """The reliable pseudo-label view ("pseudo-labels: <image>"): class colours, 255 (unsure) clear."""
     world_scale, world_translate = placement(source_layer, scale, translate)
-    name = f"{source_layer.name} reliable pseudo-labels"
-    existing = _find(viewer, name)
-    if existing is not None:
+    name = pseudo_layer_name(source_layer.name)
+    for existing in result_layers_of(viewer, source_layer.name, "pseudo"):
         viewer.layers.remove(existing)
     layer = viewer.add_labels(np.ascontiguousarray(pseudo, dtype=np.uint8), name=name, scale=world_scale,
                               translate=world_translate, units=source_layer.units, opacity=0.6, visible=False,
-                              features=class_features(classes))
+                              features=class_features(classes),
+                              metadata={METADATA_KEY: {"role": "pseudo", "source": source_layer.name}})
     layer.colormap = labels_colormap(classes)
     return layer
 

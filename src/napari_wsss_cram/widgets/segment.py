@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qtpy.QtCore import QTimer
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
@@ -14,7 +14,6 @@ from qtpy.QtWidgets import (
     QProgressBar,
     QPushButton,
     QSpinBox,
-    QVBoxLayout,
     QWidget,
 )
 
@@ -28,6 +27,13 @@ BUNDLED = "Bundled demo model (synthetic data)"
 CHECKPOINT = "Checkpoint file…"
 #: Longest side of labels the dock computes by default (they are painted in memory).
 MAX_PAINTABLE_SIDE = 8192
+SCALE, MPP = "scale", "µm/px"
+#: Unit suffix of the resolution value, per resolution mode.
+RESOLUTION_SUFFIX = {SCALE: " ×", MPP: " µm/px"}
+#: The CLI flags core messages name -> the control of this dock that sets the same thing.
+FIELDS = {"mpp": "Resolution in µm/px", "scale": "Resolution as a scale", "tile": "Tile size",
+          "overlap": "Tile overlap", "output-level": "Output level", "level": "Output level", "device": "Device",
+          "crf": "Refine labels with a dense CRF"}
 
 
 class SegmentWidget(QWidget):
@@ -39,7 +45,6 @@ class SegmentWidget(QWidget):
         self.model = self.info = self._model_problem = None
         self.worker = self._cancel = self._pbar = self._adding = None
         self.last_result: dict | None = None
-        self._restoring = False
         form = QFormLayout()
         self.image_combo = QComboBox()
         self.model_combo = QComboBox()
@@ -49,8 +54,15 @@ class SegmentWidget(QWidget):
         self.device_combo = QComboBox()
         self.device_combo.addItems(common.available_devices())
         self.resolution_combo = QComboBox()
-        self.resolution_combo.addItems(["scale", "µm/px"])
+        self.resolution_combo.addItems([SCALE, MPP])
+        self.resolution_combo.setItemData(0, "Resample the image by this factor before the model sees it",
+                                          Qt.ToolTipRole)
+        self.resolution_combo.setItemData(1, "Resample the image to this pixel size (needs an image that states "
+                                             "its µm/px)", Qt.ToolTipRole)
         self.resolution_value = spin(QDoubleSpinBox, 0.05, 20.0, 1.0, 0.1, 3)  # set from the model when picked
+        self.resolution_value.setSuffix(RESOLUTION_SUFFIX[SCALE])
+        self._resolution_mode = SCALE
+        self._resolution_chosen = False  # True once the user sets it (then image changes keep it)
         self.tile_spin = spin(QSpinBox, 64, 4096, 512, 64)
         self.level_spin = spin(QSpinBox, 0, 0, 0)
         self.level_spin.setToolTip("Pyramid level of the labels (slides: a coarser level keeps them paintable)")
@@ -85,7 +97,7 @@ class SegmentWidget(QWidget):
                                         lambda: self.info.classes if self.info is not None else None)
         self.labels_combo = self.export_panel.labels_combo
 
-        layout = QVBoxLayout(self)
+        layout = common.scroll_body(self)
         for item in (form, advanced, buttons, self.progress_bar, self.message, self.export_panel):
             (layout.addLayout if isinstance(item, QHBoxLayout | QFormLayout) else layout.addWidget)(item)
         layout.addStretch()
@@ -93,18 +105,20 @@ class SegmentWidget(QWidget):
         common.restore_settings("segment", self._persisted())
         common.autosave_settings("segment", self._persisted(), self)
         self.overlap_spin.setMaximum(self.tile_spin.value() // 2)
+        self._closed = False
         self._connect()
         self._refresh_layer_choices()
-        # a restored session keeps its saved resolution; a first launch gets the model's default
-        self._restoring = common.settings("segment").contains("resolution_value")
+        # the resolution is not restored: it always starts from the model's default (the one resolution rule)
         self._load_selected_model()
-        self._restoring = False
+        common.call_when_removed(self, self.shutdown)
 
     # ----- wiring -----------------------------------------------------------------------------------------
     def _connect(self) -> None:
         for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
             event.connect(self._refresh_layer_choices)
-        self.image_combo.currentIndexChanged.connect(self._validate)
+        self.image_combo.currentIndexChanged.connect(self._image_changed)
+        self.resolution_combo.currentTextChanged.connect(self._resolution_mode_changed)
+        self.resolution_value.valueChanged.connect(self._resolution_edited)
         self.tile_spin.valueChanged.connect(lambda tile: self.overlap_spin.setMaximum(tile // 2))
         self.model_combo.currentIndexChanged.connect(self._load_selected_model)
         self.checkpoint_row.edit.editingFinished.connect(self._load_selected_model)
@@ -118,7 +132,7 @@ class SegmentWidget(QWidget):
         for combo, kind in ((self.image_combo, Image), (self.labels_combo, Labels)):
             current = combo.currentText()
             names = [layer.name for layer in self.viewer.layers if isinstance(layer, kind)
-                     and not layer.name.endswith(" activation")]
+                     and result_layers.role_of(layer) != "activation"]
             combo.blockSignals(True)
             combo.clear()
             combo.addItems(names)
@@ -126,6 +140,12 @@ class SegmentWidget(QWidget):
                 combo.setCurrentText(current)
             combo.blockSignals(False)
         self.export_panel.watch()
+        self._validate()
+
+    def _image_changed(self, *_args) -> None:
+        # a default chosen before this image was known may not suit it (a model's µm/px on a PNG without one)
+        if not self._resolution_chosen:
+            self.set_default_resolution()
         self._validate()
 
     def image_layer(self):
@@ -159,14 +179,14 @@ class SegmentWidget(QWidget):
             self.model, self.info = load_checkpoint(path)
         except Exception as err:  # shown in the dock, never raised into the event loop
             self.classes_label.setText("")
-            self._model_problem = common.user_message(err)
+            self._model_problem = common.user_message(err, FIELDS)
             if use_file and self.checkpoint_row.text():  # an explicit choice: say what is wrong with it now
-                self._validate(error=common.notify_error(err))
+                self._validate(error=common.notify_error(err, FIELDS))
             else:
                 self._validate()
             return False
-        if not self._restoring:  # a newly chosen model: its default resolution (a restored session keeps its own)
-            self.set_default_resolution()
+        self._resolution_chosen = False  # a (re)chosen model starts at its default resolution
+        self.set_default_resolution()
         self.classes_label.setText(" ".join(
             f'<span style="color: rgb{tuple(color)}">■</span> {name}'
             for name, color in zip(self.info.classes.names, self.info.classes.colors, strict=True)))
@@ -184,10 +204,50 @@ class SegmentWidget(QWidget):
         meta = getattr(layer, "metadata", None)
         has_mpp = not (isinstance(meta, dict) and "mpp" in meta and not meta["mpp"])
         resolution = default_resolution(self.info, image_has_mpp=has_mpp)
-        self.resolution_combo.setCurrentText("µm/px" if resolution.mpp is not None else "scale")
-        self.resolution_value.setValue(resolution.mpp if resolution.mpp is not None else resolution.scale)
+        self._show_resolution(MPP if resolution.mpp is not None else SCALE,
+                              resolution.mpp if resolution.mpp is not None else resolution.scale)
         self.resolution_combo.setToolTip(f"Default for this model: {resolution.describe()}")
 
+    def _show_resolution(self, mode: str, value: float) -> None:
+        self._resolution_mode = mode
+        self.resolution_combo.blockSignals(True)
+        self.resolution_combo.setCurrentText(mode)
+        self.resolution_combo.blockSignals(False)
+        self.resolution_value.setSuffix(RESOLUTION_SUFFIX[mode])
+        self.resolution_value.blockSignals(True)  # not a choice of the user's
+        self.resolution_value.setValue(value)
+        self.resolution_value.blockSignals(False)
+
+    def image_mpp(self) -> float | None:
+        """µm/px of the chosen image layer's level 0, when its file states it."""
+        meta = getattr(self.image_layer(), "metadata", None)
+        mpp = meta.get("mpp") if isinstance(meta, dict) else None
+        return float(mpp) if mpp else None
+
+    def _resolution_edited(self, *_args) -> None:
+        self._resolution_chosen = True
+
+    def _resolution_mode_changed(self, mode: str) -> None:
+        """Switching scale <-> µm/px converts the value (through the image's µm/px, else the model's default in
+        that unit) instead of keeping the number: 2.5x is not 2.5 µm/px."""
+        from ..core.checkpoint import Resolution, default_resolution
+
+        old, value = self._resolution_mode, self.resolution_value.value()
+        if mode == old:
+            return
+        current = Resolution(mpp=value) if old == MPP else Resolution(scale=value)
+        image_mpp = self.image_mpp()
+        new = current.to_mpp(image_mpp) if mode == MPP else current.to_scale(image_mpp)
+        if new is None and self.info is not None:
+            default = default_resolution(self.info, image_has_mpp=mode == MPP)
+            new = default.mpp if mode == MPP else default.scale
+        if new is None:  # µm/px asked for, but neither the image nor the model states one
+            self._show_resolution(old, value)
+            common.show_message(self.message, "Neither this image nor the model states a pixel size (µm/px): "
+                                              "choose the resolution as a scale.", error=True)
+            return
+        self._resolution_chosen = True
+        self._show_resolution(mode, round(new, 3))
     # ----- validation -------------------------------------------------------------------------------------
     def _validate(self, *_args, error: str | None = None, quiet: bool = False) -> bool:
         """Enable Run only when an RGB image and a model are chosen; say what is missing otherwise."""
@@ -201,6 +261,10 @@ class SegmentWidget(QWidget):
             self._fit_output_level(layer)
         if problem is None and self.model is None:
             problem = self._model_problem or "Choose a model checkpoint."
+        if (problem is None and self._resolution_mode == MPP and self.image_mpp() is None
+                and isinstance(layer.metadata, dict) and "mpp" in layer.metadata):
+            problem = (f"'{layer.name}' does not state its pixel size (µm/px): choose the resolution as a "
+                       "scale (the model's training scale is the default).")
         running = self.busy
         self.run_button.setEnabled(problem is None and not running)
         if not running and not quiet:
@@ -220,7 +284,7 @@ class SegmentWidget(QWidget):
         from ..core.inference import PredictSettings, resolve_device
 
         crf = CRFParams(**{k: s.value() for k, s in self.crf_spins.items()}, iterations=self.crf_iterations.value())
-        use_mpp = self.resolution_combo.currentText() == "µm/px"
+        use_mpp = self.resolution_combo.currentText() == MPP
         value = self.resolution_value.value()
         # Cancel takes effect between batches: on CPU one tile per batch keeps it within about a second, at no
         # cost in throughput (a CPU gains nothing from batching).
@@ -252,7 +316,7 @@ class SegmentWidget(QWidget):
             region, settings = self.region(layer), self.predict_settings()
             settings.validate()
         except Exception as err:  # shown in the dock, never raised into the event loop
-            common.show_message(self.message, common.notify_error(err), error=True)
+            common.show_message(self.message, common.notify_error(err, FIELDS), error=True)
             return
         common.save_settings("segment", self._persisted())
         self._cancel = CancelToken()
@@ -293,7 +357,7 @@ class SegmentWidget(QWidget):
         return self.worker is not None or self._adding is not None
 
     def _on_result(self, layer, result) -> None:
-        if self._cancel is not None and self._cancel.cancelled:
+        if self._closed or (self._cancel is not None and self._cancel.cancelled):
             return
         classes = self.info.classes
 
@@ -311,6 +375,8 @@ class SegmentWidget(QWidget):
 
     def _add_next_layer(self) -> None:
         """Add one result layer per event-loop turn, so the GUI never freezes for all of them at once."""
+        if self._adding is None:  # the dock was closed meanwhile
+            return
         try:
             next(self._adding)
         except StopIteration as done:
@@ -328,9 +394,9 @@ class SegmentWidget(QWidget):
         QTimer.singleShot(0, self._add_next_layer)
 
     def _on_error(self, err) -> None:
-        if isinstance(err, Cancelled):  # reported by _on_finished, not an error
+        if isinstance(err, Cancelled) or self._closed:  # a cancel is reported by _on_finished, not an error
             return
-        common.show_message(self.message, common.notify_error(err), error=True)
+        common.show_message(self.message, common.notify_error(err, FIELDS), error=True)
 
     def _on_finished(self) -> None:
         cancelled = self._cancel is not None and self._cancel.cancelled
@@ -352,15 +418,27 @@ class SegmentWidget(QWidget):
 
     # ----- persistence ------------------------------------------------------------------------------------
     def _persisted(self) -> dict:
-        return {"model": self.model_combo, "device": self.device_combo, "resolution": self.resolution_combo,
-                "region": self.region_combo, "resolution_value": self.resolution_value, "tile": self.tile_spin,
+        # not the resolution: it comes from the model (core.checkpoint.default_resolution) each time one is picked
+        return {"model": self.model_combo, "device": self.device_combo,
+                "region": self.region_combo, "tile": self.tile_spin,
                 "overlap": self.overlap_spin, "alpha": self.alpha_spin, "beta": self.beta_spin,
                 "crf": self.crf_check, "pseudo": self.pseudo_check, "checkpoint": self.checkpoint_row,
                 "tissue_background": self.tissue_check, "gate_classes": self.gate_check,
                 "export_dir": self.export_panel.export_dir, "level": self.level_spin,
                 "crf_iterations": self.crf_iterations, **self.crf_spins}
 
-    def closeEvent(self, event) -> None:  # noqa: N802 (Qt naming)
+    def shutdown(self) -> None:
+        """The dock is going away: save its settings, cancel a run, add no more layers, stop following the
+        viewer's layers."""
+        if self._closed:
+            return
+        self._closed = True
         common.save_settings("segment", self._persisted())
         self.cancel()
+        self._adding = None
+        for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
+            event.disconnect(self._refresh_layer_choices)
+
+    def closeEvent(self, event) -> None:  # noqa: N802 (Qt naming)
+        self.shutdown()
         super().closeEvent(event)
