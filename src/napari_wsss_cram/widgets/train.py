@@ -17,7 +17,6 @@ from qtpy.QtWidgets import (
     QProgressBar,
     QPushButton,
     QSpinBox,
-    QVBoxLayout,
     QWidget,
 )
 
@@ -25,7 +24,13 @@ from ..core.errors import WsssCramError
 from ..core.progress import Cancelled, CancelToken
 from . import _common as common
 from ._train_job import PRESETS, add_corrected_example, preset_config, scan_folder, train_job
+from .layers import role_of
 from .plot import TrainingPlot
+
+#: The CLI flags core messages name -> the control of this dock that sets the same thing.
+FIELDS = {"resume": "Resume", "out": "Output", "batch-size": "Batch", "crop": "Crop", "lr": "Learning rate",
+          "backbone": "Backbone", "steps": "Steps", "epochs": "Epochs", "minutes": "Time budget",
+          "data": "Patches", "val": "Validation", "device": "Device", "preset": "Preset"}
 
 
 def _spin(cls, lo, hi, step=1, decimals=None):
@@ -47,6 +52,7 @@ class TrainWidget(QWidget):
         self.checkpoint_path: str | None = None
         self.patch_index = None
         self._started = 0.0
+        self._closed = False
 
         data_box = QGroupBox("Data")
         data_form = QFormLayout(data_box)
@@ -91,6 +97,8 @@ class TrainWidget(QWidget):
         self.start_button = QPushButton("Start")
         self.cancel_button = QPushButton("Cancel")
         self.resume_button = QPushButton("Resume")
+        self.resume_button.setToolTip("Continue the run in the Output folder from its last checkpoint")
+        self.resume_button.setEnabled(False)  # until the Output folder holds a run to resume
         self.cancel_button.setEnabled(False)
         buttons = QHBoxLayout()
         for button in (self.start_button, self.cancel_button, self.resume_button):
@@ -113,7 +121,7 @@ class TrainWidget(QWidget):
         corr_form.addRow("Folder", self.corrections_row)
         corr_form.addRow(self.add_button)
 
-        layout = QVBoxLayout(self)
+        layout = common.scroll_body(self)
         for item in (data_box, settings_box, buttons, self.progress_bar, self.eta_label, self.plot,
                      self.use_button, self.message, corrections_box):
             (layout.addLayout if isinstance(item, QHBoxLayout) else layout.addWidget)(item)
@@ -129,9 +137,12 @@ class TrainWidget(QWidget):
         self.cancel_button.clicked.connect(self.cancel)
         self.use_button.clicked.connect(self.use_model)
         self.add_button.clicked.connect(self.add_corrections)
+        self.out_row.edit.textChanged.connect(self._out_changed)
         for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
             event.connect(self._refresh_layer_choices)
         self._refresh_layer_choices()
+        self._update_run_buttons()
+        common.call_when_removed(self, self.shutdown)
 
     # ----- settings ---------------------------------------------------------------------------------------
     def apply_preset(self, *_args) -> None:
@@ -139,7 +150,7 @@ class TrainWidget(QWidget):
         try:
             config = preset_config(self.preset_combo.currentText())
         except Exception as err:  # shown in the dock, never raised into the event loop
-            common.show_message(self.message, common.notify_error(err), error=True)
+            common.show_message(self.message, common.notify_error(err, FIELDS), error=True)
             return
         self.backbone_combo.setCurrentText(str(config.model.get("backbone", "resnet50")))
         self.epochs_spin.setValue(config.epochs)
@@ -174,9 +185,35 @@ class TrainWidget(QWidget):
             current = combo.currentText()
             combo.clear()
             combo.addItems([ly.name for ly in self.viewer.layers if isinstance(ly, kind)
-                            and not ly.name.endswith(" activation")])
+                            and role_of(ly) != "activation"])
             if current:
                 combo.setCurrentText(current)
+
+    def run_checkpoint(self) -> str | None:
+        """The usable checkpoint in the Output folder (best, else last), also after a cancelled run."""
+        from ..core.train import BEST, LAST
+
+        out = self.out_row.text()
+        if not out:
+            return None
+        path = next((Path(out) / name for name in (BEST, LAST) if (Path(out) / name).is_file()), None)
+        return None if path is None else str(path)
+
+    def _out_changed(self, *_args) -> None:
+        if self.worker is None:  # another run folder: its own checkpoint, if any
+            self.checkpoint_path = None
+        self._update_run_buttons()
+
+    def _update_run_buttons(self) -> None:
+        """Resume only when the Output folder holds a resumable run; "Use this model" when a checkpoint exists."""
+        from ..core.train import RESUME
+
+        running = self.worker is not None
+        out = self.out_row.text()
+        self.resume_button.setEnabled(not running and bool(out) and (Path(out) / RESUME).is_file())
+        if not running and self.checkpoint_path is None:
+            self.checkpoint_path = self.run_checkpoint()
+        self.use_button.setEnabled(not running and self.checkpoint_path is not None)
 
     # ----- actions ----------------------------------------------------------------------------------------
     def scan(self) -> bool:
@@ -185,7 +222,7 @@ class TrainWidget(QWidget):
             self.patch_index, text = scan_folder(self.data_row.text(), self.val_row.text() or None)
         except Exception as err:  # shown in the dock, never raised into the event loop
             self.scan_label.setText("")
-            common.show_message(self.message, common.notify_error(err), error=True)
+            common.show_message(self.message, common.notify_error(err, FIELDS), error=True)
             return False
         self.scan_label.setText(text)
         common.show_message(self.message, f"{len(self.patch_index)} patches found.")
@@ -199,11 +236,12 @@ class TrainWidget(QWidget):
         try:
             config = self.config(resume=resume)
         except Exception as err:  # shown in the dock, never raised into the event loop
-            common.show_message(self.message, common.notify_error(err), error=True)
+            common.show_message(self.message, common.notify_error(err, FIELDS), error=True)
             return
         common.save_settings("train", self._persisted())
         self._cancel = CancelToken()
-        self.plot.clear()
+        if not resume:  # a resumed run continues the curves it had
+            self.plot.clear()
         self.checkpoint_path = None
         self.use_button.setEnabled(False)
         self.worker = create_worker(train_job, config, self._cancel, _ignore_errors=True)
@@ -238,8 +276,8 @@ class TrainWidget(QWidget):
             self.eta_label.setText(str(info.get("summary", "")).splitlines()[0])
 
     def _on_error(self, err) -> None:
-        if not isinstance(err, Cancelled):  # a cancel is reported by _on_finished
-            common.show_message(self.message, common.notify_error(err), error=True)
+        if not isinstance(err, Cancelled) and not self._closed:  # a cancel is reported by _on_finished
+            common.show_message(self.message, common.notify_error(err, FIELDS), error=True)
 
     def _on_done(self, checkpoint) -> None:
         self.checkpoint_path = str(checkpoint) if checkpoint else None
@@ -251,20 +289,31 @@ class TrainWidget(QWidget):
         self.plot.flush()
         self.worker = None
         if self._cancel is not None and self._cancel.cancelled:
-            common.show_message(self.message, "Training cancelled: Resume continues from the last checkpoint.")
-        for button, enabled in ((self.start_button, True), (self.resume_button, True), (self.cancel_button, False)):
-            button.setEnabled(enabled)
+            self.checkpoint_path = self.run_checkpoint()  # a cancelled run leaves a usable last checkpoint
+            common.show_message(self.message, "Training cancelled: Resume continues from the last checkpoint"
+                                + ("" if self.checkpoint_path is None else "; 'Use this model' segments with it")
+                                + ".")
+        self.start_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+        self._update_run_buttons()
 
     def use_model(self) -> bool:
         """Load the trained checkpoint into the Segment dock (opening it if needed)."""
         if not self.checkpoint_path:
             return False
         try:
-            _, segment = self.viewer.window.add_plugin_dock_widget("napari-wsss-cram", "Segment")
+            dock, segment = self.viewer.window.add_plugin_dock_widget("napari-wsss-cram", "Segment")
         except Exception as err:  # e.g. a viewer without the plugin registered
-            common.show_message(self.message, common.notify_error(err), error=True)
+            common.show_message(self.message, common.notify_error(err, FIELDS), error=True)
             return False
-        return segment.set_checkpoint(self.checkpoint_path)
+        dock.raise_()  # bring the Segment dock to the front when it is tabbed behind another one
+        loaded = segment.set_checkpoint(self.checkpoint_path)
+        if loaded:
+            common.show_message(self.message, f"The Segment dock now uses {Path(self.checkpoint_path).name} "
+                                              f"from {Path(self.checkpoint_path).parent}.")
+        else:
+            common.show_message(self.message, segment.message.text(), error=True)
+        return loaded
 
     def add_corrections(self) -> list[str]:
         """Save the chosen image + corrected Labels as a pixel-labelled example and cut patches from it."""
@@ -277,7 +326,7 @@ class TrainWidget(QWidget):
             written = add_corrected_example(self.viewer.layers[image], self.viewer.layers[labels],
                                             self.corrections_row.text())
         except Exception as err:  # shown in the dock, never raised into the event loop
-            common.show_message(self.message, common.notify_error(err), error=True)
+            common.show_message(self.message, common.notify_error(err, FIELDS), error=True)
             return []
         self.mix_check.setChecked(True)
         common.show_message(self.message, f"Saved {Path(written[0]).name} and its mask; {len(written) - 2} patches "
@@ -292,7 +341,16 @@ class TrainWidget(QWidget):
                 "batch": self.batch_spin, "crop": self.crop_spin, "lr": self.lr_spin,
                 "device": self.device_combo, "corrections": self.corrections_row, "mix": self.mix_check}
 
-    def closeEvent(self, event) -> None:  # noqa: N802 (Qt naming)
+    def shutdown(self) -> None:
+        """The dock is going away: save its settings, cancel a run, stop following the viewer's layers."""
+        if self._closed:
+            return
+        self._closed = True
         common.save_settings("train", self._persisted())
         self.cancel()
+        for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
+            event.disconnect(self._refresh_layer_choices)
+
+    def closeEvent(self, event) -> None:  # noqa: N802 (Qt naming)
+        self.shutdown()
         super().closeEvent(event)
