@@ -169,6 +169,15 @@ def test_grayscale_image_is_refused_before_run(make_napari_viewer, tiny_checkpoi
     assert "not an RGB image" in widget.message.text()
 
 
+def _show_world_box(viewer, top_left, height) -> None:
+    """Point the camera so that the canvas shows ``height`` world units from ``top_left`` down (and the
+    canvas's aspect ratio across)."""
+    canvas_h, canvas_w = viewer.canvas.size
+    zoom = canvas_h / height
+    viewer.camera.zoom = zoom
+    viewer.camera.center = (top_left[0] + height / 2, top_left[1] + canvas_w / zoom / 2)
+
+
 def test_field_of_view_on_a_multiscale_layer(make_napari_viewer, qtbot, tiny_checkpoint):
     viewer = make_napari_viewer()
     full = he_like_image(256)
@@ -182,11 +191,10 @@ def test_field_of_view_on_a_multiscale_layer(make_napari_viewer, qtbot, tiny_che
     widget.level_spin.setValue(1)
     widget.region_combo.setCurrentText("Current field of view")
     layer = viewer.layers["slide"]
-    # Pretend the canvas shows the top-left quarter at the coarse level (what vispy reports on draw).
-    layer.corner_pixels = np.array([[0, 0], [63, 63]])
+    # the canvas shows the top rows: 128 level-0 pixels (32 world units) = 64 level-1 pixels from the top edge
+    _show_world_box(viewer, (-0.125, -0.125), 32.0)
     region = widget.region(layer)
-    if layer.data_level == 1:
-        assert region == (0, 0, 64, 64)
+    assert region[:3] == (0, 0, 64)
     _run_and_wait(qtbot, widget)
     labels = viewer.layers["labels: slide"]
     y, x, h, w = region
@@ -228,11 +236,10 @@ def test_pyramidal_slide_file_field_of_view_overlays_exactly(make_napari_viewer,
     widget.crf_check.setChecked(False)
     widget.level_spin.setValue(1)  # paint on a working level of 256x256
     widget.region_combo.setCurrentText("Current field of view")
-    layer.corner_pixels = np.array([[32, 64], [95, 191]])  # what the canvas reports, at the displayed level
-    level = layer.data_level
+    # the canvas shows level-0 pixels from (64, 128) down 128 rows: level-1 pixels (32, 64) and 64 rows
+    _show_world_box(viewer, (0.5 * 63.5, 0.5 * 127.5), 0.5 * 128)
     y, x, h, w = widget.region(layer)
-    d = layer.downsample_factors[level][0] / 2  # displayed level -> output level 1
-    assert (y, x) == (int(32 * d), int(64 * d))
+    assert (y, x, h) == (32, 64, 64)
     _run_and_wait(qtbot, widget)
     labels = viewer.layers["labels: slide"]
     assert labels.data.shape == (h, w)
@@ -441,3 +448,33 @@ def test_dock_fits_a_small_screen(make_napari_viewer, qtbot):
         qtbot.wait(50)
         for dock in (widget, train):
             assert dock.minimumSizeHint().height() < 400  # its contents scroll instead of growing the window
+
+
+def test_field_of_view_is_what_the_camera_shows_not_whole_chunks(make_napari_viewer, qtbot):
+    import dask.array as da
+
+    from napari_wsss_cram.widgets.layers import field_of_view
+
+    viewer = make_napari_viewer()
+    base = da.zeros((4096, 4096, 3), dtype=np.uint8, chunks=(1024, 1024, 3))
+    layer = viewer.add_image([base, base[::2, ::2], base[::4, ::4]], name="slide", rgb=True, multiscale=True)
+    _show_world_box(viewer, (999.5, 1999.5), 200.0)  # level-0 pixels 1000..1199 down
+    qtbot.wait(100)
+    canvas_h, canvas_w = viewer.canvas.size
+    y, x, h, w = field_of_view(layer, 0, viewer)
+    assert (y, x, h) == (1000, 2000, 200)
+    assert abs(w - 200 * canvas_w / canvas_h) <= 1
+    assert field_of_view(layer, 1, viewer)[:3] == (500, 1000, 100)
+
+
+def test_field_of_view_fallback_reads_inclusive_corner_pixels():
+    from types import SimpleNamespace
+
+    from napari_wsss_cram.widgets.layers import field_of_view
+
+    # napari's corner_pixels name the last visible pixel (inclusive): 0..1023 at level 0 is 512 level-1 pixels
+    layer = SimpleNamespace(name="slide", multiscale=True, level_shapes=[(2048, 2048), (1024, 1024)],
+                            downsample_factors=[(1.0, 1.0), (2.0, 2.0)], data_level=0,
+                            corner_pixels=np.array([[0, 0], [1023, 1023]]))
+    assert field_of_view(layer, 1) == (0, 0, 512, 512)
+    assert field_of_view(layer, 0) == (0, 0, 1024, 1024)

@@ -223,23 +223,48 @@ def add_pseudo_label_layer(viewer, source_layer, pseudo: np.ndarray, classes: Cl
     return layer
 
 
-def field_of_view(layer, level: int = 0) -> tuple[int, int, int, int]:
+def _viewport_level0_edges(layer, viewer) -> np.ndarray | None:
+    """The canvas's visible box as level-0 pixel edges of ``layer`` ([[y0, x0], [y1, x1]]), from the camera and
+    canvas size; None when the viewer cannot say (no canvas yet, 3D view)."""
+    if viewer is None or viewer.dims.ndisplay != 2:
+        return None
+    height, width = (float(v) for v in viewer.canvas.size)
+    zoom = float(viewer.camera.zoom)
+    if height <= 1 or width <= 1 or zoom <= 0:
+        return None
+    center = np.asarray(viewer.camera.center, dtype=float)[-2:]
+    half = np.array([height, width]) / (2 * zoom)
+    world = np.asarray(viewer.dims.point, dtype=float).copy()
+    corners = []
+    for corner in (center - half, center + half):
+        world[-2:] = corner
+        corners.append(np.asarray(layer.world_to_data(world[-layer.ndim:]), dtype=float)[-2:])
+    # data coordinates are pixel centres: pixel i spans i - 0.5 .. i + 0.5
+    return np.stack([np.minimum(*corners), np.maximum(*corners)]) + 0.5
+
+
+def field_of_view(layer, level: int = 0, viewer=None) -> tuple[int, int, int, int]:
     """(y, x, h, w) in pixels of pyramid ``level`` of what the canvas shows of ``layer``.
 
-    ``corner_pixels`` are at the displayed (data) level: map them to level 0, then to ``level``.
+    With ``viewer``, the visible box comes from its camera and canvas size. ``layer.corner_pixels`` is only the
+    fallback: on a multiscale layer napari expands it to whole chunks (up to tens of times the visible area) and
+    updates it only when the view leaves it; its upper corner is an inclusive pixel index.
     """
     from ..core.errors import WsssCramError
 
-    corners = np.asarray(layer.corner_pixels, dtype=float)[:, -2:]
     shapes = layer.level_shapes if layer.multiscale else [layer.data.shape[:2]]
-    if layer.multiscale:
-        corners = corners * np.asarray(layer.downsample_factors[layer.data_level], dtype=float)[-2:]
+    edges = _viewport_level0_edges(layer, viewer)
+    if edges is None:
+        corners = np.asarray(layer.corner_pixels, dtype=float)[:, -2:]
+        edges = np.stack([corners[0], corners[1] + 1])  # inclusive last pixel -> its far edge
+        if layer.multiscale:
+            edges = edges * np.asarray(layer.downsample_factors[layer.data_level], dtype=float)[-2:]
     level = min(level, len(shapes) - 1)
     if level:
-        corners = corners / np.asarray(layer.downsample_factors[level], dtype=float)[-2:]
+        edges = edges / np.asarray(layer.downsample_factors[level], dtype=float)[-2:]
     full = np.asarray(shapes[level], dtype=int)[:2]
-    lo = np.clip(np.floor(corners[0]).astype(int), 0, full)
-    hi = np.clip(np.ceil(corners[1]).astype(int) + 1, 0, full)
+    lo = np.clip(np.floor(edges[0] + 1e-6).astype(int), 0, full)
+    hi = np.clip(np.ceil(edges[1] - 1e-6).astype(int), 0, full)
     if np.any(hi - lo < 8):
         raise WsssCramError(f"The field of view shows no part of '{layer.name}': pan onto the image.")
     return int(lo[0]), int(lo[1]), int(hi[0] - lo[0]), int(hi[1] - lo[1])

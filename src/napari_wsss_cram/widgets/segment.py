@@ -301,7 +301,7 @@ class SegmentWidget(QWidget):
         """(y, x, h, w) of the current field of view in pixels of the output level, or None (whole image)."""
         if self.region_combo.currentText() == "Whole image":
             return None
-        return result_layers.field_of_view(layer, self.level_spin.value())
+        return result_layers.field_of_view(layer, self.level_spin.value(), self.viewer)
 
     # ----- running ----------------------------------------------------------------------------------------
     def run(self) -> None:
