@@ -221,3 +221,49 @@ def test_train_errors_name_dock_controls(make_napari_viewer, qtbot, patch_folder
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
     text = widget.message.text()
     assert "already holds a run" in text and "'Resume'" in text and "--" not in text
+
+
+# ----- issue 12, bug 14: warnings reach the dock --------------------------------------------------------------------
+def test_warnings_of_a_run_reach_the_dock(make_napari_viewer, qtbot, patch_folder, tmp_path):
+    widget = _train_dock(make_napari_viewer())
+    widget.preset_combo.setCurrentText("sample")
+    widget.data_row.setText(str(patch_folder))  # one 'normal' patch: the trainer warns about it
+    widget.out_row.setText(str(tmp_path / "run"))
+    widget.backbone_combo.setCurrentText("resnet18")
+    widget.steps_spin.setValue(1)
+    widget.batch_spin.setValue(4)
+    widget.crop_spin.setValue(64)
+    widget.device_combo.setCurrentText("cpu")
+    widget.start()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert any("'normal'" in w and "patches" in w for w in widget.warnings), widget.warnings
+
+
+def test_forward_warnings_takes_only_the_worker_threads_records():
+    import logging
+    import threading
+
+    from napari_wsss_cram.widgets._common import forward_warnings
+
+    log = logging.getLogger("napari_wsss_cram.core.somewhere")
+
+    def job():
+        log.warning("tile %d needed a smaller batch", 3)
+        yield "step 1"
+        other = threading.Thread(target=lambda: log.warning("from another thread"))
+        other.start()
+        other.join()
+        yield "step 2"
+        return "result"
+
+    events, result = [], None
+    gen = forward_warnings(job())
+    while True:
+        try:
+            events.append(next(gen))
+        except StopIteration as stop:
+            result = stop.value
+            break
+    assert result == "result"
+    assert [getattr(e, "stage", e) for e in events] == ["warning", "step 1", "step 2"]
+    assert events[0].info["message"] == "tile 3 needed a smaller batch"

@@ -6,8 +6,9 @@ import contextlib
 import logging
 import os
 import re
+import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from pathlib import Path
 
 from qtpy.QtCore import QEvent, QObject, QSettings
@@ -86,6 +87,46 @@ def dock_wording(text: str, fields: dict[str, str] | None = None) -> str:
     return re.sub(flag, field, text)
 
 
+class _ThreadWarnings(logging.Handler):
+    """Collects the WARNING records the package logs from one thread (a worker's), for its dock to show."""
+
+    def __init__(self, thread: int):
+        super().__init__(logging.WARNING)
+        self.thread = thread
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            self.messages.append(record.getMessage())
+
+    def drain(self):
+        from ..core.progress import Progress
+
+        while self.messages:
+            yield Progress("warning", 0, 0, {"message": self.messages.pop(0)})
+
+
+def forward_warnings(job: Generator) -> Generator:
+    """Run a worker ``job`` and also yield ``Progress("warning", 0, 0, {"message": ...})`` for each warning the
+    package logs while it runs, so the dock shows it (otherwise it reaches only the terminal). Only records of
+    the worker's own thread are taken: the handler is process-wide, the GUI thread logs too."""
+    handler = _ThreadWarnings(threading.get_ident())  # runs on the first next(), i.e. in the worker thread
+    logger = logging.getLogger("napari_wsss_cram")
+    logger.addHandler(handler)
+    try:
+        while True:
+            try:
+                event = next(job)
+            except StopIteration as stop:
+                yield from handler.drain()
+                return stop.value
+            yield from handler.drain()
+            yield event
+    finally:
+        logger.removeHandler(handler)
+        job.close()
+
+
 def user_message(error: BaseException, fields: dict[str, str] | None = None) -> str:
     """The text a user sees for an error: our own messages as-is (in the dock's words when ``fields`` maps the CLI
     flags they name to dock controls), anything else with its type (logged in full)."""
@@ -101,6 +142,15 @@ def notify_error(error: BaseException | str, fields: dict[str, str] | None = Non
 
     text = dock_wording(error, fields) if isinstance(error, str) else user_message(error, fields)
     show_error(text)
+    return text
+
+
+def notify_warning(text: str, fields: dict[str, str] | None = None) -> str:
+    """Show a warning as a napari notification (in the dock's words); return the text shown."""
+    from napari.utils.notifications import show_warning
+
+    text = dock_wording(text, fields)
+    show_warning(text)
     return text
 
 
@@ -181,9 +231,10 @@ def message_label() -> QLabel:
     return label
 
 
-def show_message(label: QLabel, text: str, error: bool = False) -> None:
+def show_message(label: QLabel, text: str, error: bool = False, warning: bool = False) -> None:
+    """Show ``text`` in a dock's message line (red for an error, orange for a warning)."""
     label.setText(text)
-    label.setStyleSheet("color: #ff6e6e;" if error else "")
+    label.setStyleSheet("color: #ff6e6e;" if error else "color: #f39800;" if warning else "")
 
 
 def widget_value(widget):

@@ -44,6 +44,7 @@ class SegmentWidget(QWidget):
         self.viewer = napari_viewer
         self.model = self.info = self._model_problem = None
         self.worker = self._cancel = self._pbar = self._adding = None
+        self._warnings: list[str] = []
         self.last_result: dict | None = None
         form = QFormLayout()
         self.image_combo = QComboBox()
@@ -323,8 +324,9 @@ class SegmentWidget(QWidget):
         pseudo = (self.alpha_spin.value(), self.beta_spin.value()) if self.pseudo_check.isChecked() else None
         from ._segment_job import segment_job
 
-        self.worker = create_worker(segment_job, layer, self.model, self.info, settings, region, pseudo,
-                                    self._cancel, _ignore_errors=True)
+        self._warnings = []
+        self.worker = create_worker(common.forward_warnings, segment_job(
+            layer, self.model, self.info, settings, region, pseudo, self._cancel), _ignore_errors=True)
         self._pbar = progress(total=0, desc=f"WSSS-CRAM: {layer.name}")
         self.worker.yielded.connect(self._on_progress)
         self.worker.returned.connect(lambda result, lyr=layer: self._on_result(lyr, result))
@@ -343,6 +345,11 @@ class SegmentWidget(QWidget):
             common.show_message(self.message, "Cancelling…")
 
     def _on_progress(self, event) -> None:
+        if event.stage == "warning":  # a warning the core logged: say it in the dock, not only in the terminal
+            self._warnings.append(event.info["message"])
+            common.notify_warning(event.info["message"], FIELDS)
+            common.show_message(self.message, f"Segmenting… warning: {event.info['message']}", warning=True)
+            return
         self.progress_bar.setMaximum(max(event.total, 1))
         self.progress_bar.setValue(event.done)
         pbar = self._pbar
@@ -384,7 +391,9 @@ class SegmentWidget(QWidget):
             self.last_result = shown = done.value
             self.labels_combo.setCurrentText(shown["labels"].name)
             self._validate(quiet=True)
-            common.show_message(self.message, f"Done: '{shown['labels'].name}'. Paint corrections, then export.")
+            warned = "" if not self._warnings else "  Warning: " + " ".join(self._warnings)
+            common.show_message(self.message, f"Done: '{shown['labels'].name}'. Paint corrections, then export."
+                                + warned, warning=bool(warned))
             return
         except Exception as err:  # shown, never raised into the event loop
             self._adding = None

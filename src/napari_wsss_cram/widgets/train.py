@@ -53,6 +53,7 @@ class TrainWidget(QWidget):
         self.patch_index = None
         self._started = 0.0
         self._closed = False
+        self.warnings: list[str] = []  # those of the current run, as shown
 
         data_box = QGroupBox("Data")
         data_form = QFormLayout(data_box)
@@ -240,11 +241,12 @@ class TrainWidget(QWidget):
             return
         common.save_settings("train", self._persisted())
         self._cancel = CancelToken()
+        self.warnings = []
         if not resume:  # a resumed run continues the curves it had
             self.plot.clear()
         self.checkpoint_path = None
         self.use_button.setEnabled(False)
-        self.worker = create_worker(train_job, config, self._cancel, _ignore_errors=True)
+        self.worker = create_worker(common.forward_warnings, train_job(config, self._cancel), _ignore_errors=True)
         self.worker.yielded.connect(self._on_progress)
         self.worker.returned.connect(self._on_done)
         self.worker.errored.connect(self._on_error)
@@ -262,6 +264,11 @@ class TrainWidget(QWidget):
 
     def _on_progress(self, event) -> None:
         info = event.info or {}
+        if event.stage == "warning":  # a warning the core logged: say it in the dock, not only in the terminal
+            text = common.notify_warning(info["message"], FIELDS)
+            self.warnings.append(text)
+            common.show_message(self.message, f"Warning: {text}", warning=True)
+            return
         if event.stage == "train":
             self.progress_bar.setMaximum(max(event.total, 1))
             self.progress_bar.setValue(event.done)
