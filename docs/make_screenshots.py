@@ -1,7 +1,7 @@
 """Render the plugin offscreen into docs/*.png (``make screenshots``; needs Xvfb or a display).
 
 - ``docs/segment_dock.png``: the sample patch segmented by the Segment dock (CRF labels + tumor activation).
-- ``docs/activations.png``: the per-class activation layers of the same run, side by side with the image.
+- ``docs/activations.png``: each class's activation heatmap of the same run, side by side with the image.
 - ``docs/train_dock.png``: the Train dock after scanning sample_data/patches, with the loss and validation
   mIoU curves of the model's own training run (its metrics.csv, when it sits next to the checkpoint).
 
@@ -96,21 +96,26 @@ def main(argv: list[str] | None = None) -> int:
     Image.fromarray(viewer.screenshot(canvas_only=False, flash=False)).save(args.out / "segment_dock.png")
 
     # Montage: the image, the image with its CRF labels, then each class's activation map alone.
-    from napari_wsss_cram.widgets.layers import result_layers_of
+    from napari_wsss_cram.widgets.layers import result_layers_of, show_activation
 
     [labels] = result_layers_of(viewer, image.name, "labels")
-    activations = result_layers_of(viewer, image.name, "activation")
+    [activation] = result_layers_of(viewer, image.name, "activation")
 
     def show(*visible) -> None:
-        for layer in [image, labels, *activations]:
+        for layer in [image, labels, activation]:
             layer.visible = layer in visible
         settle(0.3)
 
     tiles = []
-    for visible in [(image,), (image, labels), *[(a,) for a in activations]]:
+    for visible in [(image,), (image, labels)]:
         show(*visible)
         tiles.append(Image.fromarray(viewer.export_figure(scale_factor=2, flash=False)).convert("RGB"))
-    show(image, labels, activations[0])  # back to the dock's default view
+    for name in segment.info.classes.names:  # each class's heatmap over the image
+        show_activation(activation, name)
+        show(image, activation)
+        tiles.append(Image.fromarray(viewer.export_figure(scale_factor=2, flash=False)).convert("RGB"))
+    show_activation(activation, segment.activation_combo.currentText())
+    show(image, labels, activation)  # back to the dock's view
     gap = 8
     height = min(t.height for t in tiles)
     montage = Image.new("RGB", (sum(t.width for t in tiles) + gap * (len(tiles) - 1), height), (38, 41, 48))

@@ -60,8 +60,7 @@ def test_segment_patch_adds_named_coloured_layers(make_napari_viewer, qtbot, tin
     viewer.layers["patch"].translate = (10.0, 20.0)
     _run_and_wait(qtbot, widget)
     names = [layer.name for layer in viewer.layers]
-    assert names == ["patch", "tumor activation: patch", "stroma activation: patch", "normal activation: patch",
-                     "labels: patch"]
+    assert names == ["patch", "tumor activation: patch", "labels: patch"]  # one map layer, the dock picks its class
     labels = viewer.layers["labels: patch"]
     assert labels.data.shape == (96, 96) and labels.data.dtype == np.uint8
     assert labels.data.max() <= WSSS4LUAD.background_index
@@ -71,11 +70,17 @@ def test_segment_patch_adds_named_coloured_layers(make_napari_viewer, qtbot, tin
     np.testing.assert_allclose(labels.colormap.map(np.array([0]))[0][:3], np.array(WSSS4LUAD.colors[0]) / 255)
     assert labels.colormap.map(np.array([WSSS4LUAD.background_index]))[0][3] == 0
     assert list(labels.features["class"]) == list(WSSS4LUAD.all_names)
-    activations = [viewer.layers[f"{n} activation: patch"] for n in WSSS4LUAD.names]
-    assert [a.visible for a in activations] == [True, False, False]
-    assert all(a.blending == "additive" and a.data.shape == (96, 96) for a in activations)
-    assert tuple(activations[0].contrast_limits) == (0, 255) and activations[0].data.dtype == np.uint8
-    np.testing.assert_allclose(activations[1].scale, (0.5, 0.5))
+    activation = viewer.layers["tumor activation: patch"]
+    maps = activation.metadata["wsss_cram"]["maps"]
+    assert maps.shape == (3, 96, 96) and maps.dtype == np.uint8
+    np.testing.assert_array_equal(activation.data, maps[0])
+    assert tuple(activation.contrast_limits) == (0, 255) and activation.blending == "translucent"
+    assert activation.colormap.map(np.array([0.0]))[0][3] == 0  # low activation is see-through (a heatmap)
+    np.testing.assert_allclose(activation.scale, (0.5, 0.5))
+    widget.activation_combo.setCurrentText("stroma")  # another class: no re-run
+    widget.opacity_slider.setValue(40)
+    assert activation.name == "stroma activation: patch" and activation.opacity == pytest.approx(0.4)
+    np.testing.assert_array_equal(activation.data, maps[1])
     # The composition table follows the labels.
     table = widget.update_composition()
     assert sum(v["pixels"] for v in table["classes"].values()) == 96 * 96
@@ -315,7 +320,7 @@ def test_reruns_after_an_edit_update_one_new_result(make_napari_viewer, qtbot, t
     names = [ly.name for ly in viewer.layers]
     # the edited layer, and one new result that later runs update in place
     assert [n for n in names if n.startswith("labels: patch")] == ["labels: patch", "labels: patch [1]"]
-    assert len(names) == 1 + 3 + 2
+    assert len(names) == 1 + 1 + 2  # the image, its activation map, the edited and the updated labels
     assert all(len(n) <= len("stroma activation: patch") for n in names)  # role first, no "CRF" padding
 
 
@@ -478,3 +483,55 @@ def test_field_of_view_fallback_reads_inclusive_corner_pixels():
                             corner_pixels=np.array([[0, 0], [1023, 1023]]))
     assert field_of_view(layer, 1) == (0, 0, 512, 512)
     assert field_of_view(layer, 0) == (0, 0, 1024, 1024)
+
+
+def test_class_palette_and_hotkeys_paint_classes(make_napari_viewer, qtbot, tiny_checkpoint):
+    viewer = make_napari_viewer()
+    widget = _segment_dock(viewer, tiny_checkpoint)
+    widget.crf_check.setChecked(False)
+    _run_and_wait(qtbot, widget)
+    layer = viewer.layers["labels: patch"]
+    buttons = widget.export_panel.palette.buttons
+    assert [b.text().split(" ", 1)[1] for b in buttons] == [*WSSS4LUAD.names, "background (erase)"]
+    buttons[1].click()
+    assert viewer.layers.selection.active is layer
+    assert layer.selected_label == 1 and layer.mode == "paint"
+    buttons[-1].click()
+    assert layer.mode == "erase"
+    keys = viewer.window._qt_viewer._key_map_handler  # what a key press on the canvas goes through
+    keys.press_key("3")  # key 3: the third class (not napari's "polygon mode")
+    keys.release_key("3")
+    assert layer.selected_label == 2 and layer.mode == "paint"
+    keys.press_key("0")
+    keys.release_key("0")
+    assert layer.selected_label == WSSS4LUAD.background_index and layer.mode == "erase"
+
+
+def test_every_control_explains_itself(make_napari_viewer):
+    from qtpy.QtWidgets import QAbstractButton, QAbstractSpinBox, QComboBox, QLineEdit, QSlider
+
+    viewer = make_napari_viewer()
+    _, segment = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    _, train = viewer.window.add_plugin_dock_widget(PLUGIN, "Train")
+
+    def explained(widget, dock) -> bool:  # Qt shows the nearest ancestor's tooltip
+        while widget is not None and widget is not dock:
+            if widget.toolTip():
+                return True
+            widget = widget.parentWidget()
+        return False
+
+    missing = []
+    for dock in (segment, train):
+        for kind in (QComboBox, QAbstractSpinBox, QAbstractButton, QSlider, QLineEdit):
+            for widget in dock.findChildren(kind):
+                text = widget.text() if isinstance(widget, QAbstractButton) else ""
+                if text in ("Browse…", "Advanced", "Scan") or "Add corrected" in text or \
+                        text in ("Start", "Cancel", "Resume") and dock is train:
+                    continue  # their label says it all
+                if isinstance(widget, QLineEdit) and isinstance(widget.parentWidget(), QAbstractSpinBox) or \
+                        widget.metaObject().className() == "QTableCornerButton" or widget.objectName().startswith("qt_"):
+                    continue
+                if not explained(widget, dock):
+                    missing.append(f"{type(dock).__name__}: {type(widget).__name__} {text!r}")
+    assert not missing, "\n".join(missing)

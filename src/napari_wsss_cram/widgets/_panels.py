@@ -12,6 +12,7 @@ from qtpy.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
     QFormLayout,
+    QGridLayout,
     QGroupBox,
     QHBoxLayout,
     QHeaderView,
@@ -56,9 +57,27 @@ class AdvancedPanel(QCollapsible):
                            ("bilateral_srgb", 13.0), ("bilateral_compat", 10.0)]}
         self.crf_iterations = spin(QSpinBox, 1, 50, 10)
         self.overlap_spin = spin(QSpinBox, 0, 512, 64, 16)
+        self.overlap_spin.setSuffix(" px")
         self.alpha_spin = spin(QDoubleSpinBox, 0.0, 1.0, 0.3, 0.05, 2)
         self.beta_spin = spin(QDoubleSpinBox, 0.0, 1.0, 0.9, 0.05, 2)
         self.pseudo_check = QCheckBox("Show reliable pseudo-labels (alpha/beta)")
+        self.crf_check.setToolTip("A dense CRF snaps class boundaries to colour edges of the H&E image "
+                                  "(slower; the parameters below tune it)")
+        tips = {"gaussian_sxy": "Smoothness kernel width (px): larger = smoother, blob-like regions",
+                "gaussian_compat": "Weight of the smoothness kernel",
+                "bilateral_sxy": "Appearance kernel width (px): how far similar colours pull a pixel's label",
+                "bilateral_srgb": "Appearance kernel colour tolerance: smaller = boundaries follow finer "
+                                  "colour changes",
+                "bilateral_compat": "Weight of the appearance kernel"}
+        for name, box in self.crf_spins.items():
+            box.setToolTip(tips[name])
+        self.crf_iterations.setToolTip("Mean-field iterations of the CRF (10 is plenty)")
+        self.overlap_spin.setToolTip("Tiles overlap by this many pixels and are blended, which hides tile seams")
+        self.alpha_spin.setToolTip("alpha: where every class activation is below alpha (on near-white glass), the "
+                                   "pseudo-label is background")
+        self.beta_spin.setToolTip("beta: a pixel is a reliable pseudo-label only where its class activation is "
+                                  "above beta; between alpha and beta it is left unlabelled (255)")
+        self.pseudo_check.setToolTip("Add a hidden layer with the reliable pseudo-labels training would use")
         from ..core.inference import PredictSettings  # defaults have one owner: the engine's settings
 
         self.tissue_check = QCheckBox("Background = no tissue (near-white), not a class")
@@ -81,6 +100,40 @@ class AdvancedPanel(QCollapsible):
         self.addWidget(body)
 
 
+class ClassPalette(QWidget):
+    """One button per class (its colour and name, keys 1..K) and one for the background: the legend of the
+    labels layer, and the way to pick what to paint."""
+
+    def __init__(self, pick):
+        super().__init__()
+        self._pick = pick
+        self.buttons: list[QPushButton] = []
+        self._layout = QGridLayout(self)
+        self._layout.setContentsMargins(0, 0, 0, 0)
+        self._layout.setSpacing(4)
+
+    def set_classes(self, classes: ClassSpec | None) -> None:
+        """Rebuild the buttons for ``classes`` (None: no labels layer, no buttons)."""
+        for button in self.buttons:
+            self._layout.removeWidget(button)
+            button.deleteLater()
+        self.buttons = []
+        if classes is None:
+            return
+        entries = [(k, name, classes.colors[k], str(k + 1) if k < 9 else "")
+                   for k, name in enumerate(classes.names)]
+        entries.append((classes.background_index, "background (erase)", None, "0"))
+        for index, name, rgb, key in entries:
+            button = QPushButton(f"■ {name}" if rgb is not None else f"□ {name}")
+            if rgb is not None:
+                button.setStyleSheet(f"QPushButton {{ color: rgb{tuple(rgb)}; font-weight: bold; }}")
+            button.setToolTip(f"Paint '{name}' on the labels layer" + (f" (key {key})" if key else "")
+                              if rgb is not None else "Erase to background, i.e. no tissue (key 0)")
+            button.clicked.connect(lambda _=False, i=index: self._pick(i))
+            self._layout.addWidget(button, len(self.buttons) // 2, len(self.buttons) % 2)
+            self.buttons.append(button)
+
+
 class ExportPanel(QGroupBox):
     """Export a (corrected) Labels layer through the core writers and show its tissue composition."""
 
@@ -90,14 +143,23 @@ class ExportPanel(QGroupBox):
         self._watched: set[int] = set()
         form = QFormLayout(self)
         self.labels_combo = QComboBox()
+        self.labels_combo.setToolTip("The Labels layer to paint, measure and export (your corrections included)")
+        self.palette = ClassPalette(self.pick_class)
         self.export_dir = common.PathRow("output folder")
+        self.export_dir.setToolTip("Folder for the exported files; existing files are replaced only if you agree")
         self.format_checks = {fmt: QCheckBox(text) for fmt, text in
                               [("png", "PNG"), ("ome-tiff", "OME-TIFF"), ("geojson", "QuPath GeoJSON")]}
         formats = QHBoxLayout()
         for check in self.format_checks.values():
             check.setChecked(True)
             formats.addWidget(check)
+        tips = {"png": "Palette PNG: class indices with the class colours (WSSS4LUAD convention)",
+                "ome-tiff": "Pyramidal OME-TIFF with the pixel size; opens as labels in napari",
+                "geojson": "QuPath GeoJSON: one classified polygon per region, in full-resolution pixels"}
+        for fmt, check in self.format_checks.items():
+            check.setToolTip(tips[fmt])
         self.export_button = QPushButton("Export labels")
+        self.export_button.setToolTip("Write the labels (with your corrections) and <name>_composition.json")
         self.composition_table = QTableWidget(0, 3)
         self.composition_table.setHorizontalHeaderLabels(["pixels", "mm²", "% tissue"])
         self.composition_table.setMinimumHeight(150)
@@ -105,6 +167,7 @@ class ExportPanel(QGroupBox):
         self.ratio_label = QLabel()
         self.ratio_label.setWordWrap(True)
         form.addRow("Labels", self.labels_combo)
+        form.addRow("Paint", self.palette)
         form.addRow("Folder", self.export_dir)
         form.addRow(formats)
         form.addRow(self.export_button)
@@ -119,9 +182,18 @@ class ExportPanel(QGroupBox):
         name = self.labels_combo.currentText()
         return self.viewer.layers[name] if name in self.viewer.layers else None
 
-    def watch(self, *_args) -> None:
-        """Recompute the composition after each edit of the chosen Labels layer."""
+    def pick_class(self, index: int) -> None:
+        """Make the chosen labels layer the active one and paint class ``index`` on it."""
         layer = self.labels_layer()
+        if layer is None:
+            return
+        self.viewer.layers.selection.active = layer
+        result_layers.pick_class(layer, index)
+
+    def watch(self, *_args) -> None:
+        """Recompute the composition after each edit of the chosen Labels layer (and show its classes)."""
+        layer = self.labels_layer()
+        self.palette.set_classes(None if layer is None else self.classes_of(layer))
         if layer is not None and id(layer) not in self._watched:
             # paint: brush and fill; data: a new array; set_data: undo/redo (Ctrl+Z), which emit neither of the
             # others but refresh the layer

@@ -3,8 +3,9 @@
 Layer conventions (relied upon by the docks, the writer and the tests):
 - Names put the role first (``"labels: <image>"``, ``"<class> activation: <image>"``), because napari's layer
   list cuts long names at the end and WSSS4LUAD image names are long.
-- ``"<class> activation: <image>"``: one Image layer per tissue class with that class's DA map, a colormap fading
-  from transparent black to the class colour, additive blending; only the first class is visible.
+- ``"<class> activation: <image>"``: ONE Image layer per image showing one class's DA map at a time (the dock
+  picks the class) as a heatmap that is transparent where the map is low; ``metadata["wsss_cram"]["maps"]``
+  holds every class's map, so switching class needs no re-run.
 - ``"labels: <image>"``: a Labels layer whose values are class indices (background = K, transparent), coloured
   with a ``DirectLabelColormap`` from the ``ClassSpec``; its ``features`` table carries the class names so napari's
   status bar shows them under the cursor. ``metadata["wsss_cram"]`` holds the role, the source image, the classes,
@@ -75,10 +76,24 @@ def class_features(classes: ClassSpec):
     return pd.DataFrame({"index": np.arange(classes.num_outputs), "class": list(classes.all_names)})
 
 
-def activation_colormap(rgb: tuple[int, int, int], name: str):
+def activation_colormap():
+    """A heatmap with transparency: low activation is see-through (the tissue shows), high is opaque red."""
     from napari.utils.colormaps import Colormap
 
-    return Colormap(colors=[[0, 0, 0, 1], [*(c / 255.0 for c in rgb), 1.0]], name=f"wsss_{name}")
+    return Colormap(colors=[[0.0, 0.0, 0.5, 0.0], [0.0, 0.3, 1.0, 0.35], [0.0, 0.9, 0.6, 0.55],
+                            [1.0, 0.9, 0.0, 0.75], [1.0, 0.0, 0.0, 0.9]],
+                    controls=[0.0, 0.25, 0.5, 0.75, 1.0], name="wsss_cram_heatmap")
+
+
+def show_activation(layer, class_name: str) -> None:
+    """Show ``class_name``'s map in an activation layer (all maps are kept in its metadata)."""
+    meta = layer.metadata[METADATA_KEY]
+    names = list(meta["classes"])
+    if class_name not in names:
+        raise ValueError(f"{class_name!r} is not one of {names}")
+    layer.data = meta["maps"][names.index(class_name)]
+    meta["class"] = class_name
+    layer.name = activation_layer_name(meta["source"], class_name)
 
 
 def fingerprint(labels: np.ndarray) -> str:
@@ -100,9 +115,18 @@ def _mark_edited(layer) -> None:
     layer.metadata.setdefault(METADATA_KEY, {})["edited"] = True
 
 
-def keep_to_class_labels(layer, classes: ClassSpec) -> None:
-    """Let ``layer`` paint only class labels 0..K (K = background): napari's "new label" button and +/- keys
-    would otherwise pick K+1, which has no colour, drops out of the composition and cannot be exported."""
+def pick_class(layer, index: int) -> None:
+    """Paint class ``index`` on ``layer`` (the background index erases)."""
+    background = int(layer.colormap.background_value)
+    layer.selected_label = int(index)
+    layer.mode = "erase" if int(index) == background else "paint"
+
+
+def class_painting(layer, classes: ClassSpec) -> None:
+    """Make ``layer`` paint classes: keys 1..K pick tissue class 0..K-1 and 0 the background (eraser), and only
+    class labels 0..K can be chosen (napari's "new label" button and +/- keys would pick K+1, which has no colour,
+    drops out of the composition and cannot be exported). Keys 1..K replace napari's mode keys on this layer
+    only; the modes keep their letter keys (E erase, P paint, F fill)."""
     valid = range(classes.num_outputs)
     last = {"label": 0}
 
@@ -115,6 +139,9 @@ def keep_to_class_labels(layer, classes: ClassSpec) -> None:
 
     layer.selected_label = 0
     layer.events.selected_label.connect(on_selected)
+    for index in range(min(classes.num_classes, 9)):
+        layer.bind_key(str(index + 1), lambda lyr, i=index: pick_class(lyr, i), overwrite=True)
+    layer.bind_key("0", lambda lyr: pick_class(lyr, classes.background_index), overwrite=True)
 
 
 def placement(source_layer, pred_scale, pred_translate) -> tuple[np.ndarray, np.ndarray]:
@@ -145,25 +172,30 @@ def iter_result_layers(viewer, source_layer, labels: np.ndarray, activations: np
     world_scale, world_translate = placement(source_layer, scale, translate)
     result: dict[str, Any] = {"activations": []}
     if activations is not None:
-        for k, class_name in enumerate(classes.names):
-            data = np.asarray(activations[k])  # uint8 (x255) from the engine: 4x less memory than float
-            layer_name = activation_layer_name(name, class_name)
-            layer = next((ly for ly in reversed(result_layers_of(viewer, name, "activation"))
-                          if ly.metadata[METADATA_KEY].get("class") == class_name), None)
-            if layer is not None and layer.data.shape == data.shape:
-                layer.data = data
-                layer.scale, layer.translate = world_scale, world_translate
-            else:
-                if layer is not None:
-                    viewer.layers.remove(layer)
-                layer = viewer.add_image(
-                    data, name=layer_name, colormap=activation_colormap(classes.colors[k], class_name),
-                    blending="additive", contrast_limits=_full_range(data), opacity=0.7, visible=(k == 0),
-                    scale=world_scale, translate=world_translate, units=source_layer.units,
-                    metadata={METADATA_KEY: {"role": "activation", "source": name, "class": class_name}},
-                )
-            result["activations"].append(layer)
-            yield layer
+        maps = np.asarray(activations)[: classes.num_classes]  # uint8 (x255) from the engine: 4x less than float
+        found = result_layers_of(viewer, name, "activation")
+        layer = found[-1] if found else None
+        class_name = layer.metadata[METADATA_KEY].get("class") if layer is not None else None
+        if class_name not in classes.names:
+            class_name = classes.names[0]
+        meta = {"role": "activation", "source": name, "classes": list(classes.names), "maps": maps,
+                "class": class_name}
+        data = maps[classes.names.index(class_name)]
+        if layer is not None and layer.data.shape == data.shape:
+            layer.metadata[METADATA_KEY] = meta
+            layer.data = data
+            layer.scale, layer.translate = world_scale, world_translate
+        else:
+            if layer is not None:
+                viewer.layers.remove(layer)
+            layer = viewer.add_image(
+                data, name=activation_layer_name(name, class_name), colormap=activation_colormap(),
+                blending="translucent", contrast_limits=_full_range(data), opacity=0.7,
+                scale=world_scale, translate=world_translate, units=source_layer.units,
+                metadata={METADATA_KEY: meta},
+            )
+        result["activations"].append(layer)
+        yield layer
 
     labels = np.ascontiguousarray(labels, dtype=np.uint8)
     pred_scale = np.broadcast_to(np.asarray(scale, dtype=float), (2,))
@@ -187,7 +219,7 @@ def iter_result_layers(viewer, source_layer, labels: np.ndarray, activations: np
                               opacity=0.6, metadata={METADATA_KEY: meta}, features=class_features(classes))
     layer.colormap = labels_colormap(classes)
     layer.events.paint.connect(lambda event=None, lyr=layer: _mark_edited(lyr))
-    keep_to_class_labels(layer, classes)
+    class_painting(layer, classes)
     result["labels"] = layer
     return result
 

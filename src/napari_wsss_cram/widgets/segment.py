@@ -13,6 +13,7 @@ from qtpy.QtWidgets import (
     QLabel,
     QProgressBar,
     QPushButton,
+    QSlider,
     QSpinBox,
     QWidget,
 )
@@ -69,6 +70,20 @@ class SegmentWidget(QWidget):
         self.level_spin.setToolTip("Pyramid level of the labels (slides: a coarser level keeps them paintable)")
         self.region_combo = QComboBox()
         self.region_combo.addItems(["Whole image", "Current field of view"])
+        self.tile_spin.setSuffix(" px")
+        for widget, tip in [
+                (self.image_combo, "The RGB H&E image layer to segment"),
+                (self.model_combo, "The bundled demo model was trained on synthetic patches only; choose a "
+                                   "checkpoint trained on real tissue for real slides"),
+                (self.checkpoint_row, "A WSSS-CRAM checkpoint (.pt) written by training"),
+                (self.device_combo, "Where the model runs: auto picks a GPU when there is one"),
+                (self.resolution_value, "scale: the image is resampled by this factor before the model sees it "
+                                        "(×); µm/px: it is resampled to this pixel size. Picking a model sets "
+                                        "the resolution it was trained at"),
+                (self.tile_spin, "The image is processed in tiles of this size (pixels at the model's "
+                                 "resolution); larger tiles need more memory"),
+                (self.region_combo, "Whole image, or only what the canvas shows now (for slides)")]:
+            widget.setToolTip(tip)
         for label, widget in [("Image", self.image_combo), ("Model", self.model_combo), ("", self.checkpoint_row),
                               ("Classes", self.classes_label), ("Device", self.device_combo)]:
             form.addRow(label, widget)
@@ -86,20 +101,34 @@ class SegmentWidget(QWidget):
             setattr(self, name, getattr(advanced, name))
 
         self.run_button = QPushButton("Run")
+        self.run_button.setToolTip("Segment the image: activation map and labels layers are added when it ends")
         self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setToolTip("Stop the run (within about a second); no layer is added")
         self.cancel_button.setEnabled(False)
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
         self.progress_bar = QProgressBar()
         self.message = common.message_label()
+        self.activation_combo = QComboBox()
+        self.activation_combo.setToolTip("The class whose activation map (where the model sees it) is shown")
+        self.opacity_slider = QSlider(Qt.Horizontal)
+        self.opacity_slider.setRange(0, 100)
+        self.opacity_slider.setValue(70)
+        self.opacity_slider.setToolTip("Opacity of the activation map")
+        activation_row = QHBoxLayout()
+        activation_row.addWidget(self.activation_combo, 2)
+        activation_row.addWidget(QLabel("opacity"))
+        activation_row.addWidget(self.opacity_slider, 1)
+        view_form = QFormLayout()
+        view_form.addRow("Activation map", activation_row)
 
         self.export_panel = ExportPanel(self.viewer, self.message,
                                         lambda: self.info.classes if self.info is not None else None)
         self.labels_combo = self.export_panel.labels_combo
 
         layout = common.scroll_body(self)
-        for item in (form, advanced, buttons, self.progress_bar, self.message, self.export_panel):
+        for item in (form, advanced, buttons, self.progress_bar, self.message, view_form, self.export_panel):
             (layout.addLayout if isinstance(item, QHBoxLayout | QFormLayout) else layout.addWidget)(item)
         layout.addStretch()
 
@@ -126,6 +155,8 @@ class SegmentWidget(QWidget):
         self.checkpoint_row.edit.textChanged.connect(lambda _: self._validate())
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
+        self.activation_combo.currentTextChanged.connect(lambda _: self.show_activation())
+        self.opacity_slider.valueChanged.connect(lambda _: self.show_activation())
 
     def _refresh_layer_choices(self, event=None) -> None:
         from napari.layers import Image, Labels
@@ -186,6 +217,10 @@ class SegmentWidget(QWidget):
             else:
                 self._validate()
             return False
+        self.activation_combo.blockSignals(True)
+        self.activation_combo.clear()
+        self.activation_combo.addItems(list(self.info.classes.names))
+        self.activation_combo.blockSignals(False)
         self._resolution_chosen = False  # a (re)chosen model starts at its default resolution
         self.set_default_resolution()
         self.classes_label.setText(" ".join(
@@ -390,6 +425,7 @@ class SegmentWidget(QWidget):
             self._adding = None
             self.last_result = shown = done.value
             self.labels_combo.setCurrentText(shown["labels"].name)
+            self.show_activation()
             self._validate(quiet=True)
             warned = "" if not self._warnings else "  Warning: " + " ".join(self._warnings)
             common.show_message(self.message, f"Done: '{shown['labels'].name}'. Paint corrections, then export."
@@ -417,6 +453,22 @@ class SegmentWidget(QWidget):
         if cancelled:
             common.show_message(self.message, "Cancelled: no layer was added.")
         self._validate(quiet=True)
+
+    def activation_layer(self):
+        """The activation layer of the chosen image (the newest), or None."""
+        layer = self.image_layer()
+        found = [] if layer is None else result_layers.result_layers_of(self.viewer, layer.name, "activation")
+        return found[-1] if found else None
+
+    def show_activation(self) -> None:
+        """Show the chosen class's map, at the chosen opacity, in the image's activation layer."""
+        layer = self.activation_layer()
+        if layer is None:
+            return
+        name = self.activation_combo.currentText()
+        if name in layer.metadata[result_layers.METADATA_KEY].get("classes", []):
+            result_layers.show_activation(layer, name)
+        layer.opacity = self.opacity_slider.value() / 100
 
     def update_composition(self) -> dict | None:
         return self.export_panel.update_composition()

@@ -88,6 +88,20 @@ class TrainWidget(QWidget):
         self.device_combo.addItems(common.available_devices())
         self.out_row = common.PathRow("run folder (checkpoints, metrics.csv)")
         self.mix_check = QCheckBox("Mix in patches cut from corrected labels")
+        for widget, tip in [
+                (self.preset_combo, "Starting values for every field: the paper's GPU setting, a small CPU run, "
+                                    "or the synthetic sample"),
+                (self.backbone_combo, "ResNet depth: resnet18 trains fastest, resnet50 is the paper's"),
+                (self.epochs_spin, "Passes over the patches (the time budget or Steps may end training sooner)"),
+                (self.steps_spin, "Optimiser steps to train; 0 = by epochs and time budget"),
+                (self.batch_spin, "Patches per step: lower it when memory runs out"),
+                (self.crop_spin, "Training crop size in pixels"),
+                (self.lr_spin, "Learning rate: lower it if the loss becomes NaN"),
+                (self.device_combo, "Where training runs: auto picks a GPU when there is one"),
+                (self.out_row, "Run folder: checkpoints (last.pt, best.pt), metrics.csv, config.toml"),
+                (self.mix_check, "Also train on patches cut from the corrected labels added below")]:
+            widget.setToolTip(tip)
+        self.crop_spin.setSuffix(" px")
         for label, widget in [("Preset", self.preset_combo), ("Backbone", self.backbone_combo),
                               ("Epochs", self.epochs_spin), ("Steps", self.steps_spin),
                               ("Time budget", self.minutes_spin), ("Batch", self.batch_spin),
@@ -108,6 +122,7 @@ class TrainWidget(QWidget):
         self.eta_label = QLabel()
         self.plot = TrainingPlot(self)
         self.use_button = QPushButton("Use this model")
+        self.use_button.setToolTip("Segment with this run's checkpoint (best, else last) in the Segment dock")
         self.use_button.setEnabled(False)
         self.message = common.message_label()
 
@@ -117,6 +132,13 @@ class TrainWidget(QWidget):
         self.labels_combo = QComboBox()
         self.corrections_row = common.PathRow("folder for corrected examples (img/ + mask/ + patches/)")
         self.add_button = QPushButton("Add corrected labels to training data")
+        self.image_combo.setToolTip("The H&E image you corrected")
+        self.labels_combo.setToolTip("Its corrected Labels layer (same size as the image)")
+        self.corrections_row.setToolTip("Corrected examples are saved here as img/ + mask/, and patches cut "
+                                        "from them into patches/")
+        self.data_row.setToolTip("Patches with image-level labels: WSSS4LUAD names '<id>-[t, s, n].png', a CSV "
+                                 "'path,<classes>', or one sub-folder per class")
+        self.val_row.setToolTip("Optional img/ + mask/ folder of pixel-labelled images: validation mIoU per epoch")
         corr_form.addRow("Image", self.image_combo)
         corr_form.addRow("Labels", self.labels_combo)
         corr_form.addRow("Folder", self.corrections_row)
