@@ -179,14 +179,29 @@ def call_when_removed(widget: QWidget, callback: Callable[[], None]) -> None:
     widget._removal_watch = _RemovalWatch(widget, callback)
 
 
+class _VerticalScroll(QScrollArea):
+    """Scrolls its contents vertically only: as wide as the contents need (asked each time the layout is
+    computed, so napari's stylesheet and later rows count), as short as a few rows."""
+
+    def minimumSizeHint(self):  # noqa: N802 (Qt naming)
+        from qtpy.QtCore import QSize
+
+        body = self.widget()
+        width = body.minimumSizeHint().width() if body is not None else 0
+        return QSize(width + self.verticalScrollBar().sizeHint().width() + 2, 200)
+
+
 def scroll_body(dock: QWidget) -> QVBoxLayout:
     """Put a vertical scroll area in ``dock`` and return the layout of its contents: the dock then fits small
     screens (and a collapsed panel gives its height back) instead of growing the napari window."""
+    from qtpy.QtCore import Qt
+
     outer = QVBoxLayout(dock)
     outer.setContentsMargins(0, 0, 0, 0)
-    area = QScrollArea()
+    area = _VerticalScroll()
     area.setWidgetResizable(True)
     area.setFrameShape(QFrame.NoFrame)
+    area.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
     body = QWidget()
     area.setWidget(body)
     outer.addWidget(area)

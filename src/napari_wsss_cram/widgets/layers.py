@@ -77,12 +77,12 @@ def class_features(classes: ClassSpec):
 
 
 def activation_colormap():
-    """A heatmap with transparency: low activation is see-through (the tissue shows), high is opaque red."""
+    """A heatmap with transparency: low activation is see-through (the tissue shows), then yellow to opaque red."""
     from napari.utils.colormaps import Colormap
 
-    return Colormap(colors=[[0.0, 0.0, 0.5, 0.0], [0.0, 0.3, 1.0, 0.35], [0.0, 0.9, 0.6, 0.55],
-                            [1.0, 0.9, 0.0, 0.75], [1.0, 0.0, 0.0, 0.9]],
-                    controls=[0.0, 0.25, 0.5, 0.75, 1.0], name="wsss_cram_heatmap")
+    return Colormap(colors=[[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0], [1.0, 0.85, 0.0, 0.45],
+                            [1.0, 0.4, 0.0, 0.7], [0.85, 0.0, 0.0, 0.9]],
+                    controls=[0.0, 0.2, 0.45, 0.7, 1.0], name="wsss_cram_heatmap")
 
 
 def show_activation(layer, class_name: str) -> None:
@@ -190,7 +190,7 @@ def iter_result_layers(viewer, source_layer, labels: np.ndarray, activations: np
                 viewer.layers.remove(layer)
             layer = viewer.add_image(
                 data, name=activation_layer_name(name, class_name), colormap=activation_colormap(),
-                blending="translucent", contrast_limits=_full_range(data), opacity=0.7,
+                blending="translucent", contrast_limits=_full_range(data), opacity=0.5,
                 scale=world_scale, translate=world_translate, units=source_layer.units,
                 metadata={METADATA_KEY: meta},
             )

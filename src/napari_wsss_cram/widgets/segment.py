@@ -114,7 +114,7 @@ class SegmentWidget(QWidget):
         self.activation_combo.setToolTip("The class whose activation map (where the model sees it) is shown")
         self.opacity_slider = QSlider(Qt.Horizontal)
         self.opacity_slider.setRange(0, 100)
-        self.opacity_slider.setValue(70)
+        self.opacity_slider.setValue(50)
         self.opacity_slider.setToolTip("Opacity of the activation map")
         activation_row = QHBoxLayout()
         activation_row.addWidget(self.activation_combo, 2)
