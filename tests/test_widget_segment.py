@@ -535,3 +535,19 @@ def test_every_control_explains_itself(make_napari_viewer):
                 if not explained(widget, dock):
                     missing.append(f"{type(dock).__name__}: {type(widget).__name__} {text!r}")
     assert not missing, "\n".join(missing)
+
+
+def test_resolution_default_follows_the_image_opened_later(make_napari_viewer, tmp_path):
+    from napari_wsss_cram.core.checkpoint import load_checkpoint, save_checkpoint
+
+    model, _ = load_checkpoint(make_tiny_checkpoint(tmp_path / "base.pt"))
+    model.config.mpp = 0.5  # a model that records its training µm/px
+    checkpoint = save_checkpoint(tmp_path / "mpp.pt", model, train_config={"scale_min": 2.0, "scale_max": 3.0})
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    assert widget.set_checkpoint(checkpoint)
+    assert (widget.resolution_combo.currentText(), widget.resolution_value.value()) == ("µm/px", 0.5)
+    # a PNG states no µm/px: the same rule gives the training scale for it, and Run stays possible
+    viewer.add_image(he_like_image(96), name="patch", rgb=True, metadata={"mpp": None})
+    assert (widget.resolution_combo.currentText(), widget.resolution_value.value()) == ("scale", 2.5)
+    assert widget.run_button.isEnabled(), widget.message.text()

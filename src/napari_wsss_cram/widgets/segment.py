@@ -161,6 +161,7 @@ class SegmentWidget(QWidget):
     def _refresh_layer_choices(self, event=None) -> None:
         from napari.layers import Image, Labels
 
+        image_before = self.image_combo.currentText()
         for combo, kind in ((self.image_combo, Image), (self.labels_combo, Labels)):
             current = combo.currentText()
             names = [layer.name for layer in self.viewer.layers if isinstance(layer, kind)
@@ -172,7 +173,10 @@ class SegmentWidget(QWidget):
                 combo.setCurrentText(current)
             combo.blockSignals(False)
         self.export_panel.watch()
-        self._validate()
+        if self.image_combo.currentText() != image_before:  # e.g. the first image opened
+            self._image_changed()
+        else:
+            self._validate()
 
     def _image_changed(self, *_args) -> None:
         # a default chosen before this image was known may not suit it (a model's µm/px on a PNG without one)
