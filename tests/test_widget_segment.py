@@ -140,8 +140,10 @@ def test_export_writes_valid_png_ometiff_geojson(make_napari_viewer, qtbot, tiny
     layer.data[10:60, 10:50] = 0
     layer.data[60:90, 40:90] = 1  # a "corrected" mask with two classes
     written = widget.export(tmp_path / "out")
-    assert len(written) == 4
-    png, tif, geojson, comp = written
+    assert len(written) == 5
+    png, tif, geojson, csv_path, comp = written
+    assert open(csv_path).read().splitlines()[:2] == ["class,pixels,area_mm2,percent_of_tissue",
+                                                       "tumor,2000,,57.14"]
     np.testing.assert_array_equal(read_index_png(png), layer.data)
     np.testing.assert_array_equal(tifffile.imread(tif), layer.data)
     back = geojson_to_labels(geojson, layer.data.shape, WSSS4LUAD)
@@ -355,15 +357,16 @@ def test_export_needs_a_folder_and_asks_before_replacing(make_napari_viewer, qtb
     out = tmp_path / "out"
     written = widget.export(out)
     assert [p.split("/")[-1] for p in written] == ["patch_labels.png", "patch_labels.ome.tif",
-                                                   "patch_labels.geojson", "patch_labels_composition.json"]
+                                                   "patch_labels.geojson", "patch_labels_composition.csv",
+                                                   "patch_labels_composition.json"]
     stamp = {p: (out / p.split("/")[-1]).stat().st_mtime_ns for p in written}
     asked = []
     monkeypatch.setattr(widget.export_panel, "confirm_overwrite", lambda existing: asked.append(existing) or False)
     assert widget.export(out) == []
-    assert len(asked[0]) == 4 and "no file was replaced" in widget.message.text()
+    assert len(asked[0]) == 5 and "no file was replaced" in widget.message.text()
     assert stamp == {p: (out / p.split("/")[-1]).stat().st_mtime_ns for p in written}
     monkeypatch.setattr(widget.export_panel, "confirm_overwrite", lambda existing: True)
-    assert len(widget.export(out)) == 4
+    assert len(widget.export(out)) == 5
 
 
 def test_closing_the_dock_cancels_its_run(make_napari_viewer, qtbot, tiny_checkpoint):
@@ -551,3 +554,22 @@ def test_resolution_default_follows_the_image_opened_later(make_napari_viewer, t
     viewer.add_image(he_like_image(96), name="patch", rgb=True, metadata={"mpp": None})
     assert (widget.resolution_combo.currentText(), widget.resolution_value.value()) == ("scale", 2.5)
     assert widget.run_button.isEnabled(), widget.message.text()
+
+
+def test_composition_copies_as_csv_and_names_the_clinical_tsr(make_napari_viewer, qtbot, tiny_checkpoint):
+    from qtpy.QtWidgets import QApplication
+
+    viewer = make_napari_viewer()
+    widget = _segment_dock(viewer, tiny_checkpoint)
+    widget.crf_check.setChecked(False)
+    _run_and_wait(qtbot, widget)
+    layer = viewer.layers["labels: patch"]
+    layer.data = np.full_like(layer.data, WSSS4LUAD.background_index)
+    layer.data[:30, :50] = 0   # 1500 tumor pixels
+    layer.data[30:80, :50] = 1  # 2500 stroma pixels
+    widget.export_panel.copy_button.click()
+    lines = QApplication.clipboard().text().splitlines()
+    assert lines[1:3] == ["tumor,1500,,37.50", "stroma,2500,,62.50"]
+    assert "stroma_percent_of_tumor_area (TSR),,,62.50" in lines
+    # the clinical TSR is the stroma share (stroma-high above 50%), not tumor / stroma
+    assert "stroma 62.5% of tumor + stroma (stroma-high)" in widget.export_panel.ratio_label.text()

@@ -166,6 +166,9 @@ class ExportPanel(QGroupBox):
         self.composition_table.horizontalHeader().setSectionResizeMode(QHeaderView.Stretch)
         self.ratio_label = QLabel()
         self.ratio_label.setWordWrap(True)
+        self.copy_button = QPushButton("Copy table")
+        self.copy_button.setToolTip("Copy the composition as CSV, to paste into a spreadsheet")
+        self.copy_button.clicked.connect(lambda: self.copy_composition())
         form.addRow("Labels", self.labels_combo)
         form.addRow("Paint", self.palette)
         form.addRow("Folder", self.export_dir)
@@ -173,6 +176,7 @@ class ExportPanel(QGroupBox):
         form.addRow(self.export_button)
         form.addRow(self.composition_table)
         form.addRow(self.ratio_label)
+        form.addRow(self.copy_button)
         self._timer = QTimer(self, singleShot=True, interval=300)  # recompute once painting pauses
         self._timer.timeout.connect(self.update_composition)
         self.labels_combo.currentIndexChanged.connect(self.watch)
@@ -226,10 +230,29 @@ class ExportPanel(QGroupBox):
             for c, text in enumerate(cells):
                 self.composition_table.setItem(r, c, QTableWidgetItem(text))
         ratio, percentage = table.get("tumor_stroma_ratio"), table.get("stroma_percentage")
+        # The clinical tumor-stroma ratio (TSR) is the stroma share of the tumour area, stroma-high above 50%;
+        # tumor / stroma area is a different number and is named as such.
         self.ratio_label.setText(
-            "Tumor-stroma ratio: " + ("n/a" if ratio is None else f"{ratio:.3f}")
-            + ("" if percentage is None else f"  (stroma {100 * percentage:.1f}% of tumor+stroma)"))
+            "Tumor-stroma ratio (TSR): " + ("n/a" if percentage is None else
+                                            f"stroma {100 * percentage:.1f}% of tumor + stroma "
+                                            f"({'stroma-high' if percentage > 0.5 else 'stroma-low'})")
+            + ("" if ratio is None else f"; tumor : stroma area {ratio:.2f}"))
         return table
+
+    def copy_composition(self) -> str:
+        """Copy the composition table to the clipboard as CSV (pastes into a spreadsheet); return the text."""
+        from qtpy.QtWidgets import QApplication
+
+        from ..core.io.outputs import composition_csv
+
+        table = self.update_composition()
+        if table is None:
+            common.show_message(self.message, "There is no Labels layer to measure.", error=True)
+            return ""
+        text = composition_csv(table)
+        QApplication.clipboard().setText(text)
+        common.show_message(self.message, "Composition copied (CSV): paste it into a spreadsheet.")
+        return text
 
     def export_paths(self, layer, folder: Path) -> list[Path]:
         """The files an export of ``layer`` into ``folder`` writes: one per checked format + the composition."""
@@ -241,7 +264,7 @@ class ExportPanel(QGroupBox):
         stem = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
         paths = [folder / f"{stem}{FORMAT_SUFFIXES[fmt]}" for fmt, check in self.format_checks.items()
                  if check.isChecked()]
-        return [*paths, folder / f"{stem}_composition.json"]
+        return [*paths, folder / f"{stem}_composition.csv", folder / f"{stem}_composition.json"]
 
     def confirm_overwrite(self, existing: list[Path]) -> bool:
         """Ask before replacing files (tests replace this method)."""
@@ -253,12 +276,13 @@ class ExportPanel(QGroupBox):
         return answer == QMessageBox.Yes
 
     def export(self, folder: str | Path | None = None) -> list[str]:
-        """Write the chosen labels layer in the checked formats plus ``<image>_labels_composition.json``.
+        """Write the chosen labels layer in the checked formats plus ``<image>_labels_composition.csv``/``.json``.
 
         A folder must be chosen (never napari's working directory); existing files are replaced only after
         :meth:`confirm_overwrite` says yes.
         """
         from .._writer import export_labels
+        from ..core.io.outputs import composition_csv
 
         layer = self.labels_layer()
         written: list[str] = []
@@ -277,14 +301,15 @@ class ExportPanel(QGroupBox):
             folder.mkdir(parents=True, exist_ok=True)
             meta = layer.metadata.get(result_layers.METADATA_KEY, {})
             data = np.asarray(layer.data[0] if layer.multiscale else layer.data)
-            for path in paths[:-1]:
+            for path in paths[:-2]:
                 written.append(export_labels(
                     path, data, self.classes_of(layer), meta.get("mpp"), overwrite=True,
                     level0_scale=meta.get("level0_scale", 1.0),
                     level0_offset=tuple(meta.get("level0_offset", (0.0, 0.0)))))
             table = self.update_composition()
+            paths[-2].write_text(composition_csv(table), encoding="utf-8")
             paths[-1].write_text(json.dumps(table, indent=2))
-            written.append(str(paths[-1]))
+            written += [str(paths[-2]), str(paths[-1])]
         except Exception as err:  # shown in the dock, never raised into the event loop
             common.show_message(self.message, common.notify_error(err), error=True)
             return written

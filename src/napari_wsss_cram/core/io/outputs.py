@@ -481,6 +481,27 @@ def class_pixel_counts(labels: Any, num_values: int = 256, strip_rows: int = 409
     return counts
 
 
+def composition_csv(table: dict) -> str:
+    """A :func:`composition` table as CSV text (one row per class, then the tumor-stroma figures), for
+    spreadsheets and the clipboard."""
+    import csv
+    import io
+
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["class", "pixels", "area_mm2", "percent_of_tissue"])
+    for name, values in table["classes"].items():
+        area, fraction = values.get("area_mm2"), values.get("tissue_fraction")
+        writer.writerow([name, values["pixels"], "" if area is None else f"{area:.6f}",
+                         "" if fraction is None else f"{100 * fraction:.2f}"])
+    percentage, ratio = table.get("stroma_percentage"), table.get("tumor_stroma_ratio")
+    if percentage is not None:  # the clinical TSR: stroma share of the tumour area (tumour + stroma)
+        writer.writerow(["stroma_percent_of_tumor_area (TSR)", "", "", f"{100 * percentage:.2f}"])
+    if ratio is not None:
+        writer.writerow(["tumor_to_stroma_area_ratio", "", "", f"{ratio:.4f}"])
+    return out.getvalue()
+
+
 def composition(labels: Any, classes: ClassSpec, mpp: float | None = None,
                 counts: np.ndarray | None = None) -> dict:
     """Tissue composition of a label map (0..K-1 tissue, K background, 255 ignored).
