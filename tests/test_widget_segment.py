@@ -58,6 +58,7 @@ def test_segment_patch_adds_named_coloured_layers(make_napari_viewer, qtbot, tin
     widget = _segment_dock(viewer, tiny_checkpoint)
     viewer.layers["patch"].scale = (0.5, 0.5)
     viewer.layers["patch"].translate = (10.0, 20.0)
+    assert widget.model_card.text().startswith("resnet18, classes tumor, stroma, normal")  # the model card
     _run_and_wait(qtbot, widget)
     names = [layer.name for layer in viewer.layers]
     assert names == ["patch", "tumor activation: patch", "labels: patch"]  # one map layer, the dock picks its class
@@ -573,3 +574,12 @@ def test_composition_copies_as_csv_and_names_the_clinical_tsr(make_napari_viewer
     assert "stroma_percent_of_tumor_area (TSR),,,62.50" in lines
     # the clinical TSR is the stroma share (stroma-high above 50%), not tumor / stroma
     assert "stroma 62.5% of tumor + stroma (stroma-high)" in widget.export_panel.ratio_label.text()
+
+
+def test_progress_says_tiles_and_time_left():
+    from napari_wsss_cram.widgets.segment import progress_text
+
+    assert progress_text(0, 40, 0.0) == "tile 0 / 40"
+    assert progress_text(10, 40, 5.0) == "tile 10 / 40 · about 15 s left"
+    assert progress_text(10, 40, 30.0) == "tile 10 / 40 · about 1 min 30 s left"
+    assert progress_text(40, 40, 20.0) == "tile 40 / 40"

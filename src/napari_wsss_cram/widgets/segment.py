@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from qtpy.QtCore import Qt, QTimer
@@ -37,6 +38,15 @@ FIELDS = {"mpp": "Resolution in µm/px", "scale": "Resolution as a scale", "tile
           "crf": "Refine labels with a dense CRF"}
 
 
+def progress_text(done: int, total: int, seconds: float) -> str:
+    """``tile 12 / 40 · about 1 min 5 s left`` (the ETA from the pace so far, once a tile is done)."""
+    text = f"tile {done} / {total}"
+    if 0 < done < total:
+        left = int(round(seconds / done * (total - done)))
+        text += f" · about {left // 60} min {left % 60} s left" if left >= 60 else f" · about {left} s left"
+    return text
+
+
 class SegmentWidget(QWidget):
     """Segment H&E tissue with a WSSS-CRAM checkpoint and correct/export the resulting labels."""
 
@@ -46,6 +56,7 @@ class SegmentWidget(QWidget):
         self.model = self.info = self._model_problem = None
         self.worker = self._cancel = self._pbar = self._adding = None
         self._warnings: list[str] = []
+        self._started = 0.0
         self.last_result: dict | None = None
         form = QFormLayout()
         self.image_combo = QComboBox()
@@ -53,6 +64,9 @@ class SegmentWidget(QWidget):
         self.model_combo.addItems([BUNDLED, CHECKPOINT])
         self.checkpoint_row = common.PathRow("model checkpoint (.pt)", folder=False, file_filter="*.pt *.pth")
         self.classes_label = QLabel()
+        self.model_card = QLabel()  # what the model was trained on and how well it scored
+        self.model_card.setWordWrap(True)
+        self.model_card.setStyleSheet("color: #a0a4ab; font-size: 11px;")
         self.device_combo = QComboBox()
         self.device_combo.addItems(common.available_devices())
         self.resolution_combo = QComboBox()
@@ -85,7 +99,8 @@ class SegmentWidget(QWidget):
                 (self.region_combo, "Whole image, or only what the canvas shows now (for slides)")]:
             widget.setToolTip(tip)
         for label, widget in [("Image", self.image_combo), ("Model", self.model_combo), ("", self.checkpoint_row),
-                              ("Classes", self.classes_label), ("Device", self.device_combo)]:
+                              ("Classes", self.classes_label), ("", self.model_card),
+                              ("Device", self.device_combo)]:
             form.addRow(label, widget)
         res_row = QHBoxLayout()
         res_row.addWidget(self.resolution_combo)
@@ -215,6 +230,7 @@ class SegmentWidget(QWidget):
             self.model, self.info = load_checkpoint(path)
         except Exception as err:  # shown in the dock, never raised into the event loop
             self.classes_label.setText("")
+            self.model_card.setText("")
             self._model_problem = common.user_message(err, FIELDS)
             if use_file and self.checkpoint_row.text():  # an explicit choice: say what is wrong with it now
                 self._validate(error=common.notify_error(err, FIELDS))
@@ -227,6 +243,9 @@ class SegmentWidget(QWidget):
         self.activation_combo.blockSignals(False)
         self._resolution_chosen = False  # a (re)chosen model starts at its default resolution
         self.set_default_resolution()
+        from ..core.checkpoint import model_card
+
+        self.model_card.setText("<br>".join(model_card(self.info)))
         self.classes_label.setText(" ".join(
             f'<span style="color: rgb{tuple(color)}">■</span> {name}'
             for name, color in zip(self.info.classes.names, self.info.classes.colors, strict=True)))
@@ -374,6 +393,8 @@ class SegmentWidget(QWidget):
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         common.show_message(self.message, f"Segmenting '{layer.name}'…")
+        self._started = time.monotonic()
+        self.progress_bar.setFormat("starting…")
         self.worker.start()
 
     def cancel(self) -> None:
@@ -391,6 +412,7 @@ class SegmentWidget(QWidget):
             return
         self.progress_bar.setMaximum(max(event.total, 1))
         self.progress_bar.setValue(event.done)
+        self.progress_bar.setFormat(progress_text(event.done, event.total, time.monotonic() - self._started))
         pbar = self._pbar
         if pbar is not None:
             pbar.total = max(event.total, 1)
@@ -454,6 +476,7 @@ class SegmentWidget(QWidget):
         self.worker = self._pbar = None
         self.cancel_button.setEnabled(False)
         self.progress_bar.setValue(0)
+        self.progress_bar.setFormat("%p%")
         if cancelled:
             common.show_message(self.message, "Cancelled: no layer was added.")
         self._validate(quiet=True)
