@@ -240,6 +240,18 @@ class PathRow(QWidget):
         self.edit.setText(text)
 
 
+def spin(cls, lo, hi, value=None, step=1, decimals=None):
+    """A QSpinBox/QDoubleSpinBox with range, step, value (when given) and decimals (when given)."""
+    box = cls()
+    box.setRange(lo, hi)
+    box.setSingleStep(step)
+    if decimals is not None:
+        box.setDecimals(decimals)
+    if value is not None:
+        box.setValue(value)
+    return box
+
+
 def message_label() -> QLabel:
     label = QLabel()
     label.setWordWrap(True)

@@ -29,17 +29,7 @@ from ..core.classes import WSSS4LUAD, ClassSpec
 from ..core.errors import WsssCramError
 from . import _common as common
 from . import layers as result_layers
-
-
-def spin(cls, lo, hi, value, step=1, decimals=None):
-    """A QSpinBox/QDoubleSpinBox with range, step, value (and decimals)."""
-    box = cls()
-    box.setRange(lo, hi)
-    box.setSingleStep(step)
-    if decimals is not None:
-        box.setDecimals(decimals)
-    box.setValue(value)
-    return box
+from ._common import spin
 
 
 class AdvancedPanel(QCollapsible):

@@ -16,13 +16,12 @@ from qtpy.QtWidgets import (
     QPushButton,
     QSlider,
     QSpinBox,
-    QWidget,
 )
 
 from ..core.errors import WsssCramError
-from ..core.progress import Cancelled, CancelToken
 from . import _common as common
 from . import layers as result_layers
+from ._dock import WorkerDock
 from ._panels import AdvancedPanel, ExportPanel, spin
 
 BUNDLED = "Bundled demo model (synthetic data)"
@@ -47,14 +46,16 @@ def progress_text(done: int, total: int, seconds: float) -> str:
     return text
 
 
-class SegmentWidget(QWidget):
+class SegmentWidget(WorkerDock):
     """Segment H&E tissue with a WSSS-CRAM checkpoint and correct/export the resulting labels."""
 
+    SETTINGS = "segment"
+    FIELDS = FIELDS
+
     def __init__(self, napari_viewer):
-        super().__init__()
-        self.viewer = napari_viewer
+        super().__init__(napari_viewer)
         self.model = self.info = self._model_problem = None
-        self.worker = self._cancel = self._pbar = self._adding = None
+        self._pbar = self._adding = self._run_layer = None
         self._warnings: list[str] = []
         self._started = 0.0
         self.last_result: dict | None = None
@@ -124,7 +125,6 @@ class SegmentWidget(QWidget):
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
         self.progress_bar = QProgressBar()
-        self.message = common.message_label()
         self.activation_combo = QComboBox()
         self.activation_combo.setToolTip("The class whose activation map (where the model sees it) is shown")
         self.opacity_slider = QSlider(Qt.Horizontal)
@@ -142,25 +142,21 @@ class SegmentWidget(QWidget):
                                         lambda: self.info.classes if self.info is not None else None)
         self.labels_combo = self.export_panel.labels_combo
 
-        layout = common.scroll_body(self)
+        layout = self.body()
         for item in (form, advanced, buttons, self.progress_bar, self.message, view_form, self.export_panel):
             (layout.addLayout if isinstance(item, QHBoxLayout | QFormLayout) else layout.addWidget)(item)
         layout.addStretch()
 
-        common.restore_settings("segment", self._persisted())
-        common.autosave_settings("segment", self._persisted(), self)
+        self.restore_settings()
         self.overlap_spin.setMaximum(self.tile_spin.value() // 2)
-        self._closed = False
         self._connect()
         self._refresh_layer_choices()
         # the resolution is not restored: it always starts from the model's default (the one resolution rule)
         self._load_selected_model()
-        common.call_when_removed(self, self.shutdown)
 
     # ----- wiring -----------------------------------------------------------------------------------------
     def _connect(self) -> None:
-        for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
-            event.connect(self._refresh_layer_choices)
+        self.follow_layers(self._refresh_layer_choices)
         self.image_combo.currentIndexChanged.connect(self._image_changed)
         self.resolution_combo.currentTextChanged.connect(self._resolution_mode_changed)
         self.resolution_value.valueChanged.connect(self._resolution_edited)
@@ -366,7 +362,8 @@ class SegmentWidget(QWidget):
     def run(self) -> None:
         """Start segmentation in a worker thread (results are added only when it finishes)."""
         from napari.utils import progress
-        from superqt.utils import create_worker  # errors go to our handler only (no traceback popup)
+
+        from ._segment_job import segment_job
 
         if self.busy or not self._validate():
             return
@@ -375,41 +372,33 @@ class SegmentWidget(QWidget):
             region, settings = self.region(layer), self.predict_settings()
             settings.validate()
         except Exception as err:  # shown in the dock, never raised into the event loop
-            common.show_message(self.message, common.notify_error(err, FIELDS), error=True)
+            self.show_error(err)
             return
-        common.save_settings("segment", self._persisted())
-        self._cancel = CancelToken()
+        self.save_settings()
         pseudo = (self.alpha_spin.value(), self.beta_spin.value()) if self.pseudo_check.isChecked() else None
-        from ._segment_job import segment_job
-
         self._warnings = []
-        self.worker = create_worker(common.forward_warnings, segment_job(
-            layer, self.model, self.info, settings, region, pseudo, self._cancel), _ignore_errors=True)
+        self._run_layer = layer
         self._pbar = progress(total=0, desc=f"WSSS-CRAM: {layer.name}")
-        self.worker.yielded.connect(self._on_progress)
-        self.worker.returned.connect(lambda result, lyr=layer: self._on_result(lyr, result))
-        self.worker.errored.connect(self._on_error)
-        self.worker.finished.connect(self._on_finished)
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
-        common.show_message(self.message, f"Segmenting '{layer.name}'…")
+        self.say(f"Segmenting '{layer.name}'…")
         self._started = time.monotonic()
         self.progress_bar.setFormat("starting…")
-        self.worker.start()
+        self.start_job(lambda cancel: segment_job(layer, self.model, self.info, settings, region, pseudo, cancel))
 
     def cancel(self) -> None:
-        if self._cancel is not None:
-            self._cancel.cancel()
+        """Stop the run within about a second; no layer is added."""
+        super().cancel()
         if self.worker is not None:
             self.worker.quit()
-            common.show_message(self.message, "Cancelling…")
+            self.say("Cancelling…")
 
-    def _on_progress(self, event) -> None:
-        if event.stage == "warning":  # a warning the core logged: say it in the dock, not only in the terminal
-            self._warnings.append(event.info["message"])
-            common.notify_warning(event.info["message"], FIELDS)
-            common.show_message(self.message, f"Segmenting… warning: {event.info['message']}", warning=True)
-            return
+    def on_warning(self, text: str) -> None:
+        self._warnings.append(text)
+        common.notify_warning(text)
+        self.say(f"Segmenting… warning: {text}", warning=True)
+
+    def on_progress(self, event) -> None:
         self.progress_bar.setMaximum(max(event.total, 1))
         self.progress_bar.setValue(event.done)
         self.progress_bar.setFormat(progress_text(event.done, event.total, time.monotonic() - self._started))
@@ -424,10 +413,9 @@ class SegmentWidget(QWidget):
         """True while a run computes or its result layers are still being added."""
         return self.worker is not None or self._adding is not None
 
-    def _on_result(self, layer, result) -> None:
-        if self._closed or (self._cancel is not None and self._cancel.cancelled):
-            return
-        classes = self.info.classes
+    def on_done(self, result) -> None:
+        """Add the result layers, one per event-loop turn."""
+        layer, classes = self._run_layer, self.info.classes
 
         def steps():
             shown = yield from result_layers.iter_result_layers(
@@ -459,26 +447,20 @@ class SegmentWidget(QWidget):
             return
         except Exception as err:  # shown, never raised into the event loop
             self._adding = None
-            self._on_error(err)
+            self.show_error(err)
             self._validate(quiet=True)
             return
         QTimer.singleShot(0, self._add_next_layer)
 
-    def _on_error(self, err) -> None:
-        if isinstance(err, Cancelled) or self._closed:  # a cancel is reported by _on_finished, not an error
-            return
-        common.show_message(self.message, common.notify_error(err, FIELDS), error=True)
-
-    def _on_finished(self) -> None:
-        cancelled = self._cancel is not None and self._cancel.cancelled
+    def on_finished(self, cancelled: bool) -> None:
         if self._pbar is not None:
             self._pbar.close()
-        self.worker = self._pbar = None
+        self._pbar = None
         self.cancel_button.setEnabled(False)
         self.progress_bar.setValue(0)
         self.progress_bar.setFormat("%p%")
         if cancelled:
-            common.show_message(self.message, "Cancelled: no layer was added.")
+            self.say("Cancelled: no layer was added.")
         self._validate(quiet=True)
 
     def activation_layer(self):
@@ -505,7 +487,7 @@ class SegmentWidget(QWidget):
         return self.export_panel.export(folder)
 
     # ----- persistence ------------------------------------------------------------------------------------
-    def _persisted(self) -> dict:
+    def persisted(self) -> dict:
         # not the resolution: it comes from the model (core.checkpoint.default_resolution) each time one is picked
         return {"model": self.model_combo, "device": self.device_combo,
                 "region": self.region_combo, "tile": self.tile_spin,
@@ -515,18 +497,5 @@ class SegmentWidget(QWidget):
                 "export_dir": self.export_panel.export_dir, "level": self.level_spin,
                 "crf_iterations": self.crf_iterations, **self.crf_spins}
 
-    def shutdown(self) -> None:
-        """The dock is going away: save its settings, cancel a run, add no more layers, stop following the
-        viewer's layers."""
-        if self._closed:
-            return
-        self._closed = True
-        common.save_settings("segment", self._persisted())
-        self.cancel()
-        self._adding = None
-        for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
-            event.disconnect(self._refresh_layer_choices)
-
-    def closeEvent(self, event) -> None:  # noqa: N802 (Qt naming)
-        self.shutdown()
-        super().closeEvent(event)
+    def on_shutdown(self) -> None:
+        self._adding = None  # add no more result layers

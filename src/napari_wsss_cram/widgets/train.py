@@ -17,12 +17,12 @@ from qtpy.QtWidgets import (
     QProgressBar,
     QPushButton,
     QSpinBox,
-    QWidget,
 )
 
 from ..core.errors import WsssCramError
-from ..core.progress import Cancelled, CancelToken
 from . import _common as common
+from ._common import spin
+from ._dock import WorkerDock
 from ._train_job import PRESETS, add_corrected_example, preset_config, scan_folder, train_job
 from .layers import role_of
 from .plot import TrainingPlot
@@ -33,26 +33,17 @@ FIELDS = {"resume": "Resume", "out": "Output", "batch-size": "Batch", "crop": "C
           "data": "Patches", "val": "Validation", "device": "Device", "preset": "Preset"}
 
 
-def _spin(cls, lo, hi, step=1, decimals=None):
-    box = cls()
-    box.setRange(lo, hi)
-    box.setSingleStep(step)
-    if decimals is not None:
-        box.setDecimals(decimals)
-    return box
-
-
-class TrainWidget(QWidget):
+class TrainWidget(WorkerDock):
     """Train WSSS-CRAM on image-level-labelled patches, watch it learn, and hand the model to the Segment dock."""
 
+    SETTINGS = "train"
+    FIELDS = FIELDS
+
     def __init__(self, napari_viewer):
-        super().__init__()
-        self.viewer = napari_viewer
-        self.worker = self._cancel = None
+        super().__init__(napari_viewer)
         self.checkpoint_path: str | None = None
         self.patch_index = None
         self._started = 0.0
-        self._closed = False
         self.warnings: list[str] = []  # those of the current run, as shown
 
         data_box = QGroupBox("Data")
@@ -74,16 +65,16 @@ class TrainWidget(QWidget):
         self.preset_combo.setCurrentText("cpu-small")
         self.backbone_combo = QComboBox()
         self.backbone_combo.addItems(["resnet18", "resnet34", "resnet50", "resnet101"])
-        self.epochs_spin = _spin(QSpinBox, 1, 1000)
-        self.steps_spin = _spin(QSpinBox, 0, 1_000_000, 10)
+        self.epochs_spin = spin(QSpinBox, 1, 1000)
+        self.steps_spin = spin(QSpinBox, 0, 1_000_000, step=10)
         self.steps_spin.setSpecialValueText("by epochs / time")
-        self.minutes_spin = _spin(QDoubleSpinBox, 0.0, 100_000.0, 5.0, 1)
+        self.minutes_spin = spin(QDoubleSpinBox, 0.0, 100_000.0, step=5.0, decimals=1)
         self.minutes_spin.setSpecialValueText("no time limit")
         self.minutes_spin.setSuffix(" min")
         self.minutes_spin.setToolTip("Wall-clock budget: training ends when it is spent (or at Steps, if set)")
-        self.batch_spin = _spin(QSpinBox, 1, 256)
-        self.crop_spin = _spin(QSpinBox, 32, 1024, 16)
-        self.lr_spin = _spin(QDoubleSpinBox, 1e-6, 1.0, 1e-4, 6)
+        self.batch_spin = spin(QSpinBox, 1, 256)
+        self.crop_spin = spin(QSpinBox, 32, 1024, step=16)
+        self.lr_spin = spin(QDoubleSpinBox, 1e-6, 1.0, step=1e-4, decimals=6)
         self.device_combo = QComboBox()
         self.device_combo.addItems(common.available_devices())
         self.out_row = common.PathRow("run folder (checkpoints, metrics.csv)")
@@ -124,7 +115,6 @@ class TrainWidget(QWidget):
         self.use_button = QPushButton("Use this model")
         self.use_button.setToolTip("Segment with this run's checkpoint (best, else last) in the Segment dock")
         self.use_button.setEnabled(False)
-        self.message = common.message_label()
 
         corrections_box = QGroupBox("Retrain from corrections")
         corr_form = QFormLayout(corrections_box)
@@ -144,15 +134,14 @@ class TrainWidget(QWidget):
         corr_form.addRow("Folder", self.corrections_row)
         corr_form.addRow(self.add_button)
 
-        layout = common.scroll_body(self)
+        layout = self.body()
         for item in (data_box, settings_box, buttons, self.progress_bar, self.eta_label, self.plot,
                      self.use_button, self.message, corrections_box):
             (layout.addLayout if isinstance(item, QHBoxLayout) else layout.addWidget)(item)
         layout.addStretch()
 
         self.apply_preset()
-        common.restore_settings("train", self._persisted())
-        common.autosave_settings("train", self._persisted(), self)
+        self.restore_settings()
         self.preset_combo.currentTextChanged.connect(self.apply_preset)
         self.scan_button.clicked.connect(self.scan)
         self.start_button.clicked.connect(lambda: self.start(resume=False))
@@ -161,11 +150,9 @@ class TrainWidget(QWidget):
         self.use_button.clicked.connect(self.use_model)
         self.add_button.clicked.connect(self.add_corrections)
         self.out_row.edit.textChanged.connect(self._out_changed)
-        for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
-            event.connect(self._refresh_layer_choices)
+        self.follow_layers(self._refresh_layer_choices)
         self._refresh_layer_choices()
         self._update_run_buttons()
-        common.call_when_removed(self, self.shutdown)
 
     # ----- settings ---------------------------------------------------------------------------------------
     def apply_preset(self, *_args) -> None:
@@ -173,7 +160,7 @@ class TrainWidget(QWidget):
         try:
             config = preset_config(self.preset_combo.currentText())
         except Exception as err:  # shown in the dock, never raised into the event loop
-            common.show_message(self.message, common.notify_error(err, FIELDS), error=True)
+            self.show_error(err)
             return
         self.backbone_combo.setCurrentText(str(config.model.get("backbone", "resnet50")))
         self.epochs_spin.setValue(config.epochs)
@@ -245,52 +232,45 @@ class TrainWidget(QWidget):
             self.patch_index, text = scan_folder(self.data_row.text(), self.val_row.text() or None)
         except Exception as err:  # shown in the dock, never raised into the event loop
             self.scan_label.setText("")
-            common.show_message(self.message, common.notify_error(err, FIELDS), error=True)
+            self.show_error(err)
             return False
         self.scan_label.setText(text)
         common.show_message(self.message, f"{len(self.patch_index)} patches found.")
         return True
 
     def start(self, resume: bool = False) -> None:
-        from superqt.utils import create_worker  # errors go to our handler only (no traceback popup)
-
+        """Start (or with ``resume``, continue) training in a worker thread."""
         if self.worker is not None:
             return
         try:
             config = self.config(resume=resume)
         except Exception as err:  # shown in the dock, never raised into the event loop
-            common.show_message(self.message, common.notify_error(err, FIELDS), error=True)
+            self.show_error(err)
             return
-        common.save_settings("train", self._persisted())
-        self._cancel = CancelToken()
+        self.save_settings()
         self.warnings = []
         if not resume:  # a resumed run continues the curves it had
             self.plot.clear()
         self.checkpoint_path = None
         self.use_button.setEnabled(False)
-        self.worker = create_worker(common.forward_warnings, train_job(config, self._cancel), _ignore_errors=True)
-        self.worker.yielded.connect(self._on_progress)
-        self.worker.returned.connect(self._on_done)
-        self.worker.errored.connect(self._on_error)
-        self.worker.finished.connect(self._on_finished)
         for button, enabled in ((self.start_button, False), (self.resume_button, False), (self.cancel_button, True)):
             button.setEnabled(enabled)
         self._started = time.monotonic()
-        common.show_message(self.message, "Training… (Cancel keeps a usable last checkpoint)")
-        self.worker.start()
+        self.say("Training… (Cancel keeps a usable last checkpoint)")
+        self.start_job(lambda cancel: train_job(config, cancel))
 
     def cancel(self) -> None:
-        if self._cancel is not None:
-            self._cancel.cancel()
-            common.show_message(self.message, "Cancelling after this step…")
+        """Stop after the current step (a usable last checkpoint is written)."""
+        if self.worker is not None:
+            super().cancel()
+            self.say("Cancelling after this step…")
 
-    def _on_progress(self, event) -> None:
+    def on_warning(self, text: str) -> None:
+        self.warnings.append(text)
+        super().on_warning(text)
+
+    def on_progress(self, event) -> None:
         info = event.info or {}
-        if event.stage == "warning":  # a warning the core logged: say it in the dock, not only in the terminal
-            text = common.notify_warning(info["message"], FIELDS)
-            self.warnings.append(text)
-            common.show_message(self.message, f"Warning: {text}", warning=True)
-            return
         if event.stage == "train":
             self.progress_bar.setMaximum(max(event.total, 1))
             self.progress_bar.setValue(event.done)
@@ -304,24 +284,17 @@ class TrainWidget(QWidget):
         elif event.stage == "data":
             self.eta_label.setText(str(info.get("summary", "")).splitlines()[0])
 
-    def _on_error(self, err) -> None:
-        if not isinstance(err, Cancelled) and not self._closed:  # a cancel is reported by _on_finished
-            common.show_message(self.message, common.notify_error(err, FIELDS), error=True)
-
-    def _on_done(self, checkpoint) -> None:
+    def on_done(self, checkpoint) -> None:
         self.checkpoint_path = str(checkpoint) if checkpoint else None
         self.use_button.setEnabled(self.checkpoint_path is not None)
-        common.show_message(self.message, f"Checkpoint: {self.checkpoint_path}  "
-                                          f"({time.monotonic() - self._started:.0f} s)")
+        self.say(f"Checkpoint: {self.checkpoint_path}  ({time.monotonic() - self._started:.0f} s)")
 
-    def _on_finished(self) -> None:
+    def on_finished(self, cancelled: bool) -> None:
         self.plot.flush()
-        self.worker = None
-        if self._cancel is not None and self._cancel.cancelled:
+        if cancelled:
             self.checkpoint_path = self.run_checkpoint()  # a cancelled run leaves a usable last checkpoint
-            common.show_message(self.message, "Training cancelled: Resume continues from the last checkpoint"
-                                + ("" if self.checkpoint_path is None else "; 'Use this model' segments with it")
-                                + ".")
+            self.say("Training cancelled: Resume continues from the last checkpoint"
+                     + ("" if self.checkpoint_path is None else "; 'Use this model' segments with it") + ".")
         self.start_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
         self._update_run_buttons()
@@ -333,7 +306,7 @@ class TrainWidget(QWidget):
         try:
             dock, segment = self.viewer.window.add_plugin_dock_widget("napari-wsss-cram", "Segment")
         except Exception as err:  # e.g. a viewer without the plugin registered
-            common.show_message(self.message, common.notify_error(err, FIELDS), error=True)
+            self.show_error(err)
             return False
         dock.raise_()  # bring the Segment dock to the front when it is tabbed behind another one
         loaded = segment.set_checkpoint(self.checkpoint_path)
@@ -341,7 +314,7 @@ class TrainWidget(QWidget):
             common.show_message(self.message, f"The Segment dock now uses {Path(self.checkpoint_path).name} "
                                               f"from {Path(self.checkpoint_path).parent}.")
         else:
-            common.show_message(self.message, segment.message.text(), error=True)
+            common.show_message(self.message, segment.message.text(), error=True)  # already notified
         return loaded
 
     def add_corrections(self) -> list[str]:
@@ -355,7 +328,7 @@ class TrainWidget(QWidget):
             written = add_corrected_example(self.viewer.layers[image], self.viewer.layers[labels],
                                             self.corrections_row.text())
         except Exception as err:  # shown in the dock, never raised into the event loop
-            common.show_message(self.message, common.notify_error(err, FIELDS), error=True)
+            self.show_error(err)
             return []
         self.mix_check.setChecked(True)
         common.show_message(self.message, f"Saved {Path(written[0]).name} and its mask; {len(written) - 2} patches "
@@ -363,23 +336,9 @@ class TrainWidget(QWidget):
         return written
 
     # ----- persistence ------------------------------------------------------------------------------------
-    def _persisted(self) -> dict:
+    def persisted(self) -> dict:
         return {"data": self.data_row, "val": self.val_row, "out": self.out_row, "preset": self.preset_combo,
                 "backbone": self.backbone_combo, "epochs": self.epochs_spin, "steps": self.steps_spin,
                 "minutes": self.minutes_spin,
                 "batch": self.batch_spin, "crop": self.crop_spin, "lr": self.lr_spin,
                 "device": self.device_combo, "corrections": self.corrections_row, "mix": self.mix_check}
-
-    def shutdown(self) -> None:
-        """The dock is going away: save its settings, cancel a run, stop following the viewer's layers."""
-        if self._closed:
-            return
-        self._closed = True
-        common.save_settings("train", self._persisted())
-        self.cancel()
-        for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
-            event.disconnect(self._refresh_layer_choices)
-
-    def closeEvent(self, event) -> None:  # noqa: N802 (Qt naming)
-        self.shutdown()
-        super().closeEvent(event)
