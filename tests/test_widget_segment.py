@@ -583,3 +583,19 @@ def test_progress_says_tiles_and_time_left():
     assert progress_text(10, 40, 5.0) == "tile 10 / 40 · about 15 s left"
     assert progress_text(10, 40, 30.0) == "tile 10 / 40 · about 1 min 30 s left"
     assert progress_text(40, 40, 20.0) == "tile 40 / 40"
+
+
+def test_export_button_writes_in_the_background(make_napari_viewer, qtbot, tiny_checkpoint, tmp_path):
+    viewer = make_napari_viewer()
+    widget = _segment_dock(viewer, tiny_checkpoint)
+    widget.crf_check.setChecked(False)
+    _run_and_wait(qtbot, widget)
+    panel = widget.export_panel
+    panel.export_dir.setText(str(tmp_path / "out"))
+    panel.export_button.click()
+    assert not panel.export_button.isEnabled()  # a worker writes; the click returned at once
+    qtbot.waitUntil(lambda: panel.export_button.isEnabled(), timeout=30_000)
+    assert widget.message.text().startswith("Exported 5 files"), widget.message.text()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "patch_labels.geojson", "patch_labels.ome.tif", "patch_labels.png", "patch_labels_composition.csv",
+        "patch_labels_composition.json"]

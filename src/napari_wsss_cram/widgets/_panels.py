@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -170,7 +169,7 @@ class ExportPanel(QGroupBox):
         self._timer = QTimer(self, singleShot=True, interval=300)  # recompute once painting pauses
         self._timer.timeout.connect(self.update_composition)
         self.labels_combo.currentIndexChanged.connect(self.watch)
-        self.export_button.clicked.connect(lambda: self.export())
+        self.export_button.clicked.connect(lambda: self.export_in_background())
 
     def labels_layer(self):
         name = self.labels_combo.currentText()
@@ -265,43 +264,71 @@ class ExportPanel(QGroupBox):
                                       "\n\nReplace them?", QMessageBox.Yes | QMessageBox.No, QMessageBox.No)
         return answer == QMessageBox.Yes
 
+    def _prepare_export(self, folder: str | Path | None):
+        """Check and gather what an export needs (on the GUI thread: it reads the layer and may ask); returns
+        the arguments of ``_writer.export_files``, or None when there is nothing to do (the reason is shown)."""
+        layer = self.labels_layer()
+        if layer is None:
+            raise WsssCramError("There is no Labels layer to export: run a segmentation first.")
+        folder_text = str(folder) if folder else self.export_dir.text()
+        if not folder_text:
+            raise WsssCramError("Choose an output folder (Folder, Browse…) to export the labels into.")
+        folder = Path(folder_text).expanduser()
+        paths = self.export_paths(layer, folder)
+        existing = [p for p in paths if p.exists()]
+        if existing and not self.confirm_overwrite(existing):
+            common.show_message(self.message, "Export cancelled: no file was replaced.")
+            return None
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = layer.metadata.get(result_layers.METADATA_KEY, {})
+        # a copy: the user may paint on while a worker writes
+        data = np.array(layer.data[0] if layer.multiscale else layer.data)
+        return dict(paths=paths, labels=data, classes=self.classes_of(layer), table=self.update_composition(),
+                    mpp=meta.get("mpp"), level0_scale=meta.get("level0_scale", 1.0),
+                    level0_offset=tuple(meta.get("level0_offset", (0.0, 0.0))))
+
     def export(self, folder: str | Path | None = None) -> list[str]:
-        """Write the chosen labels layer in the checked formats plus ``<image>_labels_composition.csv``/``.json``.
+        """Write the chosen labels layer in the checked formats plus ``<image>_labels_composition.csv``/``.json``
+        and wait for it (the Export button runs the same in a worker thread: :meth:`export_in_background`).
 
         A folder must be chosen (never napari's working directory); existing files are replaced only after
         :meth:`confirm_overwrite` says yes.
         """
-        from .._writer import export_labels
-        from ..core.io.outputs import composition_csv
+        from .._writer import export_files
+        from ..core.progress import drive
 
-        layer = self.labels_layer()
-        written: list[str] = []
         try:
-            if layer is None:
-                raise WsssCramError("There is no Labels layer to export: run a segmentation first.")
-            folder_text = str(folder) if folder else self.export_dir.text()
-            if not folder_text:
-                raise WsssCramError("Choose an output folder (Folder, Browse…) to export the labels into.")
-            folder = Path(folder_text).expanduser()
-            paths = self.export_paths(layer, folder)
-            existing = [p for p in paths if p.exists()]
-            if existing and not self.confirm_overwrite(existing):
-                common.show_message(self.message, "Export cancelled: no file was replaced.")
-                return written
-            folder.mkdir(parents=True, exist_ok=True)
-            meta = layer.metadata.get(result_layers.METADATA_KEY, {})
-            data = np.asarray(layer.data[0] if layer.multiscale else layer.data)
-            for path in paths[:-2]:
-                written.append(export_labels(
-                    path, data, self.classes_of(layer), meta.get("mpp"), overwrite=True,
-                    level0_scale=meta.get("level0_scale", 1.0),
-                    level0_offset=tuple(meta.get("level0_offset", (0.0, 0.0)))))
-            table = self.update_composition()
-            paths[-2].write_text(composition_csv(table), encoding="utf-8")
-            paths[-1].write_text(json.dumps(table, indent=2))
-            written += [str(paths[-2]), str(paths[-1])]
+            job = self._prepare_export(folder)
+            if job is None:
+                return []
+            written = drive(export_files(**job))
         except Exception as err:  # shown in the dock, never raised into the event loop
             common.show_message(self.message, common.notify_error(err), error=True)
-            return written
-        common.show_message(self.message, f"Exported {len(written)} files to {folder}.")
+            return []
+        common.show_message(self.message, f"Exported {len(written)} files to {Path(written[0]).parent}.")
         return written
+
+    def export_in_background(self) -> None:
+        """The Export button: the same checks, then the writing in a worker thread (napari stays responsive)."""
+        from superqt.utils import create_worker
+
+        from .._writer import export_files
+
+        try:
+            job = self._prepare_export(None)
+        except Exception as err:  # shown in the dock, never raised into the event loop
+            common.show_message(self.message, common.notify_error(err), error=True)
+            return
+        if job is None:
+            return
+        self.export_button.setEnabled(False)
+        common.show_message(self.message, f"Exporting to {job['paths'][0].parent}…")
+        worker = create_worker(export_files, **job, _ignore_errors=True)
+        worker.yielded.connect(lambda event: common.show_message(
+            self.message, f"Exporting… {event.done} / {event.total} files"))
+        worker.returned.connect(lambda written: common.show_message(
+            self.message, f"Exported {len(written)} files to {Path(written[0]).parent}."))
+        worker.errored.connect(lambda err: common.show_message(self.message, common.notify_error(err), error=True))
+        worker.finished.connect(lambda: self.export_button.setEnabled(True))
+        self._export_worker = worker  # referenced until it ends
+        worker.start()
