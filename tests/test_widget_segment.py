@@ -599,3 +599,19 @@ def test_export_button_writes_in_the_background(make_napari_viewer, qtbot, tiny_
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "patch_labels.geojson", "patch_labels.ome.tif", "patch_labels.png", "patch_labels_composition.csv",
         "patch_labels_composition.json"]
+
+
+def test_results_sit_with_their_image_not_over_other_images(make_napari_viewer, qtbot, tiny_checkpoint):
+    viewer = make_napari_viewer()
+    widget = _segment_dock(viewer, tiny_checkpoint, name="05")
+    viewer.add_image(he_like_image(96, seed=1), name="06", rgb=True)  # lies over 05, as WSSS4LUAD patches do
+    widget.crf_check.setChecked(False)
+    widget.pseudo_check.setChecked(True)
+    widget.image_combo.setCurrentText("05")
+    _run_and_wait(qtbot, widget)
+    assert [ly.name for ly in viewer.layers] == ["05", "tumor activation: 05", "labels: 05", "pseudo-labels: 05",
+                                                 "06"]
+    widget.image_combo.setCurrentText("06")
+    _run_and_wait(qtbot, widget)
+    assert [ly.name for ly in viewer.layers][-4:] == ["06", "tumor activation: 06", "labels: 06",
+                                                      "pseudo-labels: 06"]

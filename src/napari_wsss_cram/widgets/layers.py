@@ -144,6 +144,21 @@ def class_painting(layer, classes: ClassSpec) -> None:
     layer.bind_key("0", lambda lyr: pick_class(lyr, classes.background_index), overwrite=True)
 
 
+def _stack_on(viewer, source_layer, layer) -> None:
+    """Put a new result layer just above its source image's results, not on top of every layer: another image
+    lying over this one (WSSS4LUAD patches all open at the origin) is then not drawn over by these results."""
+    layers = viewer.layers
+    if source_layer not in layers or layer not in layers:
+        return
+    above = layers.index(source_layer) + 1
+    while above < len(layers) and layers[above] is not layer and \
+            layers[above].metadata.get(METADATA_KEY, {}).get("source") == source_layer.name:
+        above += 1  # keep the order of the results already there (labels over activation)
+    index = layers.index(layer)
+    if index != above:
+        layers.move(index, above if above < index else above - 1)
+
+
 def placement(source_layer, pred_scale, pred_translate) -> tuple[np.ndarray, np.ndarray]:
     """World scale/translate of a result whose pixel ``i`` sits at ``pred_translate + i * pred_scale`` level-0 pixels
     of the source layer."""
@@ -194,6 +209,7 @@ def iter_result_layers(viewer, source_layer, labels: np.ndarray, activations: np
                 scale=world_scale, translate=world_translate, units=source_layer.units,
                 metadata={METADATA_KEY: meta},
             )
+            _stack_on(viewer, source_layer, layer)
         result["activations"].append(layer)
         yield layer
 
@@ -220,6 +236,7 @@ def iter_result_layers(viewer, source_layer, labels: np.ndarray, activations: np
     layer.colormap = labels_colormap(classes)
     layer.events.paint.connect(lambda event=None, lyr=layer: _mark_edited(lyr))
     class_painting(layer, classes)
+    _stack_on(viewer, source_layer, layer)
     result["labels"] = layer
     return result
 
@@ -252,6 +269,7 @@ def add_pseudo_label_layer(viewer, source_layer, pseudo: np.ndarray, classes: Cl
                               features=class_features(classes),
                               metadata={METADATA_KEY: {"role": "pseudo", "source": source_layer.name}})
     layer.colormap = labels_colormap(classes)
+    _stack_on(viewer, source_layer, layer)
     return layer
 
 
