@@ -615,3 +615,32 @@ def test_results_sit_with_their_image_not_over_other_images(make_napari_viewer, 
     _run_and_wait(qtbot, widget)
     assert [ly.name for ly in viewer.layers][-4:] == ["06", "tumor activation: 06", "labels: 06",
                                                       "pseudo-labels: 06"]
+
+
+def test_pixel_size_of_a_png_gives_areas_in_mm2(make_napari_viewer, qtbot, tiny_checkpoint, tmp_path):
+    from PIL import Image
+
+    from napari_wsss_cram.core.io.outputs import write_pyramidal_ome_tiff
+
+    Image.fromarray(he_like_image(96)).save(tmp_path / "patch.png")
+    viewer = make_napari_viewer()
+    [layer] = viewer.open(str(tmp_path / "patch.png"), plugin=PLUGIN)
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    assert widget.set_checkpoint(tiny_checkpoint)
+    widget.tile_spin.setValue(64)
+    widget.crf_check.setChecked(False)
+    assert widget.pixel_size.isEnabled() and widget.pixel_size.text() == "not stated"  # a PNG states none
+    widget.pixel_size.setValue(0.25)  # WSSS4LUAD's pixel size
+    widget.resolution_value.setValue(1.0)
+    _run_and_wait(qtbot, widget)
+    labels = viewer.layers["labels: patch"]
+    assert labels.metadata["wsss_cram"]["mpp"] == pytest.approx(0.25)
+    table = widget.update_composition()
+    assert table["tissue_area_mm2"] == pytest.approx(table["tissue_pixels"] * 0.25e-3 ** 2)
+    assert widget.export_panel.composition_table.item(0, 1).text() != "—"
+    # a slide that states its µm/px: shown, not editable, and napari's scale bar is on
+    write_pyramidal_ome_tiff(tmp_path / "slide.ome.tif", he_like_image(256), mpp=0.5, tile=64, n_levels=2)
+    viewer.open(str(tmp_path / "slide.ome.tif"), plugin=PLUGIN)
+    widget.image_combo.setCurrentText("slide")
+    assert widget.pixel_size.value() == pytest.approx(0.5) and not widget.pixel_size.isEnabled()
+    assert viewer.scale_bar.visible

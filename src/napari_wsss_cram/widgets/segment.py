@@ -61,6 +61,11 @@ class SegmentWidget(WorkerDock):
         self.last_result: dict | None = None
         form = QFormLayout()
         self.image_combo = QComboBox()
+        self.pixel_size = spin(QDoubleSpinBox, 0.0, 50.0, 0.0, 0.05, 4)
+        self.pixel_size.setSuffix(" µm/px")
+        self.pixel_size.setSpecialValueText("not stated")
+        self.pixel_size.setToolTip("Pixel size of the image. Files that state it fill it in; for a PNG/JPEG enter it "
+                                   "(WSSS4LUAD: about 0.25 µm/px) to get areas in mm²")
         self.model_combo = QComboBox()
         self.model_combo.addItems([BUNDLED, CHECKPOINT])
         self.checkpoint_row = common.PathRow("model checkpoint (.pt)", folder=False, file_filter="*.pt *.pth")
@@ -99,7 +104,8 @@ class SegmentWidget(WorkerDock):
                                  "resolution); larger tiles need more memory"),
                 (self.region_combo, "Whole image, or only what the canvas shows now (for slides)")]:
             widget.setToolTip(tip)
-        for label, widget in [("Image", self.image_combo), ("Model", self.model_combo), ("", self.checkpoint_row),
+        for label, widget in [("Image", self.image_combo), ("Pixel size", self.pixel_size),
+                              ("Model", self.model_combo), ("", self.checkpoint_row),
                               ("Classes", self.classes_label), ("", self.model_card),
                               ("Device", self.device_combo)]:
             form.addRow(label, widget)
@@ -158,6 +164,7 @@ class SegmentWidget(WorkerDock):
     def _connect(self) -> None:
         self.follow_layers(self._refresh_layer_choices)
         self.image_combo.currentIndexChanged.connect(self._image_changed)
+        self.pixel_size.valueChanged.connect(self._pixel_size_edited)
         self.resolution_combo.currentTextChanged.connect(self._resolution_mode_changed)
         self.resolution_value.valueChanged.connect(self._resolution_edited)
         self.tile_spin.valueChanged.connect(lambda tile: self.overlap_spin.setMaximum(tile // 2))
@@ -190,8 +197,35 @@ class SegmentWidget(WorkerDock):
             self._validate()
 
     def _image_changed(self, *_args) -> None:
+        self._show_pixel_size()
         # a default chosen before this image was known may not suit it (a model's µm/px on a PNG without one)
         if not self._resolution_chosen:
+            self.set_default_resolution()
+        self._validate()
+
+    def _show_pixel_size(self) -> None:
+        """Show the chosen image's µm/px: read-only when its file states it (then napari's scale bar is on,
+        in µm), editable when not."""
+        layer = self.image_layer()
+        meta = layer.metadata if layer is not None and isinstance(layer.metadata, dict) else {}
+        mpp = meta.get("mpp") or 0.0
+        self.pixel_size.blockSignals(True)
+        self.pixel_size.setValue(float(mpp))
+        self.pixel_size.blockSignals(False)
+        from_file = bool(mpp) and not meta.get("mpp_from_dock")
+        self.pixel_size.setEnabled(layer is not None and not from_file)
+        if from_file and tuple(getattr(layer, "units", ())[-1:]) and str(layer.units[-1]) in ("µm", "micrometer"):
+            self.viewer.scale_bar.visible = True
+            self.viewer.scale_bar.unit = "µm"
+
+    def _pixel_size_edited(self, value: float) -> None:
+        """The user states the image's µm/px (a PNG/JPEG): results then get areas in mm²."""
+        layer = self.image_layer()
+        if layer is None:
+            return
+        layer.metadata["mpp"] = float(value) or None
+        layer.metadata["mpp_from_dock"] = True
+        if not self._resolution_chosen:  # the model's µm/px default may now apply
             self.set_default_resolution()
         self._validate()
 
