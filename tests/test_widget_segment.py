@@ -644,3 +644,27 @@ def test_pixel_size_of_a_png_gives_areas_in_mm2(make_napari_viewer, qtbot, tiny_
     widget.image_combo.setCurrentText("slide")
     assert widget.pixel_size.value() == pytest.approx(0.5) and not widget.pixel_size.isEnabled()
     assert viewer.scale_bar.visible
+
+
+def test_composition_inside_a_drawn_region(make_napari_viewer, qtbot, tiny_checkpoint):
+    viewer = make_napari_viewer()
+    widget = _segment_dock(viewer, tiny_checkpoint)
+    viewer.layers["patch"].scale = (0.5, 0.5)  # world units are not pixels: the region is placed through them
+    widget.crf_check.setChecked(False)
+    _run_and_wait(qtbot, widget)
+    labels = viewer.layers["labels: patch"]
+    labels.data = np.full_like(labels.data, WSSS4LUAD.background_index)
+    labels.data[:, :48] = 0  # tumor on the left half, stroma on the right
+    labels.data[:, 48:] = 1
+    # a rectangle over pixel rows 10..39 and columns 40..59 (pixel centres; world = pixels x 0.5)
+    viewer.add_shapes([np.array([[9.6, 39.6], [9.6, 59.4], [39.4, 59.4], [39.4, 39.6]]) * 0.5],
+                      shape_type="rectangle", name="region")
+    panel = widget.export_panel
+    panel.region_combo.setCurrentText("region")
+    table = widget.update_composition()
+    assert table["region"] == "region"
+    assert table["classes"]["tumor"]["pixels"] == 30 * 8 and table["classes"]["stroma"]["pixels"] == 30 * 12
+    viewer.layers["region"].data = []  # the table follows the shapes (here: none left)
+    qtbot.waitUntil(lambda: panel.composition_table.item(0, 0).text() == "0", timeout=3000)
+    panel.region_combo.setCurrentText("Whole labels layer")
+    assert widget.update_composition()["classes"]["tumor"]["pixels"] == 96 * 48

@@ -89,6 +89,9 @@ class AdvancedPanel(QCollapsible):
         self.addWidget(body)
 
 
+WHOLE_LAYER = "Whole labels layer"
+
+
 class ClassPalette(QWidget):
     """One button per class (its colour and name, keys 1..K) and one for the background: the legend of the
     labels layer, and the way to pick what to paint."""
@@ -134,6 +137,9 @@ class ExportPanel(QGroupBox):
         self.labels_combo = QComboBox()
         self.labels_combo.setToolTip("The Labels layer to paint, measure and export (your corrections included)")
         self.palette = ClassPalette(self.pick_class)
+        self.region_combo = QComboBox()
+        self.region_combo.setToolTip("Measure the whole labels layer, or only inside the shapes of a Shapes layer "
+                                     "(draw a region with napari's shape tools)")
         self.export_dir = common.PathRow("output folder")
         self.export_dir.setToolTip("Folder for the exported files; existing files are replaced only if you agree")
         self.format_checks = {fmt: QCheckBox(text) for fmt, text in
@@ -163,12 +169,14 @@ class ExportPanel(QGroupBox):
         form.addRow("Folder", self.export_dir)
         form.addRow(formats)
         form.addRow(self.export_button)
+        form.addRow("Measure in", self.region_combo)
         form.addRow(self.composition_table)
         form.addRow(self.ratio_label)
         form.addRow(self.copy_button)
         self._timer = QTimer(self, singleShot=True, interval=300)  # recompute once painting pauses
         self._timer.timeout.connect(self.update_composition)
         self.labels_combo.currentIndexChanged.connect(self.watch)
+        self.region_combo.currentIndexChanged.connect(self.watch)
         self.export_button.clicked.connect(lambda: self.export_in_background())
 
     def labels_layer(self):
@@ -183,8 +191,30 @@ class ExportPanel(QGroupBox):
         self.viewer.layers.selection.active = layer
         result_layers.pick_class(layer, index)
 
+    def region_layer(self):
+        """The Shapes layer the composition is measured in, or None (the whole labels layer)."""
+        name = self.region_combo.currentText()
+        return self.viewer.layers[name] if self.region_combo.currentIndex() > 0 and name in self.viewer.layers \
+            else None
+
+    def _refresh_regions(self) -> None:
+        from napari.layers import Shapes
+
+        current = self.region_combo.currentText()
+        names = [WHOLE_LAYER] + [ly.name for ly in self.viewer.layers if isinstance(ly, Shapes)]
+        self.region_combo.blockSignals(True)
+        self.region_combo.clear()
+        self.region_combo.addItems(names)
+        self.region_combo.setCurrentText(current if current in names else WHOLE_LAYER)
+        self.region_combo.blockSignals(False)
+
     def watch(self, *_args) -> None:
-        """Recompute the composition after each edit of the chosen Labels layer (and show its classes)."""
+        """Recompute the composition after each edit of the chosen Labels layer or region (and show its classes)."""
+        self._refresh_regions()
+        region = self.region_layer()
+        if region is not None and id(region) not in self._watched:
+            region.events.data.connect(lambda *_: self._timer.start())  # a shape drawn, moved or deleted
+            self._watched.add(id(region))
         layer = self.labels_layer()
         self.palette.set_classes(None if layer is None else self.classes_of(layer))
         if layer is not None and id(layer) not in self._watched:
@@ -208,7 +238,11 @@ class ExportPanel(QGroupBox):
         if layer is None:
             return None
         data = np.asarray(layer.data[0] if layer.multiscale else layer.data)
+        region = self.region_layer()
+        if region is not None:  # only the pixels inside the drawn shapes
+            data = data[result_layers.region_mask(region, layer)]
         table = composition(data, self.classes_of(layer), mpp=result_layers.mpp_of_layer(layer))
+        table["region"] = None if region is None else region.name
         rows = table["classes"]
         self.composition_table.setRowCount(len(rows))
         self.composition_table.setVerticalHeaderLabels(list(rows))

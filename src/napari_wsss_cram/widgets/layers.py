@@ -293,6 +293,30 @@ def _viewport_level0_edges(layer, viewer) -> np.ndarray | None:
     return np.stack([np.minimum(*corners), np.maximum(*corners)]) + 0.5
 
 
+def region_mask(shapes_layer, labels_layer) -> np.ndarray:
+    """The pixels of ``labels_layer`` whose centres lie inside the shapes (polygons, rectangles, ellipses) of
+    ``shapes_layer``, as a boolean mask, whatever the two layers' scale and translate (lines and paths enclose no
+    area)."""
+    from skimage.draw import ellipse, polygon
+
+    data = labels_layer.data[0] if labels_layer.multiscale else labels_layer.data
+    shape = tuple(data.shape[-2:])
+    mask = np.zeros(shape, dtype=bool)
+    for vertices, kind in zip(shapes_layer.data, shapes_layer.shape_type, strict=True):
+        if kind in ("line", "path"):
+            continue
+        world = [shapes_layer.data_to_world(v) for v in np.asarray(vertices, dtype=float)]
+        # labels data coordinates: pixel centres at integers, as skimage.draw expects
+        yx = np.array([np.asarray(labels_layer.world_to_data(w), dtype=float)[-2:] for w in world])
+        if kind == "ellipse":  # napari stores an ellipse as the corners of its bounding box
+            (y0, x0), (y1, x1) = yx.min(axis=0), yx.max(axis=0)
+            rows, cols = ellipse((y0 + y1) / 2, (x0 + x1) / 2, (y1 - y0) / 2, (x1 - x0) / 2, shape=shape)
+        else:
+            rows, cols = polygon(yx[:, 0], yx[:, 1], shape=shape)
+        mask[rows, cols] = True
+    return mask
+
+
 def field_of_view(layer, level: int = 0, viewer=None) -> tuple[int, int, int, int]:
     """(y, x, h, w) in pixels of pyramid ``level`` of what the canvas shows of ``layer``.
 
