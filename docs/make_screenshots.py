@@ -93,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     segment.update_composition()
     viewer.reset_view()
     settle()
+    # the dock scrolls: show its lower half, where the palette and the composition table are
+    segment.scroll_area.ensureWidgetVisible(segment.export_panel.copy_button)
+    settle(0.2)
     Image.fromarray(viewer.screenshot(canvas_only=False, flash=False)).save(args.out / "segment_dock.png")
 
     # Montage: the image, the image with its CRF labels, then each class's activation map alone.

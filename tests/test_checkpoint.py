@@ -86,9 +86,9 @@ def test_model_card_says_what_the_model_knows(tmp_path):
                                   "demo_model": "trained on synthetic sample data only"},
                            train_config={"data": "sample_data/patches", "steps": 300})
     _, info = load_checkpoint(path)
-    card = model_card(info)
-    assert card[0] == "resnet18, classes tumor, stroma, normal"
-    assert "trained on sample_data/patches (300 steps)" in card
-    assert "validation mIoU 0.38 (tumor 0.46, stroma 0.67, normal 0.00)" in card
-    assert any(line.startswith("never got normal right") for line in card)
-    assert card[-1] == "trained on synthetic sample data only"
+    card = dict(model_card(info))
+    assert card["model"] == "resnet18, classes tumor, stroma, normal"
+    assert card["data"] == "trained on sample_data/patches (300 steps)"
+    assert card["validation"] == "validation mIoU 0.38 (tumor 0.46, stroma 0.67, normal 0.00)"
+    assert card["warning"].startswith("never got normal right")
+    assert card["note"] == "trained on synthetic sample data only"

@@ -96,28 +96,30 @@ def default_resolution(info: CheckpointInfo, image_has_mpp: bool = True) -> Reso
     return Resolution(scale=scale, origin="the checkpoint's training scale")
 
 
-def model_card(info: CheckpointInfo) -> list[str]:
-    """What a user should know about a checkpoint, one line each: architecture, training data, recorded validation
-    scores (and classes it never got right), default resolution, and any note stored with it (the demo model's).
-    """
+def model_card(info: CheckpointInfo) -> list[tuple[str, str]]:
+    """What a user should know about a checkpoint, as ``(kind, text)`` lines: ``model`` (architecture, classes),
+    ``data`` (what it was trained on), ``validation`` (recorded scores), ``warning`` (classes it never got right),
+    ``resolution`` (its default) and ``note`` (e.g. the demo model's)."""
     config, train, extra = info.model_config, info.train_config or {}, info.extra or {}
-    lines = [f"{getattr(config, 'backbone', '?')}, classes {', '.join(info.classes.names)}"]
+    lines = [("model", f"{getattr(config, 'backbone', '?')}, classes {', '.join(info.classes.names)}")]
     data = train.get("data")
     if data:
         amount = f"{train['steps']} steps" if train.get("steps") else (
             f"{train['epochs']} epochs" if train.get("epochs") else "")
-        lines.append(f"trained on {'/'.join(Path(str(data)).parts[-2:])}" + (f" ({amount})" if amount else ""))
+        lines.append(("data", f"trained on {'/'.join(Path(str(data)).parts[-2:])}"
+                      + (f" ({amount})" if amount else "")))
     miou = extra.get("val_mIoU", extra.get("best_mIoU"))
     per_class = extra.get("per_class") or {}
     if isinstance(miou, int | float) and miou >= 0:
         scores = ", ".join(f"{name} {value:.2f}" for name, value in per_class.items()
                            if isinstance(value, int | float))
-        lines.append(f"validation mIoU {miou:.2f}" + (f" ({scores})" if scores else ""))
+        lines.append(("validation", f"validation mIoU {miou:.2f}" + (f" ({scores})" if scores else "")))
         never = [name for name, value in per_class.items() if isinstance(value, int | float) and value == 0]
         if never:
-            lines.append(f"never got {', '.join(never)} right on its validation set: do not trust those labels")
-    lines.append(f"default resolution: {default_resolution(info).describe()}")
-    lines += [str(note) for key, note in extra.items() if key in ("demo_model", "note") and note]
+            lines.append(("warning", f"never got {', '.join(never)} right on its validation set: "
+                                     "do not trust those labels"))
+    lines.append(("resolution", f"default resolution: {default_resolution(info).describe()}"))
+    lines += [("note", str(note)) for key, note in extra.items() if key in ("demo_model", "note") and note]
     return lines
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 from qtpy.QtCore import QTimer
+from qtpy.QtGui import QColor, QIcon, QPixmap
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -116,9 +117,10 @@ class ClassPalette(QWidget):
                    for k, name in enumerate(classes.names)]
         entries.append((classes.background_index, "background (erase)", None, "0"))
         for index, name, rgb, key in entries:
-            button = QPushButton(f"■ {name}" if rgb is not None else f"□ {name}")
-            if rgb is not None:
-                button.setStyleSheet(f"QPushButton {{ color: rgb{tuple(rgb)}; font-weight: bold; }}")
+            button = QPushButton(name)
+            swatch = QPixmap(14, 14)  # the class colour as an icon: dark class colours stay legible as text would not
+            swatch.fill(QColor(*rgb) if rgb is not None else QColor(0, 0, 0, 0))
+            button.setIcon(QIcon(swatch))
             button.setToolTip(f"Paint '{name}' on the labels layer" + (f" (key {key})" if key else "")
                               if rgb is not None else "Erase to background, i.e. no tissue (key 0)")
             button.clicked.connect(lambda _=False, i=index: self._pick(i))

@@ -275,7 +275,12 @@ class SegmentWidget(WorkerDock):
         self.set_default_resolution()
         from ..core.checkpoint import model_card
 
-        self.model_card.setText("<br>".join(model_card(self.info)))
+        card = model_card(self.info)
+        # the dock shows what it was trained on, how well it scored and its warnings; the tooltip holds it all
+        shown = [(f'<span style="color:#f39800">{text}</span>' if kind == "warning" else text)
+                 for kind, text in card if kind in ("data", "validation", "warning", "note")]
+        self.model_card.setText(" · ".join(shown))
+        self.model_card.setToolTip("\n".join(text for _, text in card))
         self.classes_label.setText(" ".join(
             f'<span style="color: rgb{tuple(color)}">■</span> {name}'
             for name, color in zip(self.info.classes.names, self.info.classes.colors, strict=True)))
