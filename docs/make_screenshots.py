@@ -1,7 +1,7 @@
 """Render the plugin offscreen into docs/*.png (``make screenshots``; needs Xvfb or a display).
 
 - ``docs/segment_dock.png``: the sample patch segmented by the Segment dock (CRF labels + tumor activation).
-- ``docs/activations.png``: the per-class activation layers of the same run, side by side with the image.
+- ``docs/activations.png``: each class's activation heatmap of the same run, side by side with the image.
 - ``docs/train_dock.png``: the Train dock after scanning sample_data/patches, with the loss and validation
   mIoU curves of the model's own training run (its metrics.csv, when it sits next to the checkpoint).
 
@@ -93,23 +93,32 @@ def main(argv: list[str] | None = None) -> int:
     segment.update_composition()
     viewer.reset_view()
     settle()
+    # the dock scrolls: show its lower half, where the palette and the composition table are
+    segment.scroll_area.ensureWidgetVisible(segment.export_panel.copy_button)
+    settle(0.2)
     Image.fromarray(viewer.screenshot(canvas_only=False, flash=False)).save(args.out / "segment_dock.png")
 
     # Montage: the image, the image with its CRF labels, then each class's activation map alone.
-    labels = viewer.layers[f"{image.name} CRF labels"]
-    names = list(segment.info.classes.names)
-    activations = [viewer.layers[f"{image.name} {name} activation"] for name in names]
+    from napari_wsss_cram.widgets.layers import result_layers_of, show_activation
+
+    [labels] = result_layers_of(viewer, image.name, "labels")
+    [activation] = result_layers_of(viewer, image.name, "activation")
 
     def show(*visible) -> None:
-        for layer in [image, labels, *activations]:
+        for layer in [image, labels, activation]:
             layer.visible = layer in visible
         settle(0.3)
 
     tiles = []
-    for visible in [(image,), (image, labels), *[(a,) for a in activations]]:
+    for visible in [(image,), (image, labels)]:
         show(*visible)
         tiles.append(Image.fromarray(viewer.export_figure(scale_factor=2, flash=False)).convert("RGB"))
-    show(image, labels, activations[0])  # back to the dock's default view
+    for name in segment.info.classes.names:  # each class's heatmap over the image
+        show_activation(activation, name)
+        show(image, activation)
+        tiles.append(Image.fromarray(viewer.export_figure(scale_factor=2, flash=False)).convert("RGB"))
+    show_activation(activation, segment.activation_combo.currentText())
+    show(image, labels, activation)  # back to the dock's view
     gap = 8
     height = min(t.height for t in tiles)
     montage = Image.new("RGB", (sum(t.width for t in tiles) + gap * (len(tiles) - 1), height), (38, 41, 48))

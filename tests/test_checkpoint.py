@@ -76,3 +76,19 @@ def test_class_and_architecture_mismatch(tmp_path):
     torch.save(payload, tmp_path / "edited.pt")
     with pytest.raises(CheckpointError, match="do not match the architecture"):
         load_checkpoint(tmp_path / "edited.pt")
+
+
+def test_model_card_says_what_the_model_knows(tmp_path):
+    from napari_wsss_cram.core.checkpoint import model_card
+
+    path = save_checkpoint(tmp_path / "m.pt", CRAMNet(WSSS4LUAD, ModelConfig(backbone="resnet18"), weights=None),
+                           extra={"val_mIoU": 0.38, "per_class": {"tumor": 0.46, "stroma": 0.67, "normal": 0.0},
+                                  "demo_model": "trained on synthetic sample data only"},
+                           train_config={"data": "sample_data/patches", "steps": 300})
+    _, info = load_checkpoint(path)
+    card = dict(model_card(info))
+    assert card["model"] == "resnet18, classes tumor, stroma, normal"
+    assert card["data"] == "trained on sample_data/patches (300 steps)"
+    assert card["validation"] == "validation mIoU 0.38 (tumor 0.46, stroma 0.67, normal 0.00)"
+    assert card["warning"].startswith("never got normal right")
+    assert card["note"] == "trained on synthetic sample data only"

@@ -96,9 +96,35 @@ def test_sample_slide_generated_on_first_use(make_napari_viewer, monkeypatch, tm
     monkeypatch.setenv("WSSS_CRAM_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(_sample_data, "SLIDE_SIZE", 1024)  # the real one is 4096: same code, 16x faster
     viewer = make_napari_viewer()
-    image, truth = viewer.open_sample(PLUGIN, "slide")
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        image, truth = viewer.open_sample(PLUGIN, "slide")
+    assert not [w for w in caught if "grayscale" in str(w.message)]  # its truth mask is not a grayscale image
     assert (tmp_path / "cache" / "slide-1024" / "sample_slide.ome.tif").is_file()
     assert image._type_string == "image" and image.multiscale and image.rgb
     assert [tuple(d.shape[:2]) for d in image.data] == [(1024, 1024), (512, 512), (256, 256)]
     assert tuple(image.scale) == pytest.approx((0.25, 0.25))
     assert truth._type_string == "labels" and truth.multiscale
+
+
+@pytest.mark.gui
+def test_exported_labels_ome_tiff_reopens_as_labels_without_warning(make_napari_viewer, tmp_path):
+    import warnings
+
+    from napari_wsss_cram._writer import export_labels
+
+    labels = np.full((96, 128), WSSS4LUAD.background_index, np.uint8)
+    labels[10:40, 20:70] = 0
+    labels[50:90, 30:100] = 1
+    path = export_labels(tmp_path / "patch_labels.ome.tif", labels, WSSS4LUAD, mpp=0.5)  # no "mask" in the name
+    viewer = make_napari_viewer()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (layer,) = viewer.open(path, plugin=PLUGIN)
+    assert layer._type_string == "labels"
+    data = np.asarray(layer.data[0] if layer.multiscale else layer.data)
+    np.testing.assert_array_equal(data, labels)
+    assert not [w for w in caught if "grayscale" in str(w.message)]
+    assert tuple(layer.scale) == pytest.approx((0.5, 0.5))

@@ -45,7 +45,7 @@ def test_event_loop_keeps_ticking_during_inference(make_napari_viewer, qtbot, tm
     qtbot.waitUntil(lambda: not widget.busy, timeout=120_000)
     run_seconds = time.perf_counter() - t0
     timer.stop()
-    assert "patch CRF labels" in viewer.layers, widget.message.text()
+    assert "labels: patch" in viewer.layers, widget.message.text()
     # While the worker computes (up to its last progress event) vs. overall (adding the 4 result layers on the
     # GUI thread is napari's own cost: ~0.2-0.3 s per layer with software OpenGL).
     inference_end = progress_times[-1]

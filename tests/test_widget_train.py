@@ -147,7 +147,7 @@ def test_cancel_then_resume_finishes_the_run(make_napari_viewer, qtbot, patch_fo
     qtbot.waitUntil(lambda: widget.progress_bar.value() >= 1, timeout=60_000)
     widget.cancel()
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
-    assert "cancelled" in widget.message.text() and widget.checkpoint_path is None
+    assert "cancelled" in widget.message.text() and widget.checkpoint_path.endswith("last.pt")  # usable
     assert (tmp_path / "run" / "last.pt").is_file()  # a usable checkpoint to resume from
     assert widget.resume_button.isEnabled()
     widget.start(resume=True)
@@ -167,3 +167,103 @@ def test_time_budget_comes_from_the_preset_and_reaches_the_run(make_napari_viewe
     assert widget.config().minutes == 30.0
     widget.minutes_spin.setValue(0.0)                     # "no time limit"
     assert widget.config().minutes is None
+
+
+# ----- issue 12, bug 13: Resume, "Use this model" after Cancel, the plot across a resume -------------------------
+def test_resume_and_use_after_cancel(make_napari_viewer, qtbot, patch_folder, tmp_path):
+    viewer = make_napari_viewer()
+    widget = _train_dock(viewer)
+    assert not widget.resume_button.isEnabled()  # nothing to resume before any run
+    widget.preset_combo.setCurrentText("sample")
+    widget.data_row.setText(str(patch_folder))
+    widget.out_row.setText(str(tmp_path / "run"))
+    assert not widget.resume_button.isEnabled() and not widget.use_button.isEnabled()
+    widget.backbone_combo.setCurrentText("resnet18")
+    widget.steps_spin.setValue(4)
+    widget.batch_spin.setValue(4)
+    widget.crop_spin.setValue(64)
+    widget.device_combo.setCurrentText("cpu")
+    widget.start()
+    qtbot.waitUntil(lambda: widget.progress_bar.value() >= 1, timeout=60_000)
+    widget.cancel()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert widget.resume_button.isEnabled()
+    assert widget.use_button.isEnabled() and widget.checkpoint_path.endswith("last.pt")
+    steps_before = {name: list(steps) for name, (steps, _) in widget.plot.losses.items()}
+    assert steps_before
+    widget.start(resume=True)
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    for name, steps in steps_before.items():  # the resumed run continues the curves
+        assert widget.plot.losses[name][0][: len(steps)] == steps
+    assert widget.use_model()
+    assert "Segment dock now uses" in widget.message.text()
+
+
+def test_one_validation_point_gets_an_epoch_axis():
+    from napari_wsss_cram.widgets.plot import TrainingPlot
+
+    plot = TrainingPlot()
+    plot.add_miou(1, 0.42)
+    low, high = plot.miou_axes.get_xlim()
+    assert low <= 0 and high >= 2
+
+
+def test_train_errors_name_dock_controls(make_napari_viewer, qtbot, patch_folder, tmp_path):
+    widget = _train_dock(make_napari_viewer())
+    widget.preset_combo.setCurrentText("sample")
+    widget.data_row.setText(str(patch_folder))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"an earlier run")
+    widget.out_row.setText(str(run))
+    widget.device_combo.setCurrentText("cpu")
+    widget.start()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    text = widget.message.text()
+    assert "already holds a run" in text and "'Resume'" in text and "--" not in text
+
+
+# ----- issue 12, bug 14: warnings reach the dock --------------------------------------------------------------------
+def test_warnings_of_a_run_reach_the_dock(make_napari_viewer, qtbot, patch_folder, tmp_path):
+    widget = _train_dock(make_napari_viewer())
+    widget.preset_combo.setCurrentText("sample")
+    widget.data_row.setText(str(patch_folder))  # one 'normal' patch: the trainer warns about it
+    widget.out_row.setText(str(tmp_path / "run"))
+    widget.backbone_combo.setCurrentText("resnet18")
+    widget.steps_spin.setValue(1)
+    widget.batch_spin.setValue(4)
+    widget.crop_spin.setValue(64)
+    widget.device_combo.setCurrentText("cpu")
+    widget.start()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert any("'normal'" in w and "patches" in w for w in widget.warnings), widget.warnings
+
+
+def test_forward_warnings_takes_only_the_worker_threads_records():
+    import logging
+    import threading
+
+    from napari_wsss_cram.widgets._common import forward_warnings
+
+    log = logging.getLogger("napari_wsss_cram.core.somewhere")
+
+    def job():
+        log.warning("tile %d needed a smaller batch", 3)
+        yield "step 1"
+        other = threading.Thread(target=lambda: log.warning("from another thread"))
+        other.start()
+        other.join()
+        yield "step 2"
+        return "result"
+
+    events, result = [], None
+    gen = forward_warnings(job())
+    while True:
+        try:
+            events.append(next(gen))
+        except StopIteration as stop:
+            result = stop.value
+            break
+    assert result == "result"
+    assert [getattr(e, "stage", e) for e in events] == ["warning", "step 1", "step 2"]
+    assert events[0].info["message"] == "tile 3 needed a smaller batch"

@@ -3,7 +3,8 @@
 - Pyramidal TIFF/OME-TIFF/SVS open as lazy multiscale data (only the tiles on screen are decoded).
 - ``scale`` is the pixel size in µm when the file says it (``units`` µm), else 1 pixel.
 - ``metadata`` holds ``path``, ``mpp``, ``level_shapes`` and ``level_downsamples`` for the docks.
-- WSSS4LUAD-palette PNG masks and single-channel ``*mask*`` TIFFs open as Labels layers.
+- WSSS4LUAD-palette PNG masks, label OME-TIFFs written by this plugin (known by their OME image name) and
+  single-channel ``*mask*`` TIFFs open as Labels layers (without the grayscale-to-RGB warning).
 Unreadable files raise ``ImageReadError`` naming the file; napari shows that message (no traceback).
 """
 
@@ -86,15 +87,18 @@ def read_layer(path: str | os.PathLike) -> LayerData:
         if mask is not None:
             meta = {"path": str(p), "mpp": None}
             return mask, _labels_kwargs(name, meta, None), "labels"
+    from .core.io.outputs import is_labels_tiff
+
+    maybe_labels = is_labels_tiff(p) or "mask" in p.name.lower()
     with warnings.catch_warnings():
-        warnings.simplefilter("default")  # grayscale conversion warning reaches napari's notifications
+        # the grayscale-to-RGB warning reaches napari's notifications, except for masks (they are not converted)
+        warnings.simplefilter("ignore" if maybe_labels else "default")
         source = ImageSource.open(p)
     mpp = source.mpp
     scale = (mpp, mpp) if mpp else None
     meta = {"path": str(p), "mpp": mpp, "level_shapes": source.level_shapes,
             "level_downsamples": source.level_downsamples}
-    if source.samples == 1 and source.dtype.kind == "u" and source.dtype.itemsize == 1 and \
-            "mask" in p.name.lower():
+    if source.samples == 1 and source.dtype.kind == "u" and source.dtype.itemsize == 1 and maybe_labels:
         levels = [source.lazy_level(i, raw=True) for i in range(source.n_levels)]
         data = levels if len(levels) > 1 else levels[0].compute()
         kwargs = _labels_kwargs(name, meta, scale)

@@ -6,6 +6,8 @@ Export uses :func:`export_labels` too, so File > Save and Export write identical
 
 from __future__ import annotations
 
+import json
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ import numpy as np
 
 from .core.classes import WSSS4LUAD, ClassSpec
 from .core.errors import WsssCramError
+from .core.progress import Progress
 
 FORMAT_SUFFIXES = {"png": ".png", "ome-tiff": ".ome.tif", "geojson": ".geojson"}
 
@@ -58,6 +61,31 @@ def export_labels(path: str | Path, labels: np.ndarray, classes: ClassSpec, mpp:
         outputs.write_geojson(path, labels, classes, scale=float(level0_scale),
                               offset=(float(level0_offset[0]), float(level0_offset[1])))
     return str(path)
+
+
+def export_files(paths: list[Path], labels: np.ndarray, classes: ClassSpec, table: dict,
+                 mpp: float | None = None, level0_scale: float = 1.0,
+                 level0_offset: tuple[float, float] = (0.0, 0.0)) -> Generator[Progress, None, list[str]]:
+    """Write ``labels`` to each of ``paths[:-2]`` (format from the name), then the composition ``table`` as CSV
+    (``paths[-2]``) and JSON (``paths[-1]``); yields ``Progress("export", done, total)``, returns the paths.
+
+    Existing files are replaced: callers ask first. A generator, so the dock runs it in a worker thread
+    (tracing GeoJSON polygons of a big slide takes a while).
+    """
+    from .core.io.outputs import composition_csv
+
+    written: list[str] = []
+    total = len(paths)
+    yield Progress("export", 0, total)
+    for path in paths[:-2]:
+        written.append(export_labels(path, labels, classes, mpp, overwrite=True, level0_scale=level0_scale,
+                                     level0_offset=level0_offset))
+        yield Progress("export", len(written), total)
+    Path(paths[-2]).write_text(composition_csv(table), encoding="utf-8")
+    Path(paths[-1]).write_text(json.dumps(table, indent=2), encoding="utf-8")
+    written += [str(paths[-2]), str(paths[-1])]
+    yield Progress("export", total, total)
+    return written
 
 
 def classes_from_meta(meta: dict[str, Any]) -> ClassSpec:

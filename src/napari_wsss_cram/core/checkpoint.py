@@ -61,6 +61,18 @@ class Resolution:
         what = f"{self.mpp:g} µm/px" if self.mpp is not None else f"scale {self.scale:g}x"
         return f"{what} ({self.origin})" if self.origin else what
 
+    def to_mpp(self, image_mpp: float | None) -> float | None:
+        """The µm/px the model sees on an image of ``image_mpp`` µm/px (a scale s resamples it to mpp / s)."""
+        if self.mpp is not None:
+            return self.mpp
+        return image_mpp / self.scale if image_mpp else None
+
+    def to_scale(self, image_mpp: float | None) -> float | None:
+        """The resample factor of an image of ``image_mpp`` µm/px that gives this resolution."""
+        if self.scale is not None:
+            return self.scale
+        return image_mpp / self.mpp if image_mpp else None
+
 
 def default_resolution(info: CheckpointInfo, image_has_mpp: bool = True) -> Resolution:
     """THE rule for the resolution a model is applied at when the user does not choose one.
@@ -83,6 +95,33 @@ def default_resolution(info: CheckpointInfo, image_has_mpp: bool = True) -> Reso
     if not (scale > 0 and math.isfinite(scale)):
         scale = 1.0
     return Resolution(scale=scale, origin="the checkpoint's training scale")
+
+
+def model_card(info: CheckpointInfo) -> list[tuple[str, str]]:
+    """What a user should know about a checkpoint, as ``(kind, text)`` lines: ``model`` (architecture, classes),
+    ``data`` (what it was trained on), ``validation`` (recorded scores), ``warning`` (classes it never got right),
+    ``resolution`` (its default) and ``note`` (e.g. the demo model's)."""
+    config, train, extra = info.model_config, info.train_config or {}, info.extra or {}
+    lines = [("model", f"{getattr(config, 'backbone', '?')}, classes {', '.join(info.classes.names)}")]
+    data = train.get("data")
+    if data:
+        amount = f"{train['steps']} steps" if train.get("steps") else (
+            f"{train['epochs']} epochs" if train.get("epochs") else "")
+        lines.append(("data", f"trained on {'/'.join(Path(str(data)).parts[-2:])}"
+                      + (f" ({amount})" if amount else "")))
+    miou = extra.get("val_mIoU", extra.get("best_mIoU"))
+    per_class = extra.get("per_class") or {}
+    if isinstance(miou, int | float) and miou >= 0:
+        scores = ", ".join(f"{name} {value:.2f}" for name, value in per_class.items()
+                           if isinstance(value, int | float))
+        lines.append(("validation", f"validation mIoU {miou:.2f}" + (f" ({scores})" if scores else "")))
+        never = [name for name, value in per_class.items() if isinstance(value, int | float) and value == 0]
+        if never:
+            lines.append(("warning", f"never got {', '.join(never)} right on its validation set: "
+                                     "do not trust those labels"))
+    lines.append(("resolution", f"default resolution: {default_resolution(info).describe()}"))
+    lines += [("note", str(note)) for key, note in extra.items() if key in ("demo_model", "note") and note]
+    return lines
 
 
 def _plain(data: dict | None) -> dict:

@@ -5,11 +5,24 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
+import threading
 import traceback
+from collections.abc import Callable, Generator
 from pathlib import Path
 
-from qtpy.QtCore import QSettings
-from qtpy.QtWidgets import QFileDialog, QHBoxLayout, QLabel, QLineEdit, QPushButton, QWidget
+from qtpy.QtCore import QEvent, QObject, QSettings
+from qtpy.QtWidgets import (
+    QFileDialog,
+    QFrame,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QScrollArea,
+    QVBoxLayout,
+    QWidget,
+)
 
 from ..core.errors import WsssCramError
 
@@ -54,21 +67,146 @@ def leave_gui_a_core():
         torch.set_num_threads(before)
 
 
-def user_message(error: BaseException) -> str:
-    """The text a user sees for an error: our own messages as-is, anything else with its type (logged in full)."""
+def dock_wording(text: str, fields: dict[str, str] | None = None) -> str:
+    """Say a core message in a dock's words: the core speaks the CLI (``pass --resume``, ``lower --batch-size``);
+    ``fields`` maps a flag (without dashes) to the dock control that sets it. Unknown flags are left as they are.
+    """
+    if not fields:
+        return text
+
+    def field(match: re.Match) -> str:
+        name = match.group("flag")
+        return f"'{fields[name]}'" if name in fields else match.group(0)
+
+    flag = r"--(?P<flag>[a-z][a-z0-9-]*)"
+    # verbs first, so "pass --resume" reads "press 'Resume'" and not "pass 'Resume'"
+    text = re.sub(r"\bstart without " + flag, lambda m: "press 'Start'" if m.group("flag") in fields
+                  else m.group(0), text)
+    text = re.sub(r"\b(pass|use) " + flag, lambda m: (f"use {field(m)}" if m.group("flag") in fields
+                                                       else m.group(0)), text)
+    return re.sub(flag, field, text)
+
+
+class _ThreadWarnings(logging.Handler):
+    """Collects the WARNING records the package logs from one thread (a worker's), for its dock to show."""
+
+    def __init__(self, thread: int):
+        super().__init__(logging.WARNING)
+        self.thread = thread
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            self.messages.append(record.getMessage())
+
+    def drain(self):
+        from ..core.progress import Progress
+
+        while self.messages:
+            yield Progress("warning", 0, 0, {"message": self.messages.pop(0)})
+
+
+def forward_warnings(job: Generator) -> Generator:
+    """Run a worker ``job`` and also yield ``Progress("warning", 0, 0, {"message": ...})`` for each warning the
+    package logs while it runs, so the dock shows it (otherwise it reaches only the terminal). Only records of
+    the worker's own thread are taken: the handler is process-wide, the GUI thread logs too."""
+    handler = _ThreadWarnings(threading.get_ident())  # runs on the first next(), i.e. in the worker thread
+    logger = logging.getLogger("napari_wsss_cram")
+    logger.addHandler(handler)
+    try:
+        while True:
+            try:
+                event = next(job)
+            except StopIteration as stop:
+                yield from handler.drain()
+                return stop.value
+            yield from handler.drain()
+            yield event
+    finally:
+        logger.removeHandler(handler)
+        job.close()
+
+
+def user_message(error: BaseException, fields: dict[str, str] | None = None) -> str:
+    """The text a user sees for an error: our own messages as-is (in the dock's words when ``fields`` maps the CLI
+    flags they name to dock controls), anything else with its type (logged in full)."""
     if isinstance(error, WsssCramError):
-        return str(error)
+        return dock_wording(str(error), fields)
     log.error("".join(traceback.format_exception(type(error), error, error.__traceback__)))
     return f"{type(error).__name__}: {error}"
 
 
-def notify_error(error: BaseException | str) -> str:
+def notify_error(error: BaseException | str, fields: dict[str, str] | None = None) -> str:
     """Show an error as a napari notification (never raise into the event loop); return the text shown."""
     from napari.utils.notifications import show_error
 
-    text = error if isinstance(error, str) else user_message(error)
+    text = dock_wording(error, fields) if isinstance(error, str) else user_message(error, fields)
     show_error(text)
     return text
+
+
+def notify_warning(text: str, fields: dict[str, str] | None = None) -> str:
+    """Show a warning as a napari notification (in the dock's words); return the text shown."""
+    from napari.utils.notifications import show_warning
+
+    text = dock_wording(text, fields)
+    show_warning(text)
+    return text
+
+
+class _RemovalWatch(QObject):
+    """Calls back once when its widget loses its parent (napari's dock close button re-parents the dock's
+    widget to None and neither closes nor deletes it, so ``closeEvent`` never runs)."""
+
+    def __init__(self, widget: QWidget, callback: Callable[[], None]):
+        super().__init__(widget)
+        self._callback = callback
+        self._placed = False
+        widget.installEventFilter(self)
+
+    def eventFilter(self, obj, event) -> bool:  # noqa: N802 (Qt naming)
+        if event.type() == QEvent.ParentChange:
+            if obj.parent() is not None:
+                self._placed = True
+            elif self._placed:
+                self._placed = False
+                self._callback()
+        return False
+
+
+def call_when_removed(widget: QWidget, callback: Callable[[], None]) -> None:
+    """Run ``callback`` when ``widget``'s dock is removed from the napari window (its close button)."""
+    widget._removal_watch = _RemovalWatch(widget, callback)
+
+
+class _VerticalScroll(QScrollArea):
+    """Scrolls its contents vertically only: as wide as the contents need (asked each time the layout is
+    computed, so napari's stylesheet and later rows count), as short as a few rows."""
+
+    def minimumSizeHint(self):  # noqa: N802 (Qt naming)
+        from qtpy.QtCore import QSize
+
+        body = self.widget()
+        width = body.minimumSizeHint().width() if body is not None else 0
+        return QSize(width + self.verticalScrollBar().sizeHint().width() + 2, 200)
+
+
+def scroll_body(dock: QWidget) -> QVBoxLayout:
+    """Put a vertical scroll area in ``dock`` and return the layout of its contents: the dock then fits small
+    screens (and a collapsed panel gives its height back) instead of growing the napari window."""
+    from qtpy.QtCore import Qt
+
+    outer = QVBoxLayout(dock)
+    outer.setContentsMargins(0, 0, 0, 0)
+    area = _VerticalScroll()
+    area.setWidgetResizable(True)
+    area.setFrameShape(QFrame.NoFrame)
+    area.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+    body = QWidget()
+    area.setWidget(body)
+    outer.addWidget(area)
+    dock.scroll_area = area
+    return QVBoxLayout(body)
 
 
 class PathRow(QWidget):
@@ -102,15 +240,28 @@ class PathRow(QWidget):
         self.edit.setText(text)
 
 
+def spin(cls, lo, hi, value=None, step=1, decimals=None):
+    """A QSpinBox/QDoubleSpinBox with range, step, value (when given) and decimals (when given)."""
+    box = cls()
+    box.setRange(lo, hi)
+    box.setSingleStep(step)
+    if decimals is not None:
+        box.setDecimals(decimals)
+    if value is not None:
+        box.setValue(value)
+    return box
+
+
 def message_label() -> QLabel:
     label = QLabel()
     label.setWordWrap(True)
     return label
 
 
-def show_message(label: QLabel, text: str, error: bool = False) -> None:
+def show_message(label: QLabel, text: str, error: bool = False, warning: bool = False) -> None:
+    """Show ``text`` in a dock's message line (red for an error, orange for a warning)."""
     label.setText(text)
-    label.setStyleSheet("color: #ff6e6e;" if error else "")
+    label.setStyleSheet("color: #ff6e6e;" if error else "color: #f39800;" if warning else "")
 
 
 def widget_value(widget):

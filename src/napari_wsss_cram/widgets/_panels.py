@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 from qtpy.QtCore import QTimer
+from qtpy.QtGui import QColor, QIcon, QPixmap
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
     QDoubleSpinBox,
     QFormLayout,
+    QGridLayout,
     QGroupBox,
     QHBoxLayout,
     QHeaderView,
@@ -28,17 +29,7 @@ from ..core.classes import WSSS4LUAD, ClassSpec
 from ..core.errors import WsssCramError
 from . import _common as common
 from . import layers as result_layers
-
-
-def spin(cls, lo, hi, value, step=1, decimals=None):
-    """A QSpinBox/QDoubleSpinBox with range, step, value (and decimals)."""
-    box = cls()
-    box.setRange(lo, hi)
-    box.setSingleStep(step)
-    if decimals is not None:
-        box.setDecimals(decimals)
-    box.setValue(value)
-    return box
+from ._common import spin
 
 
 class AdvancedPanel(QCollapsible):
@@ -56,9 +47,27 @@ class AdvancedPanel(QCollapsible):
                            ("bilateral_srgb", 13.0), ("bilateral_compat", 10.0)]}
         self.crf_iterations = spin(QSpinBox, 1, 50, 10)
         self.overlap_spin = spin(QSpinBox, 0, 512, 64, 16)
+        self.overlap_spin.setSuffix(" px")
         self.alpha_spin = spin(QDoubleSpinBox, 0.0, 1.0, 0.3, 0.05, 2)
         self.beta_spin = spin(QDoubleSpinBox, 0.0, 1.0, 0.9, 0.05, 2)
         self.pseudo_check = QCheckBox("Show reliable pseudo-labels (alpha/beta)")
+        self.crf_check.setToolTip("A dense CRF snaps class boundaries to colour edges of the H&E image "
+                                  "(slower; the parameters below tune it)")
+        tips = {"gaussian_sxy": "Smoothness kernel width (px): larger = smoother, blob-like regions",
+                "gaussian_compat": "Weight of the smoothness kernel",
+                "bilateral_sxy": "Appearance kernel width (px): how far similar colours pull a pixel's label",
+                "bilateral_srgb": "Appearance kernel colour tolerance: smaller = boundaries follow finer "
+                                  "colour changes",
+                "bilateral_compat": "Weight of the appearance kernel"}
+        for name, box in self.crf_spins.items():
+            box.setToolTip(tips[name])
+        self.crf_iterations.setToolTip("Mean-field iterations of the CRF (10 is plenty)")
+        self.overlap_spin.setToolTip("Tiles overlap by this many pixels and are blended, which hides tile seams")
+        self.alpha_spin.setToolTip("alpha: where every class activation is below alpha (on near-white glass), the "
+                                   "pseudo-label is background")
+        self.beta_spin.setToolTip("beta: a pixel is a reliable pseudo-label only where its class activation is "
+                                  "above beta; between alpha and beta it is left unlabelled (255)")
+        self.pseudo_check.setToolTip("Add a hidden layer with the reliable pseudo-labels training would use")
         from ..core.inference import PredictSettings  # defaults have one owner: the engine's settings
 
         self.tissue_check = QCheckBox("Background = no tissue (near-white), not a class")
@@ -81,6 +90,44 @@ class AdvancedPanel(QCollapsible):
         self.addWidget(body)
 
 
+WHOLE_LAYER = "Whole labels layer"
+
+
+class ClassPalette(QWidget):
+    """One button per class (its colour and name, keys 1..K) and one for the background: the legend of the
+    labels layer, and the way to pick what to paint."""
+
+    def __init__(self, pick):
+        super().__init__()
+        self._pick = pick
+        self.buttons: list[QPushButton] = []
+        self._layout = QGridLayout(self)
+        self._layout.setContentsMargins(0, 0, 0, 0)
+        self._layout.setSpacing(4)
+
+    def set_classes(self, classes: ClassSpec | None) -> None:
+        """Rebuild the buttons for ``classes`` (None: no labels layer, no buttons)."""
+        for button in self.buttons:
+            self._layout.removeWidget(button)
+            button.deleteLater()
+        self.buttons = []
+        if classes is None:
+            return
+        entries = [(k, name, classes.colors[k], str(k + 1) if k < 9 else "")
+                   for k, name in enumerate(classes.names)]
+        entries.append((classes.background_index, "background (erase)", None, "0"))
+        for index, name, rgb, key in entries:
+            button = QPushButton(name)
+            swatch = QPixmap(14, 14)  # the class colour as an icon: dark class colours stay legible as text would not
+            swatch.fill(QColor(*rgb) if rgb is not None else QColor(0, 0, 0, 0))
+            button.setIcon(QIcon(swatch))
+            button.setToolTip(f"Paint '{name}' on the labels layer" + (f" (key {key})" if key else "")
+                              if rgb is not None else "Erase to background, i.e. no tissue (key 0)")
+            button.clicked.connect(lambda _=False, i=index: self._pick(i))
+            self._layout.addWidget(button, len(self.buttons) // 2, len(self.buttons) % 2)
+            self.buttons.append(button)
+
+
 class ExportPanel(QGroupBox):
     """Export a (corrected) Labels layer through the core writers and show its tissue composition."""
 
@@ -90,41 +137,93 @@ class ExportPanel(QGroupBox):
         self._watched: set[int] = set()
         form = QFormLayout(self)
         self.labels_combo = QComboBox()
+        self.labels_combo.setToolTip("The Labels layer to paint, measure and export (your corrections included)")
+        self.palette = ClassPalette(self.pick_class)
+        self.region_combo = QComboBox()
+        self.region_combo.setToolTip("Measure the whole labels layer, or only inside the shapes of a Shapes layer "
+                                     "(draw a region with napari's shape tools)")
         self.export_dir = common.PathRow("output folder")
+        self.export_dir.setToolTip("Folder for the exported files; existing files are replaced only if you agree")
         self.format_checks = {fmt: QCheckBox(text) for fmt, text in
                               [("png", "PNG"), ("ome-tiff", "OME-TIFF"), ("geojson", "QuPath GeoJSON")]}
         formats = QHBoxLayout()
         for check in self.format_checks.values():
             check.setChecked(True)
             formats.addWidget(check)
+        tips = {"png": "Palette PNG: class indices with the class colours (WSSS4LUAD convention)",
+                "ome-tiff": "Pyramidal OME-TIFF with the pixel size; opens as labels in napari",
+                "geojson": "QuPath GeoJSON: one classified polygon per region, in full-resolution pixels"}
+        for fmt, check in self.format_checks.items():
+            check.setToolTip(tips[fmt])
         self.export_button = QPushButton("Export labels")
+        self.export_button.setToolTip("Write the labels (with your corrections) and <name>_composition.json")
         self.composition_table = QTableWidget(0, 3)
         self.composition_table.setHorizontalHeaderLabels(["pixels", "mm²", "% tissue"])
         self.composition_table.setMinimumHeight(150)
         self.composition_table.horizontalHeader().setSectionResizeMode(QHeaderView.Stretch)
         self.ratio_label = QLabel()
         self.ratio_label.setWordWrap(True)
+        self.copy_button = QPushButton("Copy table")
+        self.copy_button.setToolTip("Copy the composition as CSV, to paste into a spreadsheet")
+        self.copy_button.clicked.connect(lambda: self.copy_composition())
         form.addRow("Labels", self.labels_combo)
+        form.addRow("Paint", self.palette)
         form.addRow("Folder", self.export_dir)
         form.addRow(formats)
         form.addRow(self.export_button)
+        form.addRow("Measure in", self.region_combo)
         form.addRow(self.composition_table)
         form.addRow(self.ratio_label)
+        form.addRow(self.copy_button)
         self._timer = QTimer(self, singleShot=True, interval=300)  # recompute once painting pauses
         self._timer.timeout.connect(self.update_composition)
         self.labels_combo.currentIndexChanged.connect(self.watch)
-        self.export_button.clicked.connect(lambda: self.export())
+        self.region_combo.currentIndexChanged.connect(self.watch)
+        self.export_button.clicked.connect(lambda: self.export_in_background())
 
     def labels_layer(self):
         name = self.labels_combo.currentText()
         return self.viewer.layers[name] if name in self.viewer.layers else None
 
-    def watch(self, *_args) -> None:
-        """Recompute the composition after each edit of the chosen Labels layer."""
+    def pick_class(self, index: int) -> None:
+        """Make the chosen labels layer the active one and paint class ``index`` on it."""
         layer = self.labels_layer()
+        if layer is None:
+            return
+        self.viewer.layers.selection.active = layer
+        result_layers.pick_class(layer, index)
+
+    def region_layer(self):
+        """The Shapes layer the composition is measured in, or None (the whole labels layer)."""
+        name = self.region_combo.currentText()
+        return self.viewer.layers[name] if self.region_combo.currentIndex() > 0 and name in self.viewer.layers \
+            else None
+
+    def _refresh_regions(self) -> None:
+        from napari.layers import Shapes
+
+        current = self.region_combo.currentText()
+        names = [WHOLE_LAYER] + [ly.name for ly in self.viewer.layers if isinstance(ly, Shapes)]
+        self.region_combo.blockSignals(True)
+        self.region_combo.clear()
+        self.region_combo.addItems(names)
+        self.region_combo.setCurrentText(current if current in names else WHOLE_LAYER)
+        self.region_combo.blockSignals(False)
+
+    def watch(self, *_args) -> None:
+        """Recompute the composition after each edit of the chosen Labels layer or region (and show its classes)."""
+        self._refresh_regions()
+        region = self.region_layer()
+        if region is not None and id(region) not in self._watched:
+            region.events.data.connect(lambda *_: self._timer.start())  # a shape drawn, moved or deleted
+            self._watched.add(id(region))
+        layer = self.labels_layer()
+        self.palette.set_classes(None if layer is None else self.classes_of(layer))
         if layer is not None and id(layer) not in self._watched:
-            layer.events.paint.connect(lambda *_: self._timer.start())
-            layer.events.data.connect(lambda *_: self._timer.start())
+            # paint: brush and fill; data: a new array; set_data: undo/redo (Ctrl+Z), which emit neither of the
+            # others but refresh the layer
+            for event in (layer.events.paint, layer.events.data, layer.events.set_data):
+                event.connect(lambda *_: self._timer.start())
             self._watched.add(id(layer))
         self._timer.start()
 
@@ -141,7 +240,11 @@ class ExportPanel(QGroupBox):
         if layer is None:
             return None
         data = np.asarray(layer.data[0] if layer.multiscale else layer.data)
+        region = self.region_layer()
+        if region is not None:  # only the pixels inside the drawn shapes
+            data = data[result_layers.region_mask(region, layer)]
         table = composition(data, self.classes_of(layer), mpp=result_layers.mpp_of_layer(layer))
+        table["region"] = None if region is None else region.name
         rows = table["classes"]
         self.composition_table.setRowCount(len(rows))
         self.composition_table.setVerticalHeaderLabels(list(rows))
@@ -152,36 +255,116 @@ class ExportPanel(QGroupBox):
             for c, text in enumerate(cells):
                 self.composition_table.setItem(r, c, QTableWidgetItem(text))
         ratio, percentage = table.get("tumor_stroma_ratio"), table.get("stroma_percentage")
+        # The clinical tumor-stroma ratio (TSR) is the stroma share of the tumour area, stroma-high above 50%;
+        # tumor / stroma area is a different number and is named as such.
         self.ratio_label.setText(
-            "Tumor-stroma ratio: " + ("n/a" if ratio is None else f"{ratio:.3f}")
-            + ("" if percentage is None else f"  (stroma {100 * percentage:.1f}% of tumor+stroma)"))
+            "Tumor-stroma ratio (TSR): " + ("n/a" if percentage is None else
+                                            f"stroma {100 * percentage:.1f}% of tumor + stroma "
+                                            f"({'stroma-high' if percentage > 0.5 else 'stroma-low'})")
+            + ("" if ratio is None else f"; tumor : stroma area {ratio:.2f}"))
         return table
 
-    def export(self, folder: str | Path | None = None) -> list[str]:
-        """Write the chosen labels layer in the checked formats plus ``<name>_composition.json``."""
-        from .._writer import FORMAT_SUFFIXES, export_labels
+    def copy_composition(self) -> str:
+        """Copy the composition table to the clipboard as CSV (pastes into a spreadsheet); return the text."""
+        from qtpy.QtWidgets import QApplication
 
+        from ..core.io.outputs import composition_csv
+
+        table = self.update_composition()
+        if table is None:
+            common.show_message(self.message, "There is no Labels layer to measure.", error=True)
+            return ""
+        text = composition_csv(table)
+        QApplication.clipboard().setText(text)
+        common.show_message(self.message, "Composition copied (CSV): paste it into a spreadsheet.")
+        return text
+
+    def export_paths(self, layer, folder: Path) -> list[Path]:
+        """The files an export of ``layer`` into ``folder`` writes: one per checked format + the composition."""
+        from .._writer import FORMAT_SUFFIXES
+
+        meta = layer.metadata.get(result_layers.METADATA_KEY, {})
+        # a result layer is named after its image ("<image>_labels"), not after its role-first layer name
+        name = f"{meta['source']}_labels" if meta.get("role") == "labels" and meta.get("source") else layer.name
+        stem = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+        paths = [folder / f"{stem}{FORMAT_SUFFIXES[fmt]}" for fmt, check in self.format_checks.items()
+                 if check.isChecked()]
+        return [*paths, folder / f"{stem}_composition.csv", folder / f"{stem}_composition.json"]
+
+    def confirm_overwrite(self, existing: list[Path]) -> bool:
+        """Ask before replacing files (tests replace this method)."""
+        from qtpy.QtWidgets import QMessageBox
+
+        names = "\n".join(p.name for p in existing[:6]) + ("\n…" if len(existing) > 6 else "")
+        answer = QMessageBox.question(self, "Replace files?", f"These files exist in {existing[0].parent}:\n{names}"
+                                      "\n\nReplace them?", QMessageBox.Yes | QMessageBox.No, QMessageBox.No)
+        return answer == QMessageBox.Yes
+
+    def _prepare_export(self, folder: str | Path | None):
+        """Check and gather what an export needs (on the GUI thread: it reads the layer and may ask); returns
+        the arguments of ``_writer.export_files``, or None when there is nothing to do (the reason is shown)."""
         layer = self.labels_layer()
-        folder = Path(folder or self.export_dir.text() or ".")
-        written: list[str] = []
+        if layer is None:
+            raise WsssCramError("There is no Labels layer to export: run a segmentation first.")
+        folder_text = str(folder) if folder else self.export_dir.text()
+        if not folder_text:
+            raise WsssCramError("Choose an output folder (Folder, Browse…) to export the labels into.")
+        folder = Path(folder_text).expanduser()
+        paths = self.export_paths(layer, folder)
+        existing = [p for p in paths if p.exists()]
+        if existing and not self.confirm_overwrite(existing):
+            common.show_message(self.message, "Export cancelled: no file was replaced.")
+            return None
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = layer.metadata.get(result_layers.METADATA_KEY, {})
+        # a copy: the user may paint on while a worker writes
+        data = np.array(layer.data[0] if layer.multiscale else layer.data)
+        return dict(paths=paths, labels=data, classes=self.classes_of(layer), table=self.update_composition(),
+                    mpp=meta.get("mpp"), level0_scale=meta.get("level0_scale", 1.0),
+                    level0_offset=tuple(meta.get("level0_offset", (0.0, 0.0))))
+
+    def export(self, folder: str | Path | None = None) -> list[str]:
+        """Write the chosen labels layer in the checked formats plus ``<image>_labels_composition.csv``/``.json``
+        and wait for it (the Export button runs the same in a worker thread: :meth:`export_in_background`).
+
+        A folder must be chosen (never napari's working directory); existing files are replaced only after
+        :meth:`confirm_overwrite` says yes.
+        """
+        from .._writer import export_files
+        from ..core.progress import drive
+
         try:
-            if layer is None:
-                raise WsssCramError("There is no Labels layer to export: run a segmentation first.")
-            folder.mkdir(parents=True, exist_ok=True)
-            stem = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in layer.name)
-            meta = layer.metadata.get(result_layers.METADATA_KEY, {})
-            data = np.asarray(layer.data[0] if layer.multiscale else layer.data)
-            for fmt, check in self.format_checks.items():
-                if check.isChecked():
-                    written.append(export_labels(
-                        folder / f"{stem}{FORMAT_SUFFIXES[fmt]}", data, self.classes_of(layer), meta.get("mpp"),
-                        level0_scale=meta.get("level0_scale", 1.0),
-                        level0_offset=tuple(meta.get("level0_offset", (0.0, 0.0)))))
-            table = self.update_composition()
-            (folder / f"{stem}_composition.json").write_text(json.dumps(table, indent=2))
-            written.append(str(folder / f"{stem}_composition.json"))
+            job = self._prepare_export(folder)
+            if job is None:
+                return []
+            written = drive(export_files(**job))
         except Exception as err:  # shown in the dock, never raised into the event loop
             common.show_message(self.message, common.notify_error(err), error=True)
-            return written
-        common.show_message(self.message, f"Exported {len(written)} files to {folder}.")
+            return []
+        common.show_message(self.message, f"Exported {len(written)} files to {Path(written[0]).parent}.")
         return written
+
+    def export_in_background(self) -> None:
+        """The Export button: the same checks, then the writing in a worker thread (napari stays responsive)."""
+        from superqt.utils import create_worker
+
+        from .._writer import export_files
+
+        try:
+            job = self._prepare_export(None)
+        except Exception as err:  # shown in the dock, never raised into the event loop
+            common.show_message(self.message, common.notify_error(err), error=True)
+            return
+        if job is None:
+            return
+        self.export_button.setEnabled(False)
+        common.show_message(self.message, f"Exporting to {job['paths'][0].parent}…")
+        worker = create_worker(export_files, **job, _ignore_errors=True)
+        worker.yielded.connect(lambda event: common.show_message(
+            self.message, f"Exporting… {event.done} / {event.total} files"))
+        worker.returned.connect(lambda written: common.show_message(
+            self.message, f"Exported {len(written)} files to {Path(written[0]).parent}."))
+        worker.errored.connect(lambda err: common.show_message(self.message, common.notify_error(err), error=True))
+        worker.finished.connect(lambda: self.export_button.setEnabled(True))
+        self._export_worker = worker  # referenced until it ends
+        worker.start()

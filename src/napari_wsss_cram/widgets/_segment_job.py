@@ -30,6 +30,8 @@ def image_source_of_layer(layer, level: int = 0):
         try:
             source = ImageSource.open(path)
             if tuple(source.shape) == full:
+                # a µm/px the user gave in the dock for a file that states none (PNG/JPEG)
+                source.assume_mpp(layer.metadata.get("mpp") if isinstance(layer.metadata, dict) else None)
                 return source, 1.0
             source.close()
         except Exception:  # not readable by our reader (e.g. opened by another plugin): use the layer data

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import logging
 import os
 import re
 from collections.abc import Generator
@@ -45,7 +47,10 @@ def mixed_patch_csv(data: str, corrections: str | Path, out: str | Path) -> str:
         raise DatasetError(f"{corrections} holds no corrected examples yet (no patches/ folder): "
                            "add corrected labels first, or untick 'Mix in patches cut from corrected labels'.")
     base = discover_patches(data)
-    extra = discover_patches(patches_dir, base.classes)
+    with _quiet_logger("napari_wsss_cram.core.data.patches"):
+        # its class counts describe only the corrected patches; the trainer checks (and warns about) the whole
+        # mixed set when it reads the CSV
+        extra = discover_patches(patches_dir, base.classes)
     csv_path = Path(out) / "training_patches.csv"
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     with open(csv_path, "w", newline="", encoding="utf-8") as fh:
@@ -55,6 +60,21 @@ def mixed_patch_csv(data: str, corrections: str | Path, out: str | Path) -> str:
             writer.writerows([str(p.resolve()), *map(int, flags)]
                              for p, flags in zip(index.paths, index.labels, strict=True))
     return str(csv_path)
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    """Drop the records of logger ``name`` for the duration (a filter, so other loggers are untouched)."""
+    logger = logging.getLogger(name)
+
+    def drop(record) -> bool:
+        return False
+
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 def scan_folder(data: str, val: str | None = None):

@@ -1,12 +1,18 @@
 """How segmentation results become napari layers: names, colours, placement, and never clobbering user edits.
 
 Layer conventions (relied upon by the docks, the writer and the tests):
-- ``"<image> <class> activation"``: one Image layer per tissue class with that class's DA map, a colormap fading
-  from transparent black to the class colour, additive blending; only the first class is visible.
-- ``"<image> CRF labels"``: a Labels layer whose values are class indices (background = K, transparent), coloured
+- Names put the role first (``"labels: <image>"``, ``"<class> activation: <image>"``), because napari's layer
+  list cuts long names at the end and WSSS4LUAD image names are long.
+- ``"<class> activation: <image>"``: ONE Image layer per image showing one class's DA map at a time (the dock
+  picks the class) as a heatmap that is transparent where the map is low; ``metadata["wsss_cram"]["maps"]``
+  holds every class's map, so switching class needs no re-run.
+- ``"labels: <image>"``: a Labels layer whose values are class indices (background = K, transparent), coloured
   with a ``DirectLabelColormap`` from the ``ClassSpec``; its ``features`` table carries the class names so napari's
-  status bar shows them under the cursor. ``metadata["wsss_cram"]`` holds the classes, µm/px and a fingerprint of
-  the predicted labels, which is how an edited layer is recognised.
+  status bar shows them under the cursor. ``metadata["wsss_cram"]`` holds the role, the source image, the classes,
+  µm/px and a fingerprint of the predicted labels, which is how an edited layer is recognised. Only class labels
+  (0..K) can be chosen for painting.
+- One result set per image: a re-run updates the newest *unedited* result layers of that image in place; an edited
+  labels layer is never touched (the re-run then adds a new labels layer next to it, which later runs update).
 All result layers get ``scale``/``translate`` composed from the source layer and the prediction's own placement
 (relative to level 0), so they overlay the source exactly, also on multiscale slides.
 """
@@ -25,11 +31,30 @@ METADATA_KEY = "wsss_cram"
 
 
 def labels_layer_name(image_name: str) -> str:
-    return f"{image_name} CRF labels"
+    """Name of the result labels layer of ``image_name`` (role first: the layer list cuts names at the end)."""
+    return f"labels: {image_name}"
 
 
 def activation_layer_name(image_name: str, class_name: str) -> str:
-    return f"{image_name} {class_name} activation"
+    """Name of the activation-map layer of one class of ``image_name``."""
+    return f"{class_name} activation: {image_name}"
+
+
+def pseudo_layer_name(image_name: str) -> str:
+    """Name of the reliable pseudo-label view of ``image_name``."""
+    return f"pseudo-labels: {image_name}"
+
+
+def role_of(layer) -> str | None:
+    """``"labels"``, ``"activation"`` or ``"pseudo"`` for a result layer of this plugin, else None."""
+    meta = layer.metadata.get(METADATA_KEY) if isinstance(layer.metadata, dict) else None
+    return meta.get("role") if isinstance(meta, dict) else None
+
+
+def result_layers_of(viewer, image_name: str, role: str) -> list:
+    """The result layers of ``role`` made for ``image_name``, oldest first."""
+    return [layer for layer in viewer.layers
+            if role_of(layer) == role and layer.metadata[METADATA_KEY].get("source") == image_name]
 
 
 def labels_colormap(classes: ClassSpec):
@@ -51,10 +76,24 @@ def class_features(classes: ClassSpec):
     return pd.DataFrame({"index": np.arange(classes.num_outputs), "class": list(classes.all_names)})
 
 
-def activation_colormap(rgb: tuple[int, int, int], name: str):
+def activation_colormap():
+    """A heatmap with transparency: low activation is see-through (the tissue shows), then yellow to opaque red."""
     from napari.utils.colormaps import Colormap
 
-    return Colormap(colors=[[0, 0, 0, 1], [*(c / 255.0 for c in rgb), 1.0]], name=f"wsss_{name}")
+    return Colormap(colors=[[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0], [1.0, 0.85, 0.0, 0.45],
+                            [1.0, 0.4, 0.0, 0.7], [0.85, 0.0, 0.0, 0.9]],
+                    controls=[0.0, 0.2, 0.45, 0.7, 1.0], name="wsss_cram_heatmap")
+
+
+def show_activation(layer, class_name: str) -> None:
+    """Show ``class_name``'s map in an activation layer (all maps are kept in its metadata)."""
+    meta = layer.metadata[METADATA_KEY]
+    names = list(meta["classes"])
+    if class_name not in names:
+        raise ValueError(f"{class_name!r} is not one of {names}")
+    layer.data = meta["maps"][names.index(class_name)]
+    meta["class"] = class_name
+    layer.name = activation_layer_name(meta["source"], class_name)
 
 
 def fingerprint(labels: np.ndarray) -> str:
@@ -76,6 +115,50 @@ def _mark_edited(layer) -> None:
     layer.metadata.setdefault(METADATA_KEY, {})["edited"] = True
 
 
+def pick_class(layer, index: int) -> None:
+    """Paint class ``index`` on ``layer`` (the background index erases)."""
+    background = int(layer.colormap.background_value)
+    layer.selected_label = int(index)
+    layer.mode = "erase" if int(index) == background else "paint"
+
+
+def class_painting(layer, classes: ClassSpec) -> None:
+    """Make ``layer`` paint classes: keys 1..K pick tissue class 0..K-1 and 0 the background (eraser), and only
+    class labels 0..K can be chosen (napari's "new label" button and +/- keys would pick K+1, which has no colour,
+    drops out of the composition and cannot be exported). Keys 1..K replace napari's mode keys on this layer
+    only; the modes keep their letter keys (E erase, P paint, F fill)."""
+    valid = range(classes.num_outputs)
+    last = {"label": 0}
+
+    def on_selected(event=None) -> None:
+        value = int(layer.selected_label)
+        if value in valid:
+            last["label"] = value
+        else:  # back to the last class chosen (the setter emits again, with a valid value)
+            layer.selected_label = last["label"]
+
+    layer.selected_label = 0
+    layer.events.selected_label.connect(on_selected)
+    for index in range(min(classes.num_classes, 9)):
+        layer.bind_key(str(index + 1), lambda lyr, i=index: pick_class(lyr, i), overwrite=True)
+    layer.bind_key("0", lambda lyr: pick_class(lyr, classes.background_index), overwrite=True)
+
+
+def _stack_on(viewer, source_layer, layer) -> None:
+    """Put a new result layer just above its source image's results, not on top of every layer: another image
+    lying over this one (WSSS4LUAD patches all open at the origin) is then not drawn over by these results."""
+    layers = viewer.layers
+    if source_layer not in layers or layer not in layers:
+        return
+    above = layers.index(source_layer) + 1
+    while above < len(layers) and layers[above] is not layer and \
+            layers[above].metadata.get(METADATA_KEY, {}).get("source") == source_layer.name:
+        above += 1  # keep the order of the results already there (labels over activation)
+    index = layers.index(layer)
+    if index != above:
+        layers.move(index, above if above < index else above - 1)
+
+
 def placement(source_layer, pred_scale, pred_translate) -> tuple[np.ndarray, np.ndarray]:
     """World scale/translate of a result whose pixel ``i`` sits at ``pred_translate + i * pred_scale`` level-0 pixels
     of the source layer."""
@@ -84,10 +167,6 @@ def placement(source_layer, pred_scale, pred_translate) -> tuple[np.ndarray, np.
     pred_scale = np.broadcast_to(np.asarray(pred_scale, dtype=float), (2,))
     pred_translate = np.broadcast_to(np.asarray(pred_translate, dtype=float), (2,))
     return src_scale * pred_scale, src_translate + src_scale * pred_translate
-
-
-def _find(viewer, name: str):
-    return viewer.layers[name] if name in viewer.layers else None
 
 
 def add_result_layers(viewer, source_layer, labels: np.ndarray, activations: np.ndarray | None,
@@ -108,33 +187,43 @@ def iter_result_layers(viewer, source_layer, labels: np.ndarray, activations: np
     world_scale, world_translate = placement(source_layer, scale, translate)
     result: dict[str, Any] = {"activations": []}
     if activations is not None:
-        for k, class_name in enumerate(classes.names):
-            data = np.asarray(activations[k])  # uint8 (x255) from the engine: 4x less memory than float
-            layer_name = activation_layer_name(name, class_name)
-            layer = _find(viewer, layer_name)
-            if layer is not None and layer.data.shape == data.shape:
-                layer.data = data
-                layer.scale, layer.translate = world_scale, world_translate
-            else:
-                if layer is not None:
-                    viewer.layers.remove(layer)
-                layer = viewer.add_image(
-                    data, name=layer_name, colormap=activation_colormap(classes.colors[k], class_name),
-                    blending="additive", contrast_limits=_full_range(data), opacity=0.7, visible=(k == 0),
-                    scale=world_scale, translate=world_translate, units=source_layer.units,
-                )
-            result["activations"].append(layer)
-            yield layer
+        maps = np.asarray(activations)[: classes.num_classes]  # uint8 (x255) from the engine: 4x less than float
+        found = result_layers_of(viewer, name, "activation")
+        layer = found[-1] if found else None
+        class_name = layer.metadata[METADATA_KEY].get("class") if layer is not None else None
+        if class_name not in classes.names:
+            class_name = classes.names[0]
+        meta = {"role": "activation", "source": name, "classes": list(classes.names), "maps": maps,
+                "class": class_name}
+        data = maps[classes.names.index(class_name)]
+        if layer is not None and layer.data.shape == data.shape:
+            layer.metadata[METADATA_KEY] = meta
+            layer.data = data
+            layer.scale, layer.translate = world_scale, world_translate
+        else:
+            if layer is not None:
+                viewer.layers.remove(layer)
+            layer = viewer.add_image(
+                data, name=activation_layer_name(name, class_name), colormap=activation_colormap(),
+                blending="translucent", contrast_limits=_full_range(data), opacity=0.5,
+                scale=world_scale, translate=world_translate, units=source_layer.units,
+                metadata={METADATA_KEY: meta},
+            )
+            _stack_on(viewer, source_layer, layer)
+        result["activations"].append(layer)
+        yield layer
 
     labels = np.ascontiguousarray(labels, dtype=np.uint8)
     pred_scale = np.broadcast_to(np.asarray(scale, dtype=float), (2,))
     # GeoJSON wants pixel corners in level-0 pixels; ``translate`` is napari's pixel-centre convention.
     level0_offset = np.broadcast_to(np.asarray(translate, dtype=float), (2,)) - (pred_scale - 1) / 2
-    meta = {"classes": classes.to_dict(), "mpp": mpp, "source": name, "fingerprint": fingerprint(labels),
+    meta = {"role": "labels", "classes": classes.to_dict(), "mpp": mpp, "source": name,
+            "fingerprint": fingerprint(labels),
             "edited": False, "level0_scale": float(pred_scale[0]), "level0_offset": [float(v) for v in level0_offset]}
     layer_name = labels_layer_name(name)
-    existing = _find(viewer, layer_name)
-    if existing is not None and not is_edited(existing):
+    # the newest unedited result of this image (after an edit, the layer added next to it is the one to update)
+    existing = next((ly for ly in reversed(result_layers_of(viewer, name, "labels")) if not is_edited(ly)), None)
+    if existing is not None:
         existing.data = labels
         existing.scale, existing.translate = world_scale, world_translate
         existing.metadata[METADATA_KEY] = meta
@@ -146,6 +235,8 @@ def iter_result_layers(viewer, source_layer, labels: np.ndarray, activations: np
                               opacity=0.6, metadata={METADATA_KEY: meta}, features=class_features(classes))
     layer.colormap = labels_colormap(classes)
     layer.events.paint.connect(lambda event=None, lyr=layer: _mark_edited(lyr))
+    class_painting(layer, classes)
+    _stack_on(viewer, source_layer, layer)
     result["labels"] = layer
     return result
 
@@ -168,36 +259,86 @@ def mpp_of_layer(layer) -> float | None:
 
 def add_pseudo_label_layer(viewer, source_layer, pseudo: np.ndarray, classes: ClassSpec, scale=1.0,
                            translate=0.0):
-    """The reliable pseudo-label view ("<image> reliable pseudo-labels"): class colours, 255 (unsure) clear."""
+    """The reliable pseudo-label view ("pseudo-labels: <image>"): class colours, 255 (unsure) clear."""
     world_scale, world_translate = placement(source_layer, scale, translate)
-    name = f"{source_layer.name} reliable pseudo-labels"
-    existing = _find(viewer, name)
-    if existing is not None:
+    name = pseudo_layer_name(source_layer.name)
+    for existing in result_layers_of(viewer, source_layer.name, "pseudo"):
         viewer.layers.remove(existing)
     layer = viewer.add_labels(np.ascontiguousarray(pseudo, dtype=np.uint8), name=name, scale=world_scale,
                               translate=world_translate, units=source_layer.units, opacity=0.6, visible=False,
-                              features=class_features(classes))
+                              features=class_features(classes),
+                              metadata={METADATA_KEY: {"role": "pseudo", "source": source_layer.name}})
     layer.colormap = labels_colormap(classes)
+    _stack_on(viewer, source_layer, layer)
     return layer
 
 
-def field_of_view(layer, level: int = 0) -> tuple[int, int, int, int]:
+def _viewport_level0_edges(layer, viewer) -> np.ndarray | None:
+    """The canvas's visible box as level-0 pixel edges of ``layer`` ([[y0, x0], [y1, x1]]), from the camera and
+    canvas size; None when the viewer cannot say (no canvas yet, 3D view)."""
+    if viewer is None or viewer.dims.ndisplay != 2:
+        return None
+    height, width = (float(v) for v in viewer.canvas.size)
+    zoom = float(viewer.camera.zoom)
+    if height <= 1 or width <= 1 or zoom <= 0:
+        return None
+    center = np.asarray(viewer.camera.center, dtype=float)[-2:]
+    half = np.array([height, width]) / (2 * zoom)
+    world = np.asarray(viewer.dims.point, dtype=float).copy()
+    corners = []
+    for corner in (center - half, center + half):
+        world[-2:] = corner
+        corners.append(np.asarray(layer.world_to_data(world[-layer.ndim:]), dtype=float)[-2:])
+    # data coordinates are pixel centres: pixel i spans i - 0.5 .. i + 0.5
+    return np.stack([np.minimum(*corners), np.maximum(*corners)]) + 0.5
+
+
+def region_mask(shapes_layer, labels_layer) -> np.ndarray:
+    """The pixels of ``labels_layer`` whose centres lie inside the shapes (polygons, rectangles, ellipses) of
+    ``shapes_layer``, as a boolean mask, whatever the two layers' scale and translate (lines and paths enclose no
+    area)."""
+    from skimage.draw import ellipse, polygon
+
+    data = labels_layer.data[0] if labels_layer.multiscale else labels_layer.data
+    shape = tuple(data.shape[-2:])
+    mask = np.zeros(shape, dtype=bool)
+    for vertices, kind in zip(shapes_layer.data, shapes_layer.shape_type, strict=True):
+        if kind in ("line", "path"):
+            continue
+        world = [shapes_layer.data_to_world(v) for v in np.asarray(vertices, dtype=float)]
+        # labels data coordinates: pixel centres at integers, as skimage.draw expects
+        yx = np.array([np.asarray(labels_layer.world_to_data(w), dtype=float)[-2:] for w in world])
+        if kind == "ellipse":  # napari stores an ellipse as the corners of its bounding box
+            (y0, x0), (y1, x1) = yx.min(axis=0), yx.max(axis=0)
+            rows, cols = ellipse((y0 + y1) / 2, (x0 + x1) / 2, (y1 - y0) / 2, (x1 - x0) / 2, shape=shape)
+        else:
+            rows, cols = polygon(yx[:, 0], yx[:, 1], shape=shape)
+        mask[rows, cols] = True
+    return mask
+
+
+def field_of_view(layer, level: int = 0, viewer=None) -> tuple[int, int, int, int]:
     """(y, x, h, w) in pixels of pyramid ``level`` of what the canvas shows of ``layer``.
 
-    ``corner_pixels`` are at the displayed (data) level: map them to level 0, then to ``level``.
+    With ``viewer``, the visible box comes from its camera and canvas size. ``layer.corner_pixels`` is only the
+    fallback: on a multiscale layer napari expands it to whole chunks (up to tens of times the visible area) and
+    updates it only when the view leaves it; its upper corner is an inclusive pixel index.
     """
     from ..core.errors import WsssCramError
 
-    corners = np.asarray(layer.corner_pixels, dtype=float)[:, -2:]
     shapes = layer.level_shapes if layer.multiscale else [layer.data.shape[:2]]
-    if layer.multiscale:
-        corners = corners * np.asarray(layer.downsample_factors[layer.data_level], dtype=float)[-2:]
+    edges = _viewport_level0_edges(layer, viewer)
+    if edges is None:
+        corners = np.asarray(layer.corner_pixels, dtype=float)[:, -2:]
+        edges = np.stack([corners[0], corners[1] + 1])  # inclusive last pixel -> its far edge
+        if layer.multiscale:
+            edges = edges * np.asarray(layer.downsample_factors[layer.data_level], dtype=float)[-2:]
     level = min(level, len(shapes) - 1)
     if level:
-        corners = corners / np.asarray(layer.downsample_factors[level], dtype=float)[-2:]
+        edges = edges / np.asarray(layer.downsample_factors[level], dtype=float)[-2:]
     full = np.asarray(shapes[level], dtype=int)[:2]
-    lo = np.clip(np.floor(corners[0]).astype(int), 0, full)
-    hi = np.clip(np.ceil(corners[1]).astype(int) + 1, 0, full)
+    lo = np.clip(np.floor(edges[0] + 1e-6).astype(int), 0, full)
+    hi = np.clip(np.ceil(edges[1] - 1e-6).astype(int), 0, full)
     if np.any(hi - lo < 8):
         raise WsssCramError(f"The field of view shows no part of '{layer.name}': pan onto the image.")
     return int(lo[0]), int(lo[1]), int(hi[0] - lo[0]), int(hi[1] - lo[1])

@@ -71,6 +71,10 @@ class TrainingPlot(FigureCanvasQTAgg):
         if self.miou[0]:
             self.miou_axes.plot(*self.miou, marker="o", color="#f39800", linewidth=1)
             self.miou_axes.set_ylim(0, 1)
+            first, last = min(self.miou[0]), max(self.miou[0])
+            if first == last:  # one point: matplotlib would give a -0.04..0.04 epoch axis around it
+                self.miou_axes.set_xlim(first - 1, last + 1)
+                self.miou_axes.xaxis.get_major_locator().set_params(integer=True)
         self.draw_idle()
 
     def flush(self) -> None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
-from qtpy.QtCore import QTimer
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
@@ -13,51 +14,100 @@ from qtpy.QtWidgets import (
     QLabel,
     QProgressBar,
     QPushButton,
+    QSlider,
     QSpinBox,
-    QVBoxLayout,
-    QWidget,
 )
 
 from ..core.errors import WsssCramError
-from ..core.progress import Cancelled, CancelToken
 from . import _common as common
 from . import layers as result_layers
+from ._dock import WorkerDock
 from ._panels import AdvancedPanel, ExportPanel, spin
 
 BUNDLED = "Bundled demo model (synthetic data)"
 CHECKPOINT = "Checkpoint file…"
 #: Longest side of labels the dock computes by default (they are painted in memory).
 MAX_PAINTABLE_SIDE = 8192
+SCALE, MPP = "scale", "µm/px"
+#: Unit suffix of the resolution value, per resolution mode.
+RESOLUTION_SUFFIX = {SCALE: " ×", MPP: " µm/px"}
+#: The CLI flags core messages name -> the control of this dock that sets the same thing.
+FIELDS = {"mpp": "Resolution in µm/px", "scale": "Resolution as a scale", "tile": "Tile size",
+          "overlap": "Tile overlap", "output-level": "Output level", "level": "Output level", "device": "Device",
+          "crf": "Refine labels with a dense CRF"}
 
 
-class SegmentWidget(QWidget):
+def progress_text(done: int, total: int, seconds: float) -> str:
+    """``tile 12 / 40 · about 1 min 5 s left`` (the ETA from the pace so far, once a tile is done)."""
+    text = f"tile {done} / {total}"
+    if 0 < done < total:
+        left = int(round(seconds / done * (total - done)))
+        text += f" · about {left // 60} min {left % 60} s left" if left >= 60 else f" · about {left} s left"
+    return text
+
+
+class SegmentWidget(WorkerDock):
     """Segment H&E tissue with a WSSS-CRAM checkpoint and correct/export the resulting labels."""
 
+    SETTINGS = "segment"
+    FIELDS = FIELDS
+
     def __init__(self, napari_viewer):
-        super().__init__()
-        self.viewer = napari_viewer
+        super().__init__(napari_viewer)
         self.model = self.info = self._model_problem = None
-        self.worker = self._cancel = self._pbar = self._adding = None
+        self._pbar = self._adding = self._run_layer = None
+        self._warnings: list[str] = []
+        self._started = 0.0
         self.last_result: dict | None = None
-        self._restoring = False
         form = QFormLayout()
         self.image_combo = QComboBox()
+        self.pixel_size = spin(QDoubleSpinBox, 0.0, 50.0, 0.0, 0.05, 4)
+        self.pixel_size.setSuffix(" µm/px")
+        self.pixel_size.setSpecialValueText("not stated")
+        self.pixel_size.setToolTip("Pixel size of the image. Files that state it fill it in; for a PNG/JPEG enter it "
+                                   "(WSSS4LUAD: about 0.25 µm/px) to get areas in mm²")
         self.model_combo = QComboBox()
         self.model_combo.addItems([BUNDLED, CHECKPOINT])
         self.checkpoint_row = common.PathRow("model checkpoint (.pt)", folder=False, file_filter="*.pt *.pth")
         self.classes_label = QLabel()
+        self.model_card = QLabel()  # what the model was trained on and how well it scored
+        self.model_card.setWordWrap(True)
+        self.model_card.setStyleSheet("color: #a0a4ab; font-size: 11px;")
         self.device_combo = QComboBox()
         self.device_combo.addItems(common.available_devices())
         self.resolution_combo = QComboBox()
-        self.resolution_combo.addItems(["scale", "µm/px"])
+        self.resolution_combo.addItems([SCALE, MPP])
+        self.resolution_combo.setItemData(0, "Resample the image by this factor before the model sees it",
+                                          Qt.ToolTipRole)
+        self.resolution_combo.setItemData(1, "Resample the image to this pixel size (needs an image that states "
+                                             "its µm/px)", Qt.ToolTipRole)
         self.resolution_value = spin(QDoubleSpinBox, 0.05, 20.0, 1.0, 0.1, 3)  # set from the model when picked
+        self.resolution_value.setSuffix(RESOLUTION_SUFFIX[SCALE])
+        self._resolution_mode = SCALE
+        self._resolution_chosen = False  # True once the user sets it (then image changes keep it)
         self.tile_spin = spin(QSpinBox, 64, 4096, 512, 64)
         self.level_spin = spin(QSpinBox, 0, 0, 0)
         self.level_spin.setToolTip("Pyramid level of the labels (slides: a coarser level keeps them paintable)")
         self.region_combo = QComboBox()
         self.region_combo.addItems(["Whole image", "Current field of view"])
-        for label, widget in [("Image", self.image_combo), ("Model", self.model_combo), ("", self.checkpoint_row),
-                              ("Classes", self.classes_label), ("Device", self.device_combo)]:
+        self.tile_spin.setSuffix(" px")
+        for widget, tip in [
+                (self.image_combo, "The RGB H&E image layer to segment"),
+                (self.model_combo, "The bundled demo model was trained on synthetic patches only; choose a "
+                                   "checkpoint trained on real tissue for real slides"),
+                (self.checkpoint_row, "A WSSS-CRAM checkpoint (.pt) written by training"),
+                (self.device_combo, "Where the model runs: auto picks a GPU when there is one"),
+                (self.resolution_value, "scale: the image is resampled by this factor before the model sees it "
+                                        "(×); µm/px: it is resampled to this pixel size. Picking a model sets "
+                                        "the resolution it was trained at"),
+                (self.tile_spin, "The image is processed in tiles of this size (pixels at the model's "
+                                 "resolution); larger tiles need more memory"),
+                (self.region_combo, "Whole image, or only what the canvas shows now (for slides)")]:
+            widget.setToolTip(tip)
+        for label, widget in [("Image", self.image_combo), ("Pixel size", self.pixel_size),
+                              ("Model", self.model_combo), ("", self.checkpoint_row),
+                              ("Classes", self.classes_label), ("", self.model_card),
+                              ("Device", self.device_combo)]:
             form.addRow(label, widget)
         res_row = QHBoxLayout()
         res_row.addWidget(self.resolution_combo)
@@ -73,52 +123,67 @@ class SegmentWidget(QWidget):
             setattr(self, name, getattr(advanced, name))
 
         self.run_button = QPushButton("Run")
+        self.run_button.setToolTip("Segment the image: activation map and labels layers are added when it ends")
         self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setToolTip("Stop the run (within about a second); no layer is added")
         self.cancel_button.setEnabled(False)
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
         self.progress_bar = QProgressBar()
-        self.message = common.message_label()
+        self.activation_combo = QComboBox()
+        self.activation_combo.setToolTip("The class whose activation map (where the model sees it) is shown")
+        self.opacity_slider = QSlider(Qt.Horizontal)
+        self.opacity_slider.setRange(0, 100)
+        self.opacity_slider.setValue(50)
+        self.opacity_slider.setToolTip("Opacity of the activation map")
+        activation_row = QHBoxLayout()
+        activation_row.addWidget(self.activation_combo, 2)
+        activation_row.addWidget(QLabel("opacity"))
+        activation_row.addWidget(self.opacity_slider, 1)
+        view_form = QFormLayout()
+        view_form.addRow("Activation map", activation_row)
 
         self.export_panel = ExportPanel(self.viewer, self.message,
                                         lambda: self.info.classes if self.info is not None else None)
         self.labels_combo = self.export_panel.labels_combo
 
-        layout = QVBoxLayout(self)
-        for item in (form, advanced, buttons, self.progress_bar, self.message, self.export_panel):
+        layout = self.body()
+        for item in (form, advanced, buttons, self.progress_bar, self.message, view_form, self.export_panel):
             (layout.addLayout if isinstance(item, QHBoxLayout | QFormLayout) else layout.addWidget)(item)
         layout.addStretch()
 
-        common.restore_settings("segment", self._persisted())
-        common.autosave_settings("segment", self._persisted(), self)
+        self.restore_settings()
         self.overlap_spin.setMaximum(self.tile_spin.value() // 2)
         self._connect()
         self._refresh_layer_choices()
-        # a restored session keeps its saved resolution; a first launch gets the model's default
-        self._restoring = common.settings("segment").contains("resolution_value")
+        # the resolution is not restored: it always starts from the model's default (the one resolution rule)
         self._load_selected_model()
-        self._restoring = False
 
     # ----- wiring -----------------------------------------------------------------------------------------
     def _connect(self) -> None:
-        for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
-            event.connect(self._refresh_layer_choices)
-        self.image_combo.currentIndexChanged.connect(self._validate)
+        self.follow_layers(self._refresh_layer_choices)
+        self.image_combo.currentIndexChanged.connect(self._image_changed)
+        self.pixel_size.valueChanged.connect(self._pixel_size_edited)
+        self.resolution_combo.currentTextChanged.connect(self._resolution_mode_changed)
+        self.resolution_value.valueChanged.connect(self._resolution_edited)
         self.tile_spin.valueChanged.connect(lambda tile: self.overlap_spin.setMaximum(tile // 2))
         self.model_combo.currentIndexChanged.connect(self._load_selected_model)
         self.checkpoint_row.edit.editingFinished.connect(self._load_selected_model)
         self.checkpoint_row.edit.textChanged.connect(lambda _: self._validate())
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
+        self.activation_combo.currentTextChanged.connect(lambda _: self.show_activation())
+        self.opacity_slider.valueChanged.connect(lambda _: self.show_activation())
 
     def _refresh_layer_choices(self, event=None) -> None:
         from napari.layers import Image, Labels
 
+        image_before = self.image_combo.currentText()
         for combo, kind in ((self.image_combo, Image), (self.labels_combo, Labels)):
             current = combo.currentText()
             names = [layer.name for layer in self.viewer.layers if isinstance(layer, kind)
-                     and not layer.name.endswith(" activation")]
+                     and result_layers.role_of(layer) != "activation"]
             combo.blockSignals(True)
             combo.clear()
             combo.addItems(names)
@@ -126,6 +191,42 @@ class SegmentWidget(QWidget):
                 combo.setCurrentText(current)
             combo.blockSignals(False)
         self.export_panel.watch()
+        if self.image_combo.currentText() != image_before:  # e.g. the first image opened
+            self._image_changed()
+        else:
+            self._validate()
+
+    def _image_changed(self, *_args) -> None:
+        self._show_pixel_size()
+        # a default chosen before this image was known may not suit it (a model's µm/px on a PNG without one)
+        if not self._resolution_chosen:
+            self.set_default_resolution()
+        self._validate()
+
+    def _show_pixel_size(self) -> None:
+        """Show the chosen image's µm/px: read-only when its file states it (then napari's scale bar is on,
+        in µm), editable when not."""
+        layer = self.image_layer()
+        meta = layer.metadata if layer is not None and isinstance(layer.metadata, dict) else {}
+        mpp = meta.get("mpp") or 0.0
+        self.pixel_size.blockSignals(True)
+        self.pixel_size.setValue(float(mpp))
+        self.pixel_size.blockSignals(False)
+        from_file = bool(mpp) and not meta.get("mpp_from_dock")
+        self.pixel_size.setEnabled(layer is not None and not from_file)
+        if from_file and tuple(getattr(layer, "units", ())[-1:]) and str(layer.units[-1]) in ("µm", "micrometer"):
+            self.viewer.scale_bar.visible = True
+            self.viewer.scale_bar.unit = "µm"
+
+    def _pixel_size_edited(self, value: float) -> None:
+        """The user states the image's µm/px (a PNG/JPEG): results then get areas in mm²."""
+        layer = self.image_layer()
+        if layer is None:
+            return
+        layer.metadata["mpp"] = float(value) or None
+        layer.metadata["mpp_from_dock"] = True
+        if not self._resolution_chosen:  # the model's µm/px default may now apply
+            self.set_default_resolution()
         self._validate()
 
     def image_layer(self):
@@ -159,14 +260,27 @@ class SegmentWidget(QWidget):
             self.model, self.info = load_checkpoint(path)
         except Exception as err:  # shown in the dock, never raised into the event loop
             self.classes_label.setText("")
-            self._model_problem = common.user_message(err)
+            self.model_card.setText("")
+            self._model_problem = common.user_message(err, FIELDS)
             if use_file and self.checkpoint_row.text():  # an explicit choice: say what is wrong with it now
-                self._validate(error=common.notify_error(err))
+                self._validate(error=common.notify_error(err, FIELDS))
             else:
                 self._validate()
             return False
-        if not self._restoring:  # a newly chosen model: its default resolution (a restored session keeps its own)
-            self.set_default_resolution()
+        self.activation_combo.blockSignals(True)
+        self.activation_combo.clear()
+        self.activation_combo.addItems(list(self.info.classes.names))
+        self.activation_combo.blockSignals(False)
+        self._resolution_chosen = False  # a (re)chosen model starts at its default resolution
+        self.set_default_resolution()
+        from ..core.checkpoint import model_card
+
+        card = model_card(self.info)
+        # the dock shows what it was trained on, how well it scored and its warnings; the tooltip holds it all
+        shown = [(f'<span style="color:#f39800">{text}</span>' if kind == "warning" else text)
+                 for kind, text in card if kind in ("data", "validation", "warning", "note")]
+        self.model_card.setText(" · ".join(shown))
+        self.model_card.setToolTip("\n".join(text for _, text in card))
         self.classes_label.setText(" ".join(
             f'<span style="color: rgb{tuple(color)}">■</span> {name}'
             for name, color in zip(self.info.classes.names, self.info.classes.colors, strict=True)))
@@ -184,10 +298,50 @@ class SegmentWidget(QWidget):
         meta = getattr(layer, "metadata", None)
         has_mpp = not (isinstance(meta, dict) and "mpp" in meta and not meta["mpp"])
         resolution = default_resolution(self.info, image_has_mpp=has_mpp)
-        self.resolution_combo.setCurrentText("µm/px" if resolution.mpp is not None else "scale")
-        self.resolution_value.setValue(resolution.mpp if resolution.mpp is not None else resolution.scale)
+        self._show_resolution(MPP if resolution.mpp is not None else SCALE,
+                              resolution.mpp if resolution.mpp is not None else resolution.scale)
         self.resolution_combo.setToolTip(f"Default for this model: {resolution.describe()}")
 
+    def _show_resolution(self, mode: str, value: float) -> None:
+        self._resolution_mode = mode
+        self.resolution_combo.blockSignals(True)
+        self.resolution_combo.setCurrentText(mode)
+        self.resolution_combo.blockSignals(False)
+        self.resolution_value.setSuffix(RESOLUTION_SUFFIX[mode])
+        self.resolution_value.blockSignals(True)  # not a choice of the user's
+        self.resolution_value.setValue(value)
+        self.resolution_value.blockSignals(False)
+
+    def image_mpp(self) -> float | None:
+        """µm/px of the chosen image layer's level 0, when its file states it."""
+        meta = getattr(self.image_layer(), "metadata", None)
+        mpp = meta.get("mpp") if isinstance(meta, dict) else None
+        return float(mpp) if mpp else None
+
+    def _resolution_edited(self, *_args) -> None:
+        self._resolution_chosen = True
+
+    def _resolution_mode_changed(self, mode: str) -> None:
+        """Switching scale <-> µm/px converts the value (through the image's µm/px, else the model's default in
+        that unit) instead of keeping the number: 2.5x is not 2.5 µm/px."""
+        from ..core.checkpoint import Resolution, default_resolution
+
+        old, value = self._resolution_mode, self.resolution_value.value()
+        if mode == old:
+            return
+        current = Resolution(mpp=value) if old == MPP else Resolution(scale=value)
+        image_mpp = self.image_mpp()
+        new = current.to_mpp(image_mpp) if mode == MPP else current.to_scale(image_mpp)
+        if new is None and self.info is not None:
+            default = default_resolution(self.info, image_has_mpp=mode == MPP)
+            new = default.mpp if mode == MPP else default.scale
+        if new is None:  # µm/px asked for, but neither the image nor the model states one
+            self._show_resolution(old, value)
+            common.show_message(self.message, "Neither this image nor the model states a pixel size (µm/px): "
+                                              "choose the resolution as a scale.", error=True)
+            return
+        self._resolution_chosen = True
+        self._show_resolution(mode, round(new, 3))
     # ----- validation -------------------------------------------------------------------------------------
     def _validate(self, *_args, error: str | None = None, quiet: bool = False) -> bool:
         """Enable Run only when an RGB image and a model are chosen; say what is missing otherwise."""
@@ -201,6 +355,10 @@ class SegmentWidget(QWidget):
             self._fit_output_level(layer)
         if problem is None and self.model is None:
             problem = self._model_problem or "Choose a model checkpoint."
+        if (problem is None and self._resolution_mode == MPP and self.image_mpp() is None
+                and isinstance(layer.metadata, dict) and "mpp" in layer.metadata):
+            problem = (f"'{layer.name}' does not state its pixel size (µm/px): choose the resolution as a "
+                       "scale (the model's training scale is the default).")
         running = self.busy
         self.run_button.setEnabled(problem is None and not running)
         if not running and not quiet:
@@ -220,7 +378,7 @@ class SegmentWidget(QWidget):
         from ..core.inference import PredictSettings, resolve_device
 
         crf = CRFParams(**{k: s.value() for k, s in self.crf_spins.items()}, iterations=self.crf_iterations.value())
-        use_mpp = self.resolution_combo.currentText() == "µm/px"
+        use_mpp = self.resolution_combo.currentText() == MPP
         value = self.resolution_value.value()
         # Cancel takes effect between batches: on CPU one tile per batch keeps it within about a second, at no
         # cost in throughput (a CPU gains nothing from batching).
@@ -237,13 +395,14 @@ class SegmentWidget(QWidget):
         """(y, x, h, w) of the current field of view in pixels of the output level, or None (whole image)."""
         if self.region_combo.currentText() == "Whole image":
             return None
-        return result_layers.field_of_view(layer, self.level_spin.value())
+        return result_layers.field_of_view(layer, self.level_spin.value(), self.viewer)
 
     # ----- running ----------------------------------------------------------------------------------------
     def run(self) -> None:
         """Start segmentation in a worker thread (results are added only when it finishes)."""
         from napari.utils import progress
-        from superqt.utils import create_worker  # errors go to our handler only (no traceback popup)
+
+        from ._segment_job import segment_job
 
         if self.busy or not self._validate():
             return
@@ -252,35 +411,36 @@ class SegmentWidget(QWidget):
             region, settings = self.region(layer), self.predict_settings()
             settings.validate()
         except Exception as err:  # shown in the dock, never raised into the event loop
-            common.show_message(self.message, common.notify_error(err), error=True)
+            self.show_error(err)
             return
-        common.save_settings("segment", self._persisted())
-        self._cancel = CancelToken()
+        self.save_settings()
         pseudo = (self.alpha_spin.value(), self.beta_spin.value()) if self.pseudo_check.isChecked() else None
-        from ._segment_job import segment_job
-
-        self.worker = create_worker(segment_job, layer, self.model, self.info, settings, region, pseudo,
-                                    self._cancel, _ignore_errors=True)
+        self._warnings = []
+        self._run_layer = layer
         self._pbar = progress(total=0, desc=f"WSSS-CRAM: {layer.name}")
-        self.worker.yielded.connect(self._on_progress)
-        self.worker.returned.connect(lambda result, lyr=layer: self._on_result(lyr, result))
-        self.worker.errored.connect(self._on_error)
-        self.worker.finished.connect(self._on_finished)
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
-        common.show_message(self.message, f"Segmenting '{layer.name}'…")
-        self.worker.start()
+        self.say(f"Segmenting '{layer.name}'…")
+        self._started = time.monotonic()
+        self.progress_bar.setFormat("starting…")
+        self.start_job(lambda cancel: segment_job(layer, self.model, self.info, settings, region, pseudo, cancel))
 
     def cancel(self) -> None:
-        if self._cancel is not None:
-            self._cancel.cancel()
+        """Stop the run within about a second; no layer is added."""
+        super().cancel()
         if self.worker is not None:
             self.worker.quit()
-            common.show_message(self.message, "Cancelling…")
+            self.say("Cancelling…")
 
-    def _on_progress(self, event) -> None:
+    def on_warning(self, text: str) -> None:
+        self._warnings.append(text)
+        common.notify_warning(text)
+        self.say(f"Segmenting… warning: {text}", warning=True)
+
+    def on_progress(self, event) -> None:
         self.progress_bar.setMaximum(max(event.total, 1))
         self.progress_bar.setValue(event.done)
+        self.progress_bar.setFormat(progress_text(event.done, event.total, time.monotonic() - self._started))
         pbar = self._pbar
         if pbar is not None:
             pbar.total = max(event.total, 1)
@@ -292,10 +452,9 @@ class SegmentWidget(QWidget):
         """True while a run computes or its result layers are still being added."""
         return self.worker is not None or self._adding is not None
 
-    def _on_result(self, layer, result) -> None:
-        if self._cancel is not None and self._cancel.cancelled:
-            return
-        classes = self.info.classes
+    def on_done(self, result) -> None:
+        """Add the result layers, one per event-loop turn."""
+        layer, classes = self._run_layer, self.info.classes
 
         def steps():
             shown = yield from result_layers.iter_result_layers(
@@ -311,37 +470,53 @@ class SegmentWidget(QWidget):
 
     def _add_next_layer(self) -> None:
         """Add one result layer per event-loop turn, so the GUI never freezes for all of them at once."""
+        if self._adding is None:  # the dock was closed meanwhile
+            return
         try:
             next(self._adding)
         except StopIteration as done:
             self._adding = None
             self.last_result = shown = done.value
             self.labels_combo.setCurrentText(shown["labels"].name)
+            self.show_activation()
             self._validate(quiet=True)
-            common.show_message(self.message, f"Done: '{shown['labels'].name}'. Paint corrections, then export.")
+            warned = "" if not self._warnings else "  Warning: " + " ".join(self._warnings)
+            common.show_message(self.message, f"Done: '{shown['labels'].name}'. Paint corrections, then export."
+                                + warned, warning=bool(warned))
             return
         except Exception as err:  # shown, never raised into the event loop
             self._adding = None
-            self._on_error(err)
+            self.show_error(err)
             self._validate(quiet=True)
             return
         QTimer.singleShot(0, self._add_next_layer)
 
-    def _on_error(self, err) -> None:
-        if isinstance(err, Cancelled):  # reported by _on_finished, not an error
-            return
-        common.show_message(self.message, common.notify_error(err), error=True)
-
-    def _on_finished(self) -> None:
-        cancelled = self._cancel is not None and self._cancel.cancelled
+    def on_finished(self, cancelled: bool) -> None:
         if self._pbar is not None:
             self._pbar.close()
-        self.worker = self._pbar = None
+        self._pbar = None
         self.cancel_button.setEnabled(False)
         self.progress_bar.setValue(0)
+        self.progress_bar.setFormat("%p%")
         if cancelled:
-            common.show_message(self.message, "Cancelled: no layer was added.")
+            self.say("Cancelled: no layer was added.")
         self._validate(quiet=True)
+
+    def activation_layer(self):
+        """The activation layer of the chosen image (the newest), or None."""
+        layer = self.image_layer()
+        found = [] if layer is None else result_layers.result_layers_of(self.viewer, layer.name, "activation")
+        return found[-1] if found else None
+
+    def show_activation(self) -> None:
+        """Show the chosen class's map, at the chosen opacity, in the image's activation layer."""
+        layer = self.activation_layer()
+        if layer is None:
+            return
+        name = self.activation_combo.currentText()
+        if name in layer.metadata[result_layers.METADATA_KEY].get("classes", []):
+            result_layers.show_activation(layer, name)
+        layer.opacity = self.opacity_slider.value() / 100
 
     def update_composition(self) -> dict | None:
         return self.export_panel.update_composition()
@@ -351,16 +526,15 @@ class SegmentWidget(QWidget):
         return self.export_panel.export(folder)
 
     # ----- persistence ------------------------------------------------------------------------------------
-    def _persisted(self) -> dict:
-        return {"model": self.model_combo, "device": self.device_combo, "resolution": self.resolution_combo,
-                "region": self.region_combo, "resolution_value": self.resolution_value, "tile": self.tile_spin,
+    def persisted(self) -> dict:
+        # not the resolution: it comes from the model (core.checkpoint.default_resolution) each time one is picked
+        return {"model": self.model_combo, "device": self.device_combo,
+                "region": self.region_combo, "tile": self.tile_spin,
                 "overlap": self.overlap_spin, "alpha": self.alpha_spin, "beta": self.beta_spin,
                 "crf": self.crf_check, "pseudo": self.pseudo_check, "checkpoint": self.checkpoint_row,
                 "tissue_background": self.tissue_check, "gate_classes": self.gate_check,
                 "export_dir": self.export_panel.export_dir, "level": self.level_spin,
                 "crf_iterations": self.crf_iterations, **self.crf_spins}
 
-    def closeEvent(self, event) -> None:  # noqa: N802 (Qt naming)
-        common.save_settings("segment", self._persisted())
-        self.cancel()
-        super().closeEvent(event)
+    def on_shutdown(self) -> None:
+        self._adding = None  # add no more result layers

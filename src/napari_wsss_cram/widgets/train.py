@@ -17,36 +17,34 @@ from qtpy.QtWidgets import (
     QProgressBar,
     QPushButton,
     QSpinBox,
-    QVBoxLayout,
-    QWidget,
 )
 
 from ..core.errors import WsssCramError
-from ..core.progress import Cancelled, CancelToken
 from . import _common as common
+from ._common import spin
+from ._dock import WorkerDock
 from ._train_job import PRESETS, add_corrected_example, preset_config, scan_folder, train_job
+from .layers import role_of
 from .plot import TrainingPlot
 
-
-def _spin(cls, lo, hi, step=1, decimals=None):
-    box = cls()
-    box.setRange(lo, hi)
-    box.setSingleStep(step)
-    if decimals is not None:
-        box.setDecimals(decimals)
-    return box
+#: The CLI flags core messages name -> the control of this dock that sets the same thing.
+FIELDS = {"resume": "Resume", "out": "Output", "batch-size": "Batch", "crop": "Crop", "lr": "Learning rate",
+          "backbone": "Backbone", "steps": "Steps", "epochs": "Epochs", "minutes": "Time budget",
+          "data": "Patches", "val": "Validation", "device": "Device", "preset": "Preset"}
 
 
-class TrainWidget(QWidget):
+class TrainWidget(WorkerDock):
     """Train WSSS-CRAM on image-level-labelled patches, watch it learn, and hand the model to the Segment dock."""
 
+    SETTINGS = "train"
+    FIELDS = FIELDS
+
     def __init__(self, napari_viewer):
-        super().__init__()
-        self.viewer = napari_viewer
-        self.worker = self._cancel = None
+        super().__init__(napari_viewer)
         self.checkpoint_path: str | None = None
         self.patch_index = None
         self._started = 0.0
+        self.warnings: list[str] = []  # those of the current run, as shown
 
         data_box = QGroupBox("Data")
         data_form = QFormLayout(data_box)
@@ -67,20 +65,34 @@ class TrainWidget(QWidget):
         self.preset_combo.setCurrentText("cpu-small")
         self.backbone_combo = QComboBox()
         self.backbone_combo.addItems(["resnet18", "resnet34", "resnet50", "resnet101"])
-        self.epochs_spin = _spin(QSpinBox, 1, 1000)
-        self.steps_spin = _spin(QSpinBox, 0, 1_000_000, 10)
+        self.epochs_spin = spin(QSpinBox, 1, 1000)
+        self.steps_spin = spin(QSpinBox, 0, 1_000_000, step=10)
         self.steps_spin.setSpecialValueText("by epochs / time")
-        self.minutes_spin = _spin(QDoubleSpinBox, 0.0, 100_000.0, 5.0, 1)
+        self.minutes_spin = spin(QDoubleSpinBox, 0.0, 100_000.0, step=5.0, decimals=1)
         self.minutes_spin.setSpecialValueText("no time limit")
         self.minutes_spin.setSuffix(" min")
         self.minutes_spin.setToolTip("Wall-clock budget: training ends when it is spent (or at Steps, if set)")
-        self.batch_spin = _spin(QSpinBox, 1, 256)
-        self.crop_spin = _spin(QSpinBox, 32, 1024, 16)
-        self.lr_spin = _spin(QDoubleSpinBox, 1e-6, 1.0, 1e-4, 6)
+        self.batch_spin = spin(QSpinBox, 1, 256)
+        self.crop_spin = spin(QSpinBox, 32, 1024, step=16)
+        self.lr_spin = spin(QDoubleSpinBox, 1e-6, 1.0, step=1e-4, decimals=6)
         self.device_combo = QComboBox()
         self.device_combo.addItems(common.available_devices())
         self.out_row = common.PathRow("run folder (checkpoints, metrics.csv)")
         self.mix_check = QCheckBox("Mix in patches cut from corrected labels")
+        for widget, tip in [
+                (self.preset_combo, "Starting values for every field: the paper's GPU setting, a small CPU run, "
+                                    "or the synthetic sample"),
+                (self.backbone_combo, "ResNet depth: resnet18 trains fastest, resnet50 is the paper's"),
+                (self.epochs_spin, "Passes over the patches (the time budget or Steps may end training sooner)"),
+                (self.steps_spin, "Optimiser steps to train; 0 = by epochs and time budget"),
+                (self.batch_spin, "Patches per step: lower it when memory runs out"),
+                (self.crop_spin, "Training crop size in pixels"),
+                (self.lr_spin, "Learning rate: lower it if the loss becomes NaN"),
+                (self.device_combo, "Where training runs: auto picks a GPU when there is one"),
+                (self.out_row, "Run folder: checkpoints (last.pt, best.pt), metrics.csv, config.toml"),
+                (self.mix_check, "Also train on patches cut from the corrected labels added below")]:
+            widget.setToolTip(tip)
+        self.crop_spin.setSuffix(" px")
         for label, widget in [("Preset", self.preset_combo), ("Backbone", self.backbone_combo),
                               ("Epochs", self.epochs_spin), ("Steps", self.steps_spin),
                               ("Time budget", self.minutes_spin), ("Batch", self.batch_spin),
@@ -91,6 +103,8 @@ class TrainWidget(QWidget):
         self.start_button = QPushButton("Start")
         self.cancel_button = QPushButton("Cancel")
         self.resume_button = QPushButton("Resume")
+        self.resume_button.setToolTip("Continue the run in the Output folder from its last checkpoint")
+        self.resume_button.setEnabled(False)  # until the Output folder holds a run to resume
         self.cancel_button.setEnabled(False)
         buttons = QHBoxLayout()
         for button in (self.start_button, self.cancel_button, self.resume_button):
@@ -99,8 +113,8 @@ class TrainWidget(QWidget):
         self.eta_label = QLabel()
         self.plot = TrainingPlot(self)
         self.use_button = QPushButton("Use this model")
+        self.use_button.setToolTip("Segment with this run's checkpoint (best, else last) in the Segment dock")
         self.use_button.setEnabled(False)
-        self.message = common.message_label()
 
         corrections_box = QGroupBox("Retrain from corrections")
         corr_form = QFormLayout(corrections_box)
@@ -108,20 +122,26 @@ class TrainWidget(QWidget):
         self.labels_combo = QComboBox()
         self.corrections_row = common.PathRow("folder for corrected examples (img/ + mask/ + patches/)")
         self.add_button = QPushButton("Add corrected labels to training data")
+        self.image_combo.setToolTip("The H&E image you corrected")
+        self.labels_combo.setToolTip("Its corrected Labels layer (same size as the image)")
+        self.corrections_row.setToolTip("Corrected examples are saved here as img/ + mask/, and patches cut "
+                                        "from them into patches/")
+        self.data_row.setToolTip("Patches with image-level labels: WSSS4LUAD names '<id>-[t, s, n].png', a CSV "
+                                 "'path,<classes>', or one sub-folder per class")
+        self.val_row.setToolTip("Optional img/ + mask/ folder of pixel-labelled images: validation mIoU per epoch")
         corr_form.addRow("Image", self.image_combo)
         corr_form.addRow("Labels", self.labels_combo)
         corr_form.addRow("Folder", self.corrections_row)
         corr_form.addRow(self.add_button)
 
-        layout = QVBoxLayout(self)
+        layout = self.body()
         for item in (data_box, settings_box, buttons, self.progress_bar, self.eta_label, self.plot,
                      self.use_button, self.message, corrections_box):
             (layout.addLayout if isinstance(item, QHBoxLayout) else layout.addWidget)(item)
         layout.addStretch()
 
         self.apply_preset()
-        common.restore_settings("train", self._persisted())
-        common.autosave_settings("train", self._persisted(), self)
+        self.restore_settings()
         self.preset_combo.currentTextChanged.connect(self.apply_preset)
         self.scan_button.clicked.connect(self.scan)
         self.start_button.clicked.connect(lambda: self.start(resume=False))
@@ -129,9 +149,10 @@ class TrainWidget(QWidget):
         self.cancel_button.clicked.connect(self.cancel)
         self.use_button.clicked.connect(self.use_model)
         self.add_button.clicked.connect(self.add_corrections)
-        for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
-            event.connect(self._refresh_layer_choices)
+        self.out_row.edit.textChanged.connect(self._out_changed)
+        self.follow_layers(self._refresh_layer_choices)
         self._refresh_layer_choices()
+        self._update_run_buttons()
 
     # ----- settings ---------------------------------------------------------------------------------------
     def apply_preset(self, *_args) -> None:
@@ -139,7 +160,7 @@ class TrainWidget(QWidget):
         try:
             config = preset_config(self.preset_combo.currentText())
         except Exception as err:  # shown in the dock, never raised into the event loop
-            common.show_message(self.message, common.notify_error(err), error=True)
+            self.show_error(err)
             return
         self.backbone_combo.setCurrentText(str(config.model.get("backbone", "resnet50")))
         self.epochs_spin.setValue(config.epochs)
@@ -174,9 +195,35 @@ class TrainWidget(QWidget):
             current = combo.currentText()
             combo.clear()
             combo.addItems([ly.name for ly in self.viewer.layers if isinstance(ly, kind)
-                            and not ly.name.endswith(" activation")])
+                            and role_of(ly) != "activation"])
             if current:
                 combo.setCurrentText(current)
+
+    def run_checkpoint(self) -> str | None:
+        """The usable checkpoint in the Output folder (best, else last), also after a cancelled run."""
+        from ..core.train import BEST, LAST
+
+        out = self.out_row.text()
+        if not out:
+            return None
+        path = next((Path(out) / name for name in (BEST, LAST) if (Path(out) / name).is_file()), None)
+        return None if path is None else str(path)
+
+    def _out_changed(self, *_args) -> None:
+        if self.worker is None:  # another run folder: its own checkpoint, if any
+            self.checkpoint_path = None
+        self._update_run_buttons()
+
+    def _update_run_buttons(self) -> None:
+        """Resume only when the Output folder holds a resumable run; "Use this model" when a checkpoint exists."""
+        from ..core.train import RESUME
+
+        running = self.worker is not None
+        out = self.out_row.text()
+        self.resume_button.setEnabled(not running and bool(out) and (Path(out) / RESUME).is_file())
+        if not running and self.checkpoint_path is None:
+            self.checkpoint_path = self.run_checkpoint()
+        self.use_button.setEnabled(not running and self.checkpoint_path is not None)
 
     # ----- actions ----------------------------------------------------------------------------------------
     def scan(self) -> bool:
@@ -185,44 +232,44 @@ class TrainWidget(QWidget):
             self.patch_index, text = scan_folder(self.data_row.text(), self.val_row.text() or None)
         except Exception as err:  # shown in the dock, never raised into the event loop
             self.scan_label.setText("")
-            common.show_message(self.message, common.notify_error(err), error=True)
+            self.show_error(err)
             return False
         self.scan_label.setText(text)
         common.show_message(self.message, f"{len(self.patch_index)} patches found.")
         return True
 
     def start(self, resume: bool = False) -> None:
-        from superqt.utils import create_worker  # errors go to our handler only (no traceback popup)
-
+        """Start (or with ``resume``, continue) training in a worker thread."""
         if self.worker is not None:
             return
         try:
             config = self.config(resume=resume)
         except Exception as err:  # shown in the dock, never raised into the event loop
-            common.show_message(self.message, common.notify_error(err), error=True)
+            self.show_error(err)
             return
-        common.save_settings("train", self._persisted())
-        self._cancel = CancelToken()
-        self.plot.clear()
+        self.save_settings()
+        self.warnings = []
+        if not resume:  # a resumed run continues the curves it had
+            self.plot.clear()
         self.checkpoint_path = None
         self.use_button.setEnabled(False)
-        self.worker = create_worker(train_job, config, self._cancel, _ignore_errors=True)
-        self.worker.yielded.connect(self._on_progress)
-        self.worker.returned.connect(self._on_done)
-        self.worker.errored.connect(self._on_error)
-        self.worker.finished.connect(self._on_finished)
         for button, enabled in ((self.start_button, False), (self.resume_button, False), (self.cancel_button, True)):
             button.setEnabled(enabled)
         self._started = time.monotonic()
-        common.show_message(self.message, "Training… (Cancel keeps a usable last checkpoint)")
-        self.worker.start()
+        self.say("Training… (Cancel keeps a usable last checkpoint)")
+        self.start_job(lambda cancel: train_job(config, cancel))
 
     def cancel(self) -> None:
-        if self._cancel is not None:
-            self._cancel.cancel()
-            common.show_message(self.message, "Cancelling after this step…")
+        """Stop after the current step (a usable last checkpoint is written)."""
+        if self.worker is not None:
+            super().cancel()
+            self.say("Cancelling after this step…")
 
-    def _on_progress(self, event) -> None:
+    def on_warning(self, text: str) -> None:
+        self.warnings.append(text)
+        super().on_warning(text)
+
+    def on_progress(self, event) -> None:
         info = event.info or {}
         if event.stage == "train":
             self.progress_bar.setMaximum(max(event.total, 1))
@@ -237,34 +284,38 @@ class TrainWidget(QWidget):
         elif event.stage == "data":
             self.eta_label.setText(str(info.get("summary", "")).splitlines()[0])
 
-    def _on_error(self, err) -> None:
-        if not isinstance(err, Cancelled):  # a cancel is reported by _on_finished
-            common.show_message(self.message, common.notify_error(err), error=True)
-
-    def _on_done(self, checkpoint) -> None:
+    def on_done(self, checkpoint) -> None:
         self.checkpoint_path = str(checkpoint) if checkpoint else None
         self.use_button.setEnabled(self.checkpoint_path is not None)
-        common.show_message(self.message, f"Checkpoint: {self.checkpoint_path}  "
-                                          f"({time.monotonic() - self._started:.0f} s)")
+        self.say(f"Checkpoint: {self.checkpoint_path}  ({time.monotonic() - self._started:.0f} s)")
 
-    def _on_finished(self) -> None:
+    def on_finished(self, cancelled: bool) -> None:
         self.plot.flush()
-        self.worker = None
-        if self._cancel is not None and self._cancel.cancelled:
-            common.show_message(self.message, "Training cancelled: Resume continues from the last checkpoint.")
-        for button, enabled in ((self.start_button, True), (self.resume_button, True), (self.cancel_button, False)):
-            button.setEnabled(enabled)
+        if cancelled:
+            self.checkpoint_path = self.run_checkpoint()  # a cancelled run leaves a usable last checkpoint
+            self.say("Training cancelled: Resume continues from the last checkpoint"
+                     + ("" if self.checkpoint_path is None else "; 'Use this model' segments with it") + ".")
+        self.start_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+        self._update_run_buttons()
 
     def use_model(self) -> bool:
         """Load the trained checkpoint into the Segment dock (opening it if needed)."""
         if not self.checkpoint_path:
             return False
         try:
-            _, segment = self.viewer.window.add_plugin_dock_widget("napari-wsss-cram", "Segment")
+            dock, segment = self.viewer.window.add_plugin_dock_widget("napari-wsss-cram", "Segment")
         except Exception as err:  # e.g. a viewer without the plugin registered
-            common.show_message(self.message, common.notify_error(err), error=True)
+            self.show_error(err)
             return False
-        return segment.set_checkpoint(self.checkpoint_path)
+        dock.raise_()  # bring the Segment dock to the front when it is tabbed behind another one
+        loaded = segment.set_checkpoint(self.checkpoint_path)
+        if loaded:
+            common.show_message(self.message, f"The Segment dock now uses {Path(self.checkpoint_path).name} "
+                                              f"from {Path(self.checkpoint_path).parent}.")
+        else:
+            common.show_message(self.message, segment.message.text(), error=True)  # already notified
+        return loaded
 
     def add_corrections(self) -> list[str]:
         """Save the chosen image + corrected Labels as a pixel-labelled example and cut patches from it."""
@@ -277,7 +328,7 @@ class TrainWidget(QWidget):
             written = add_corrected_example(self.viewer.layers[image], self.viewer.layers[labels],
                                             self.corrections_row.text())
         except Exception as err:  # shown in the dock, never raised into the event loop
-            common.show_message(self.message, common.notify_error(err), error=True)
+            self.show_error(err)
             return []
         self.mix_check.setChecked(True)
         common.show_message(self.message, f"Saved {Path(written[0]).name} and its mask; {len(written) - 2} patches "
@@ -285,14 +336,9 @@ class TrainWidget(QWidget):
         return written
 
     # ----- persistence ------------------------------------------------------------------------------------
-    def _persisted(self) -> dict:
+    def persisted(self) -> dict:
         return {"data": self.data_row, "val": self.val_row, "out": self.out_row, "preset": self.preset_combo,
                 "backbone": self.backbone_combo, "epochs": self.epochs_spin, "steps": self.steps_spin,
                 "minutes": self.minutes_spin,
                 "batch": self.batch_spin, "crop": self.crop_spin, "lr": self.lr_spin,
                 "device": self.device_combo, "corrections": self.corrections_row, "mix": self.mix_check}
-
-    def closeEvent(self, event) -> None:  # noqa: N802 (Qt naming)
-        common.save_settings("train", self._persisted())
-        self.cancel()
-        super().closeEvent(event)

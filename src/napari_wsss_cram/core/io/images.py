@@ -341,6 +341,12 @@ class ImageSource:
         """µm per pixel at level 0, or None when the file does not say."""
         return self._mpp
 
+    def assume_mpp(self, mpp: float | None) -> None:
+        """Use ``mpp`` (µm/px at level 0) when the file states none: the user knows it (WSSS4LUAD PNGs are
+        ~0.25 µm/px). A pixel size the file states is kept."""
+        if self._mpp is None and mpp:
+            self._mpp = _plausible(float(mpp))
+
     def level_mpp(self, level: int) -> float | None:
         return None if self._mpp is None else self._mpp * self.level_downsamples[level]
 

@@ -220,6 +220,21 @@ def _default_levels(h: int, w: int, tile: int) -> int:
     return n
 
 
+#: OME Image Name of the label masks this package writes: how the napari reader knows them from grayscale images.
+LABELS_IMAGE_NAME = "napari-wsss-cram tissue labels"
+
+
+def is_labels_tiff(path: str | os.PathLike) -> bool:
+    """True for a TIFF written as a label mask by :func:`write_pyramidal_ome_tiff` (by its OME Image Name)."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return bool(tif.series) and tif.series[0].name == LABELS_IMAGE_NAME
+    except Exception:  # not a TIFF, or unreadable: the image reader reports it properly
+        return False
+
+
 def write_pyramidal_ome_tiff(
     path: str | os.PathLike,
     data: Any,
@@ -240,7 +255,8 @@ def write_pyramidal_ome_tiff(
     ``data`` is an array, an array-like sliceable as ``data[y0:y1, x0:x1]`` (zarr, memmap), or a callable
     ``data(y, x, h, w) -> block`` (then ``shape`` is required). Levels halve until one tile holds the image
     (or ``n_levels``). ``labels`` (default: True for 2-D uint8) picks nearest-pixel downsampling so no new
-    values appear; otherwise 2x2 means. ``mpp`` is stored as OME PhysicalSizeX/Y and as resolution tags.
+    values appear, and names the OME image :data:`LABELS_IMAGE_NAME` so it re-opens as labels; otherwise 2x2
+    means. ``mpp`` is stored as OME PhysicalSizeX/Y and as resolution tags.
     ``progress(done_strips, total_strips)`` is called after each strip of level 0 (it may raise to cancel).
     ``ome_uuid`` fixes the OME UUID (tifffile draws a random one) for byte-reproducible files.
     """
@@ -288,6 +304,8 @@ def write_pyramidal_ome_tiff(
         metadata["UUID"] = f"urn:uuid:{ome_uuid}"
     if samples > 1 and not is_rgb:
         metadata["Channel"] = {"Name": channel_names or [f"channel {i}" for i in range(samples)]}
+    if labels and samples == 1:
+        metadata["Name"] = LABELS_IMAGE_NAME
     if mpp is not None:
         metadata.update(PhysicalSizeX=float(mpp), PhysicalSizeY=float(mpp),
                         PhysicalSizeXUnit="µm", PhysicalSizeYUnit="µm")
@@ -545,6 +563,27 @@ def class_pixel_counts(labels: Any, num_values: int = 256, strip_rows: int = 409
         block = np.asarray(labels[y: y + strip_rows])
         counts += np.bincount(block.ravel().astype(np.uint8, copy=False), minlength=num_values)[:num_values]
     return counts
+
+
+def composition_csv(table: dict) -> str:
+    """A :func:`composition` table as CSV text (one row per class, then the tumor-stroma figures), for
+    spreadsheets and the clipboard."""
+    import csv
+    import io
+
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["class", "pixels", "area_mm2", "percent_of_tissue"])
+    for name, values in table["classes"].items():
+        area, fraction = values.get("area_mm2"), values.get("tissue_fraction")
+        writer.writerow([name, values["pixels"], "" if area is None else f"{area:.6f}",
+                         "" if fraction is None else f"{100 * fraction:.2f}"])
+    percentage, ratio = table.get("stroma_percentage"), table.get("tumor_stroma_ratio")
+    if percentage is not None:  # the clinical TSR: stroma share of the tumour area (tumour + stroma)
+        writer.writerow(["stroma_percent_of_tumor_area (TSR)", "", "", f"{100 * percentage:.2f}"])
+    if ratio is not None:
+        writer.writerow(["tumor_to_stroma_area_ratio", "", "", f"{ratio:.4f}"])
+    return out.getvalue()
 
 
 def composition(labels: Any, classes: ClassSpec, mpp: float | None = None,
