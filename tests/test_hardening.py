@@ -502,3 +502,45 @@ def test_crf_worker_processes_leave_ctrl_c_to_the_main_process():
         assert labeller.pool.submit(signal.getsignal, signal.SIGINT).result(timeout=60) == signal.SIG_IGN
     finally:
         labeller.close()
+
+
+def test_a_killed_runs_slide_store_is_removed_by_the_next_run(tmp_path):
+    import subprocess
+    import sys
+
+    from napari_wsss_cram.core.inference import PredictSettings, predict_array
+    from napari_wsss_cram.core.progress import drive
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / "wsss-cram-predict-killed"
+    (stale / "labels.zarr").mkdir(parents=True)
+    (stale / "owner.pid").write_text(dead.stdout.strip(), encoding="utf-8")
+    alive = tmp_path / "wsss-cram-predict-running"
+    alive.mkdir()
+    (alive / "owner.pid").write_text(str(os.getppid()), encoding="utf-8")  # a live process: kept
+
+    class Flat(torch.nn.Module):
+        def predict_with_presence(self, x):
+            probs = torch.full((x.shape[0], 4, x.shape[2], x.shape[3]), 0.25)
+            return probs, probs, torch.ones(x.shape[0], 3)
+
+    rgb = np.full((40, 40, 3), 120, np.uint8)
+    pred = drive(predict_array(Flat(), None, rgb, PredictSettings(scale=1.0, tile=32, overlap=8,
+                                                                   stream_threshold_mp=0.0, work_dir=str(tmp_path))))
+    assert not stale.exists() and alive.exists()
+    assert (pred.store_dir / "owner.pid").read_text() == str(os.getpid())
+    pred.cleanup()
+
+
+def test_a_damaged_tiff_says_so_without_internal_error_names(tmp_path):
+    import tifffile
+
+    path = tmp_path / "slide.tif"
+    tifffile.imwrite(path, np.full((64, 64, 3), 120, np.uint8), photometric="rgb", tile=(16, 16),
+                     compression="zlib")
+    data = bytearray(path.read_bytes())
+    path.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(ImageReadError) as err:
+        read_rgb(path)
+    assert "slide.tif" in str(err.value) and "truncated or corrupt" in str(err.value)
+    assert "TypeError" not in str(err.value) and "KeyError" not in str(err.value)

@@ -154,6 +154,35 @@ class PredictSettings:
             raise WsssCramError(f"background must be 'tissue' or 'model', got '{self.background}'.")
 
 
+#: disk-backed stores of large slides: a folder per prediction, holding the owner's process id
+STORE_PREFIX, STORE_OWNER = "wsss-cram-predict-", "owner.pid"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's), or cannot tell: keep its store
+    return True
+
+
+def remove_stale_stores(parent: Path) -> list[Path]:
+    """Remove the disk-backed stores in ``parent`` whose process is gone (killed with ``kill -9`` or by a power
+    cut, it could not clean up); a live run's store is kept. Returns the folders removed."""
+    removed = []
+    for store in sorted(Path(parent).glob(f"{STORE_PREFIX}*")):
+        try:
+            pid = int((store / STORE_OWNER).read_text(encoding="utf-8").strip())
+        except (OSError, ValueError):
+            continue  # not ours, or being created right now
+        if pid != os.getpid() and not _process_alive(pid):
+            shutil.rmtree(store, ignore_errors=True)
+            removed.append(store)
+    return removed
+
+
 #: the resampling factors and pixel sizes the engine accepts (beyond them, a typing slip is likelier than intent)
 MIN_SCALE, MAX_SCALE = 0.01, 16.0
 MIN_MPP, MAX_MPP = 0.05, 100.0
@@ -591,7 +620,9 @@ def predict_source(model: Any, info: Any, source: Any, settings: PredictSettings
     if streamed:
         import zarr
 
-        store_dir = Path(tempfile.mkdtemp(prefix="wsss-cram-predict-", dir=settings.work_dir))
+        remove_stale_stores(Path(settings.work_dir or tempfile.gettempdir()))
+        store_dir = Path(tempfile.mkdtemp(prefix=STORE_PREFIX, dir=settings.work_dir))
+        (store_dir / STORE_OWNER).write_text(str(os.getpid()), encoding="utf-8")
         chunk = 256
         labels_arr = zarr.open(str(store_dir / "labels.zarr"), mode="w", shape=(oh, ow), chunks=(chunk, 1024),
                                dtype=np.uint8)

@@ -305,8 +305,11 @@ class ImageSource:
         except Exception as err:  # tifffile/zarr/imagecodecs raise many types for corrupt files
             if tif is not None:
                 tif.close()
-            raise ImageReadError(f"Cannot read TIFF {_describe(path)} (truncated or corrupt?): "
-                                 f"{type(err).__name__}: {err}.") from None
+            detail = str(err).splitlines()[0] if str(err) else ""
+            # tifffile, zarr and the codecs fail with their internal types (TypeError, KeyError...) on damaged
+            # files: what the user needs is that the file is damaged, and which one
+            raise ImageReadError(f"Cannot read TIFF {_describe(path)}: the file is truncated or corrupt"
+                                 f"{f' ({detail})' if detail else ''}. Re-export or re-copy it.") from None
 
     # ------------------------------------------------------------------ properties
     @property
