@@ -544,3 +544,20 @@ def test_a_damaged_tiff_says_so_without_internal_error_names(tmp_path):
         read_rgb(path)
     assert "slide.tif" in str(err.value) and "truncated or corrupt" in str(err.value)
     assert "TypeError" not in str(err.value) and "KeyError" not in str(err.value)
+
+
+def test_a_full_disk_while_writing_outputs_is_said_plainly(tmp_path, checkpoint, capsys, monkeypatch):
+    import errno
+
+    from napari_wsss_cram.core.io import outputs
+
+    _he_patch(tmp_path / "p.png")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(outputs, "write_geojson", full)
+    out = tmp_path / "out"
+    assert main(["predict", str(checkpoint), str(tmp_path / "p.png"), "--out", str(out), "--scale", "1"]) == 2
+    assert "Cannot write the outputs of p into" in capsys.readouterr().err
+    assert not [f for f in out.iterdir() if f.name.startswith(("p.", "p_", ".p"))]

@@ -921,6 +921,13 @@ def write_outputs(prediction: Prediction, out_dir: str | os.PathLike, stem: str,
         for key, final in finals.items():
             os.replace(temps[key], final)
         marker.unlink()
+    except OSError as err:  # a full disk, a folder made read-only mid-run: said plainly, nothing half-written kept
+        import errno as errno_codes
+
+        reason = "the disk is full" if err.errno == errno_codes.ENOSPC else (err.strerror or str(err))
+        raise WsssCramError(f"Cannot write the outputs of {stem} into {out_dir}: {reason}. Nothing of {stem} was "
+                            "left half-written; free space or choose another output folder, then run again.") \
+            from None
     finally:
         for tmp in temps.values():
             if tmp.exists():
