@@ -213,6 +213,7 @@ def test_evaluate_refuses_an_existing_json_before_evaluating(tmp_path, checkpoin
 # 9 ---------------------------------------------------------------------------------- pipes do not hang
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+@pytest.mark.timeout(60)  # a regression would block in open(): fail, do not hang the suite
 def test_a_named_pipe_is_refused_not_read_forever(tmp_path):
     from napari_wsss_cram._reader import napari_get_reader
 

@@ -228,8 +228,12 @@ def is_labels_tiff(path: str | os.PathLike) -> bool:
     """True for a TIFF written as a label mask by :func:`write_pyramidal_ome_tiff` (by its OME Image Name)."""
     import tifffile
 
+    p = Path(path)
+    # only regular TIFF files: opening a named pipe would block (napari's GUI thread with it)
+    if not p.name.lower().endswith((".tif", ".tiff")) or not p.is_file():
+        return False
     try:
-        with tifffile.TiffFile(path) as tif:
+        with tifffile.TiffFile(p) as tif:
             return bool(tif.series) and tif.series[0].name == LABELS_IMAGE_NAME
     except Exception:  # not a TIFF, or unreadable: the image reader reports it properly
         return False
