@@ -349,6 +349,10 @@ def _run_locked(args: argparse.Namespace, inputs: list[Path], out_dir: Path, sum
                   f"(summary: {summary_path.name}).")
         else:
             failed = sum(1 for r in rows if r.get("status") != "ok")
+        if initialized_here:
+            # Every rank waits for the others before leaving the group: a rank that tears gloo down while a peer's
+            # gather is still in flight aborts in C++ ("terminate called without an active exception").
+            dist.barrier()
     finally:
         if initialized_here:
             import torch.distributed as dist
