@@ -133,3 +133,72 @@ def test_real_wsss4luad_patch(wsss4luad_dir):
         warnings.simplefilter("error")
         img = read_rgb(wsss4luad_dir / "2.validation" / "img" / "00.png")
     assert img.ndim == 3 and img.shape[2] == 3 and img.dtype == np.uint8
+
+
+# ----------------------------------------------------------------- tifffile's zarr store (aszarr + zarr 3)
+def _write_tiff_case(path, case: str, rgb: np.ndarray) -> None:
+    """A TIFF of the given layout, written by tifffile: the reader must give exactly tifffile's own pixels."""
+    if case == "tiled-pyramid":  # generic TIFF, reduced levels in SubIFDs, zlib + predictor
+        with tifffile.TiffWriter(path) as tif:
+            tif.write(rgb, tile=(64, 64), subifds=2, photometric="rgb", compression="zlib", predictor=True)
+            tif.write(rgb[::2, ::2], tile=(64, 64), subfiletype=1, photometric="rgb", compression="zlib")
+            tif.write(rgb[::4, ::4], tile=(32, 32), subfiletype=1, photometric="rgb", compression="zlib")
+    elif case == "stripped":  # strips whose height does not divide the image, LZW
+        tifffile.imwrite(path, rgb, photometric="rgb", rowsperstrip=23, compression="lzw")
+    elif case == "ome-jpeg":  # OME-TIFF pyramid, JPEG tiles (lossy: compared with tifffile's own decode)
+        with tifffile.TiffWriter(path) as tif:
+            tif.write(rgb, tile=(64, 64), subifds=1, photometric="rgb", compression="jpeg",
+                      metadata={"axes": "YXS", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.25})
+            tif.write(rgb[::2, ::2], tile=(64, 64), subfiletype=1, photometric="rgb", compression="jpeg")
+    else:
+        raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["tiled-pyramid", "stripped", "ome-jpeg"])
+def test_tiff_levels_and_regions_match_tifffile_pages(tmp_path, rgb, case):
+    path = tmp_path / f"{case}.ome.tif" if case.startswith("ome") else tmp_path / f"{case}.tif"
+    _write_tiff_case(path, case, rgb)
+    with tifffile.TiffFile(path) as tif:  # tifffile's whole-page decode, not its zarr store
+        expected = [lv.pages[0].asarray() for lv in tif.series[0].levels]
+    rng = np.random.default_rng(3)
+    with ImageSource.open(path) as src:
+        assert src.level_shapes == [e.shape[:2] for e in expected]
+        assert src.mpp == (pytest.approx(0.25) if case == "ome-jpeg" else None)
+        for level, ref in enumerate(expected):
+            assert np.array_equal(src.read_level(level), ref), f"level {level}"
+            h, w = ref.shape[:2]
+            for _ in range(6):  # regions that start and end inside tiles/strips, and one past the edge
+                y, x = int(rng.integers(0, h - 1)), int(rng.integers(0, w - 1))
+                rh, rw = int(rng.integers(1, h - y + 1)), int(rng.integers(1, w - x + 1))
+                assert np.array_equal(src.read_region(y, x, rh, rw, level), ref[y:y + rh, x:x + rw])
+            edge = src.read_region(h - 5, w - 7, 20, 20, level)
+            assert np.array_equal(edge[:5, :7], ref[h - 5:, w - 7:]) and (edge[5:] == 255).all()
+        data = src.napari_data()
+        levels = data if isinstance(data, list) else [data]
+        for level, ref in enumerate(expected):
+            assert np.array_equal(np.asarray(levels[level]), ref)
+
+
+def test_sparse_tiles_read_as_white(tmp_path, rgb):
+    path = tmp_path / "sparse.tif"
+    tifffile.imwrite(path, rgb, tile=(64, 64), photometric="rgb", compression="zlib")
+    with tifffile.TiffFile(path, mode="r+b") as tif:  # tile (1, 2) becomes "not stored", as scanners write
+        page = tif.pages[0]
+        counts, offsets = list(page.databytecounts), list(page.dataoffsets)
+        counts[1 * 7 + 2], offsets[1 * 7 + 2] = 0, 0
+        page.tags["TileByteCounts"].overwrite(counts)
+        page.tags["TileOffsets"].overwrite(offsets)
+    with ImageSource.open(path) as src:
+        out = src.read_level(0)
+    assert (out[64:128, 128:192] == 255).all()
+    keep = np.ones(rgb.shape[:2], bool)
+    keep[64:128, 128:192] = False
+    assert np.array_equal(out[keep], rgb[keep])
+
+
+def test_damaged_tile_table_is_refused_not_read_as_white(tmp_path, rgb):
+    path = tmp_path / "cut.tif"
+    tifffile.imwrite(path, rgb, tile=(64, 64), photometric="rgb", compression="zlib")
+    path.write_bytes(path.read_bytes()[:-4000])  # the last tiles' bytes are gone
+    with pytest.raises(ImageReadError, match=r"cut.tif.*truncated or corrupt.*past the end of the file"):
+        ImageSource.open(path)

@@ -624,12 +624,12 @@ def predict_source(model: Any, info: Any, source: Any, settings: PredictSettings
         store_dir = Path(tempfile.mkdtemp(prefix=STORE_PREFIX, dir=settings.work_dir))
         (store_dir / STORE_OWNER).write_text(str(os.getpid()), encoding="utf-8")
         chunk = 256
-        labels_arr = zarr.open(str(store_dir / "labels.zarr"), mode="w", shape=(oh, ow), chunks=(chunk, 1024),
-                               dtype=np.uint8)
-        probs_arr = (zarr.open(str(store_dir / "probs.zarr"), mode="w", shape=(channels, oh, ow),
-                               chunks=(1, chunk, 1024), dtype=np.uint8) if settings.with_probs else None)
-        cam_arr = (zarr.open(str(store_dir / "cam.zarr"), mode="w", shape=(channels, oh, ow),
-                             chunks=(1, chunk, 1024), dtype=np.uint8) if want_cam else None)
+        labels_arr = zarr.create_array(str(store_dir / "labels.zarr"), shape=(oh, ow), chunks=(chunk, 1024),
+                                       dtype=np.uint8)
+        probs_arr = (zarr.create_array(str(store_dir / "probs.zarr"), shape=(channels, oh, ow),
+                                       chunks=(1, chunk, 1024), dtype=np.uint8) if settings.with_probs else None)
+        cam_arr = (zarr.create_array(str(store_dir / "cam.zarr"), shape=(channels, oh, ow),
+                                     chunks=(1, chunk, 1024), dtype=np.uint8) if want_cam else None)
         sink = RowSink(labels_arr, probs_arr, cam_arr, chunk_rows=chunk)
     else:
         labels_arr = np.zeros((oh, ow), np.uint8)

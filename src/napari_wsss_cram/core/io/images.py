@@ -112,65 +112,57 @@ class _ArrayLevel:
 
 
 class _TiffLevel:
-    """One TIFF page read lazily: a region read decodes only the tiles (or strips) it overlaps.
+    """One pyramid level of a TIFF series, read lazily through tifffile's zarr store (``aszarr``, zarr 3): a
+    region read decodes only the tiles (or strips) it overlaps.
 
-    Written against tifffile's segment API (``read_segments`` + ``keyframe.decode``) rather than
-    ``aszarr``, because current tifffile's zarr store needs zarr 3 while this project pins zarr 2.
+    The series' axes are mapped to ``(Y, X, S)``: other axes (a Z stack, time, separate OME channels) are read
+    at index 0, as the project segments one 2-D RGB image per file.
     """
 
-    def __init__(self, page: Any) -> None:
-        kf = page.keyframe
+    def __init__(self, series: Any, level: int, fill: float, maxworkers: int) -> None:
+        import zarr
+
+        series_level = series.levels[level]
+        kf = series_level.keyframe
         if kf.imagedepth > 1:
             raise ValueError("volumetric (3-D) TIFF pages are not supported")
-        self.page = page
-        self.keyframe = kf
-        self.shape = (int(kf.imagelength), int(kf.imagewidth))
-        self.samples = int(kf.samplesperpixel)
-        self.dtype = np.dtype(kf.dtype)
-        self.planar = kf.planarconfig == 2 and self.samples > 1
-        self.tiled = bool(kf.is_tiled)
-        if self.tiled:
-            self.chunk = (int(kf.tilelength), int(kf.tilewidth))
-        else:
-            self.chunk = (max(1, min(int(kf.rowsperstrip), self.shape[0])), self.shape[1])
-        self.grid = (-(-self.shape[0] // self.chunk[0]), -(-self.shape[1] // self.chunk[1]))
-        self.decodeargs: dict[str, Any] = {"_fullsize": self.tiled}
-        if kf.compression in (6, 7, 34892, 33007):  # JPEG flavours need the shared tables
-            self.decodeargs["jpegtables"] = page.jpegtables
-            self.decodeargs["jpegheader"] = kf.jpegheader
+        # zarr reads a tile the file does not list as missing (fill value), so a damaged table of tiles would
+        # silently give white pixels: check it against the file (cheap, no pixel data is read)
+        page = series_level.pages[0]
+        expected = int(np.prod(kf.chunked))
+        offsets = np.asarray(page.dataoffsets, np.int64)
+        counts = np.asarray(page.databytecounts, np.int64)
+        if len(offsets) < expected or len(counts) < expected:
+            raise ValueError(f"level {level} lists {min(len(offsets), len(counts))} of its {expected} tiles/strips")
+        end = int((offsets[:expected] + counts[:expected]).max(initial=0))
+        size = int(kf.parent.filehandle.size)
+        if end > size:
+            raise ValueError(f"level {level}'s pixel data ends at byte {end}, past the end of the file ({size})")
+        # Missing (sparse) tiles read as ``fill`` (white): for slides they are unscanned background.
+        self.store = series.aszarr(level=level, fillvalue=fill, maxworkers=maxworkers)
+        self.array = zarr.open(self.store, mode="r")
+        axes = series_level.axes
+        if self.array.ndim != len(axes) or "Y" not in axes or "X" not in axes:
+            raise ValueError(f"unsupported TIFF layout (axes {axes!r}, shape {self.array.shape})")
+        self.axes = axes
+        shape = dict(zip(axes, self.array.shape, strict=True))
+        chunks = dict(zip(axes, self.array.chunks, strict=True))
+        self.shape = (int(shape["Y"]), int(shape["X"]))
+        self.samples = int(shape.get("S", 1))
+        self.dtype = np.dtype(self.array.dtype)
+        self.chunk = (int(chunks["Y"]), int(chunks["X"]))
+        kept = [a for a in axes if a in "YXS"]
+        # where Y, X (and S) end up after indexing, to put them in (h, w, samples) order
+        self._order = [kept.index(a) for a in "YXS" if a in kept]
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        ch, cw = self.chunk
-        ny, nx = self.grid
-        ty0, ty1 = y0 // ch, (y1 - 1) // ch + 1
-        tx0, tx1 = x0 // cw, (x1 - 1) // cw + 1
-        planes = range(self.samples) if self.planar else range(1)
-        indices = [s * ny * nx + ty * nx + tx for s in planes
-                   for ty in range(ty0, ty1) for tx in range(tx0, tx1)]
-        offsets = self.page.dataoffsets
-        counts = self.page.databytecounts
-        # Missing (sparse) tiles stay white: for slides they are unscanned background.
-        out = np.full((y1 - y0, x1 - x0, self.samples), np.iinfo(self.dtype).max
-                      if self.dtype.kind in "iu" else 1, self.dtype)
-        fh = self.page.parent.filehandle
-        decode = self.keyframe.decode
-        for data, index in fh.read_segments([offsets[i] for i in indices], [counts[i] for i in indices],
-                                            indices=indices, lock=fh.lock, sort=True, flat=True):
-            segment, pos, _ = decode(data, index, **self.decodeargs)
-            if segment is None:
-                continue
-            s, _, sy, sx, _ = pos
-            seg = segment[0]  # (length, width, contig samples)
-            oy0, oy1 = max(y0, sy), min(y1, sy + seg.shape[0])
-            ox0, ox1 = max(x0, sx), min(x1, sx + seg.shape[1])
-            if oy1 <= oy0 or ox1 <= ox0:
-                continue
-            part = seg[oy0 - sy: oy1 - sy, ox0 - sx: ox1 - sx]
-            if self.planar:
-                out[oy0 - y0: oy1 - y0, ox0 - x0: ox1 - x0, s] = part[..., 0]
-            else:
-                out[oy0 - y0: oy1 - y0, ox0 - x0: ox1 - x0] = part
-        return out
+        index = tuple(slice(y0, y1) if a == "Y" else slice(x0, x1) if a == "X" else slice(None) if a == "S"
+                      else 0 for a in self.axes)
+        block = np.asarray(self.array[index]).transpose(self._order)
+        return block if block.ndim == 3 else block[:, :, None]
+
+    def close(self) -> None:
+        self.store.close()
 
 
 _Level = _ArrayLevel | _TiffLevel
@@ -277,11 +269,14 @@ class ImageSource:
             if not tif.series:
                 raise ImageReadError(f"TIFF {_describe(path)} holds no image.")
             series = tif.series[0]
-            levels = [_TiffLevel(lv.pages[0]) for lv in series.levels]
-            dtype = levels[0].dtype
+            dtype = np.dtype(series.dtype)
             if dtype.kind not in "uifb" or (dtype.kind in "iu" and dtype.itemsize > 4):
                 raise ImageReadError(f"TIFF {_describe(path)} has unsupported pixel type {dtype}; "
                                      "convert it to 8-bit RGB.")
+            fill = np.iinfo(dtype).max if dtype.kind in "iu" else 1
+            # decode a region's tiles in parallel threads (zarr fetches them concurrently)
+            workers = max(1, min(4, os.cpu_count() or 1))
+            levels = [_TiffLevel(series, i, fill, workers) for i in range(len(series.levels))]
             mpp = _tiff_mpp(tif)
             grayscale = levels[0].samples < 3
             source = cls(path, levels, mpp, grayscale=grayscale, handle=tif, fmt="tiff")
@@ -458,6 +453,9 @@ class ImageSource:
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
+        for lv in self._levels:
+            if isinstance(lv, _TiffLevel):
+                lv.close()
         if self._handle is not None:
             self._handle.close()
             self._handle = None
