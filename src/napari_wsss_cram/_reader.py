@@ -1,4 +1,5 @@
-"""npe2 reader: H&E images and slides (PNG, JPEG, TIFF, OME-TIFF, SVS) through the project's one reader.
+"""npe2 reader: H&E images and slides (PNG, JPEG, TIFF, OME-TIFF, SVS; MRXS, NDPI, SCN, BIF, DICOM with the
+``openslide`` extra) through the project's one reader.
 
 - Pyramidal TIFF/OME-TIFF/SVS open as lazy multiscale data (only the tiles on screen are decoded).
 - ``scale`` is the pixel size in µm when the file says it (``units`` µm), else 1 pixel.
@@ -16,7 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".svs")
+from .core.io.formats import SLIDE_SUFFIXES
+
+SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", *SLIDE_SUFFIXES)
 
 LayerData = tuple[Any, dict, str]
 
@@ -78,7 +81,7 @@ def read_layer(path: str | os.PathLike) -> LayerData:
 
     p = Path(path)
     name = p.name
-    for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".svs", ".png", ".jpeg", ".jpg"):
+    for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".png", ".jpeg", ".jpg", *SLIDE_SUFFIXES):
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
             break

@@ -24,9 +24,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..core.io.formats import OPENSLIDE_SUFFIXES, READERS
+
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".svs", ".btf")
+# vendor slide suffixes come from the reader (OpenSlide formats); a folder of .dcm files is one DICOM slide
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".svs", ".btf",
+                  *(s for s in OPENSLIDE_SUFFIXES if s != ".dcm"))
 SUMMARY_NAME = "predict_summary.csv"
 TTA_SCALES = (0.75, 1.0, 1.25)
 
@@ -73,16 +77,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work-dir", default=None,
                         help="folder for the temporary disk-backed arrays of large slides (default: system temp)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument("--reader", choices=READERS, default="auto",
+                        help="slide reader: auto (default: OpenSlide for MRXS/NDPI/SCN/BIF/DICOM, tifffile for "
+                             "TIFF/SVS), tifffile, or openslide (also for SVS; needs the openslide extra)")
 
 
 def collect_inputs(items: list[str]) -> list[Path]:
-    """Files as given; folders expanded to the images they hold (sorted). Missing paths raise."""
+    """Files as given; folders expanded to the images they hold (sorted), except that a folder of ``.dcm``
+    files is one DICOM slide. Missing paths raise."""
     from ..core.errors import ImageReadError
+    from ..core.io.images import dicom_file_of
 
     paths: list[Path] = []
     for item in items:
         p = Path(item)
-        if p.is_dir():
+        if p.is_dir() and dicom_file_of(p) is not None:
+            paths.append(p)  # a DICOM slide: its .dcm files are its levels, one input
+        elif p.is_dir():
             found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
                 raise ImageReadError(f"Folder '{p}' holds no images ({', '.join(IMAGE_SUFFIXES)}).")
@@ -186,12 +197,12 @@ def settings_from_args(args: argparse.Namespace, info: Any, device_type: str):
 
 def predict_many(model: Any, info: Any, inputs: list[Path], out_dir: Path, settings: Any,
                  formats: tuple[str, ...], overwrite: bool, rank: int = 0, world: int = 1,
-                 show_progress: bool = False, fallback: Any = None) -> list[dict]:
+                 show_progress: bool = False, fallback: Any = None, reader: str = "auto") -> list[dict]:
     """Predict this rank's share of ``inputs`` and write their outputs; returns one summary row per input.
 
     ``fallback`` (settings, or None): used instead of ``settings`` for an image that does not state its µm/px
     (the default resolution's training-scale fallback; one note is printed). A bad input does not stop the
-    others: its row has ``status`` = the error message.
+    others: its row has ``status`` = the error message. ``reader``: which library reads slides (``READERS``).
     """
     from ..core.checkpoint import default_resolution
     from ..core.errors import WsssCramError
@@ -216,7 +227,7 @@ def predict_many(model: Any, info: Any, inputs: list[Path], out_dir: Path, setti
                 bar.refresh()
 
         try:
-            with ImageSource.open(path) as source:
+            with ImageSource.open(path, reader=reader) as source:
                 use = settings
                 if fallback is not None and source.mpp is None:
                     use = fallback
@@ -336,7 +347,8 @@ def _run_locked(args: argparse.Namespace, inputs: list[Path], out_dir: Path, sum
                   file=sys.stderr)
         out_dir.mkdir(parents=True, exist_ok=True)
         rows = predict_many(model, info, inputs, out_dir, settings, args.formats, args.overwrite, rank, world,
-                            show_progress=sys.stderr.isatty(), fallback=fallback)
+                            show_progress=sys.stderr.isatty(), fallback=fallback,
+                            reader=getattr(args, "reader", "auto"))
         all_rows = _gather_rows(rows, world)
         failed = 0
         if all_rows is not None:

@@ -1,4 +1,5 @@
-"""THE image reader of the project: PNG/JPEG (Pillow) and TIFF/OME-TIFF/SVS (tifffile), one interface.
+"""THE image reader of the project: PNG/JPEG (Pillow), TIFF/OME-TIFF/SVS (tifffile) and, with the optional
+``openslide`` extra, vendor slides (MRXS, NDPI, SCN, BIF, DICOM... through OpenSlide), one interface.
 
 ``ImageSource.open(path)`` never loads a whole TIFF: pyramid levels come from ``series[0].levels`` and are
 read lazily, decoding only the tiles (or strips) a region overlaps, and napari gets lazy (dask) multiscale
@@ -27,8 +28,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import ImageReadError
+from .formats import OPENSLIDE_INSTALL, OPENSLIDE_SUFFIXES, READERS, SLIDE_SUFFIXES  # noqa: F401
 
 TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
 
 #: µm per unit of the OME ``PhysicalSizeXUnit`` values we accept.
 _OME_UNITS_UM = {"µm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6, "Å": 1e-4}
@@ -165,7 +168,35 @@ class _TiffLevel:
         self.store.close()
 
 
-_Level = _ArrayLevel | _TiffLevel
+class _OpenSlideLevel:
+    """One level of a slide read through OpenSlide (vendor formats, or SVS when chosen). OpenSlide is
+    thread-safe, returns premultiplied RGBA and leaves unscanned areas transparent: those become white."""
+
+    def __init__(self, slide: Any, level: int) -> None:
+        self.slide = slide
+        self.level = level
+        w, h = slide.level_dimensions[level]
+        self.shape = (int(h), int(w))
+        self.samples = 3
+        self.dtype = np.dtype(np.uint8)
+        self.downsample = float(slide.level_downsamples[level])
+        props = slide.properties
+        tile = (props.get(f"openslide.level[{level}].tile-height"), props.get(f"openslide.level[{level}].tile-width"))
+        self.chunk = (int(tile[0]), int(tile[1])) if all(tile) else (512, 512)
+
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        # OpenSlide takes the location in level-0 pixels; exact for the integer downsamples slides use
+        location = (int(round(x0 * self.downsample)), int(round(y0 * self.downsample)))
+        rgba = np.asarray(self.slide.read_region(location, self.level, (x1 - x0, y1 - y0)))
+        alpha = rgba[..., 3:4].astype(np.uint16)
+        if bool((alpha == 255).all()):
+            return np.ascontiguousarray(rgba[..., :3])
+        # openslide-python un-premultiplies; blend what is not opaque onto white (background)
+        rgb = rgba[..., :3].astype(np.uint16)
+        return ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+
+
+_Level = _ArrayLevel | _TiffLevel | _OpenSlideLevel
 
 
 class ImageSource:
@@ -188,13 +219,21 @@ class ImageSource:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def open(cls, path: str | os.PathLike) -> ImageSource:
-        """Open an image or slide; raise ``ImageReadError`` (naming the file) when it cannot be read."""
+    def open(cls, path: str | os.PathLike, reader: str = "auto") -> ImageSource:
+        """Open an image or slide; raise ``ImageReadError`` (naming the file) when it cannot be read.
+
+        ``reader`` (one of :data:`READERS`) picks the library for slides; see the README's table.
+        """
+        if reader not in READERS:
+            raise ImageReadError(f"Unknown reader '{reader}'; use one of {', '.join(READERS)}.")
         p = Path(path)
         if not p.exists():
             raise ImageReadError(f"Image {_describe(p)} does not exist; check the path.")
         if p.is_dir():
-            raise ImageReadError(f"{_describe(p)} is a folder, not an image file.")
+            dicom = dicom_file_of(p)
+            if dicom is None:
+                raise ImageReadError(f"{_describe(p)} is a folder, not an image file.")
+            p = dicom
         if not p.is_file():
             # a named pipe would block the reader forever (and napari's GUI with it); devices and sockets too
             raise ImageReadError(f"{_describe(p)} is not a regular file (a pipe, device or socket); save the image "
@@ -207,7 +246,13 @@ class ImageSource:
             raise ImageReadError(f"Cannot read {_describe(p)}: {err.strerror or err}.") from None
         if size == 0:
             raise ImageReadError(f"Image {_describe(p)} is an empty (0-byte) file; re-export or re-copy it.")
-        if head in TIFF_MAGICS:
+        vendor = p.suffix.lower() in OPENSLIDE_SUFFIXES
+        if vendor and reader == "tifffile" and head not in TIFF_MAGICS:
+            raise ImageReadError(f"{_describe(p)} is a vendor slide format that only OpenSlide reads; use the "
+                                 "'auto' or 'openslide' reader.")
+        if (vendor and reader != "tifffile") or (reader == "openslide" and head in TIFF_MAGICS):
+            source = cls._open_openslide(p)
+        elif head in TIFF_MAGICS:
             source = cls._open_tiff(p)
         else:
             source = cls._open_pillow(p)
@@ -261,6 +306,12 @@ class ImageSource:
     @classmethod
     def _open_tiff(cls, path: Path) -> ImageSource:
         import tifffile
+        import zarr
+
+        if int(zarr.__version__.split(".")[0]) < 3:
+            # tifffile's zarr store needs zarr 3; an old zarr would otherwise read as "corrupt file"
+            raise ImageReadError(f"Reading TIFF {_describe(path)} needs zarr 3, but zarr {zarr.__version__} is "
+                                 "installed: pip install \"zarr>=3.1\" (as the package requires).")
 
         tif = None
         try:
@@ -305,6 +356,41 @@ class ImageSource:
             # files: what the user needs is that the file is damaged, and which one
             raise ImageReadError(f"Cannot read TIFF {_describe(path)}: the file is truncated or corrupt"
                                  f"{f' ({detail})' if detail else ''}. Re-export or re-copy it.") from None
+
+    @classmethod
+    def _open_openslide(cls, path: Path) -> ImageSource:
+        try:
+            import openslide
+        except ImportError:
+            raise ImageReadError(f"{_describe(path)} is read through OpenSlide, which is not installed. Install "
+                                 f"the extra: {OPENSLIDE_INSTALL}") from None
+        except OSError as err:  # openslide-python without its C library (openslide-bin or a system package)
+            raise ImageReadError(f"{_describe(path)} needs the OpenSlide library, which could not be loaded "
+                                 f"({err}). Install it with: {OPENSLIDE_INSTALL}") from None
+        if openslide.OpenSlide.detect_format(str(path)) is None:
+            raise ImageReadError(f"OpenSlide does not recognise {_describe(path)} as a slide; open it with the "
+                                 "'tifffile' reader, or check that the file (and, for MRXS/VMS, its companion "
+                                 "files) is complete.")
+        slide = None
+        try:
+            slide = openslide.OpenSlide(str(path))
+            levels = [_OpenSlideLevel(slide, i) for i in range(slide.level_count)]
+            props = slide.properties
+            mpp = None
+            try:
+                mpp = _plausible(float(props[openslide.PROPERTY_NAME_MPP_X]))
+            except (KeyError, ValueError):
+                pass
+            source = cls(path, levels, mpp, handle=slide, fmt="openslide")
+            lvl = levels[-1]
+            source._read_raw(len(levels) - 1, 0, min(lvl.shape[0], 16), 0, min(lvl.shape[1], 16))
+            return source
+        except Exception as err:  # OpenSlideError and the C library's messages for damaged files
+            if slide is not None:
+                slide.close()
+            detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ImageReadError(f"Cannot read slide {_describe(path)} with OpenSlide: {detail}. The file may be "
+                                 "truncated or corrupt (or, for MRXS/VMS, miss its companion files).") from None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -397,7 +483,7 @@ class ImageSource:
         """
         if self.n_levels == 1:
             h, w = self.shape
-            if self.format != "tiff" or h * w <= _SMALL_IMAGE_PIXELS:
+            if self.format not in ("tiff", "openslide") or h * w <= _SMALL_IMAGE_PIXELS:
                 return self.read_level(0)
         return [self.lazy_level(i) for i in range(self.n_levels)]
 
@@ -533,6 +619,15 @@ def check_png_pixel_data(path: Path, img: Any) -> None:
         raise ImageReadError(
             f"{_describe(path)} is truncated: its header says {width}x{height} px but its pixel data stops after "
             f"about {produced // rows} of {height} rows. Re-export or re-copy the file.")
+
+
+def dicom_file_of(folder: Path) -> Path | None:
+    """The first ``.dcm`` file of a folder (a DICOM slide: OpenSlide opens it from any of its files), or None."""
+    try:
+        found = sorted(f for f in Path(folder).iterdir() if f.suffix.lower() == ".dcm" and f.is_file())
+    except OSError:
+        return None
+    return found[0] if found else None
 
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
