@@ -181,3 +181,15 @@ def test_predict_on_a_vendor_slide_without_openslide_names_the_extra(tmp_path, c
     assert main(["predict", str(checkpoint), str(tmp_path / "in"), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "case.ndpi" in err and OPENSLIDE_INSTALL in err and "Traceback" not in err
+
+
+def test_napari_reader_takes_vendor_slides_and_passes_the_message_on(tmp_path, monkeypatch):
+    from napari_wsss_cram._reader import napari_get_reader
+
+    path = tmp_path / "case.scn"
+    path.write_bytes(b"II*\x00" + b"\x00" * 64)
+    reader = napari_get_reader(str(path))
+    assert reader is not None
+    monkeypatch.setitem(sys.modules, "openslide", None)
+    with pytest.raises(ImageReadError, match=r"case.scn.*napari-wsss-cram\[openslide\]"):
+        reader(str(path))
