@@ -2,7 +2,7 @@
 pseudo-labels (stage 2: --stage2 --pseudo DIR [--pixel-labels IMG_MASK_DIR]).
 
 Without --config the defaults are the paper's (resnet50, x2-x3 rescale + 513 crop, SGD lr 1e-3, batch 8);
-presets: training/wsss4luad.toml, training/cpu-small.toml (2-core CPU, < 30 min), training/sample.toml.
+presets (by name, or a .toml path): wsss4luad, cpu-small (2-core CPU, < 30 min), sample.
 Flags override the preset. Ends by printing the path of the best (or last) checkpoint.
 Under `torchrun --nproc_per_node N` the same command trains with DDP.
 """
@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="patch folder (<id>-[t, s, n].png), CSV 'path,<classes>' or class sub-folders")
     parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder (config, metrics, checkpoints)")
     parser.add_argument("--val", metavar="IMG_MASK_DIR", help="pixel-labelled set for best-by-mIoU checkpoints")
-    parser.add_argument("--config", metavar="FILE", help="TOML preset: a path or wsss4luad | cpu-small | sample")
+    parser.add_argument("--config", metavar="FILE", help="training preset: a name (wsss4luad, cpu-small, sample: shipped in the package) or a .toml path")
     parser.add_argument("--backbone", help="resnet18 | resnet34 | resnet50 | resnet101")
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, help="number of epochs")

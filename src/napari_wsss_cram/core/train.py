@@ -334,7 +334,7 @@ def _oom_error(config: TrainConfig, err: BaseException) -> OutOfMemoryError:
     return OutOfMemoryError(
         f"Out of memory while training (batch {config.batch_size}, crop {config.crop}, backbone "
         f"{config.model.get('backbone', 'resnet50')}): lower --batch-size, then --crop, or use resnet18 "
-        f"(e.g. --config training/cpu-small.toml). ({str(err).splitlines()[0]})")
+        f"(e.g. --config cpu-small). ({str(err).splitlines()[0]})")
 
 
 def _without_worker_traceback(err: WsssCramError) -> WsssCramError:

@@ -15,12 +15,12 @@ import numpy as np
 from ..core.errors import DatasetError, WsssCramError
 from ..core.progress import CancelToken, Progress
 
-#: Dock label -> preset in training/: the paper's setting (GPU), a 2-core CPU run, the synthetic demo.
+#: Dock label -> shipped preset (presets/<name>.toml): the paper's setting (GPU), a 2-core CPU run, the synthetic demo.
 PRESETS = {"paper (wsss4luad)": "wsss4luad", "cpu-small": "cpu-small", "sample": "sample"}
 
 
 def preset_config(preset: str, corrections: str | None = None, **overrides):
-    """The TrainConfig of ``training/<preset>.toml`` with the dock's fields applied.
+    """The TrainConfig of the preset ``presets/<preset>.toml`` with the dock's fields applied.
 
     ``corrections``: a folder written by :func:`add_corrected_example`; the patches cut from the corrected
     examples are mixed into the training patches (a CSV listing both is written into the run folder), and

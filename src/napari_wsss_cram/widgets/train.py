@@ -156,7 +156,7 @@ class TrainWidget(WorkerDock):
 
     # ----- settings ---------------------------------------------------------------------------------------
     def apply_preset(self, *_args) -> None:
-        """Fill the fields from the chosen preset (training/<preset>.toml)."""
+        """Fill the fields from the chosen preset (presets/<preset>.toml)."""
         try:
             config = preset_config(self.preset_combo.currentText())
         except Exception as err:  # shown in the dock, never raised into the event loop
