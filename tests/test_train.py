@@ -231,8 +231,10 @@ def test_cli_train_end_to_end_on_synthetic_patches(tiny_data, tmp_path, capsys):
                "--config", "sample", "--backbone", "resnet18", "--steps", "3", "--batch-size", "4",
                "--crop", "64", "--device", "cpu", "--workers", "1", "--crf-workers", "1", "--threads", "1"])
     assert rc == 0
-    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    captured = capsys.readouterr()
+    printed = captured.out.strip().splitlines()[-1]
     assert printed == str(out / "best.pt")
+    assert "starting from resnet18: " in captured.err  # which weights the run starts from
     # --resume alone continues with the run's own config.toml; a finished run has nothing left to do
     rc = main(["train", str(tiny_data["patches"]), "--out", str(out), "--resume", "--steps", "3"])
     assert rc == 0

@@ -34,7 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     parser.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR exactly in schedule")
     parser.add_argument("--classes", help="class names 'a,b,c' (default: from the data)")
-    parser.add_argument("--weights", help="backbone init: auto (cached ImageNet), a .pth file, or none")
+    parser.add_argument("--weights", metavar="auto|imagenet|none|PATH",
+                        help="backbone start: auto (default: ImageNet if already in the torch hub cache, else "
+                             "random; never downloads), imagenet (download torchvision's ImageNet weights into "
+                             "the torch hub cache if needed), none (random), or a local .pth file")
     parser.add_argument("--workers", type=int, help="DataLoader worker processes")
     parser.add_argument("--crf-workers", type=int, help="processes making CRF pseudo-labels with the pydensecrf backend (0 = in-process; "
                              "the torch backend runs in the step)")
@@ -96,6 +99,8 @@ class _Reporter:
                 length += f", at most {minutes:g} minutes"
             print(f"device {event.info.get('device')}, {length} "
                   f"({event.info.get('steps_per_epoch')} per epoch)", file=sys.stderr)
+            if event.info.get("weights"):
+                print(f"starting from {event.info['weights']}", file=sys.stderr)
         elif event.stage == "train":
             if self.bar is None:
                 self.bar = tqdm(total=event.total, initial=event.done - 1, desc="train", unit="step",

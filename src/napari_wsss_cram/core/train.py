@@ -725,7 +725,7 @@ class Trainer:
             if self.dist.main:
                 yield Progress("data", 0, self.total_steps, {
                     "summary": self.summary, "steps_per_epoch": self.steps_per_epoch, "device": str(self.device),
-                    "minutes": self.config.minutes})
+                    "minutes": self.config.minutes, "weights": self.describe_weights()})
             self.build_model()
             self.build_optimizer()
             if self.config.resume:
@@ -736,6 +736,15 @@ class Trainer:
             return self.finish()
         finally:
             self.close()
+
+    def describe_weights(self) -> str:
+        """Which weights the run starts from, in words (said before a download, if any, starts)."""
+        from .model.backbone import describe_weights
+
+        if self.config.resume:
+            return f"the run's resume state ({self.run_dir / RESUME})"
+        backbone = _model_config(self.config, self.stage).backbone
+        return f"{backbone}: " + describe_weights(backbone, self.config.weights)
 
     def fit(self) -> Generator[Progress, None, None]:
         """Steps until the budget is spent: training step, log, ``last`` checkpoint and validation when due."""
