@@ -17,6 +17,27 @@ from ..core.progress import CancelToken, Progress
 
 #: Dock label -> shipped preset (presets/<name>.toml): the paper's setting (GPU), a 2-core CPU run, the synthetic demo.
 PRESETS = {"paper (wsss4luad)": "wsss4luad", "cpu-small": "cpu-small", "sample": "sample"}
+#: Dock label -> TrainConfig.weights (the CLI's --weights); "file" takes the path from the dock's file field.
+WEIGHTS = {"ImageNet if cached, else random": "auto", "ImageNet (download if needed)": "imagenet",
+           "random": "none", "file…": "file"}
+
+
+def weights_label(weights: str | None) -> str:
+    """The dock label of a TrainConfig.weights value (a path -> "file…")."""
+    for label, value in WEIGHTS.items():
+        if value == (weights or "none"):
+            return label
+    return "file…"
+
+
+def describe_weights(backbone: str, weights: str | None) -> str:
+    """What a run starts from, in words (files only, no network)."""
+    from ..core.model.backbone import describe_weights as describe
+
+    try:
+        return describe(backbone, weights)
+    except Exception as err:  # an unknown backbone name: said, not raised into the event loop
+        return f"unknown ({err})"
 
 
 def preset_config(preset: str, corrections: str | None = None, **overrides):
