@@ -291,21 +291,13 @@ def _save(path: Path, model, config: TrainConfig, extra: dict) -> None:
 
 
 def _atomic_torch_save(obj: dict, path: Path) -> None:
-    import tempfile
+    from .io.atomic import atomic_path
 
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as err:
-        raise _write_error(path, err) from None
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save(obj, tmp)
     except (OSError, RuntimeError) as err:  # torch reports a full disk as a RuntimeError from its zip writer
         raise _write_error(path, err) from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _write_error(path: Path, err: BaseException) -> TrainingError:
