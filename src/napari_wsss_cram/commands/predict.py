@@ -26,7 +26,6 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".svs", ".btf")
 SUMMARY_NAME = "predict_summary.csv"
 TTA_SCALES = (0.75, 1.0, 1.25)
 
@@ -78,12 +77,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def collect_inputs(items: list[str]) -> list[Path]:
     """Files as given; folders expanded to the images they hold (sorted). Missing paths raise."""
     from ..core.errors import ImageReadError
+    from ..core.io.formats import IMAGE_SUFFIXES, is_image_file
 
     paths: list[Path] = []
     for item in items:
         p = Path(item)
         if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(f for f in p.iterdir() if is_image_file(f))
             if not found:
                 raise ImageReadError(f"Folder '{p}' holds no images ({', '.join(IMAGE_SUFFIXES)}).")
             paths.extend(found)
