@@ -100,6 +100,7 @@ class TrainWidget(WorkerDock):
                 (self.backbone_combo, "ResNet depth: resnet18 trains fastest, resnet50 is the paper's"),
                 (self.weights_combo, "Where the backbone starts: ImageNet (much better; downloaded once into "
                                      "torch's hub cache when chosen), random, or a local weights file"),
+                (self.weights_row, "A .pth file of torchvision ResNet weights for the chosen backbone"),
                 (self.epochs_spin, "Passes over the patches (the time budget or Steps may end training sooner)"),
                 (self.steps_spin, "Optimiser steps to train; 0 = by epochs and time budget"),
                 (self.batch_spin, "Patches per step: lower it when memory runs out"),
