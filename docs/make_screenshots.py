@@ -72,9 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     import napari
     from PIL import Image
 
-    from napari_wsss_cram.commands.demo import bundled_model_path
+    from napari_wsss_cram.core.resources import demo_model_path
 
-    checkpoint = args.checkpoint or bundled_model_path()
+    checkpoint = args.checkpoint or demo_model_path()
     if not checkpoint.is_file():
         print(f"error: no model at {checkpoint}; train the demo model first or pass --checkpoint.", file=sys.stderr)
         return 2

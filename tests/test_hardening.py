@@ -330,7 +330,7 @@ def test_a_full_disk_is_said_plainly_and_the_previous_checkpoint_survives(tmp_pa
         drive(train_steps(_tiny_config(sample_data_dir, run)))
     monkeypatch.setattr(torch, "save", real_save)
     assert load_checkpoint(run / "last.pt")[1].extra["step"] == 1
-    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+    assert not [p for p in run.iterdir() if ".partial" in p.name]  # no temporary left behind
 
 
 # ---------------------------------------------------------------------------------- weak cases: noise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -152,3 +153,112 @@ def test_backbone_weights_from_offline_torch_hub_cache(tmp_path, monkeypatch):
     torch.save(reference.state_dict(), cache / entry.url.rsplit("/", 1)[1])
     assert init_backbone_weights(target, "auto").startswith("imagenet:")
     torch.testing.assert_close(target.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty torch hub cache in tmp_path; the network is cut (any probe or download fails the test)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv(backbone_mod.WEIGHTS_ENV, raising=False)
+    monkeypatch.setattr(backbone_mod, "_warned_random", set())
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the network was used")
+
+    monkeypatch.setattr(backbone_mod, "urlopen", no_network)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    return tmp_path / "torch" / "hub" / "checkpoints"
+
+
+def test_imagenet_weights_cache_path_is_torch_hubs(hub_cache):
+    from napari_wsss_cram._torchvision import import_torchvision
+
+    entry, path = backbone_mod.imagenet_weights("resnet50")
+    assert entry == import_torchvision().models.ResNet50_Weights.DEFAULT
+    assert path == hub_cache / entry.url.rsplit("/", 1)[1] == backbone_mod.hub_cache_dir() / path.name
+    assert backbone_mod.hub_cache_dir() == Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def test_imagenet_offline_fails_at_once_naming_the_file_and_folder(hub_cache, monkeypatch):
+    from urllib.error import URLError
+
+    def offline(request, timeout):
+        assert timeout <= backbone_mod.PROBE_TIMEOUT  # never hangs on a firewall
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(backbone_mod, "urlopen", offline)
+    _, path = backbone_mod.imagenet_weights("resnet18")
+    with pytest.raises(CheckpointError) as err:
+        init_backbone_weights(ResNetBackbone("resnet18"), "imagenet")
+    message = str(err.value)
+    assert path.name in message and str(hub_cache) in message and "name resolution" in message
+    assert "--weights PATH" in message
+    assert not path.exists()
+
+
+def test_imagenet_download_failing_midway_says_the_same_and_leaves_nothing(hub_cache, monkeypatch):
+    from urllib.error import URLError
+
+    monkeypatch.setattr(backbone_mod, "_probe", lambda url: None)  # the server answered, then the link dropped
+
+    def dropped(url, dst, hash_prefix=None, progress=True):
+        raise URLError("connection reset")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", dropped)
+    _, path = backbone_mod.imagenet_weights("resnet18")
+    with pytest.raises(CheckpointError, match=rf"connection reset.*{path.name}.*{hub_cache}"):
+        init_backbone_weights(ResNetBackbone("resnet18"), "imagenet")
+    assert not path.exists()
+
+
+def test_imagenet_download_goes_into_the_cache_with_a_progress_bar(hub_cache, monkeypatch):
+    from napari_wsss_cram._torchvision import import_torchvision
+
+    reference = import_torchvision().models.resnet18(weights=None)
+    calls = []
+
+    def fake_download(url, dst, hash_prefix=None, progress=True):  # what torch.hub would write, offline
+        calls.append((url, Path(dst), hash_prefix, progress))
+        torch.save(reference.state_dict(), dst)
+
+    monkeypatch.setattr(backbone_mod, "_probe", lambda url: None)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    entry, path = backbone_mod.imagenet_weights("resnet18")
+    target = ResNetBackbone("resnet18")
+    assert init_backbone_weights(target, "imagenet") == f"imagenet:{path.name}"
+    assert len(calls) == 1 and calls[0][0] == entry.url and calls[0][1] == path
+    assert calls[0][2] and path.name.split("-")[1].startswith(calls[0][2])  # torch checks the file's hash
+    assert calls[0][3] is True  # progress bar
+    torch.testing.assert_close(target.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
+    assert path.is_file()
+    # the second run finds it in the cache: no network
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("downloaded twice"))
+    assert init_backbone_weights(ResNetBackbone("resnet18"), "imagenet") == f"imagenet:{path.name}"
+
+
+def test_an_already_cached_imagenet_file_is_used_without_network(hub_cache):
+    from napari_wsss_cram._torchvision import import_torchvision
+
+    reference = import_torchvision().models.resnet18(weights=None)
+    _, path = backbone_mod.imagenet_weights("resnet18")
+    path.parent.mkdir(parents=True)
+    torch.save(reference.state_dict(), path)
+    target = ResNetBackbone("resnet18")
+    assert init_backbone_weights(target, "imagenet") == f"imagenet:{path.name}"
+    torch.testing.assert_close(target.conv1.weight, reference.conv1.weight)
+    assert str(path) in backbone_mod.describe_weights("resnet18", "imagenet")
+    path.write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match=rf"{path.name} cannot be read.*delete the file"):
+        init_backbone_weights(target, "imagenet")
+
+
+def test_describe_weights_says_what_a_run_starts_from_offline(hub_cache, tmp_path, monkeypatch):
+    _, path = backbone_mod.imagenet_weights("resnet18")
+    assert backbone_mod.describe_weights("resnet18", "none") == "random weights (no ImageNet)"
+    assert backbone_mod.describe_weights("resnet18", "auto").startswith(f"random weights: {path.name} is not in")
+    assert backbone_mod.describe_weights("resnet18", "imagenet") == \
+        f"ImageNet weights, downloaded at the start into {path}"
+    local = tmp_path / "mine.pth"
+    assert backbone_mod.describe_weights("resnet18", str(local)) == f"the weights file {local}"
+    monkeypatch.setenv(backbone_mod.WEIGHTS_ENV, str(local))
+    assert str(local) in backbone_mod.describe_weights("resnet18", "auto")

@@ -26,7 +26,7 @@ from napari_wsss_cram.core.train import (
     resolve_device,
     train,
 )
-from napari_wsss_cram.core.train_config import TrainConfig
+from napari_wsss_cram.core.train_config import PRESETS_DIR, TrainConfig, dumps_toml
 from test_data import make_pixel_set
 
 try:
@@ -70,6 +70,25 @@ def test_defaults_are_the_papers_and_presets_load():
     with pytest.raises(DatasetError, match="Unknown training settings"):
         TrainConfig.from_dict({"learning_rate": 1})
     assert resolve_device("cpu").type == "cpu" and resolve_device("auto").type in ("cpu", "cuda", "mps")
+
+
+def test_a_preset_is_found_by_name_or_path_and_an_unknown_name_lists_the_shipped_ones(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # found inside the package, wherever the user runs from
+    by_name = load_config("cpu-small")
+    assert by_name == load_config(PRESETS_DIR / "cpu-small.toml")
+    mine = tmp_path / "mine.toml"
+    mine.write_text((PRESETS_DIR / "cpu-small.toml").read_text().replace("crop = 160", "crop = 96"))
+    assert load_config(str(mine)).crop == 96 and by_name.crop == 160
+    with pytest.raises(DatasetError, match=r"no-such-preset.toml: training config not found.*cpu-small, sample, "
+                                           r"wsss4luad"):
+        load_config("no-such-preset")
+
+
+def test_the_written_config_reads_back_the_same():
+    config = load_config("sample", data="patches", out="run", val=None, classes=None)
+    text = dumps_toml(config.to_dict())
+    assert "val =" not in text  # unset settings are left out (TOML has no null)
+    assert TrainConfig.from_dict(tomllib.loads(text)) == config
 
 
 def test_train_events_run_folder_and_checkpoints(tiny_data, tmp_path):
@@ -209,11 +228,13 @@ def test_pseudo_labels_then_stage2_through_cli(tiny_data, tmp_path, capsys):
 def test_cli_train_end_to_end_on_synthetic_patches(tiny_data, tmp_path, capsys):
     out = tmp_path / "cli"
     rc = main(["train", str(tiny_data["patches"]), "--out", str(out), "--val", str(tiny_data["val"]),
-               "--config", "training/sample.toml", "--backbone", "resnet18", "--steps", "3", "--batch-size", "4",
+               "--config", "sample", "--backbone", "resnet18", "--steps", "3", "--batch-size", "4",
                "--crop", "64", "--device", "cpu", "--workers", "1", "--crf-workers", "1", "--threads", "1"])
     assert rc == 0
-    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    captured = capsys.readouterr()
+    printed = captured.out.strip().splitlines()[-1]
     assert printed == str(out / "best.pt")
+    assert "starting from resnet18: " in captured.err  # which weights the run starts from
     # --resume alone continues with the run's own config.toml; a finished run has nothing left to do
     rc = main(["train", str(tiny_data["patches"]), "--out", str(out), "--resume", "--steps", "3"])
     assert rc == 0

@@ -169,6 +169,41 @@ def test_time_budget_comes_from_the_preset_and_reaches_the_run(make_napari_viewe
     assert widget.config().minutes is None
 
 
+def test_weights_choice_says_what_a_run_starts_from_and_reaches_the_config(make_napari_viewer, patch_folder,
+                                                                            tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty hub cache; nothing is downloaded here
+    monkeypatch.delenv("WSSS_CRAM_BACKBONE_WEIGHTS", raising=False)
+    widget = _train_dock(make_napari_viewer())
+    widget.preset_combo.setCurrentText("cpu-small")
+    widget.apply_preset()
+    widget.data_row.setText(str(patch_folder))
+    widget.out_row.setText(str(tmp_path / "run"))
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    assert widget.weights_combo.currentText() == "ImageNet if cached, else random"  # the offline default
+    assert widget.config().weights == "auto"
+    assert "random weights" in widget.weights_label.text() and str(cache) in widget.weights_label.text()
+    widget.weights_combo.setCurrentText("ImageNet (download if needed)")
+    assert widget.config().weights == "imagenet"
+    assert f"downloaded at the start into {cache}" in widget.weights_label.text()
+    assert "resnet18-" in widget.weights_label.text()
+    widget.backbone_combo.setCurrentText("resnet50")
+    assert "resnet50-" in widget.weights_label.text()
+    widget.weights_combo.setCurrentText("file…")
+    assert widget.weights_row.isVisibleTo(widget)
+    widget.weights_row.setText(str(tmp_path / "missing.pth"))
+    widget.start()
+    assert widget.worker is None and "missing.pth" in widget.message.text()
+    local = tmp_path / "r50.pth"
+    torch.save({}, local)
+    widget.weights_row.setText(str(local))
+    assert widget.config().weights == str(local)
+    assert widget.weights_label.text() == f"Starts from the weights file {local}."
+    widget.weights_combo.setCurrentText("random")
+    assert widget.config().weights == "none" and not widget.weights_row.isVisibleTo(widget)
+
+
 # ----- issue 12, bug 13: Resume, "Use this model" after Cancel, the plot across a resume -------------------------
 def test_resume_and_use_after_cancel(make_napari_viewer, qtbot, patch_folder, tmp_path):
     viewer = make_napari_viewer()

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# Reproduces sample_data/demo_model.pt, the bundled DEMO model: WSSS-CRAM trained with the project's own trainer on
-# the project's synthetic sample data only (no patient data), with the preset training/sample.toml.
+# Reproduces src/napari_wsss_cram/assets/demo_model.pt, the bundled DEMO model: WSSS-CRAM trained with the project's own trainer on
+# the project's synthetic sample data only (no patient data), with the shipped preset `sample`.
 # Usage: bash training/train_demo_model.sh [extra `wsss-cram train` flags, e.g. --device cuda]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
 RUN=${RUN:-runs/demo}
-$BIN/wsss-cram train sample_data/patches --val sample_data/validation --config training/sample.toml --out "$RUN" "$@"
+$BIN/wsss-cram train sample_data/patches --val sample_data/validation --config sample --out "$RUN" "$@"
 # Ship the best checkpoint (or the last) with half-precision weights: half the size, same predictions to ~1e-3
 # (load_checkpoint casts them back to float32).
-$BIN/python - "$RUN" sample_data/demo_model.pt <<'PY'
+$BIN/python - "$RUN" src/napari_wsss_cram/assets/demo_model.pt <<'PY'
 import sys
 from pathlib import Path
 

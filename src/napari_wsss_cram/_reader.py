@@ -17,9 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .core.io.formats import SLIDE_SUFFIXES
-
-SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", *SLIDE_SUFFIXES)
+from .core.io.formats import image_stem, image_suffix
 
 LayerData = tuple[Any, dict, str]
 
@@ -27,7 +25,7 @@ LayerData = tuple[Any, dict, str]
 def napari_get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerData]] | None:
     """Return the reader for supported file names (one path or a list of them), else None."""
     paths = [path] if isinstance(path, str | os.PathLike) else list(path)
-    if not paths or not all(str(p).lower().endswith(SUFFIXES) for p in paths):
+    if not paths or not all(image_suffix(p) for p in paths):
         return None
     if any(Path(p).is_dir() for p in paths):
         return None
@@ -80,11 +78,7 @@ def read_layer(path: str | os.PathLike) -> LayerData:
     from .core.io.images import ImageSource
 
     p = Path(path)
-    name = p.name
-    for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".png", ".jpeg", ".jpg", *SLIDE_SUFFIXES):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
+    name = image_stem(p)
     if p.suffix.lower() == ".png" and p.is_file():
         mask = _palette_mask(p)
         if mask is not None:

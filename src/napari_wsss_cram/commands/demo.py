@@ -8,21 +8,6 @@ import os
 import sys
 from pathlib import Path
 
-PACKAGE_DIR = Path(__file__).resolve().parents[1]
-REPO_SAMPLE_DATA = PACKAGE_DIR.parents[1] / "sample_data"
-#: Overrides the bundled demo model (e.g. for a packaged install that keeps it elsewhere).
-DEMO_MODEL_ENV = "WSSS_CRAM_DEMO_MODEL"
-
-
-def bundled_model_path() -> Path:
-    """Where the bundled demo model (trained on the synthetic sample data) lives; it may not exist yet."""
-    if os.environ.get(DEMO_MODEL_ENV):
-        return Path(os.environ[DEMO_MODEL_ENV])
-    for candidate in (PACKAGE_DIR / "assets" / "demo_model.pt", REPO_SAMPLE_DATA / "demo_model.pt"):
-        if candidate.is_file():
-            return candidate
-    return REPO_SAMPLE_DATA / "demo_model.pt"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--headless", action="store_true",
@@ -64,11 +49,12 @@ def sample_image() -> tuple[str, object]:
 def _load_model(checkpoint: Path | None):
     from ..core.checkpoint import load_checkpoint
     from ..core.errors import CheckpointError
+    from ..core.resources import demo_model_path
 
-    path = checkpoint or bundled_model_path()
+    path = checkpoint or demo_model_path()
     if checkpoint is None and not path.is_file():
         raise CheckpointError(f"The bundled demo model {path} is missing. Train it with "
-                              "`wsss-cram train sample_data/patches --config training/sample.toml --out runs/sample` "
+                              "`wsss-cram train sample_data/patches --config sample --out runs/sample` "
                               "or pass --checkpoint PATH.")
     return load_checkpoint(path)
 

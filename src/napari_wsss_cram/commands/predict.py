@@ -24,13 +24,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..core.io.formats import OPENSLIDE_SUFFIXES, READERS
+from ..core.io.formats import IMAGE_SUFFIXES, READERS, is_image_file
 
 log = logging.getLogger(__name__)
 
-# vendor slide suffixes come from the reader (OpenSlide formats); a folder of .dcm files is one DICOM slide
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".svs", ".btf",
-                  *(s for s in OPENSLIDE_SUFFIXES if s != ".dcm"))
+# a folder of .dcm files is one DICOM slide (its files are its levels), never one input per file
+FOLDER_SUFFIXES = tuple(s for s in IMAGE_SUFFIXES if s != ".dcm")
 SUMMARY_NAME = "predict_summary.csv"
 TTA_SCALES = (0.75, 1.0, 1.25)
 
@@ -94,7 +93,7 @@ def collect_inputs(items: list[str]) -> list[Path]:
         if p.is_dir() and dicom_file_of(p) is not None:
             paths.append(p)  # a DICOM slide: its .dcm files are its levels, one input
         elif p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(f for f in p.iterdir() if is_image_file(f, FOLDER_SUFFIXES))
             if not found:
                 raise ImageReadError(f"Folder '{p}' holds no images ({', '.join(IMAGE_SUFFIXES)}).")
             paths.extend(found)

@@ -2,7 +2,7 @@
 pseudo-labels (stage 2: --stage2 --pseudo DIR [--pixel-labels IMG_MASK_DIR]).
 
 Without --config the defaults are the paper's (resnet50, x2-x3 rescale + 513 crop, SGD lr 1e-3, batch 8);
-presets: training/wsss4luad.toml, training/cpu-small.toml (2-core CPU, < 30 min), training/sample.toml.
+presets (by name, or a .toml path): wsss4luad, cpu-small (2-core CPU, < 30 min), sample.
 Flags override the preset. Ends by printing the path of the best (or last) checkpoint.
 Under `torchrun --nproc_per_node N` the same command trains with DDP.
 """
@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="patch folder (<id>-[t, s, n].png), CSV 'path,<classes>' or class sub-folders")
     parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder (config, metrics, checkpoints)")
     parser.add_argument("--val", metavar="IMG_MASK_DIR", help="pixel-labelled set for best-by-mIoU checkpoints")
-    parser.add_argument("--config", metavar="FILE", help="TOML preset: a path or wsss4luad | cpu-small | sample")
+    parser.add_argument("--config", metavar="FILE", help="training preset: a name (wsss4luad, cpu-small, sample: shipped in the package) or a .toml path")
     parser.add_argument("--backbone", help="resnet18 | resnet34 | resnet50 | resnet101")
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, help="number of epochs")
@@ -34,7 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     parser.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR exactly in schedule")
     parser.add_argument("--classes", help="class names 'a,b,c' (default: from the data)")
-    parser.add_argument("--weights", help="backbone init: auto (cached ImageNet), a .pth file, or none")
+    parser.add_argument("--weights", metavar="auto|imagenet|none|PATH",
+                        help="backbone start: auto (default: ImageNet if already in the torch hub cache, else "
+                             "random; never downloads), imagenet (download torchvision's ImageNet weights into "
+                             "the torch hub cache if needed), none (random), or a local .pth file")
     parser.add_argument("--workers", type=int, help="DataLoader worker processes")
     parser.add_argument("--crf-workers", type=int, help="processes making CRF pseudo-labels with the pydensecrf backend (0 = in-process; "
                              "the torch backend runs in the step)")
@@ -96,6 +99,8 @@ class _Reporter:
                 length += f", at most {minutes:g} minutes"
             print(f"device {event.info.get('device')}, {length} "
                   f"({event.info.get('steps_per_epoch')} per epoch)", file=sys.stderr)
+            if event.info.get("weights"):
+                print(f"starting from {event.info['weights']}", file=sys.stderr)
         elif event.stage == "train":
             if self.bar is None:
                 self.bar = tqdm(total=event.total, initial=event.done - 1, desc="train", unit="step",

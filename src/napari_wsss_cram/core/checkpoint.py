@@ -11,7 +11,6 @@ import json
 import math
 import os
 import pickle
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from .. import __version__
 from .classes import ClassSpec
 from .errors import CheckpointError
+from .io.atomic import atomic_path
 from .model.config import ModelConfig
 from .model.cram import CRAMNet
 
@@ -158,15 +158,8 @@ def save_checkpoint(path: str | os.PathLike, model: CRAMNet, extra: dict | None 
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
     payload["tensor_sha256"] = tensors_sha256(payload["state_dict"])
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 

@@ -837,11 +837,6 @@ def check_outputs_spare_inputs(out_dir: str | os.PathLike, stem: str, formats: I
                                     "Inputs are never overwritten: choose another output folder.")
 
 
-def _temp_name(final: Path, tag: str) -> Path:
-    # Keep the suffix (writers pick the format from it); the leading dot hides it from listings.
-    return final.with_name(f".{final.name}.{tag}.partial{''.join(final.suffixes[-2:]) or ''}")
-
-
 def write_outputs(prediction: Prediction, out_dir: str | os.PathLike, stem: str,
                   formats: Iterable[str] = DEFAULT_FORMATS, overwrite: bool = False,
                   cancel: CancelToken | None = None) -> dict[str, Any]:
@@ -856,7 +851,7 @@ def write_outputs(prediction: Prediction, out_dir: str | os.PathLike, stem: str,
         io_out.ensure_can_write(path, overwrite)
     classes = prediction.classes
     tag = uuid.uuid4().hex[:8]
-    temps = {key: _temp_name(path, tag) for key, path in finals.items()}
+    temps = {key: io_out.temp_path(path, tag) for key, path in finals.items()}
     timings: dict[str, float] = {}
     skipped: list[str] = []
     labels = prediction.labels

@@ -291,21 +291,13 @@ def _save(path: Path, model, config: TrainConfig, extra: dict) -> None:
 
 
 def _atomic_torch_save(obj: dict, path: Path) -> None:
-    import tempfile
+    from .io.atomic import atomic_path
 
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as err:
-        raise _write_error(path, err) from None
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save(obj, tmp)
     except (OSError, RuntimeError) as err:  # torch reports a full disk as a RuntimeError from its zip writer
         raise _write_error(path, err) from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _write_error(path: Path, err: BaseException) -> TrainingError:
@@ -334,7 +326,7 @@ def _oom_error(config: TrainConfig, err: BaseException) -> OutOfMemoryError:
     return OutOfMemoryError(
         f"Out of memory while training (batch {config.batch_size}, crop {config.crop}, backbone "
         f"{config.model.get('backbone', 'resnet50')}): lower --batch-size, then --crop, or use resnet18 "
-        f"(e.g. --config training/cpu-small.toml). ({str(err).splitlines()[0]})")
+        f"(e.g. --config cpu-small). ({str(err).splitlines()[0]})")
 
 
 def _without_worker_traceback(err: WsssCramError) -> WsssCramError:
@@ -725,7 +717,7 @@ class Trainer:
             if self.dist.main:
                 yield Progress("data", 0, self.total_steps, {
                     "summary": self.summary, "steps_per_epoch": self.steps_per_epoch, "device": str(self.device),
-                    "minutes": self.config.minutes})
+                    "minutes": self.config.minutes, "weights": self.describe_weights()})
             self.build_model()
             self.build_optimizer()
             if self.config.resume:
@@ -736,6 +728,15 @@ class Trainer:
             return self.finish()
         finally:
             self.close()
+
+    def describe_weights(self) -> str:
+        """Which weights the run starts from, in words (said before a download, if any, starts)."""
+        from .model.backbone import describe_weights
+
+        if self.config.resume:
+            return f"the run's resume state ({self.run_dir / RESUME})"
+        backbone = _model_config(self.config, self.stage).backbone
+        return f"{backbone}: " + describe_weights(backbone, self.config.weights)
 
     def fit(self) -> Generator[Progress, None, None]:
         """Steps until the budget is spent: training step, log, ``last`` checkpoint and validation when due."""

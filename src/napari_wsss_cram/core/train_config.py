@@ -1,4 +1,5 @@
-"""TrainConfig: every training setting, with the paper's defaults; TOML presets in ``training/*.toml`` load into it.
+"""TrainConfig: every training setting, with the paper's defaults; TOML presets in the package's
+``presets/*.toml`` (found by name, e.g. ``cpu-small``) load into it.
 
 A preset is flat ``key = value`` lines for :class:`TrainConfig` plus a ``[model]`` table of
 :class:`~napari_wsss_cram.core.model.config.ModelConfig` overrides (and ``[model.crf]`` for the dense CRF).
@@ -12,15 +13,18 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 from .data.augment import AugmentConfig
 from .errors import DatasetError
+from .resources import PRESETS_DIR, preset_names, preset_path
 
 try:
     import tomllib
 except ImportError:  # Python 3.10
     import tomli as tomllib
 
-PRESETS_DIR = Path(__file__).resolve().parents[3] / "training"
+__all__ = ["PRESETS_DIR", "TrainConfig", "dumps_toml", "load_config", "preset_path"]
 
 
 @dataclass
@@ -173,21 +177,14 @@ class TrainConfig:
         return TrainConfig.from_dict(data)
 
 
-def preset_path(name: str) -> Path:
-    """``"cpu-small"`` -> ``training/cpu-small.toml`` (a path is returned as is)."""
-    p = Path(name)
-    if p.suffix == ".toml" or p.exists():
-        return p
-    return PRESETS_DIR / f"{name}.toml"
-
-
 def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
     """Load a TOML preset (or the paper's defaults when ``path`` is None) and apply ``overrides``."""
     data: dict[str, Any] = {}
     if path is not None:
         p = preset_path(str(path))
         if not p.is_file():
-            raise DatasetError(f"{p}: training config not found (presets: wsss4luad, cpu-small, sample).")
+            raise DatasetError(f"{p}: training config not found. Give a .toml file or a preset name: "
+                               f"{', '.join(preset_names())}.")
         try:
             data = tomllib.loads(p.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as err:
@@ -202,43 +199,10 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig
     return base.updated(**overrides)
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+def _without_none(table: dict[str, Any]) -> dict[str, Any]:
+    return {k: _without_none(v) if isinstance(v, dict) else v for k, v in table.items() if v is not None}
 
 
 def dumps_toml(data: dict[str, Any]) -> str:
-    """A minimal TOML writer for configs: scalars, lists, and nested tables; None values are left out."""
-    lines: list[str] = []
-    tables: list[tuple[str, dict]] = []
-    for key, value in data.items():
-        if value is None:
-            continue
-        if isinstance(value, dict):
-            tables.append((key, value))
-        else:
-            lines.append(f"{key} = {_toml_value(value)}")
-
-    def emit(prefix: str, table: dict) -> None:
-        lines.append(f"\n[{prefix}]")
-        sub = []
-        for k, v in table.items():
-            if v is None:
-                continue
-            if isinstance(v, dict):
-                sub.append((f"{prefix}.{k}", v))
-            else:
-                lines.append(f"{k} = {_toml_value(v)}")
-        for p, t in sub:
-            emit(p, t)
-
-    for prefix, table in tables:
-        emit(prefix, table)
-    return "\n".join(lines) + "\n"
+    """The config as TOML (``tomli_w``); None values (unset settings) are left out, as TOML has no null."""
+    return tomli_w.dumps(_without_none(data))

@@ -15,12 +15,33 @@ import numpy as np
 from ..core.errors import DatasetError, WsssCramError
 from ..core.progress import CancelToken, Progress
 
-#: Dock label -> preset in training/: the paper's setting (GPU), a 2-core CPU run, the synthetic demo.
+#: Dock label -> shipped preset (presets/<name>.toml): the paper's setting (GPU), a 2-core CPU run, the synthetic demo.
 PRESETS = {"paper (wsss4luad)": "wsss4luad", "cpu-small": "cpu-small", "sample": "sample"}
+#: Dock label -> TrainConfig.weights (the CLI's --weights); "file" takes the path from the dock's file field.
+WEIGHTS = {"ImageNet if cached, else random": "auto", "ImageNet (download if needed)": "imagenet",
+           "random": "none", "file…": "file"}
+
+
+def weights_label(weights: str | None) -> str:
+    """The dock label of a TrainConfig.weights value (a path -> "file…")."""
+    for label, value in WEIGHTS.items():
+        if value == (weights or "none"):
+            return label
+    return "file…"
+
+
+def describe_weights(backbone: str, weights: str | None) -> str:
+    """What a run starts from, in words (files only, no network)."""
+    from ..core.model.backbone import describe_weights as describe
+
+    try:
+        return describe(backbone, weights)
+    except Exception as err:  # an unknown backbone name: said, not raised into the event loop
+        return f"unknown ({err})"
 
 
 def preset_config(preset: str, corrections: str | None = None, **overrides):
-    """The TrainConfig of ``training/<preset>.toml`` with the dock's fields applied.
+    """The TrainConfig of the preset ``presets/<preset>.toml`` with the dock's fields applied.
 
     ``corrections``: a folder written by :func:`add_corrected_example`; the patches cut from the corrected
     examples are mixed into the training patches (a CSV listing both is written into the run folder), and

@@ -243,19 +243,19 @@ class SegmentWidget(WorkerDock):
         return self._load_selected_model()
 
     def _load_selected_model(self, *_args) -> bool:
-        from ..commands.demo import bundled_model_path
         from ..core.checkpoint import load_checkpoint
+        from ..core.resources import demo_model_path
 
         use_file = self.model_combo.currentText() == CHECKPOINT
         self.checkpoint_row.setVisible(use_file)
         self.model = self.info = self._model_problem = None
-        path = self.checkpoint_row.text() if use_file else bundled_model_path()
+        path = self.checkpoint_row.text() if use_file else demo_model_path()
         try:
             if not path:
                 raise WsssCramError("Choose a checkpoint file (.pt) to segment with.")
             if not use_file and not Path(path).is_file():
                 raise WsssCramError(f"The bundled demo model {path} is missing: train it with "
-                                    "`wsss-cram train sample_data/patches --config training/sample.toml` "
+                                    "`wsss-cram train sample_data/patches --config sample` "
                                     "or choose a checkpoint file.")
             self.model, self.info = load_checkpoint(path)
         except Exception as err:  # shown in the dock, never raised into the event loop

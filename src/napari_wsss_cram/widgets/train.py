@@ -23,14 +23,23 @@ from ..core.errors import WsssCramError
 from . import _common as common
 from ._common import spin
 from ._dock import WorkerDock
-from ._train_job import PRESETS, add_corrected_example, preset_config, scan_folder, train_job
+from ._train_job import (
+    PRESETS,
+    WEIGHTS,
+    add_corrected_example,
+    describe_weights,
+    preset_config,
+    scan_folder,
+    train_job,
+    weights_label,
+)
 from .layers import role_of
 from .plot import TrainingPlot
 
 #: The CLI flags core messages name -> the control of this dock that sets the same thing.
 FIELDS = {"resume": "Resume", "out": "Output", "batch-size": "Batch", "crop": "Crop", "lr": "Learning rate",
           "backbone": "Backbone", "steps": "Steps", "epochs": "Epochs", "minutes": "Time budget",
-          "data": "Patches", "val": "Validation", "device": "Device", "preset": "Preset"}
+          "data": "Patches", "val": "Validation", "device": "Device", "preset": "Preset", "weights": "Weights"}
 
 
 class TrainWidget(WorkerDock):
@@ -65,6 +74,12 @@ class TrainWidget(WorkerDock):
         self.preset_combo.setCurrentText("cpu-small")
         self.backbone_combo = QComboBox()
         self.backbone_combo.addItems(["resnet18", "resnet34", "resnet50", "resnet101"])
+        self.weights_combo = QComboBox()
+        self.weights_combo.addItems(list(WEIGHTS))
+        self.weights_row = common.PathRow("backbone weights file (.pth, torchvision keys)", folder=False,
+                                          file_filter="PyTorch weights (*.pth *.pt)")
+        self.weights_label = QLabel()
+        self.weights_label.setWordWrap(True)
         self.epochs_spin = spin(QSpinBox, 1, 1000)
         self.steps_spin = spin(QSpinBox, 0, 1_000_000, step=10)
         self.steps_spin.setSpecialValueText("by epochs / time")
@@ -83,6 +98,9 @@ class TrainWidget(WorkerDock):
                 (self.preset_combo, "Starting values for every field: the paper's GPU setting, a small CPU run, "
                                     "or the synthetic sample"),
                 (self.backbone_combo, "ResNet depth: resnet18 trains fastest, resnet50 is the paper's"),
+                (self.weights_combo, "Where the backbone starts: ImageNet (much better; downloaded once into "
+                                     "torch's hub cache when chosen), random, or a local weights file"),
+                (self.weights_row, "A .pth file of torchvision ResNet weights for the chosen backbone"),
                 (self.epochs_spin, "Passes over the patches (the time budget or Steps may end training sooner)"),
                 (self.steps_spin, "Optimiser steps to train; 0 = by epochs and time budget"),
                 (self.batch_spin, "Patches per step: lower it when memory runs out"),
@@ -94,6 +112,7 @@ class TrainWidget(WorkerDock):
             widget.setToolTip(tip)
         self.crop_spin.setSuffix(" px")
         for label, widget in [("Preset", self.preset_combo), ("Backbone", self.backbone_combo),
+                              ("Weights", self.weights_combo), ("", self.weights_row), ("", self.weights_label),
                               ("Epochs", self.epochs_spin), ("Steps", self.steps_spin),
                               ("Time budget", self.minutes_spin), ("Batch", self.batch_spin),
                               ("Crop", self.crop_spin), ("Learning rate", self.lr_spin),
@@ -143,6 +162,10 @@ class TrainWidget(WorkerDock):
         self.apply_preset()
         self.restore_settings()
         self.preset_combo.currentTextChanged.connect(self.apply_preset)
+        for signal in (self.weights_combo.currentTextChanged, self.backbone_combo.currentTextChanged,
+                       self.weights_row.edit.textChanged):
+            signal.connect(self._show_weights)
+        self._show_weights()
         self.scan_button.clicked.connect(self.scan)
         self.start_button.clicked.connect(lambda: self.start(resume=False))
         self.resume_button.clicked.connect(lambda: self.start(resume=True))
@@ -156,13 +179,16 @@ class TrainWidget(WorkerDock):
 
     # ----- settings ---------------------------------------------------------------------------------------
     def apply_preset(self, *_args) -> None:
-        """Fill the fields from the chosen preset (training/<preset>.toml)."""
+        """Fill the fields from the chosen preset (presets/<preset>.toml)."""
         try:
             config = preset_config(self.preset_combo.currentText())
         except Exception as err:  # shown in the dock, never raised into the event loop
             self.show_error(err)
             return
         self.backbone_combo.setCurrentText(str(config.model.get("backbone", "resnet50")))
+        self.weights_combo.setCurrentText(weights_label(config.weights))
+        if weights_label(config.weights) == "file…":
+            self.weights_row.setText(str(config.weights))
         self.epochs_spin.setValue(config.epochs)
         self.steps_spin.setValue(config.steps or 0)
         self.minutes_spin.setValue(config.minutes or 0.0)
@@ -185,8 +211,28 @@ class TrainWidget(WorkerDock):
             self.preset_combo.currentText(), data=data, out=out, val=val, backbone=self.backbone_combo.currentText(),
             epochs=self.epochs_spin.value(), steps=self.steps_spin.value() or None,
             batch_size=self.batch_spin.value(), crop=self.crop_spin.value(), lr=self.lr_spin.value(),
-            device=self.device_combo.currentText(), resume=resume, corrections=mix)
+            device=self.device_combo.currentText(), resume=resume, corrections=mix, weights=self.weights())
         return dataclasses.replace(config, minutes=self.minutes_spin.value() or None)
+
+    def weights(self) -> str:
+        """The TrainConfig.weights of the Weights field (auto, imagenet, none or a file path)."""
+        value = WEIGHTS[self.weights_combo.currentText()]
+        if value != "file":
+            return value
+        path = self.weights_row.text()
+        if not path or not Path(path).is_file():
+            raise WsssCramError(f"Weights file '{path}' does not exist: choose a .pth file of torchvision "
+                                "ResNet weights, or another Weights choice.")
+        return path
+
+    def _show_weights(self, *_args) -> None:
+        """Say which weights a run will start from (looks at files only)."""
+        value = WEIGHTS[self.weights_combo.currentText()]
+        self.weights_row.setVisible(value == "file")
+        weights = (self.weights_row.text() or None) if value == "file" else value
+        text = "choose a weights file" if weights is None \
+            else describe_weights(self.backbone_combo.currentText(), weights)
+        self.weights_label.setText(f"Starts from {text}.")
 
     def _refresh_layer_choices(self, event=None) -> None:
         from napari.layers import Image, Labels
@@ -283,6 +329,8 @@ class TrainWidget(WorkerDock):
             self.plot.add_miou(int(info.get("epoch", event.done)), float(info["mIoU"]))
         elif event.stage == "data":
             self.eta_label.setText(str(info.get("summary", "")).splitlines()[0])
+            if info.get("weights"):
+                self.say(f"Training from {info['weights']}… (Cancel keeps a usable last checkpoint)")
 
     def on_done(self, checkpoint) -> None:
         self.checkpoint_path = str(checkpoint) if checkpoint else None
@@ -338,7 +386,8 @@ class TrainWidget(WorkerDock):
     # ----- persistence ------------------------------------------------------------------------------------
     def persisted(self) -> dict:
         return {"data": self.data_row, "val": self.val_row, "out": self.out_row, "preset": self.preset_combo,
-                "backbone": self.backbone_combo, "epochs": self.epochs_spin, "steps": self.steps_spin,
+                "backbone": self.backbone_combo, "weights": self.weights_combo, "weights_file": self.weights_row,
+                "epochs": self.epochs_spin, "steps": self.steps_spin,
                 "minutes": self.minutes_spin,
                 "batch": self.batch_spin, "crop": self.crop_spin, "lr": self.lr_spin,
                 "device": self.device_combo, "corrections": self.corrections_row, "mix": self.mix_check}

@@ -1,6 +1,6 @@
 """Training augmentation: random rescale, random crop (padded with white glass), flips, 90-degree turns, and a
 light stain/colour jitter. The paper's setting is a x2-x3 rescale of the 150-300 px WSSS4LUAD patches then a
-513 px crop; the CPU presets use a smaller range and crop (see ``training/*.toml``).
+513 px crop; the CPU presets use a smaller range and crop (see ``presets/*.toml``).
 
 Every random draw comes from the ``numpy.random.Generator`` passed in, which the datasets seed from
 ``(seed, epoch, sample index)``: a sample's augmentation does not depend on the worker that made it, so a resumed

@@ -27,10 +27,10 @@ import numpy as np
 
 from ..classes import IGNORE_INDEX, ClassSpec, class_spec_from_names
 from ..errors import DatasetError
+from ..io.formats import FLAT_SUFFIXES, is_image_file
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 #: a class with fewer patches than this gets a warning before training
 MIN_PATCHES_PER_CLASS = 20
 CLASSES_FILE = "classes.txt"
@@ -89,7 +89,7 @@ def load_patch_rgb(path: Path) -> np.ndarray:
 
 
 def _is_image(p: Path) -> bool:
-    return p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    return is_image_file(p, FLAT_SUFFIXES)
 
 
 def read_classes_file(folder: Path) -> list[str] | None:

@@ -14,7 +14,8 @@ import numpy as np
 
 from ..classes import IGNORE_INDEX, ClassSpec, class_spec_from_names
 from ..errors import DatasetError
-from .patches import IMAGE_SUFFIXES, read_classes_file
+from ..io.formats import FLAT_SUFFIXES, MASK_SUFFIXES, is_image_file
+from .patches import read_classes_file
 
 
 @dataclass(frozen=True)
@@ -48,10 +49,10 @@ class PixelIndex:
 
 
 def _find_by_stem(folder: Path, stem: str) -> Path | None:
-    for suffix in (".png", ".PNG", ".tif", ".tiff"):
-        p = folder / f"{stem}{suffix}"
-        if p.is_file():
-            return p
+    for suffix in MASK_SUFFIXES:
+        for p in (folder / f"{stem}{suffix}", folder / f"{stem}{suffix.upper()}"):
+            if p.is_file():
+                return p
     return None
 
 
@@ -72,8 +73,7 @@ def discover_pixel_dataset(path: str | Path, classes: ClassSpec | str | list[str
     else:
         spec = class_spec_from_names(classes if classes is not None else folder_names)
     remap = _class_remap(class_spec_from_names(folder_names), spec, root) if folder_names else None
-    images = sorted(p for p in img_dir.iterdir()
-                    if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    images = sorted(p for p in img_dir.iterdir() if is_image_file(p, FLAT_SUFFIXES))
     if not images:
         raise DatasetError(f"{img_dir}: no images found.")
     samples = []

@@ -34,6 +34,7 @@ import numpy as np
 
 from ..classes import IGNORE_INDEX, ClassSpec
 from ..errors import ImageReadError, OutputExistsError, WsssCramError
+from .atomic import atomic_path, temp_path  # noqa: F401 (re-exported: the writers' one atomic helper)
 
 TileSource = Callable[[int, int, int, int], np.ndarray]
 
@@ -104,31 +105,6 @@ def folder_lock(folder: str | os.PathLike, what: str = "wsss-cram run") -> Itera
         yield path
     finally:
         fh.close()
-
-
-@contextlib.contextmanager
-def atomic_path(final_path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``final_path`` (same suffixes); rename it into place on success.
-
-    On any exception (including a cancel) the temporary file is removed and the final path is untouched.
-    """
-    final = Path(final_path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    suffixes = "".join(final.suffixes[-2:]) if final.name.lower().endswith((".ome.tif", ".ome.tiff")) \
-        else final.suffix
-    stem = final.name[: len(final.name) - len(suffixes)] if suffixes else final.name
-    tmp = final.with_name(f".{stem}.{uuid.uuid4().hex[:8]}.partial{suffixes}")
-    try:
-        yield tmp
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
-#: Same thing under the name some briefs use.
-atomic_write = atomic_path
 
 
 def _as_labels(labels: Any, name: str = "labels") -> np.ndarray:

@@ -1,7 +1,10 @@
-"""Dilated torchvision ResNets and their weights: torch hub cache -> local file -> random init.
+"""Dilated torchvision ResNets and their weights: ImageNet (torch hub cache, downloaded on request), a local
+file, or random init.
 
-No network call is ever made: ImageNet weights are used only when torchvision's weights file is already in
-the torch hub cache (``$TORCH_HOME/hub/checkpoints``); the cache file is checked before asking torchvision.
+``weights="auto"`` (the default) never touches the network: ImageNet weights are used only when torchvision's
+weights file is already in the torch hub cache (``$TORCH_HOME/hub/checkpoints``). ``weights="imagenet"`` fetches
+the file through torchvision's weights API (with a progress bar, into that cache) when it is not there yet, and
+fails at once offline with a message naming the file and the folder to put it in.
 """
 
 from __future__ import annotations
@@ -10,7 +13,9 @@ import logging
 import os
 import warnings
 from pathlib import Path
+from urllib.error import URLError
 from urllib.parse import urlparse
+from urllib.request import Request, urlopen
 
 import torch
 from torch import nn
@@ -22,6 +27,8 @@ log = logging.getLogger(__name__)
 
 #: Environment variable naming a local backbone weights file, tried after the torch hub cache.
 WEIGHTS_ENV = "WSSS_CRAM_BACKBONE_WEIGHTS"
+#: Seconds to wait for the weights server before saying we are offline (instead of hanging on a firewall).
+PROBE_TIMEOUT = 10.0
 _warned_random: set[str] = set()
 
 FEATURE_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
@@ -65,6 +72,18 @@ def _dilate(layer: nn.Module, dilation: int) -> None:
                 module.padding = (dilation, dilation)
 
 
+def hub_cache_dir() -> Path:
+    """torch's weights cache folder, ``torch.hub.get_dir()/checkpoints`` (``$TORCH_HOME`` moves it)."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def imagenet_weights(name: str) -> tuple[object, Path]:
+    """torchvision's recommended ImageNet weights entry for backbone ``name`` and its torch hub cache path."""
+    tv = import_torchvision()
+    entry = tv.models.get_model_weights(name).DEFAULT
+    return entry, hub_cache_dir() / os.path.basename(urlparse(entry.url).path)
+
+
 def cached_imagenet_weights(name: str) -> tuple[object, Path] | None:
     """The torchvision weights entry whose file is already in the torch hub cache, or None (no download)."""
     tv = import_torchvision()
@@ -74,12 +93,67 @@ def cached_imagenet_weights(name: str) -> tuple[object, Path] | None:
         return None
     default = getattr(tv.models.get_model_weights(name), "DEFAULT", None)
     entries.sort(key=lambda w: w is not default)  # prefer the recommended weights when both are cached
-    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    cache = hub_cache_dir()
     for entry in entries:
         path = cache / os.path.basename(urlparse(entry.url).path)
         if path.is_file():
             return entry, path
     return None
+
+
+def _probe(url: str) -> None:
+    """Raise URLError/OSError at once when ``url`` cannot be reached (torch's download has no timeout)."""
+    with urlopen(Request(url, method="HEAD"), timeout=PROBE_TIMEOUT):
+        pass
+
+
+def fetch_imagenet_weights(name: str, progress: bool = True) -> tuple[dict, Path]:
+    """ImageNet weights of backbone ``name``: (state_dict, cache file), downloaded into the torch hub cache
+    through torchvision's weights API (hash-checked, with a progress bar) unless a file is already cached.
+
+    Raises CheckpointError naming the file and the folder to put it in when it cannot be downloaded.
+    """
+    found = cached_imagenet_weights(name)
+    if found is None:
+        entry, path = imagenet_weights(name)
+        try:
+            _probe(entry.url)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            log.info("Downloading ImageNet weights for %s: %s -> %s", name, entry.url, path)
+            state = entry.get_state_dict(progress=progress, check_hash=True, weights_only=True)
+        except (URLError, OSError, RuntimeError) as err:  # RuntimeError: torch's hash check
+            reason = getattr(err, "reason", None) or err
+            raise CheckpointError(
+                f"Cannot download the ImageNet weights for {name} ({reason}). Without internet, download "
+                f"{entry.url} elsewhere and put the file {path.name} into {path.parent} (torch's hub cache; "
+                f"$TORCH_HOME moves it), or pass --weights PATH to a local copy, or --weights none to start "
+                f"from random weights.") from None
+        return state, path
+    entry, path = found
+    try:
+        return entry.get_state_dict(progress=False, weights_only=True), path
+    except Exception:  # torch's own reason suggests weights_only=False (running the file's code): not shown
+        raise CheckpointError(f"The cached ImageNet weights {path} cannot be read as a torch weights file "
+                              f"(damaged or incomplete): delete the file and run again to download it anew.") \
+            from None
+
+
+def describe_weights(name: str, weights: str | os.PathLike | None) -> str:
+    """What a run with backbone ``name`` and ``weights`` starts from, in words; looks at files only (offline)."""
+    if weights in (None, "none", "random"):
+        return "random weights (no ImageNet)"
+    if weights in ("auto", "imagenet"):
+        found = cached_imagenet_weights(name)
+        if found is not None:
+            return f"ImageNet weights from the torch hub cache ({found[1]})"
+        entry_path = imagenet_weights(name)[1]
+        if weights == "imagenet":
+            return f"ImageNet weights, downloaded at the start into {entry_path}"
+        if os.environ.get(WEIGHTS_ENV):
+            return f"the weights file ${WEIGHTS_ENV} = {os.environ[WEIGHTS_ENV]}"
+        return (f"random weights: {entry_path.name} is not in {entry_path.parent} "
+                f"(choose ImageNet / --weights imagenet to download it)")
+    return f"the weights file {weights}"
 
 
 def _clean_state_dict(state: dict) -> dict:
@@ -104,7 +178,7 @@ def load_backbone_file(backbone: ResNetBackbone, path: str | os.PathLike) -> Non
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"Backbone weights file not found: {path}. Give an existing .pth file or "
-                              f"use weights='auto'.")
+                              f"use --weights imagenet (download) or auto.")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -125,13 +199,18 @@ def init_backbone_weights(backbone: ResNetBackbone, weights: str | os.PathLike |
     """Initialise ``backbone`` and return where its weights came from.
 
     ``weights``: ``"auto"`` = ImageNet from the torch hub cache, else the file named by
-    ``$WSSS_CRAM_BACKBONE_WEIGHTS``, else random init with one warning; ``"imagenet"`` = like auto;
-    ``None`` or ``"random"`` = random init silently (e.g. before loading a checkpoint); any other string
-    or path = that local weights file.
+    ``$WSSS_CRAM_BACKBONE_WEIGHTS``, else random init with one warning (never the network);
+    ``"imagenet"`` = ImageNet, downloaded into the torch hub cache when not there yet (CheckpointError when
+    that fails); ``None`` or ``"random"`` = random init silently (e.g. before loading a checkpoint); any other
+    string or path = that local weights file.
     """
     if weights is None or weights == "random":
         return "random"
-    if weights in ("auto", "imagenet"):
+    if weights == "imagenet":
+        state, path = fetch_imagenet_weights(backbone.name)
+        backbone.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")})
+        return f"imagenet:{path.name}"
+    if weights == "auto":
         found = cached_imagenet_weights(backbone.name)
         if found is not None:
             entry, path = found
@@ -151,7 +230,8 @@ def init_backbone_weights(backbone: ResNetBackbone, weights: str | os.PathLike |
                 f"No ImageNet weights for {backbone.name} in the torch hub cache "
                 f"({Path(torch.hub.get_dir()) / 'checkpoints'}) and ${WEIGHTS_ENV} is not set: the backbone "
                 f"starts from random weights, which trains much slower and worse. Put torchvision's "
-                f"{backbone.name} weights file in that folder or point ${WEIGHTS_ENV} at a local copy.",
+                f"{backbone.name} weights file in that folder, point ${WEIGHTS_ENV} at a local copy, or pass "
+                f"--weights imagenet to download it.",
                 UserWarning, stacklevel=3,
             )
         return "random"
