@@ -66,6 +66,7 @@ from .tiling import (
     Geometry,
     RowSink,
     linear_taps,
+    quantize,
     tile_starts,
     tissue_thumbnail,
     window_1d,
@@ -278,7 +279,8 @@ class TileRunner:
     resampling back to output pixels all happen on the device (only small arrays cross the bus); CUDA uses
     AMP and channels-last; out-of-memory halves the batch and retries."""
 
-    def __init__(self, model: Any, mean: tuple, std: tuple, settings: PredictSettings, device: Any) -> None:
+    def __init__(self, model: Any, mean: tuple, std: tuple, settings: PredictSettings, device: Any,
+                 tile_crf: bool = True) -> None:
         import torch
 
         self.torch = torch
@@ -287,7 +289,8 @@ class TileRunner:
         self.batch = settings.batch
         self.amp = settings.amp and self.cuda
         self.channels_last = settings.channels_last and self.cuda
-        self.crf = settings.crf_params if settings.crf else None
+        # the CRF on each tile (a single-tile image); a tiled image gets it on the assembled map (refine_crf)
+        self.crf = settings.crf_params if (settings.crf and tile_crf) else None
         self.crf_isolated = bool(settings.crf_isolated)
         self.want_cam = settings.with_cam
         self.tissue_threshold = (float(settings.tissue_threshold)
@@ -586,20 +589,41 @@ class PredictionRun:
     tiles: list[tuple[int, int]]               # (tile row, tile column), row-major
     runs_model: list[bool]                     # False: no tissue in its footprint, predicted as background
     t_start: float
+    # CRF windows on the assembled map (tiled images): (core y0, y1, x0, x1, window y0, y1, x0, x1), output px
+    crf_windows: list[tuple[int, ...]] = field(default_factory=list)
     # allocate_outputs: where finalized rows go
     labels: Any = None
     probs: Any = None
     cam: Any = None
     accumulator: BandAccumulator | None = None
     store_dir: Path | None = None
-    # run_tiles: counters
+    keep_probs: bool = True                    # False: probs were allocated only for the CRF, dropped after
+    # run_tiles / refine_crf: counters
     done: int = 0
     skipped: int = 0
     read_seconds: float = 0.0
+    crf_seconds: float = 0.0
+    class_pixels: np.ndarray | None = None     # recounted after refine_crf
 
     @property
     def total(self) -> int:
         return len(self.tiles)
+
+    @property
+    def steps(self) -> int:
+        """Progress steps: tiles, then CRF windows."""
+        return len(self.tiles) + len(self.crf_windows)
+
+    def tile_borders(self) -> tuple[list[float], list[float]]:
+        """Where neighbouring tiles meet (the middle of each overlap), in output pixels of the region (rows,
+        columns): where seams would show."""
+        k = self.geom.work_per_out
+        out = []
+        for starts, size, origin in ((self.ys, self.tile_shape[0], self.region[0]),
+                                     (self.xs, self.tile_shape[1], self.region[1])):
+            out.append([((starts[i + 1] + starts[i] + size) / 2.0 + 0.5) / k - 0.5 - origin
+                        for i in range(len(starts) - 1)])
+        return out[0], out[1]
 
     @property
     def streamed(self) -> bool:
@@ -611,8 +635,8 @@ def predict_source(model: Any, info: Any, source: Any, settings: PredictSettings
                    ) -> Generator[Progress, None, Prediction]:
     """Segment ``region`` (y, x, h, w in pixels of ``settings.output_level``; None = all) of an ImageSource.
 
-    Four stages pass one :class:`PredictionRun`: plan the tiles, allocate the outputs, run the device
-    pipeline (read, model, blend), assemble the :class:`Prediction`.
+    Stages pass one :class:`PredictionRun`: plan the tiles, allocate the outputs, run the device pipeline
+    (read, model, blend), refine a tiled image's assembled map with the CRF, assemble the :class:`Prediction`.
     """
     settings = settings or PredictSettings()
     settings.validate()
@@ -620,8 +644,10 @@ def predict_source(model: Any, info: Any, source: Any, settings: PredictSettings
     allocate_outputs(run)
     try:
         device = resolve_device(settings.device)
-        runner = TileRunner(model, run.mean, run.std, settings, device)
+        runner = TileRunner(model, run.mean, run.std, settings, device, tile_crf=not run.crf_windows)
         yield from run_tiles(run, source, runner, cancel)
+        if run.crf_windows:
+            yield from refine_crf(run, source, runner, cancel)
     except BaseException:
         if run.store_dir is not None:
             shutil.rmtree(run.store_dir, ignore_errors=True)
@@ -694,12 +720,46 @@ def plan_tiles(model: Any, info: Any, source: Any, settings: PredictSettings,
 
         runs_model = [has_tissue(ys[r], xs[c]) for r, c in tiles]
 
+    crf_windows: list[tuple[int, ...]] = []
+    if settings.crf and len(tiles) > 1 and not _CRF_PER_TILE:
+        crf_windows = _crf_windows(oh, ow, crf_margin(settings.crf_params, k))
     placement = Placement.of_region(oy0, ox0, d_out, level=out_level, mpp0=getattr(source, "mpp", None))
     return PredictionRun(
         name=name, settings=settings, classes=classes, mean=mean, std=std, model_mpp=model_mpp,
         region=(oy0, ox0, oh, ow), placement=placement, level=level, geom=geom, read_info=read_info, block=m,
         acc_shape=(ah, aw), ys=ys, xs=xs, tile_shape=(th, tw), row_spans=row_spans, col_spans=col_spans,
-        row_weights=row_weights, col_weights=col_weights, tiles=tiles, runs_model=runs_model, t_start=t_start)
+        row_weights=row_weights, col_weights=col_weights, tiles=tiles, runs_model=runs_model, t_start=t_start,
+        crf_windows=crf_windows)
+
+
+#: Keep the CRF on each tile of a tiled image (the behaviour before the seam fix): for benchmarks/seams.py only.
+_CRF_PER_TILE = False
+#: Side (output pixels) of the part of the assembled map one CRF window keeps.
+CRF_WINDOW = 1024
+
+
+def crf_margin(params: CRFParams, work_per_out: float) -> int:
+    """Context (output pixels) around a CRF window's kept part: 4 bilateral ranges, so that two windows agree
+    where they meet (the kernel weight at 4 sigma is 3e-4)."""
+    return int(min(512, max(32, math.ceil(4.0 * params.bilateral_sxy / work_per_out))))
+
+
+def _crf_windows(h: int, w: int, margin: int) -> list[tuple[int, ...]]:
+    out = []
+    for y0 in range(0, h, CRF_WINDOW):
+        for x0 in range(0, w, CRF_WINDOW):
+            y1, x1 = min(h, y0 + CRF_WINDOW), min(w, x0 + CRF_WINDOW)
+            out.append((y0, y1, x0, x1, max(0, y0 - margin), min(h, y1 + margin), max(0, x0 - margin),
+                        min(w, x1 + margin)))
+    return out
+
+
+def scaled_crf_params(params: CRFParams, work_per_out: float) -> CRFParams:
+    """The CRF's distances are in model (work) pixels; the same kernels on the output grid."""
+    import dataclasses
+
+    return dataclasses.replace(params, gaussian_sxy=params.gaussian_sxy / work_per_out,
+                               bilateral_sxy=params.bilateral_sxy / work_per_out)
 
 
 def allocate_outputs(run: PredictionRun) -> None:
@@ -708,6 +768,9 @@ def allocate_outputs(run: PredictionRun) -> None:
     settings, channels = run.settings, run.classes.num_outputs
     oh, ow = run.region[2:]
     want_cam = settings.with_cam
+    # the CRF on the assembled map reads the blended probabilities back
+    run.keep_probs = bool(settings.with_probs)
+    with_probs = settings.with_probs or bool(run.crf_windows)
     if oh * ow > settings.stream_threshold_mp * 1e6:
         import zarr
 
@@ -718,13 +781,13 @@ def allocate_outputs(run: PredictionRun) -> None:
         run.labels = zarr.open(str(store_dir / "labels.zarr"), mode="w", shape=(oh, ow), chunks=(chunk, 1024),
                                dtype=np.uint8)
         run.probs = (zarr.open(str(store_dir / "probs.zarr"), mode="w", shape=(channels, oh, ow),
-                               chunks=(1, chunk, 1024), dtype=np.uint8) if settings.with_probs else None)
+                               chunks=(1, chunk, 1024), dtype=np.uint8) if with_probs else None)
         run.cam = (zarr.open(str(store_dir / "cam.zarr"), mode="w", shape=(channels, oh, ow),
                              chunks=(1, chunk, 1024), dtype=np.uint8) if want_cam else None)
         sink = RowSink(run.labels, run.probs, run.cam, chunk_rows=chunk)
     else:
         run.labels = np.zeros((oh, ow), np.uint8)
-        run.probs = np.zeros((channels, oh, ow), np.uint8) if settings.with_probs else None
+        run.probs = np.zeros((channels, oh, ow), np.uint8) if with_probs else None
         run.cam = np.zeros((channels, oh, ow), np.uint8) if want_cam else None
         sink = RowSink(run.labels, run.probs, run.cam)
     run.accumulator = BandAccumulator(*run.acc_shape, channels, sink, with_cam=want_cam,
@@ -742,9 +805,10 @@ def run_tiles(run: PredictionRun, source: Any, runner: TileRunner, cancel: Cance
     from concurrent.futures import ThreadPoolExecutor
 
     acc, tiles, total, name = run.accumulator, run.tiles, run.total, run.name
+    steps = run.steps
     th, tw = run.tile_shape
     background = run.classes.background_index
-    yield Progress("predict", 0, total, {"name": name, "tile": (th, tw), "tiles": total})
+    yield Progress("predict", 0, steps, {"name": name, "tile": (th, tw), "tiles": total})
 
     # Work grid -> accumulation pixels of each tile row / column, shared by the tiles in it.
     out_row_taps = [linear_taps(py, 0, th, th) for _, _, py in run.row_spans]
@@ -803,7 +867,7 @@ def run_tiles(run: PredictionRun, source: Any, runner: TileRunner, cancel: Cance
                 run.skipped += 1
                 run.done += 1
                 if run.skipped % 64 == 0:
-                    yield Progress("predict", run.done, total, {"name": name, "skipped": run.skipped,
+                    yield Progress("predict", run.done, steps, {"name": name, "skipped": run.skipped,
                                                                 "batch": runner.batch})
             else:
                 schedule(position + 2 * max(1, runner.batch))
@@ -815,7 +879,7 @@ def run_tiles(run: PredictionRun, source: Any, runner: TileRunner, cancel: Cance
                 blend(add_batch, pending, runner(pending))
                 run.done += len(pending)
                 pending = []
-                yield Progress("predict", run.done, total, {"name": name, "skipped": run.skipped,
+                yield Progress("predict", run.done, steps, {"name": name, "skipped": run.skipped,
                                                             "batch": runner.batch})
             # Rows above the first row that a tile not yet added can touch are final.
             first_open = pending[0].index if pending else index + 1
@@ -837,6 +901,64 @@ def run_tiles(run: PredictionRun, source: Any, runner: TileRunner, cancel: Cance
         blender.shutdown(wait=True)
 
 
+def refine_crf(run: PredictionRun, source: Any, runner: TileRunner, cancel: CancelToken | None = None,
+               ) -> Generator[Progress, None, None]:
+    """Stage 3b (tiled images with the CRF): the dense CRF on the *assembled* probability map, window by window.
+
+    Why not on each tile: the CRF propagates a decision over its whole bilateral range (80 model pixels), and a
+    tile's CRF knows only that tile, so two neighbours often settle an ambiguous region differently; their
+    near one-hot results then meet in a straight line in the middle of the overlap (bug 10: class boundaries
+    along tile borders, 279 class changes across one border column of a 640x640 field where the median column
+    has 8). On the assembled map every window sees the same blended unaries, and each keeps only its core with
+    :func:`crf_margin` of context around it, so windows agree where they meet. The kernels are the same
+    physical size (distances divided by work pixels per output pixel); the tissue mask still decides background.
+    """
+    import torch
+
+    settings, classes = run.settings, run.classes
+    params = scaled_crf_params(settings.crf_params, run.geom.work_per_out)
+    oy0, ox0 = run.region[:2]
+    k = classes.num_classes
+    tissue_rules = runner.tissue_threshold is not None
+    use_torch = resolve_backend(params, runner.device) == "torch"
+    crf_fn = dense_crf_isolated if settings.crf_isolated else dense_crf
+    for cy0, cy1, cx0, cx1, wy0, wy1, wx0, wx1 in run.crf_windows:
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        t0 = time.perf_counter()
+        rgb = np.ascontiguousarray(source.read_region(oy0 + wy0, ox0 + wx0, wy1 - wy0, wx1 - wx0,
+                                                      run.placement.level)[..., :3], dtype=np.uint8)
+        blended = np.asarray(run.probs[:, wy0:wy1, wx0:wx1])
+        p = blended.astype(np.float32)
+        total = p.sum(axis=0, keepdims=True)
+        p = np.where(total > 0, p / np.maximum(total, 1e-8), 1.0 / p.shape[0]).astype(np.float32)
+        if use_torch:
+            with torch.inference_mode():
+                q = dense_crf_torch(torch.from_numpy(rgb)[None].to(runner.device),
+                                    torch.from_numpy(p)[None].to(runner.device), params)[0].cpu().numpy()
+        else:
+            q = crf_fn(rgb, p, params)
+        if tissue_rules:  # as on tiles: the CRF may spread background over pale tissue; the mask decides
+            white = blended[k] >= 128
+            tissue = q[:k]
+            tsum = tissue.sum(axis=0, keepdims=True)
+            tissue = np.where(tsum > 1e-8, tissue / np.maximum(tsum, 1e-8), 1.0 / max(1, k))
+            q = np.concatenate([tissue * ~white, white[None].astype(np.float32)], axis=0)
+        sy, sx = slice(cy0 - wy0, cy1 - wy0), slice(cx0 - wx0, cx1 - wx0)
+        core = q[:, sy, sx]
+        run.labels[cy0:cy1, cx0:cx1] = core.argmax(axis=0).astype(np.uint8)
+        run.probs[:, cy0:cy1, cx0:cx1] = quantize(core)
+        run.crf_seconds += time.perf_counter() - t0
+        run.done += 1
+        yield Progress("predict", run.done, run.steps, {"name": run.name, "stage": "crf"})
+    counts = np.zeros(classes.num_outputs, np.int64)
+    rows = max(1, (1 << 20) // max(1, run.region[3]))
+    for y in range(0, run.region[2], rows):
+        counts += np.bincount(np.asarray(run.labels[y:y + rows]).ravel(),
+                              minlength=classes.num_outputs)[: classes.num_outputs]
+    run.class_pixels = counts
+
+
 def assemble(run: PredictionRun, runner: TileRunner) -> Prediction:
     """Stage 4: the :class:`Prediction` (arrays, placement, class pixel counts, run information)."""
     settings, classes = run.settings, run.classes
@@ -845,7 +967,8 @@ def assemble(run: PredictionRun, runner: TileRunner) -> Prediction:
     pixels_in = oh * ow
     run_info = {
         "name": run.name, "tiles": run.total, "skipped_tiles": run.skipped, "tile_size": run.tile_shape,
-        "seconds": elapsed, "model_seconds": runner.seconds, "crf_seconds": runner.crf_seconds,
+        "seconds": elapsed, "model_seconds": runner.seconds, "crf_seconds": runner.crf_seconds + run.crf_seconds,
+        "crf_on": "assembled map" if run.crf_windows else ("tiles" if settings.crf else None),
         "read_seconds": run.read_seconds, "megapixels": pixels_in / 1e6,
         "megapixels_per_second": pixels_in / 1e6 / max(elapsed, 1e-9), "device": str(runner.device),
         "batch": runner.batch, "messages": list(runner.messages), "streamed": run.streamed,
@@ -853,9 +976,11 @@ def assemble(run: PredictionRun, runner: TileRunner) -> Prediction:
         **run.read_info,
     }
     cam = run.cam if runner.got_cam else None  # stage-2 models have no activation maps
+    counts = run.class_pixels if run.class_pixels is not None else run.accumulator.class_pixels
     return Prediction(
-        labels=run.labels, probs=run.probs, cam=cam, classes=classes, placement=run.placement, region=run.region,
-        class_pixels={n: int(v) for n, v in zip(classes.all_names, run.accumulator.class_pixels, strict=True)},
+        labels=run.labels, probs=run.probs if run.keep_probs else None, cam=cam, classes=classes,
+        placement=run.placement, region=run.region,
+        class_pixels={n: int(v) for n, v in zip(classes.all_names, counts, strict=True)},
         info=run_info, store_dir=run.store_dir,
     )
 

@@ -293,3 +293,27 @@ class BandAccumulator:
 def quantize(values: np.ndarray) -> np.ndarray:
     """[0, 1] floats -> uint8 (x 255, rounded)."""
     return np.clip(np.rint(values * 255.0), 0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------- seams
+def seam_profile(labels: np.ndarray, borders_y: list[float], borders_x: list[float], width: int = 3,
+                 ) -> dict[str, dict[str, float]]:
+    """Class changes per column and per row of a label map, near tile borders vs elsewhere.
+
+    ``columns``: for each column boundary x|x+1, the number of rows whose class changes there (a class boundary
+    running straight down a tile border piles up in one column); ``rows`` likewise. ``borders_y``/``borders_x``:
+    the tile borders (centres of the overlaps) in label pixels; "near" is within ``width`` pixels. Each profile
+    gives ``border_max``, ``other_max``, ``median`` (all columns) and ``ratio`` = border_max / median.
+    """
+    lab = np.asarray(labels)
+    out: dict[str, dict[str, float]] = {}
+    for name, axis, borders in (("columns", 1, borders_x), ("rows", 0, borders_y)):
+        changes = (np.diff(lab.astype(np.int16), axis=axis) != 0).sum(axis=1 - axis)
+        near = np.zeros(changes.shape[0], bool)
+        for b in borders:
+            near[max(0, int(math.floor(b)) - width): max(0, int(math.floor(b)) + width + 1)] = True
+        median = float(np.median(changes)) if changes.size else 0.0
+        border_max = float(changes[near].max()) if near.any() else 0.0
+        out[name] = {"border_max": border_max, "other_max": float(changes[~near].max()) if (~near).any() else 0.0,
+                     "median": median, "ratio": border_max / max(median, 1.0)}
+    return out
