@@ -29,13 +29,17 @@ Output files (PNG, OME-TIFF, GeoJSON, composition) are written by :mod:`napari_w
 ``x`` normalised ``(B, 3, H, W)``; ``info`` is a ``CheckpointInfo`` (classes, model_config: mean/std, mpp)
 or None (then ``model.classes``/``model.config`` or the WSSS4LUAD classes and ImageNet normalisation).
 
-How it works: the region is covered by tiles in the *work* grid (the image resampled by ``scale``), each with
-context padding; tiles whose footprint has no tissue on a low-resolution near-white mask are predicted as
-background without running the model; the others are batched on the device (CUDA: AMP + channels-last;
-out-of-memory halves the batch and retries). Tile probabilities are optionally refined by the dense CRF (the entry
-point training uses; the torch backend runs on the model's device for the whole batch), resampled to the output grid and blended with a linear-ramp window into a band of rows
-(:class:`~napari_wsss_cram.core.tiling.BandAccumulator`), which is finalized (arg-max, quantized) row band by
-row band: memory grows with the slide width, not its area. See :mod:`napari_wsss_cram.core.tiling`.
+How it works (``predict_source``: stages passing one :class:`PredictionRun`): :func:`plan_tiles` covers the region
+with tiles in the *work* grid (the image resampled by ``scale``), each with context padding, and marks the tiles
+whose footprint has no tissue on a low-resolution near-white mask (predicted as background without the model);
+:func:`allocate_outputs` creates the output arrays (memory or zarr); :func:`run_tiles` batches the other tiles on
+the device (CUDA: AMP + channels-last; out-of-memory halves the batch and retries), resamples their probabilities
+to the output grid and blends them with a linear-ramp window into a band of rows
+(:class:`~napari_wsss_cram.core.tiling.BandAccumulator`), finalized (arg-max, quantized) row band by row band:
+memory grows with the slide width, not its area. The optional dense CRF (the entry point training uses) runs on
+the tile of a single-tile image, and on the *assembled* map of a tiled one (:func:`refine_crf`, window by window
+with context: a CRF per tile drew class boundaries along tile borders); :func:`assemble` returns the
+:class:`Prediction`. See :mod:`napari_wsss_cram.core.tiling`.
 """
 
 from __future__ import annotations
