@@ -601,7 +601,7 @@ class PredictionRun:
     cam: Any = None
     accumulator: BandAccumulator | None = None
     store_dir: Path | None = None
-    keep_probs: bool = True                    # False: probs were allocated only for the CRF, dropped after
+    crf_probs: Any = None                      # float16 (C, H, W) blended probabilities, the CRF's unaries
     # run_tiles / refine_crf: counters
     done: int = 0
     skipped: int = 0
@@ -772,9 +772,7 @@ def allocate_outputs(run: PredictionRun) -> None:
     settings, channels = run.settings, run.classes.num_outputs
     oh, ow = run.region[2:]
     want_cam = settings.with_cam
-    # the CRF on the assembled map reads the blended probabilities back
-    run.keep_probs = bool(settings.with_probs)
-    with_probs = settings.with_probs or bool(run.crf_windows)
+    with_crf = bool(run.crf_windows)
     if oh * ow > settings.stream_threshold_mp * 1e6:
         import zarr
 
@@ -782,18 +780,24 @@ def allocate_outputs(run: PredictionRun) -> None:
         store_dir = run.store_dir = Path(tempfile.mkdtemp(prefix=STORE_PREFIX, dir=settings.work_dir))
         (store_dir / STORE_OWNER).write_text(str(os.getpid()), encoding="utf-8")
         chunk = 256
-        run.labels = zarr.open(str(store_dir / "labels.zarr"), mode="w", shape=(oh, ow), chunks=(chunk, 1024),
-                               dtype=np.uint8)
-        run.probs = (zarr.open(str(store_dir / "probs.zarr"), mode="w", shape=(channels, oh, ow),
-                               chunks=(1, chunk, 1024), dtype=np.uint8) if with_probs else None)
-        run.cam = (zarr.open(str(store_dir / "cam.zarr"), mode="w", shape=(channels, oh, ow),
-                             chunks=(1, chunk, 1024), dtype=np.uint8) if want_cam else None)
-        sink = RowSink(run.labels, run.probs, run.cam, chunk_rows=chunk)
+
+        def array(name: str, shape: tuple, chunks: tuple, dtype: Any = np.uint8) -> Any:
+            return zarr.open(str(store_dir / f"{name}.zarr"), mode="w", shape=shape, chunks=chunks, dtype=dtype)
+
+        run.labels = array("labels", (oh, ow), (chunk, 1024))
+        run.probs = array("probs", (channels, oh, ow), (1, chunk, 1024)) if settings.with_probs else None
+        run.cam = array("cam", (channels, oh, ow), (1, chunk, 1024)) if want_cam else None
+        run.crf_probs = array("crf_probs", (channels, oh, ow), (1, chunk, 1024), np.float16) if with_crf else None
+        chunk_rows = chunk
     else:
         run.labels = np.zeros((oh, ow), np.uint8)
-        run.probs = np.zeros((channels, oh, ow), np.uint8) if with_probs else None
+        run.probs = np.zeros((channels, oh, ow), np.uint8) if settings.with_probs else None
         run.cam = np.zeros((channels, oh, ow), np.uint8) if want_cam else None
-        sink = RowSink(run.labels, run.probs, run.cam)
+        run.crf_probs = np.zeros((channels, oh, ow), np.float16) if with_crf else None
+        chunk_rows = 1
+    # A tiled image with the CRF blends into float probabilities (quantized ones would make the CRF's unaries
+    # -log(0) for any class under 0.2%: it could no longer move a boundary); refine_crf quantizes them.
+    sink = RowSink(run.labels, run.crf_probs if with_crf else run.probs, run.cam, chunk_rows=chunk_rows)
     run.accumulator = BandAccumulator(*run.acc_shape, channels, sink, with_cam=want_cam,
                                       background_index=run.classes.background_index, repeat=run.block,
                                       out_shape=(oh, ow))
@@ -932,8 +936,7 @@ def refine_crf(run: PredictionRun, source: Any, runner: TileRunner, cancel: Canc
         t0 = time.perf_counter()
         rgb = np.ascontiguousarray(source.read_region(oy0 + wy0, ox0 + wx0, wy1 - wy0, wx1 - wx0,
                                                       run.placement.level)[..., :3], dtype=np.uint8)
-        blended = np.asarray(run.probs[:, wy0:wy1, wx0:wx1])
-        p = blended.astype(np.float32)
+        p = np.asarray(run.crf_probs[:, wy0:wy1, wx0:wx1]).astype(np.float32)
         total = p.sum(axis=0, keepdims=True)
         p = np.where(total > 0, p / np.maximum(total, 1e-8), 1.0 / p.shape[0]).astype(np.float32)
         if use_torch:
@@ -943,7 +946,7 @@ def refine_crf(run: PredictionRun, source: Any, runner: TileRunner, cancel: Canc
         else:
             q = crf_fn(rgb, p, params)
         if tissue_rules:  # as on tiles: the CRF may spread background over pale tissue; the mask decides
-            white = blended[k] >= 128
+            white = p[k] >= 0.5
             tissue = q[:k]
             tsum = tissue.sum(axis=0, keepdims=True)
             tissue = np.where(tsum > 1e-8, tissue / np.maximum(tsum, 1e-8), 1.0 / max(1, k))
@@ -951,7 +954,8 @@ def refine_crf(run: PredictionRun, source: Any, runner: TileRunner, cancel: Canc
         sy, sx = slice(cy0 - wy0, cy1 - wy0), slice(cx0 - wx0, cx1 - wx0)
         core = q[:, sy, sx]
         run.labels[cy0:cy1, cx0:cx1] = core.argmax(axis=0).astype(np.uint8)
-        run.probs[:, cy0:cy1, cx0:cx1] = quantize(core)
+        if run.probs is not None:
+            run.probs[:, cy0:cy1, cx0:cx1] = quantize(core)
         run.crf_seconds += time.perf_counter() - t0
         run.done += 1
         yield Progress("predict", run.done, run.steps, {"name": run.name, "stage": "crf"})
@@ -961,6 +965,9 @@ def refine_crf(run: PredictionRun, source: Any, runner: TileRunner, cancel: Canc
         counts += np.bincount(np.asarray(run.labels[y:y + rows]).ravel(),
                               minlength=classes.num_outputs)[: classes.num_outputs]
     run.class_pixels = counts
+    run.crf_probs = None
+    if run.store_dir is not None:
+        shutil.rmtree(run.store_dir / "crf_probs.zarr", ignore_errors=True)
 
 
 def assemble(run: PredictionRun, runner: TileRunner) -> Prediction:
@@ -982,7 +989,7 @@ def assemble(run: PredictionRun, runner: TileRunner) -> Prediction:
     cam = run.cam if runner.got_cam else None  # stage-2 models have no activation maps
     counts = run.class_pixels if run.class_pixels is not None else run.accumulator.class_pixels
     return Prediction(
-        labels=run.labels, probs=run.probs if run.keep_probs else None, cam=cam, classes=classes,
+        labels=run.labels, probs=run.probs, cam=cam, classes=classes,
         placement=run.placement, region=run.region,
         class_pixels={n: int(v) for n, v in zip(classes.all_names, counts, strict=True)},
         info=run_info, store_dir=run.store_dir,

@@ -129,7 +129,8 @@ def tissue_thumbnail(read_block: Callable[[int, int, int, int], np.ndarray], hei
 class RowSink:
     """Destination of finalized output rows: in-memory arrays or chunked disk-backed zarr arrays.
 
-    ``labels`` (H, W) uint8; ``probs``/``cam`` (C, H, W) uint8 (probability x 255) or None. Rows arrive in
+    ``labels`` (H, W) uint8; ``probs``/``cam`` (C, H, W) uint8 (probability x 255; ``probs`` may be a float
+    array, then unquantized) or None. Rows arrive in
     order; for zarr they are buffered until whole chunk rows can be written (no read-modify-write).
     """
 
@@ -245,7 +246,10 @@ class BandAccumulator:
             probs[:, untouched] = 0.0
             probs[self.background_index, untouched] = 1.0
         labels = probs.argmax(axis=0).astype(np.uint8)
-        probs_u8 = quantize(probs) if self.sink.probs is not None else None
+        probs_u8 = None
+        if self.sink.probs is not None:  # a float sink keeps the probabilities unquantized (for a later CRF)
+            kind = np.dtype(self.sink.probs.dtype)
+            probs_u8 = probs.astype(kind) if kind.kind == "f" else quantize(probs)
         cam_u8 = None
         if self.cam is not None and self.sink.cam is not None:
             cam_u8 = quantize(self.cam[:, :n] * norm)
