@@ -38,6 +38,10 @@ def test_layer_transform_composes_with_the_source_layer():
     scale, translate = Placement.of_region(3, 4, 2.0).layer_transform((0.5, 0.5), (100.0, 200.0))
     np.testing.assert_allclose(scale, (1.0, 1.0))
     np.testing.assert_allclose(translate, (100 + 0.5 * 6.5, 200 + 0.5 * 8.5))
+    # a source layer with a leading axis (a stack): its last two axes count
+    scale3, translate3 = Placement.of_region(3, 4, 2.0).layer_transform((7.0, 0.5, 0.5), (9.0, 100.0, 200.0))
+    np.testing.assert_allclose(scale3, scale)
+    np.testing.assert_allclose(translate3, translate)
 
 
 def test_both_geojson_paths_use_the_placement():

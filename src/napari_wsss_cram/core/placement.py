@@ -49,8 +49,8 @@ class Placement:
     @classmethod
     def from_napari(cls, scale: Any, translate: Any, level: int = 0, mpp0: float | None = None) -> Placement:
         """Inverse of :attr:`scale`/:attr:`translate` (isotropic scale: the first axis is used)."""
-        d = float(np.broadcast_to(np.asarray(scale, dtype=float), (2,))[0])
-        t = np.broadcast_to(np.asarray(translate, dtype=float), (2,))
+        d = float(np.atleast_1d(np.asarray(scale, dtype=float))[-1])
+        t = np.broadcast_to(np.atleast_1d(np.asarray(translate, dtype=float))[-2:], (2,))
         off = (d - 1.0) / 2.0
         return cls(downsample=d, origin=(float(t[0]) - off, float(t[1]) - off), level=level, mpp0=mpp0)
 
@@ -77,8 +77,8 @@ class Placement:
                         ) -> tuple[np.ndarray, np.ndarray]:
         """World ``scale``/``translate`` of a result layer drawn over an image layer whose level 0 has
         ``source_scale``/``source_translate`` (the last two axes are used)."""
-        s = np.broadcast_to(np.asarray(source_scale, dtype=float), (2,))[-2:]
-        t = np.broadcast_to(np.asarray(source_translate, dtype=float), (2,))[-2:]
+        s = np.broadcast_to(np.atleast_1d(np.asarray(source_scale, dtype=float))[-2:], (2,))
+        t = np.broadcast_to(np.atleast_1d(np.asarray(source_translate, dtype=float))[-2:], (2,))
         return s * np.asarray(self.scale), t + s * np.asarray(self.translate)
 
     # ------------------------------------------------------------------ pixels and corners
