@@ -268,3 +268,67 @@ def test_band_accumulator_holds_one_tile_of_rows():
     assert max(held) <= tile
     assert (labels != 99).all() and set(np.unique(labels)) == {0, 1}
     assert acc.class_pixels.sum() == height * width
+
+
+# ----------------------------------------------------------------------------------------- seams (bug 10)
+class RedGreenNet(nn.Module):
+    """Tumor vs stroma from the red-green difference, softly: an ambiguous tissue whose class drifts slowly."""
+
+    def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        rgb = x * torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) + torch.tensor(
+            [0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+        p = torch.sigmoid((rgb[:, 0:1] - rgb[:, 1:2]) * 10.0)
+        zero = torch.zeros_like(p)
+        return torch.cat([p, 1 - p, zero, zero], 1), None
+
+
+def ambiguous_gradient(n: int = 192) -> np.ndarray:
+    """Reddish to greenish along the diagonal, colours close enough for the CRF's bilateral kernel to join them."""
+    yy, xx = np.mgrid[0:n, 0:n]
+    t = (yy + xx) / (2 * n - 2) - 0.5
+    rng = np.random.default_rng(0)
+    red, green = 150 + 20 * t + rng.normal(0, 3, t.shape), 150 - 20 * t + rng.normal(0, 3, t.shape)
+    return np.clip(np.stack([red, green, np.full_like(red, 150.0)], -1), 0, 255).astype(np.uint8)
+
+
+def test_crf_leaves_no_seams_along_tile_borders(monkeypatch):
+    """Bug 10: a CRF on each tile settles an ambiguous region per tile, and the near one-hot results meet in a
+    straight line along the tile border; the CRF on the assembled map leaves no trace of the tiles."""
+    from napari_wsss_cram.core import inference
+    from napari_wsss_cram.core.inference import plan_tiles
+    from napari_wsss_cram.core.tiling import seam_profile
+
+    img = ambiguous_gradient()
+    settings = PredictSettings(scale=1.0, tile=64, overlap=16, crf=True, tissue_threshold=None)
+    borders = plan_tiles(RedGreenNet(), None, ImageSource.from_array(img), settings, None).tile_borders()
+    assert len(borders[0]) == len(borders[1]) == 4  # 5 x 5 tiles
+    whole = run(predict_array(RedGreenNet(), None, img, PredictSettings(
+        scale=1.0, tile=512, overlap=16, crf=True, tissue_threshold=None)))
+    assert whole.info["tiles"] == 1 and whole.info["crf_on"] == "tiles"
+    monkeypatch.setattr(inference, "_CRF_PER_TILE", True)  # the behaviour before the fix: the cause reproduced
+    per_tile = run(predict_array(RedGreenNet(), None, img, settings)).labels
+    before = seam_profile(per_tile, *borders)
+    assert max(p["border_max"] for p in before.values()) > 5 * max(p["other_max"] for p in before.values())
+    monkeypatch.setattr(inference, "_CRF_PER_TILE", False)
+    fixed = run(predict_array(RedGreenNet(), None, img, settings))
+    assert fixed.info["crf_on"] == "assembled map" and fixed.info["tiles"] == 25
+    after = seam_profile(fixed.labels, *borders)
+    for profile in after.values():
+        assert profile["border_max"] <= profile["other_max"] + 2 and profile["ratio"] <= 3.0
+    assert (fixed.labels == whole.labels).mean() > max(0.97, (per_tile == whole.labels).mean())
+    assert sum(fixed.class_pixels.values()) == img.shape[0] * img.shape[1]
+    assert fixed.class_pixels["tumor"] == int((fixed.labels == 0).sum())
+
+
+def test_crf_on_the_assembled_map_streams_like_in_memory(tmp_path):
+    img = ambiguous_gradient(160)
+    settings = dict(scale=1.0, tile=64, overlap=16, crf=True, with_probs=False)
+    mem = run(predict_array(RedGreenNet(), None, img, PredictSettings(**settings)))
+    events = []
+    disk = run(predict_array(RedGreenNet(), None, img, PredictSettings(
+        stream_threshold_mp=0.0, work_dir=str(tmp_path), **settings)), events)
+    assert disk.streamed and mem.probs is None and disk.probs is None  # allocated for the CRF, not returned
+    np.testing.assert_array_equal(np.asarray(disk.labels), mem.labels)
+    assert disk.class_pixels == mem.class_pixels
+    assert events[-1].done == events[-1].total == disk.info["tiles"] + 1  # tiles, then one CRF window
+    disk.cleanup()

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+from xml.etree import ElementTree
 
 import numpy as np
 import pytest
 
 from napari_wsss_cram.core.errors import OutputExistsError
-from napari_wsss_cram.core.inference import PredictSettings, predict_array, write_outputs
+from napari_wsss_cram.core.inference import PredictSettings, predict_array
 from napari_wsss_cram.core.io.images import ImageSource
 from napari_wsss_cram.core.io.outputs import geojson_to_labels, read_index_png
+from napari_wsss_cram.core.io.writers import write_outputs
 from napari_wsss_cram.core.progress import Cancelled, CancelToken, drive
 from test_inference import ColorNet, colour_blocks
 
@@ -86,3 +88,47 @@ def test_streamed_prediction_outputs(tmp_path):
     comp = json.loads((out / "slide_composition.json").read_text())
     assert comp["skipped_outputs"] == ["png"] and comp["total_pixels"] == 200 * 150
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the temporary store is gone
+
+
+@pytest.mark.parametrize("level", [0, 1])
+def test_field_of_view_ome_tiff_keeps_its_position(tmp_path, level):
+    """A field of view at an offset, exported as OME-TIFF, re-opens through the plugin's reader over the same
+    spot of the slide (OME PositionY/X in µm, physical size, exact placement)."""
+    import tifffile
+
+    from napari_wsss_cram._reader import read_layer
+    from napari_wsss_cram.core.inference import predict_source
+    from napari_wsss_cram.core.io.outputs import write_pyramidal_ome_tiff
+
+    img, truth = colour_blocks(512, 384, 64)
+    slide = tmp_path / "slide.ome.tif"
+    write_pyramidal_ome_tiff(slide, img, mpp=0.5, tile=128)
+    region = (40, 24, 96, 80)  # y, x, h, w in pixels of the output level
+    with ImageSource.open(slide) as src:
+        pred = drive(predict_source(ColorNet(), None, src, PredictSettings(scale=1.0, tile=128, output_level=level),
+                                    region=region))
+    write_outputs(pred, tmp_path / "out", "fov", ("ome-tiff", "probs"))
+    d = 2.0 ** level
+    with tifffile.TiffFile(tmp_path / "out" / "fov.ome.tif") as tif:
+        ome = tif.ome_metadata
+    root = ElementTree.fromstring(ome)
+    plane = next(el for el in root.iter() if el.tag.endswith("}Plane")).attrib
+    pixels = next(el for el in root.iter() if el.tag.endswith("}Pixels")).attrib
+    # the corner of the region, in µm from the slide's corner (0.5 µm per level-0 pixel)
+    assert float(plane["PositionY"]) == pytest.approx(40 * d * 0.5) and plane["PositionYUnit"] == "µm"
+    assert float(plane["PositionX"]) == pytest.approx(24 * d * 0.5) and plane["PositionXUnit"] == "µm"
+    assert float(pixels["PhysicalSizeX"]) == pytest.approx(0.5 * d)
+    slide_layer = read_layer(slide)
+    data, kwargs, kind = read_layer(tmp_path / "out" / "fov.ome.tif")
+    assert kind == "labels"
+    np.testing.assert_array_equal(np.asarray(data), pred.labels)
+    # world position (µm) of a labels pixel centre = that of the slide pixel it was computed for
+    slide_scale = np.asarray(slide_layer[1]["scale"])
+    np.testing.assert_allclose(kwargs["scale"], slide_scale * d)
+    np.testing.assert_allclose(kwargs["translate"], slide_scale * np.asarray(pred.translate))
+    world_of_first = np.asarray(kwargs["translate"])
+    level0_centre = (np.asarray(region[:2]) + 0.5) * d - 0.5
+    np.testing.assert_allclose(world_of_first, level0_centre * 0.5)
+    assert (np.asarray(data) == truth[::int(d), ::int(d)][40:136, 24:104]).mean() > 0.95
+    probs = read_layer(tmp_path / "out" / "fov_probs.ome.tif")
+    np.testing.assert_allclose(probs[1]["translate"], kwargs["translate"])

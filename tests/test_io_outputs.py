@@ -24,6 +24,7 @@ from napari_wsss_cram.core.io.outputs import (
     write_pyramidal_ome_tiff,
 )
 from napari_wsss_cram.core.metrics import ConfusionMatrix
+from napari_wsss_cram.core.placement import Placement
 
 
 def blob_labels(h: int = 240, w: int = 300, seed: int = 0) -> np.ndarray:
@@ -150,10 +151,11 @@ def test_geojson_exact_without_simplification_and_scaled_coordinates():
     labels = blob_labels(120, 150, seed=3)
     exact = geojson_to_labels(labels_to_geojson(labels, WSSS4LUAD, tolerance=0), labels.shape, WSSS4LUAD)
     assert np.array_equal(exact, labels)
-    gj = labels_to_geojson(labels, WSSS4LUAD, tolerance=0, scale=4.0, offset=(1000.0, 2000.0))
+    placed = Placement.of_region(250, 500, 4.0)  # a region of level 2: corner at (1000, 2000) level-0 px
+    gj = labels_to_geojson(labels, WSSS4LUAD, tolerance=0, placement=placed)
     xs = [pt[0] for f in gj["features"] for poly in f["geometry"]["coordinates"] for r in poly for pt in r]
     assert 2000 <= min(xs) and max(xs) <= 2000 + 4 * 150
-    back = geojson_to_labels(gj, labels.shape, WSSS4LUAD, scale=4.0, offset=(1000.0, 2000.0))
+    back = geojson_to_labels(gj, labels.shape, WSSS4LUAD, placement=placed)
     assert np.array_equal(back, labels)
 
 

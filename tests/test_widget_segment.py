@@ -255,7 +255,8 @@ def test_pyramidal_slide_file_field_of_view_overlays_exactly(make_napari_viewer,
     np.testing.assert_allclose(labels.scale, (1.0, 1.0))
     np.testing.assert_allclose(labels.translate, (0.5 * ((y + 0.5) * 2 - 0.5), 0.5 * ((x + 0.5) * 2 - 0.5)))
     assert labels.metadata["wsss_cram"]["mpp"] == pytest.approx(1.0)
-    assert labels.metadata["wsss_cram"]["level0_offset"] == [2 * y, 2 * x]
+    placed = labels.metadata["wsss_cram"]["placement"]
+    assert placed["origin"] == [2 * y, 2 * x] and placed["downsample"] == 2.0
 
 
 def test_reliable_pseudo_label_view(make_napari_viewer, qtbot, tiny_checkpoint):

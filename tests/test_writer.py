@@ -12,6 +12,7 @@ from napari_wsss_cram._writer import export_labels, write_labels
 from napari_wsss_cram.core.classes import WSSS4LUAD, ClassSpec
 from napari_wsss_cram.core.errors import WsssCramError
 from napari_wsss_cram.core.io.outputs import geojson_to_labels, read_index_png
+from napari_wsss_cram.core.placement import Placement
 
 
 def _mask() -> np.ndarray:
@@ -49,13 +50,14 @@ def test_ome_tiff_is_pyramidal_with_pixel_size(tmp_path):
 def test_geojson_in_level0_coordinates_round_trips(tmp_path):
     path = tmp_path / "labels.geojson"
     # Labels of pyramid level 1 (2 level-0 px per label px) of a region starting at level-0 (y=100, x=40).
-    write_labels(str(path), _mask(), _meta(level0_scale=2.0, level0_offset=[100.0, 40.0]))
+    placed = Placement(downsample=2.0, origin=(100.0, 40.0))
+    write_labels(str(path), _mask(), _meta(placement=placed.to_metadata()))
     data = json.loads(path.read_text())
     names = {f["properties"]["classification"]["name"] for f in data["features"]}
     assert names == {"tumor", "stroma", "normal"}
     xs = [pt[0] for f in data["features"] for poly in f["geometry"]["coordinates"] for ring in poly for pt in ring]
     assert min(xs) == pytest.approx(40 + 2 * 10)
-    back = geojson_to_labels(path, (80, 120), WSSS4LUAD, scale=2.0, offset=(100.0, 40.0))
+    back = geojson_to_labels(path, (80, 120), WSSS4LUAD, placement=placed)
     assert (back == _mask()).mean() > 0.99
 
 

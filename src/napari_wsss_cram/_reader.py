@@ -2,7 +2,8 @@
 ``openslide`` extra) through the project's one reader.
 
 - Pyramidal TIFF/OME-TIFF/SVS open as lazy multiscale data (only the tiles on screen are decoded).
-- ``scale`` is the pixel size in µm when the file says it (``units`` µm), else 1 pixel.
+- ``scale`` is the pixel size in µm when the file says it (``units`` µm), else 1 pixel; a result exported from a
+  region of a slide (a field of view) gets the ``translate`` that puts it back over that slide.
 - ``metadata`` holds ``path``, ``mpp``, ``level_shapes`` and ``level_downsamples`` for the docks.
 - WSSS4LUAD-palette PNG masks, label OME-TIFFs written by this plugin (known by their OME image name) and
   single-channel ``*mask*`` TIFFs open as Labels layers (without the grayscale-to-RGB warning).
@@ -73,6 +74,24 @@ def _labels_kwargs(name: str, meta: dict, scale: tuple[float, float] | None) -> 
     return kwargs
 
 
+def _placement_kwargs(path: Path) -> dict:
+    """``scale``/``translate`` that put a result this plugin exported from a region of a slide (a field of view)
+    back over that slide: in µm when the slide states its µm/px, else in its level-0 pixels. Empty otherwise."""
+    if not path.name.lower().endswith((".tif", ".tiff")):
+        return {}
+    from .core.io.outputs import read_placement
+
+    placed = read_placement(path)
+    if placed is None:
+        return {}
+    unit = placed.mpp0 or 1.0
+    scale, translate = placed.layer_transform(unit, 0.0)
+    kwargs: dict[str, Any] = {"scale": tuple(float(v) for v in scale), "translate": tuple(float(v) for v in translate)}
+    if placed.mpp0:
+        kwargs["units"] = ("µm", "µm")
+    return kwargs
+
+
 def read_layer(path: str | os.PathLike) -> LayerData:
     """One file as a napari layer-data tuple (image, or labels for masks)."""
     from .core.io.images import ImageSource
@@ -95,16 +114,19 @@ def read_layer(path: str | os.PathLike) -> LayerData:
     scale = (mpp, mpp) if mpp else None
     meta = {"path": str(p), "mpp": mpp, "level_shapes": source.level_shapes,
             "level_downsamples": source.level_downsamples}
+    placed = _placement_kwargs(p)
     if source.samples == 1 and source.dtype.kind == "u" and source.dtype.itemsize == 1 and maybe_labels:
         levels = [source.lazy_level(i, raw=True) for i in range(source.n_levels)]
         data = levels if len(levels) > 1 else levels[0].compute()
         kwargs = _labels_kwargs(name, meta, scale)
         kwargs["multiscale"] = len(levels) > 1
+        kwargs.update(placed)
         return data, kwargs, "labels"
     data = source.napari_data()
     kwargs = {"name": name, "rgb": True, "multiscale": isinstance(data, list), "metadata": meta}
     if scale is not None:
         kwargs.update(scale=scale, units=("µm", "µm"))
+    kwargs.update(placed)
     if source.n_levels == 1 and not isinstance(data, list):
         source.close()  # everything is in memory
     return data, kwargs, "image"

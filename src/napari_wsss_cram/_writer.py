@@ -15,6 +15,7 @@ import numpy as np
 
 from .core.classes import WSSS4LUAD, ClassSpec
 from .core.errors import WsssCramError
+from .core.placement import Placement
 from .core.progress import Progress
 
 FORMAT_SUFFIXES = {"png": ".png", "ome-tiff": ".ome.tif", "geojson": ".geojson"}
@@ -33,12 +34,12 @@ def format_of(path: str | Path) -> str:
 
 
 def export_labels(path: str | Path, labels: np.ndarray, classes: ClassSpec, mpp: float | None = None,
-                  overwrite: bool = True, level0_scale: float = 1.0,
-                  level0_offset: tuple[float, float] = (0.0, 0.0)) -> str:
+                  overwrite: bool = True, placement: Placement | None = None) -> str:
     """Write one label mask (class indices, background = K) in the format named by ``path``; return the path.
 
-    ``mpp`` is the pixel size of ``labels`` itself. GeoJSON coordinates are full-resolution (level-0) pixels:
-    a label pixel edge ``c`` maps to ``c * level0_scale + level0_offset`` (``level0_offset`` is y, x).
+    ``mpp`` is the pixel size of ``labels`` itself. ``placement`` says where the labels sit on the slide: GeoJSON
+    coordinates are full-resolution (level-0) pixels, and an OME-TIFF records the position (a field of view
+    re-opens where it was taken).
     """
     from .core.io import outputs
 
@@ -56,16 +57,15 @@ def export_labels(path: str | Path, labels: np.ndarray, classes: ClassSpec, mpp:
     if fmt == "png":
         outputs.write_index_png(path, labels, classes)
     elif fmt == "ome-tiff":
-        outputs.write_pyramidal_ome_tiff(path, labels, mpp=mpp)
+        outputs.write_pyramidal_ome_tiff(path, labels, mpp=mpp, placement=placement)
     else:
-        outputs.write_geojson(path, labels, classes, scale=float(level0_scale),
-                              offset=(float(level0_offset[0]), float(level0_offset[1])))
+        outputs.write_geojson(path, labels, classes, placement=placement)
     return str(path)
 
 
 def export_files(paths: list[Path], labels: np.ndarray, classes: ClassSpec, table: dict,
-                 mpp: float | None = None, level0_scale: float = 1.0,
-                 level0_offset: tuple[float, float] = (0.0, 0.0)) -> Generator[Progress, None, list[str]]:
+                 mpp: float | None = None, placement: Placement | None = None,
+                 ) -> Generator[Progress, None, list[str]]:
     """Write ``labels`` to each of ``paths[:-2]`` (format from the name), then the composition ``table`` as CSV
     (``paths[-2]``) and JSON (``paths[-1]``); yields ``Progress("export", done, total)``, returns the paths.
 
@@ -78,8 +78,7 @@ def export_files(paths: list[Path], labels: np.ndarray, classes: ClassSpec, tabl
     total = len(paths)
     yield Progress("export", 0, total)
     for path in paths[:-2]:
-        written.append(export_labels(path, labels, classes, mpp, overwrite=True, level0_scale=level0_scale,
-                                     level0_offset=level0_offset))
+        written.append(export_labels(path, labels, classes, mpp, overwrite=True, placement=placement))
         yield Progress("export", len(written), total)
     Path(paths[-2]).write_text(composition_csv(table), encoding="utf-8")
     Path(paths[-1]).write_text(json.dumps(table, indent=2), encoding="utf-8")
@@ -103,5 +102,4 @@ def write_labels(path: str, data: Any, meta: dict) -> list[str]:
     if isinstance(data, list):  # a multiscale labels layer: save the full-resolution level
         data = data[0]
     return [export_labels(path, np.asarray(data), classes_from_meta(meta), mpp=stored.get("mpp"),
-                          level0_scale=stored.get("level0_scale", 1.0),
-                          level0_offset=tuple(stored.get("level0_offset", (0.0, 0.0))))]
+                          placement=Placement.from_metadata(stored.get("placement")))]

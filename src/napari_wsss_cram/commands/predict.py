@@ -205,8 +205,9 @@ def predict_many(model: Any, info: Any, inputs: list[Path], out_dir: Path, setti
     """
     from ..core.checkpoint import default_resolution
     from ..core.errors import WsssCramError
-    from ..core.inference import predict_source, write_outputs
+    from ..core.inference import predict_source
     from ..core.io.images import ImageSource
+    from ..core.io.writers import write_outputs
     from ..core.progress import drive
 
     noted = False
@@ -282,13 +283,13 @@ def _gather_rows(rows: list[dict], world: int) -> list[dict] | None:
 
 def run(args: argparse.Namespace) -> int:
     from ..core.errors import WsssCramError
-    from ..core.inference import (
+    from ..core.io.outputs import ensure_can_write, ensure_writable_folder, folder_lock
+    from ..core.io.writers import (
         check_outputs_free,
         check_outputs_spare_inputs,
         parse_formats,
         recover_interrupted_outputs,
     )
-    from ..core.io.outputs import ensure_can_write, ensure_writable_folder, folder_lock
 
     rank, world = _dist_env()
     args.formats = parse_formats(args.format)

@@ -19,40 +19,39 @@ API (used by ``wsss-cram predict``, ``demo`` and the napari Segment dock)
     A cancelled :class:`CancelToken` raises ``Cancelled`` at the next batch; temporary stores are removed.
 ``Prediction``
     ``labels (H, W) uint8`` in ``0..K`` (K = background), ``probs``/``cam`` ``(K+1, H, W) uint8``
-    (probability x 255; None unless asked for), ``scale``/``translate`` (y, x) mapping output pixels to
-    level-0 pixel coordinates (napari layer convention, pixel centres), ``mpp`` of the output pixels,
+    (probability x 255; None unless asked for), ``placement`` (a :class:`~napari_wsss_cram.core.placement.
+    Placement`: where the output pixels sit in level-0 pixels; ``scale``/``translate``/``mpp`` derive from it),
     ``class_pixels``, ``info`` (timings, tiles, skipped, read level, device...). Arrays are numpy in memory, or
     zarr arrays in a temporary folder when streamed: call :meth:`Prediction.cleanup` when done with them.
-``write_outputs(prediction, out_dir, stem, formats, overwrite=False, cancel=None)``
-    writes ``STEM.png``, ``STEM.ome.tif``, ``STEM.geojson``, ``STEM_probs.ome.tif``, ``STEM_composition.json``
-    for one input; all files are written under temporary names and renamed together at the end, so a
-    cancelled or failed run leaves nothing under the final names. Returns a summary row (dict).
+Output files (PNG, OME-TIFF, GeoJSON, composition) are written by :mod:`napari_wsss_cram.core.io.writers`.
 
 ``model`` is any ``torch.nn.Module`` with ``predict(x) -> (seg_probs, cam_or_None)`` at input size, for
 ``x`` normalised ``(B, 3, H, W)``; ``info`` is a ``CheckpointInfo`` (classes, model_config: mean/std, mpp)
 or None (then ``model.classes``/``model.config`` or the WSSS4LUAD classes and ImageNet normalisation).
 
-How it works: the region is covered by tiles in the *work* grid (the image resampled by ``scale``), each with
-context padding; tiles whose footprint has no tissue on a low-resolution near-white mask are predicted as
-background without running the model; the others are batched on the device (CUDA: AMP + channels-last;
-out-of-memory halves the batch and retries). Tile probabilities are optionally refined by the dense CRF (the entry
-point training uses; the torch backend runs on the model's device for the whole batch), resampled to the output grid and blended with a linear-ramp window into a band of rows
-(:class:`~napari_wsss_cram.core.tiling.BandAccumulator`), which is finalized (arg-max, quantized) row band by
-row band: memory grows with the slide width, not its area. See :mod:`napari_wsss_cram.core.tiling`.
+How it works (``predict_source``: stages passing one :class:`PredictionRun`): :func:`plan_tiles` covers the region
+with tiles in the *work* grid (the image resampled by ``scale``), each with context padding, and marks the tiles
+whose footprint has no tissue on a low-resolution near-white mask (predicted as background without the model);
+:func:`allocate_outputs` creates the output arrays (memory or zarr); :func:`run_tiles` batches the other tiles on
+the device (CUDA: AMP + channels-last; out-of-memory halves the batch and retries), resamples their probabilities
+to the output grid and blends them with a linear-ramp window into a band of rows
+(:class:`~napari_wsss_cram.core.tiling.BandAccumulator`), finalized (arg-max, quantized) row band by row band:
+memory grows with the slide width, not its area. The optional dense CRF (the entry point training uses) runs on
+the tile of a single-tile image, and on the *assembled* map of a tiled one (:func:`refine_crf`, window by window
+with context: a CRF per tile drew class boundaries along tile borders); :func:`assemble` returns the
+:class:`Prediction`. See :mod:`napari_wsss_cram.core.tiling`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import shutil
 import tempfile
 import time
-import uuid
 import warnings
-from collections.abc import Generator, Iterable
+from collections.abc import Generator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,13 +62,15 @@ import numpy as np
 from .classes import WSSS4LUAD, ClassSpec
 from .crf import CRFParams, dense_crf, dense_crf_isolated, dense_crf_torch, resolve_backend
 from .device import resolve_device
-from .errors import ImageReadError, OutOfMemoryError, OutputExistsError, WsssCramError
+from .errors import ImageReadError, OutOfMemoryError, WsssCramError
+from .placement import Placement
 from .progress import CancelToken, Progress
 from .tiling import (
     BandAccumulator,
     Geometry,
     RowSink,
     linear_taps,
+    quantize,
     tile_starts,
     tissue_thumbnail,
     window_1d,
@@ -196,14 +197,30 @@ class Prediction:
     probs: Any
     cam: Any
     classes: ClassSpec
-    scale: tuple[float, float]
-    translate: tuple[float, float]
-    mpp: float | None
-    level: int
+    placement: Placement
     region: tuple[int, int, int, int]
     class_pixels: dict[str, int]
     info: dict[str, Any] = field(default_factory=dict)
     store_dir: Path | None = None
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """napari ``scale`` of the output pixels in level-0 pixels (see :class:`Placement`)."""
+        return self.placement.scale
+
+    @property
+    def translate(self) -> tuple[float, float]:
+        """napari ``translate`` (pixel centres) in level-0 pixels (see :class:`Placement`)."""
+        return self.placement.translate
+
+    @property
+    def mpp(self) -> float | None:
+        """µm per output pixel (None when the image does not state its pixel size)."""
+        return self.placement.mpp
+
+    @property
+    def level(self) -> int:
+        return self.placement.level
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -266,7 +283,8 @@ class TileRunner:
     resampling back to output pixels all happen on the device (only small arrays cross the bus); CUDA uses
     AMP and channels-last; out-of-memory halves the batch and retries."""
 
-    def __init__(self, model: Any, mean: tuple, std: tuple, settings: PredictSettings, device: Any) -> None:
+    def __init__(self, model: Any, mean: tuple, std: tuple, settings: PredictSettings, device: Any,
+                 tile_crf: bool = True) -> None:
         import torch
 
         self.torch = torch
@@ -275,7 +293,8 @@ class TileRunner:
         self.batch = settings.batch
         self.amp = settings.amp and self.cuda
         self.channels_last = settings.channels_last and self.cuda
-        self.crf = settings.crf_params if settings.crf else None
+        # the CRF on each tile (a single-tile image); a tiled image gets it on the assembled map (refine_crf)
+        self.crf = settings.crf_params if (settings.crf and tile_crf) else None
         self.crf_isolated = bool(settings.crf_isolated)
         self.want_cam = settings.with_cam
         self.tissue_threshold = (float(settings.tissue_threshold)
@@ -545,17 +564,108 @@ def _tissue_mask(source: Any, y0: float, x0: float, h0: float, w0: float, thresh
     return mask, dl * r, ty0 * dl, tx0 * dl
 
 
+@dataclass
+class PredictionRun:
+    """The record the engine's stages pass along (as segment-anything's mask generator passes its ``MaskData``):
+    what :func:`plan_tiles` decided, what :func:`allocate_outputs` created, what :func:`run_tiles` counted."""
+
+    # plan_tiles: the region, the grids and the tiles
+    name: str
+    settings: PredictSettings
+    classes: ClassSpec
+    mean: tuple
+    std: tuple
+    model_mpp: float | None
+    region: tuple[int, int, int, int]          # (y, x, h, w) in pixels of the output level
+    placement: Placement
+    level: _Level
+    geom: Geometry
+    read_info: dict
+    block: int                                 # m: output pixels per accumulation pixel (per axis)
+    acc_shape: tuple[int, int]
+    ys: list[int]                              # tile starts on the work grid (rows, columns)
+    xs: list[int]
+    tile_shape: tuple[int, int]
+    row_spans: list[tuple[int, int, np.ndarray]]   # accumulation pixels [a, b) of each tile row / column
+    col_spans: list[tuple[int, int, np.ndarray]]
+    row_weights: list[np.ndarray]
+    col_weights: list[np.ndarray]
+    tiles: list[tuple[int, int]]               # (tile row, tile column), row-major
+    runs_model: list[bool]                     # False: no tissue in its footprint, predicted as background
+    t_start: float
+    # CRF windows on the assembled map (tiled images): (core y0, y1, x0, x1, window y0, y1, x0, x1), output px
+    crf_windows: list[tuple[int, ...]] = field(default_factory=list)
+    # allocate_outputs: where finalized rows go
+    labels: Any = None
+    probs: Any = None
+    cam: Any = None
+    accumulator: BandAccumulator | None = None
+    store_dir: Path | None = None
+    crf_probs: Any = None                      # float16 (C, H, W) blended probabilities, the CRF's unaries
+    # run_tiles / refine_crf: counters
+    done: int = 0
+    skipped: int = 0
+    read_seconds: float = 0.0
+    crf_seconds: float = 0.0
+    class_pixels: np.ndarray | None = None     # recounted after refine_crf
+
+    @property
+    def total(self) -> int:
+        return len(self.tiles)
+
+    @property
+    def steps(self) -> int:
+        """Progress steps: tiles, then CRF windows."""
+        return len(self.tiles) + len(self.crf_windows)
+
+    def tile_borders(self) -> tuple[list[float], list[float]]:
+        """Where neighbouring tiles meet (the middle of each overlap), in output pixels of the region (rows,
+        columns): where seams would show."""
+        k = self.geom.work_per_out
+        out = []
+        for starts, size, origin in ((self.ys, self.tile_shape[0], self.region[0]),
+                                     (self.xs, self.tile_shape[1], self.region[1])):
+            out.append([((starts[i + 1] + starts[i] + size) / 2.0 + 0.5) / k - 0.5 - origin
+                        for i in range(len(starts) - 1)])
+        return out[0], out[1]
+
+    @property
+    def streamed(self) -> bool:
+        return self.store_dir is not None
+
+
 def predict_source(model: Any, info: Any, source: Any, settings: PredictSettings | None = None,
                    region: tuple[int, int, int, int] | None = None, cancel: CancelToken | None = None,
                    ) -> Generator[Progress, None, Prediction]:
-    """Segment ``region`` (y, x, h, w in pixels of ``settings.output_level``; None = all) of an ImageSource."""
+    """Segment ``region`` (y, x, h, w in pixels of ``settings.output_level``; None = all) of an ImageSource.
+
+    Stages pass one :class:`PredictionRun`: plan the tiles, allocate the outputs, run the device pipeline
+    (read, model, blend), refine a tiled image's assembled map with the CRF, assemble the :class:`Prediction`.
+    """
     settings = settings or PredictSettings()
     settings.validate()
+    run = plan_tiles(model, info, source, settings, region)
+    allocate_outputs(run)
+    try:
+        device = resolve_device(settings.device)
+        runner = TileRunner(model, run.mean, run.std, settings, device, tile_crf=not run.crf_windows)
+        yield from run_tiles(run, source, runner, cancel)
+        if run.crf_windows:
+            yield from refine_crf(run, source, runner, cancel)
+    except BaseException:
+        if run.store_dir is not None:
+            shutil.rmtree(run.store_dir, ignore_errors=True)
+        raise
+    return assemble(run, runner)
+
+
+def plan_tiles(model: Any, info: Any, source: Any, settings: PredictSettings,
+               region: tuple[int, int, int, int] | None) -> PredictionRun:
+    """Stage 1: clip the region, choose the read level and work grid, lay out the tiles and their blending
+    weights, and decide from a low-resolution tissue mask which tiles need the model."""
     t_start = time.perf_counter()
     classes, mean, std, model_mpp = _model_meta(model, info)
-    channels = classes.num_outputs
     name = getattr(source, "name", "image")
-
     out_level = int(settings.output_level)
     if not 0 <= out_level < source.n_levels:
         raise WsssCramError(f"{name} has {source.n_levels} level(s); output level {out_level} does not exist.")
@@ -595,10 +705,11 @@ def predict_source(model: Any, info: Any, source: Any, settings: PredictSettings
     row_spans, col_spans = spans(ys, th, centres_y), spans(xs, tw, centres_x)
     row_weights = [window_1d(p, th, ramp) for _, _, p in row_spans]
     col_weights = [window_1d(p, tw, ramp) for _, _, p in col_spans]
+    tiles = [(r, c) for r in range(len(ys)) for c in range(len(xs))]
 
     # Tissue mask: which tiles can be skipped as background.
     d_out, d_read = geom.d_out, geom.d_read
-    tissue = None
+    runs_model = [True] * len(tiles)
     if settings.tissue_threshold is not None:
         mask, per_px, my0, mx0 = _tissue_mask(source, oy0 * d_out, ox0 * d_out, oh * d_out, ow * d_out,
                                               int(settings.tissue_threshold))
@@ -611,70 +722,124 @@ def predict_source(model: Any, info: Any, source: Any, settings: PredictSettings
             j0, j1 = int(math.floor((rx[0] - mx0) / per_px)) - 1, int(math.ceil((rx[1] - mx0) / per_px)) + 1
             return bool(mask[max(0, i0):max(0, i1), max(0, j0):max(0, j1)].any())
 
-        tissue = has_tissue
+        runs_model = [has_tissue(ys[r], xs[c]) for r, c in tiles]
 
-    # Destinations: memory, or chunked zarr arrays on disk above the streaming threshold.
-    streamed = oh * ow > settings.stream_threshold_mp * 1e6
-    store_dir = None
+    crf_windows: list[tuple[int, ...]] = []
+    if settings.crf and len(tiles) > 1 and not _CRF_PER_TILE:
+        crf_windows = _crf_windows(oh, ow, crf_margin(settings.crf_params, k))
+    placement = Placement.of_region(oy0, ox0, d_out, level=out_level, mpp0=getattr(source, "mpp", None))
+    return PredictionRun(
+        name=name, settings=settings, classes=classes, mean=mean, std=std, model_mpp=model_mpp,
+        region=(oy0, ox0, oh, ow), placement=placement, level=level, geom=geom, read_info=read_info, block=m,
+        acc_shape=(ah, aw), ys=ys, xs=xs, tile_shape=(th, tw), row_spans=row_spans, col_spans=col_spans,
+        row_weights=row_weights, col_weights=col_weights, tiles=tiles, runs_model=runs_model, t_start=t_start,
+        crf_windows=crf_windows)
+
+
+#: Keep the CRF on each tile of a tiled image (the behaviour before the seam fix): for benchmarks/seams.py only.
+_CRF_PER_TILE = False
+#: Side (output pixels) of the part of the assembled map one CRF window keeps.
+CRF_WINDOW = 1024
+
+
+def crf_margin(params: CRFParams, work_per_out: float) -> int:
+    """Context (output pixels) around a CRF window's kept part: 4 bilateral ranges, so that two windows agree
+    where they meet (the kernel weight at 4 sigma is 3e-4)."""
+    return int(min(512, max(32, math.ceil(4.0 * params.bilateral_sxy / work_per_out))))
+
+
+def _crf_windows(h: int, w: int, margin: int) -> list[tuple[int, ...]]:
+    out = []
+    for y0 in range(0, h, CRF_WINDOW):
+        for x0 in range(0, w, CRF_WINDOW):
+            y1, x1 = min(h, y0 + CRF_WINDOW), min(w, x0 + CRF_WINDOW)
+            out.append((y0, y1, x0, x1, max(0, y0 - margin), min(h, y1 + margin), max(0, x0 - margin),
+                        min(w, x1 + margin)))
+    return out
+
+
+def scaled_crf_params(params: CRFParams, work_per_out: float) -> CRFParams:
+    """The CRF's distances are in model (work) pixels; the same kernels on the output grid."""
+    import dataclasses
+
+    return dataclasses.replace(params, gaussian_sxy=params.gaussian_sxy / work_per_out,
+                               bilateral_sxy=params.bilateral_sxy / work_per_out)
+
+
+def allocate_outputs(run: PredictionRun) -> None:
+    """Stage 2: the output arrays (in memory, or chunked zarr arrays on disk above the streaming threshold)
+    and the band accumulator that fills them."""
+    settings, channels = run.settings, run.classes.num_outputs
+    oh, ow = run.region[2:]
     want_cam = settings.with_cam
-    if streamed:
+    with_crf = bool(run.crf_windows)
+    if oh * ow > settings.stream_threshold_mp * 1e6:
         import zarr
 
         remove_stale_stores(Path(settings.work_dir or tempfile.gettempdir()))
-        store_dir = Path(tempfile.mkdtemp(prefix=STORE_PREFIX, dir=settings.work_dir))
+        store_dir = run.store_dir = Path(tempfile.mkdtemp(prefix=STORE_PREFIX, dir=settings.work_dir))
         (store_dir / STORE_OWNER).write_text(str(os.getpid()), encoding="utf-8")
         chunk = 256
-        labels_arr = zarr.create_array(str(store_dir / "labels.zarr"), shape=(oh, ow), chunks=(chunk, 1024),
-                                       dtype=np.uint8)
-        probs_arr = (zarr.create_array(str(store_dir / "probs.zarr"), shape=(channels, oh, ow),
-                                       chunks=(1, chunk, 1024), dtype=np.uint8) if settings.with_probs else None)
-        cam_arr = (zarr.create_array(str(store_dir / "cam.zarr"), shape=(channels, oh, ow),
-                                     chunks=(1, chunk, 1024), dtype=np.uint8) if want_cam else None)
-        sink = RowSink(labels_arr, probs_arr, cam_arr, chunk_rows=chunk)
-    else:
-        labels_arr = np.zeros((oh, ow), np.uint8)
-        probs_arr = np.zeros((channels, oh, ow), np.uint8) if settings.with_probs else None
-        cam_arr = np.zeros((channels, oh, ow), np.uint8) if want_cam else None
-        sink = RowSink(labels_arr, probs_arr, cam_arr)
-    acc = BandAccumulator(ah, aw, channels, sink, with_cam=want_cam, background_index=classes.background_index,
-                          repeat=m, out_shape=(oh, ow))
 
-    device = resolve_device(settings.device)
-    runner = TileRunner(model, mean, std, settings, device)
-    tiles = [(r, c) for r in range(len(ys)) for c in range(len(xs))]
-    total = len(tiles)
-    done = skipped = 0
-    read_seconds = 0.0
-    yield Progress("predict", 0, total, {"name": name, "tile": (th, tw), "tiles": total})
+        def array(name: str, shape: tuple, chunks: tuple, dtype: Any = np.uint8) -> Any:
+            return zarr.create_array(str(store_dir / f"{name}.zarr"), shape=shape, chunks=chunks, dtype=dtype)
+
+        run.labels = array("labels", (oh, ow), (chunk, 1024))
+        run.probs = array("probs", (channels, oh, ow), (1, chunk, 1024)) if settings.with_probs else None
+        run.cam = array("cam", (channels, oh, ow), (1, chunk, 1024)) if want_cam else None
+        run.crf_probs = array("crf_probs", (channels, oh, ow), (1, chunk, 1024), np.float16) if with_crf else None
+        chunk_rows = chunk
+    else:
+        run.labels = np.zeros((oh, ow), np.uint8)
+        run.probs = np.zeros((channels, oh, ow), np.uint8) if settings.with_probs else None
+        run.cam = np.zeros((channels, oh, ow), np.uint8) if want_cam else None
+        run.crf_probs = np.zeros((channels, oh, ow), np.float16) if with_crf else None
+        chunk_rows = 1
+    # A tiled image with the CRF blends into float probabilities (quantized ones would make the CRF's unaries
+    # -log(0) for any class under 0.2%: it could no longer move a boundary); refine_crf quantizes them.
+    sink = RowSink(run.labels, run.crf_probs if with_crf else run.probs, run.cam, chunk_rows=chunk_rows)
+    run.accumulator = BandAccumulator(*run.acc_shape, channels, sink, with_cam=want_cam,
+                                      background_index=run.classes.background_index, repeat=run.block,
+                                      out_shape=(oh, ow))
+
+
+def run_tiles(run: PredictionRun, source: Any, runner: TileRunner, cancel: CancelToken | None = None,
+              ) -> Generator[Progress, None, None]:
+    """Stage 3, the device pipeline: tiles are read one batch ahead in a thread (decoding overlaps the model),
+    strictly in order; the model runs on batches; blending runs in another thread, in order, so that the host
+    work of one batch overlaps the model on the next; finished row bands are finalized as soon as no later tile
+    can touch them. Yields Progress."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    acc, tiles, total, name = run.accumulator, run.tiles, run.total, run.name
+    steps = run.steps
+    th, tw = run.tile_shape
+    background = run.classes.background_index
+    yield Progress("predict", 0, steps, {"name": name, "tile": (th, tw), "tiles": total})
 
     # Work grid -> accumulation pixels of each tile row / column, shared by the tiles in it.
-    out_row_taps = [linear_taps(py, 0, th, th) for _, _, py in row_spans]
-    out_col_taps = [linear_taps(px, 0, tw, tw) for _, _, px in col_spans]
-    runs_model = [tissue is None or tissue(ys[r], xs[c]) for r, c in tiles]
-    model_tiles = [i for i, run_it in enumerate(runs_model) if run_it]
+    out_row_taps = [linear_taps(py, 0, th, th) for _, _, py in run.row_spans]
+    out_col_taps = [linear_taps(px, 0, tw, tw) for _, _, px in run.col_spans]
+    model_tiles = [i for i, run_it in enumerate(run.runs_model) if run_it]
     last_model_tile = model_tiles[-1] if model_tiles else -1
 
     def add(index: int, result: TileResult | None) -> None:
         r, c = tiles[index]
-        y_a, y_b, _ = row_spans[r]
-        x_a, x_b, _ = col_spans[c]
+        y_a, y_b, _ = run.row_spans[r]
+        x_a, x_b, _ = run.col_spans[c]
         if y_b <= y_a or x_b <= x_a:
             return
-        weight = row_weights[r][:, None] * col_weights[c][None, :]
+        weight = run.row_weights[r][:, None] * run.col_weights[c][None, :]
         if result is None:
-            acc.add_constant(y_a, x_a, classes.background_index, weight)
+            acc.add_constant(y_a, x_a, background, weight)
         else:
             acc.add(y_a, x_a, result.probs, weight, result.cam)
 
     def read_job(index: int) -> TileJob:
         r, c = tiles[index]
-        block, in_rows, in_cols = _read_footprint(level, geom, ys[r], xs[c], th, tw)
+        block, in_rows, in_cols = _read_footprint(run.level, run.geom, run.ys[r], run.xs[c], th, tw)
         return TileJob(index, block, in_rows, in_cols, out_row_taps[r], out_col_taps[c])
-
-    # Tiles are read one batch ahead in a thread (decoding overlaps the model), strictly in order; blending
-    # runs in another thread, in order, so that the host work of one batch overlaps the model on the next.
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
 
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsss-cram-read")
     blender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsss-cram-blend")
@@ -705,29 +870,29 @@ def predict_source(model: Any, info: Any, source: Any, settings: PredictSettings
         for index in range(total):
             if cancel is not None:
                 cancel.raise_if_cancelled()
-            if not runs_model[index]:
+            if not run.runs_model[index]:
                 blend(add, index, None)
-                skipped += 1
-                done += 1
-                if skipped % 64 == 0:
-                    yield Progress("predict", done, total, {"name": name, "skipped": skipped,
-                                                            "batch": runner.batch})
+                run.skipped += 1
+                run.done += 1
+                if run.skipped % 64 == 0:
+                    yield Progress("predict", run.done, steps, {"name": name, "skipped": run.skipped,
+                                                                "batch": runner.batch})
             else:
                 schedule(position + 2 * max(1, runner.batch))
                 t0 = time.perf_counter()
                 pending.append(futures.pop(index).result())
-                read_seconds += time.perf_counter() - t0
+                run.read_seconds += time.perf_counter() - t0
                 position += 1
             if pending and (len(pending) >= runner.batch or index == last_model_tile):
                 blend(add_batch, pending, runner(pending))
-                done += len(pending)
+                run.done += len(pending)
                 pending = []
-                yield Progress("predict", done, total, {"name": name, "skipped": skipped,
-                                                        "batch": runner.batch})
+                yield Progress("predict", run.done, steps, {"name": name, "skipped": run.skipped,
+                                                            "batch": runner.batch})
             # Rows above the first row that a tile not yet added can touch are final.
             first_open = pending[0].index if pending else index + 1
-            if first_open < total and row_spans[tiles[first_open][0]][0] > finalized_to:
-                finalized_to = row_spans[tiles[first_open][0]][0]
+            if first_open < total and run.row_spans[tiles[first_open][0]][0] > finalized_to:
+                finalized_to = run.row_spans[tiles[first_open][0]][0]
                 blend(acc.advance, finalized_to)
         while blending:
             blending.popleft().result()
@@ -738,36 +903,100 @@ def predict_source(model: Any, info: Any, source: Any, settings: PredictSettings
         for future in blending:
             future.cancel()
         blender.shutdown(wait=True)
-        if store_dir is not None:
-            shutil.rmtree(store_dir, ignore_errors=True)
         raise
     finally:
         reader.shutdown(wait=True, cancel_futures=True)
         blender.shutdown(wait=True)
 
-    elapsed = time.perf_counter() - t_start
-    base_mpp = getattr(source, "mpp", None)
+
+def refine_crf(run: PredictionRun, source: Any, runner: TileRunner, cancel: CancelToken | None = None,
+               ) -> Generator[Progress, None, None]:
+    """Stage 3b (tiled images with the CRF): the dense CRF on the *assembled* probability map, window by window.
+
+    Why not on each tile: the CRF propagates a decision over its whole bilateral range (80 model pixels), and a
+    tile's CRF knows only that tile, so two neighbours often settle an ambiguous region differently; their
+    near one-hot results then meet in a straight line in the middle of the overlap (bug 10: class boundaries
+    along tile borders, 279 class changes across one border column of a 640x640 field where the median column
+    has 8). On the assembled map every window sees the same blended unaries, and each keeps only its core with
+    :func:`crf_margin` of context around it, so windows agree where they meet. The kernels are the same
+    physical size (distances divided by work pixels per output pixel); the tissue mask still decides background.
+    """
+    import torch
+
+    settings, classes = run.settings, run.classes
+    params = scaled_crf_params(settings.crf_params, run.geom.work_per_out)
+    oy0, ox0 = run.region[:2]
+    k = classes.num_classes
+    tissue_rules = runner.tissue_threshold is not None
+    use_torch = resolve_backend(params, runner.device) == "torch"
+    crf_fn = dense_crf_isolated if settings.crf_isolated else dense_crf
+    for cy0, cy1, cx0, cx1, wy0, wy1, wx0, wx1 in run.crf_windows:
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        t0 = time.perf_counter()
+        rgb = np.ascontiguousarray(source.read_region(oy0 + wy0, ox0 + wx0, wy1 - wy0, wx1 - wx0,
+                                                      run.placement.level)[..., :3], dtype=np.uint8)
+        p = np.asarray(run.crf_probs[:, wy0:wy1, wx0:wx1]).astype(np.float32)
+        total = p.sum(axis=0, keepdims=True)
+        p = np.where(total > 0, p / np.maximum(total, 1e-8), 1.0 / p.shape[0]).astype(np.float32)
+        if use_torch:
+            with torch.inference_mode():
+                q = dense_crf_torch(torch.from_numpy(rgb)[None].to(runner.device),
+                                    torch.from_numpy(p)[None].to(runner.device), params)[0].cpu().numpy()
+        else:
+            q = crf_fn(rgb, p, params)
+        if tissue_rules:  # as on tiles: the CRF may spread background over pale tissue; the mask decides
+            white = p[k] >= 0.5
+            tissue = q[:k]
+            tsum = tissue.sum(axis=0, keepdims=True)
+            tissue = np.where(tsum > 1e-8, tissue / np.maximum(tsum, 1e-8), 1.0 / max(1, k))
+            q = np.concatenate([tissue * ~white, white[None].astype(np.float32)], axis=0)
+        sy, sx = slice(cy0 - wy0, cy1 - wy0), slice(cx0 - wx0, cx1 - wx0)
+        core = q[:, sy, sx]
+        run.labels[cy0:cy1, cx0:cx1] = core.argmax(axis=0).astype(np.uint8)
+        if run.probs is not None:
+            run.probs[:, cy0:cy1, cx0:cx1] = quantize(core)
+        run.crf_seconds += time.perf_counter() - t0
+        run.done += 1
+        yield Progress("predict", run.done, run.steps, {"name": run.name, "stage": "crf"})
+    counts = np.zeros(classes.num_outputs, np.int64)
+    rows = max(1, (1 << 20) // max(1, run.region[3]))
+    for y in range(0, run.region[2], rows):
+        counts += np.bincount(np.asarray(run.labels[y:y + rows]).ravel(),
+                              minlength=classes.num_outputs)[: classes.num_outputs]
+    run.class_pixels = counts
+    run.crf_probs = None
+    if run.store_dir is not None:
+        shutil.rmtree(run.store_dir / "crf_probs.zarr", ignore_errors=True)
+
+
+def assemble(run: PredictionRun, runner: TileRunner) -> Prediction:
+    """Stage 4: the :class:`Prediction` (arrays, placement, class pixel counts, run information)."""
+    settings, classes = run.settings, run.classes
+    oh, ow = run.region[2:]
+    elapsed = time.perf_counter() - run.t_start
     pixels_in = oh * ow
     run_info = {
-        "name": name, "tiles": total, "skipped_tiles": skipped, "tile_size": (th, tw),
-        "seconds": elapsed, "model_seconds": runner.seconds, "crf_seconds": runner.crf_seconds,
-        "read_seconds": read_seconds, "megapixels": pixels_in / 1e6,
-        "megapixels_per_second": pixels_in / 1e6 / max(elapsed, 1e-9), "device": str(device),
-        "batch": runner.batch, "messages": list(runner.messages), "streamed": streamed,
-        "work_per_output_pixel": k, "blend_block": m, "crf": settings.crf, **read_info,
+        "name": run.name, "tiles": run.total, "skipped_tiles": run.skipped, "tile_size": run.tile_shape,
+        "seconds": elapsed, "model_seconds": runner.seconds, "crf_seconds": runner.crf_seconds + run.crf_seconds,
+        "crf_on": "assembled map" if run.crf_windows else ("tiles" if settings.crf else None),
+        "read_seconds": run.read_seconds, "megapixels": pixels_in / 1e6,
+        "megapixels_per_second": pixels_in / 1e6 / max(elapsed, 1e-9), "device": str(runner.device),
+        "batch": runner.batch, "messages": list(runner.messages), "streamed": run.streamed,
+        "work_per_output_pixel": run.geom.work_per_out, "blend_block": run.block, "crf": settings.crf,
+        **run.read_info,
     }
-    if want_cam and not runner.got_cam:
-        cam_arr = None  # stage-2 models have no activation maps
+    cam = run.cam if runner.got_cam else None  # stage-2 models have no activation maps
+    counts = run.class_pixels if run.class_pixels is not None else run.accumulator.class_pixels
     return Prediction(
-        labels=labels_arr, probs=probs_arr, cam=cam_arr, classes=classes,
-        scale=(d_out, d_out), translate=((oy0 + 0.5) * d_out - 0.5, (ox0 + 0.5) * d_out - 0.5),
-        mpp=None if base_mpp is None else base_mpp * d_out, level=out_level, region=(oy0, ox0, oh, ow),
-        class_pixels={n: int(v) for n, v in zip(classes.all_names, acc.class_pixels, strict=True)},
-        info=run_info, store_dir=store_dir,
+        labels=run.labels, probs=run.probs, cam=cam, classes=classes,
+        placement=run.placement, region=run.region,
+        class_pixels={n: int(v) for n, v in zip(classes.all_names, counts, strict=True)},
+        info=run_info, store_dir=run.store_dir,
     )
 
 
-# ================================================================================ outputs
+# ================================================================================ pseudo-labels
 def prediction_pseudo_labels(source: Any, prediction: Prediction, classes: ClassSpec, alpha: float, beta: float,
                              crf: CRFParams | None = None, crf_isolated: bool = False) -> np.ndarray:
     """Reliable pseudo-labels (alpha/beta thresholds + CRF agreement) of a prediction's DA maps.
@@ -791,218 +1020,3 @@ def prediction_pseudo_labels(source: Any, prediction: Prediction, classes: Class
     cam = np.asarray(prediction.cam, dtype=np.float32) / 255.0  # the engine stores maps as uint8 x 255
     return reliable_pseudo_labels(cam, image, present.astype(np.float32), alpha=alpha, beta=beta, crf=crf,
                                   crf_isolated=crf_isolated)
-
-
-def output_paths(out_dir: str | os.PathLike, stem: str, formats: Iterable[str]) -> dict[str, Path]:
-    """Final file of each output for one input (the composition JSON is always written)."""
-    out = Path(out_dir)
-    names = {"png": f"{stem}.png", "ome-tiff": f"{stem}.ome.tif", "geojson": f"{stem}.geojson",
-             "probs": f"{stem}_probs.ome.tif"}
-    paths = {fmt: out / names[fmt] for fmt in formats}
-    paths["composition"] = out / f"{stem}_composition.json"
-    return paths
-
-
-def parse_formats(text: str | Iterable[str]) -> tuple[str, ...]:
-    """``"png,ome-tiff"`` -> ("png", "ome-tiff"); unknown names raise a clear error."""
-    items = [t.strip().lower() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
-    aliases = {"ome.tif": "ome-tiff", "ome-tif": "ome-tiff", "tiff": "ome-tiff", "tif": "ome-tiff",
-               "json": "geojson", "prob": "probs"}
-    items = [aliases.get(t, t) for t in items]
-    unknown = [t for t in items if t not in FORMATS]
-    if unknown:
-        raise WsssCramError(f"Unknown output format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}.")
-    return tuple(dict.fromkeys(items))
-
-
-def check_outputs_free(out_dir: str | os.PathLike, stem: str, formats: Iterable[str], overwrite: bool,
-                       inputs: Iterable[str | os.PathLike] = ()) -> None:
-    """Raise OutputExistsError before any work when an output exists and overwrite is off, and always when an
-    output would replace one of ``inputs`` (outputs are named after their inputs: ``--out`` = the input folder
-    would turn the H&E images into label masks, ``--overwrite`` or not)."""
-    from .io.outputs import ensure_can_write
-
-    check_outputs_spare_inputs(out_dir, stem, formats, inputs)
-    for path in output_paths(out_dir, stem, formats).values():
-        ensure_can_write(path, overwrite)
-
-
-def check_outputs_spare_inputs(out_dir: str | os.PathLike, stem: str, formats: Iterable[str],
-                               inputs: Iterable[str | os.PathLike]) -> None:
-    """Raise OutputExistsError when an output of ``stem`` would replace one of ``inputs``."""
-    protected = {Path(p).resolve() for p in inputs}
-    for path in output_paths(out_dir, stem, formats).values():
-        if path.resolve() in protected:
-            raise OutputExistsError(f"The output '{path}' would replace the input image of the same name. "
-                                    "Inputs are never overwritten: choose another output folder.")
-
-
-def write_outputs(prediction: Prediction, out_dir: str | os.PathLike, stem: str,
-                  formats: Iterable[str] = DEFAULT_FORMATS, overwrite: bool = False,
-                  cancel: CancelToken | None = None) -> dict[str, Any]:
-    """Write the outputs of one input (see module docstring); returns its summary row."""
-    from .io import outputs as io_out
-
-    formats = parse_formats(formats)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    finals = output_paths(out_dir, stem, formats)
-    for path in finals.values():
-        io_out.ensure_can_write(path, overwrite)
-    classes = prediction.classes
-    tag = uuid.uuid4().hex[:8]
-    temps = {key: io_out.temp_path(path, tag) for key, path in finals.items()}
-    timings: dict[str, float] = {}
-    skipped: list[str] = []
-    labels = prediction.labels
-    height, width = prediction.shape
-    d_out = float(prediction.scale[0])
-    oy0, ox0 = prediction.region[:2]
-    offset = (oy0 * d_out, ox0 * d_out)
-    try:
-        if "ome-tiff" in formats:
-            t0 = time.perf_counter()
-            io_out.write_pyramidal_ome_tiff(temps["ome-tiff"], labels, mpp=prediction.mpp, labels=True,
-                                            progress=_cancel_hook(cancel))
-            timings["ome-tiff"] = time.perf_counter() - t0
-        if "probs" in formats:
-            if prediction.probs is None:
-                raise WsssCramError("Probability maps were not kept (with_probs=False); cannot write "
-                                    f"{finals['probs'].name}.")
-            probs = prediction.probs
-            t0 = time.perf_counter()
-            io_out.write_pyramidal_ome_tiff(
-                temps["probs"], lambda y, x, h, w: np.moveaxis(np.asarray(probs[:, y:y + h, x:x + w]), 0, -1),
-                mpp=prediction.mpp, shape=(height, width, probs.shape[0]), labels=False,
-                channel_names=list(classes.all_names), progress=_cancel_hook(cancel))
-            timings["probs"] = time.perf_counter() - t0
-        if cancel is not None:
-            cancel.raise_if_cancelled()
-        if "png" in formats:
-            if prediction.streamed:
-                # The PNG writer needs the whole map in memory; a streamed slide has its OME-TIFF instead.
-                skipped.append("png")
-                del temps["png"], finals["png"]
-                log.warning("%s: %dx%d pixels is too large for a PNG mask; skipped it (the .ome.tif holds "
-                            "the labels).", stem, height, width)
-            else:
-                t0 = time.perf_counter()
-                io_out.write_index_png(temps["png"], np.asarray(labels), classes)
-                timings["png"] = time.perf_counter() - t0
-        if "geojson" in formats:
-            t0 = time.perf_counter()
-            small, factor = _geojson_labels(labels)
-            io_out.write_geojson(temps["geojson"], small, classes, scale=d_out * factor, offset=offset)
-            timings["geojson"] = time.perf_counter() - t0
-        counts = np.zeros(256, np.int64)
-        counts[: classes.num_outputs] = [prediction.class_pixels[n] for n in classes.all_names]
-        comp = io_out.composition(None, classes, mpp=prediction.mpp, counts=counts)
-        comp.update({"image": stem, "shape": [height, width], "level": prediction.level,
-                     "prediction": {k: v for k, v in prediction.info.items()
-                                    if isinstance(v, (int, float, str, bool, type(None)))}})
-        if skipped:
-            comp["skipped_outputs"] = skipped
-        temps["composition"].write_text(json.dumps(comp, indent=2))
-        if cancel is not None:
-            cancel.raise_if_cancelled()
-        for final in finals.values():
-            if final.exists() and not overwrite:
-                raise OutputExistsError(f"{final} appeared while predicting; not overwriting it "
-                                        "(use --overwrite).")
-        # A marker names the set while it is renamed into place: a run killed between two renames leaves it,
-        # and the next run into this folder (see recover_interrupted_outputs) removes the incomplete set.
-        marker = _renaming_marker(out_dir, stem)
-        marker.write_text("\n".join(p.name for p in finals.values()), encoding="utf-8")
-        for key, final in finals.items():
-            os.replace(temps[key], final)
-        marker.unlink()
-    except OSError as err:  # a full disk, a folder made read-only mid-run: said plainly, nothing half-written kept
-        import errno as errno_codes
-
-        reason = "the disk is full" if err.errno == errno_codes.ENOSPC else (err.strerror or str(err))
-        raise WsssCramError(f"Cannot write the outputs of {stem} into {out_dir}: {reason}. Nothing of {stem} was "
-                            "left half-written; free space or choose another output folder, then run again.") \
-            from None
-    finally:
-        for tmp in temps.values():
-            if tmp.exists():
-                tmp.unlink()
-    return summary_row(prediction, stem, comp, finals, timings)
-
-
-def _renaming_marker(out_dir: Path, stem: str) -> Path:
-    return Path(out_dir) / f".{stem}.renaming"
-
-
-def recover_interrupted_outputs(out_dir: str | os.PathLike) -> list[str]:
-    """Clean what killed runs left in ``out_dir``: hidden ``.partial`` temporaries, and the outputs of a set
-    whose renaming into place was cut short (they are an incomplete set; the input is simply predicted again).
-    Call it only while holding the folder's lock (``io.outputs.folder_lock``): then no other run is writing.
-    Returns what was removed (file names), for a note to the user."""
-    out_dir = Path(out_dir)
-    removed: list[str] = []
-    if not out_dir.is_dir():
-        return removed
-    for marker in sorted(out_dir.glob(".*.renaming")):
-        for name in marker.read_text(encoding="utf-8").split():
-            target = out_dir / name
-            if target.parent == out_dir and target.is_file():
-                target.unlink()
-                removed.append(name)
-        marker.unlink()
-    for temp in sorted(out_dir.glob(".*.partial*")):
-        if temp.is_file():
-            temp.unlink()
-            removed.append(temp.name)
-    return removed
-
-
-def _cancel_hook(cancel: CancelToken | None):
-    """A writer progress callback that stops a long OME-TIFF write when cancelled."""
-    if cancel is None:
-        return None
-    return lambda done, total: cancel.raise_if_cancelled()
-
-
-#: Label maps above this many pixels are vectorised from a nearest-neighbour downsample (bounded memory).
-GEOJSON_MAX_PIXELS = 16_000_000
-
-
-def _geojson_labels(labels: Any) -> tuple[np.ndarray, int]:
-    """The label map to vectorise and its downsample factor (1 when small enough)."""
-    h, w = labels.shape
-    factor = 1
-    while (h // factor) * (w // factor) > GEOJSON_MAX_PIXELS:
-        factor *= 2
-    if factor == 1:
-        return np.asarray(labels), 1
-    rows = []
-    strip = factor * max(1, 256 // factor)  # about 256 full-resolution rows at a time
-    for y in range(0, h - h % factor, strip):
-        block = np.asarray(labels[y: min(y + strip, h - h % factor)])
-        # copy: a view would keep the whole strip alive until the end
-        rows.append(block[factor // 2::factor, factor // 2: w - w % factor: factor].copy())
-    return np.concatenate(rows, axis=0), factor
-
-
-def summary_row(prediction: Prediction, stem: str, comp: dict, finals: dict[str, Path],
-                timings: dict[str, float]) -> dict[str, Any]:
-    """One line of the run summary CSV."""
-    info = prediction.info
-    row: dict[str, Any] = {
-        "image": stem, "height": prediction.shape[0], "width": prediction.shape[1],
-        "mpp": prediction.mpp, "tiles": info.get("tiles"), "skipped_tiles": info.get("skipped_tiles"),
-        "seconds": round(float(info.get("seconds", 0.0)), 3),
-        "model_seconds": round(float(info.get("model_seconds", 0.0)), 3),
-        "crf_seconds": round(float(info.get("crf_seconds", 0.0)), 3),
-        "write_seconds": round(sum(timings.values()), 3),
-        "megapixels_per_second": round(float(info.get("megapixels_per_second", 0.0)), 4),
-        "device": info.get("device"),
-    }
-    for name, value in prediction.class_pixels.items():
-        row[f"pixels_{name}"] = value
-    if "tumor_stroma_ratio" in comp:
-        row["tumor_stroma_ratio"] = comp["tumor_stroma_ratio"]
-    row["outputs"] = ";".join(p.name for p in finals.values())
-    row["skipped_outputs"] = ";".join(comp.get("skipped_outputs", []))
-    return row

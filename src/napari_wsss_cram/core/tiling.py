@@ -129,7 +129,8 @@ def tissue_thumbnail(read_block: Callable[[int, int, int, int], np.ndarray], hei
 class RowSink:
     """Destination of finalized output rows: in-memory arrays or chunked disk-backed zarr arrays.
 
-    ``labels`` (H, W) uint8; ``probs``/``cam`` (C, H, W) uint8 (probability x 255) or None. Rows arrive in
+    ``labels`` (H, W) uint8; ``probs``/``cam`` (C, H, W) uint8 (probability x 255; ``probs`` may be a float
+    array, then unquantized) or None. Rows arrive in
     order; for zarr they are buffered until whole chunk rows can be written (no read-modify-write).
     """
 
@@ -245,7 +246,10 @@ class BandAccumulator:
             probs[:, untouched] = 0.0
             probs[self.background_index, untouched] = 1.0
         labels = probs.argmax(axis=0).astype(np.uint8)
-        probs_u8 = quantize(probs) if self.sink.probs is not None else None
+        probs_u8 = None
+        if self.sink.probs is not None:  # a float sink keeps the probabilities unquantized (for a later CRF)
+            kind = np.dtype(self.sink.probs.dtype)
+            probs_u8 = probs.astype(kind) if kind.kind == "f" else quantize(probs)
         cam_u8 = None
         if self.cam is not None and self.sink.cam is not None:
             cam_u8 = quantize(self.cam[:, :n] * norm)
@@ -293,3 +297,27 @@ class BandAccumulator:
 def quantize(values: np.ndarray) -> np.ndarray:
     """[0, 1] floats -> uint8 (x 255, rounded)."""
     return np.clip(np.rint(values * 255.0), 0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------- seams
+def seam_profile(labels: np.ndarray, borders_y: list[float], borders_x: list[float], width: int = 3,
+                 ) -> dict[str, dict[str, float]]:
+    """Class changes per column and per row of a label map, near tile borders vs elsewhere.
+
+    ``columns``: for each column boundary x|x+1, the number of rows whose class changes there (a class boundary
+    running straight down a tile border piles up in one column); ``rows`` likewise. ``borders_y``/``borders_x``:
+    the tile borders (centres of the overlaps) in label pixels; "near" is within ``width`` pixels. Each profile
+    gives ``border_max``, ``other_max``, ``median`` (all columns) and ``ratio`` = border_max / median.
+    """
+    lab = np.asarray(labels)
+    out: dict[str, dict[str, float]] = {}
+    for name, axis, borders in (("columns", 1, borders_x), ("rows", 0, borders_y)):
+        changes = (np.diff(lab.astype(np.int16), axis=axis) != 0).sum(axis=1 - axis)
+        near = np.zeros(changes.shape[0], bool)
+        for b in borders:
+            near[max(0, int(math.floor(b)) - width): max(0, int(math.floor(b)) + width + 1)] = True
+        median = float(np.median(changes)) if changes.size else 0.0
+        border_max = float(changes[near].max()) if near.any() else 0.0
+        out[name] = {"border_max": border_max, "other_max": float(changes[~near].max()) if (~near).any() else 0.0,
+                     "median": median, "ratio": border_max / max(median, 1.0)}
+    return out

@@ -27,6 +27,7 @@ from superqt import QCollapsible
 
 from ..core.classes import WSSS4LUAD, ClassSpec
 from ..core.errors import WsssCramError
+from ..core.placement import Placement
 from . import _common as common
 from . import layers as result_layers
 from ._common import spin
@@ -320,8 +321,7 @@ class ExportPanel(QGroupBox):
         # a copy: the user may paint on while a worker writes
         data = np.array(layer.data[0] if layer.multiscale else layer.data)
         return dict(paths=paths, labels=data, classes=self.classes_of(layer), table=self.update_composition(),
-                    mpp=meta.get("mpp"), level0_scale=meta.get("level0_scale", 1.0),
-                    level0_offset=tuple(meta.get("level0_offset", (0.0, 0.0))))
+                    mpp=meta.get("mpp"), placement=Placement.from_metadata(meta.get("placement")))
 
     def export(self, folder: str | Path | None = None) -> list[str]:
         """Write the chosen labels layer in the checked formats plus ``<image>_labels_composition.csv``/``.json``

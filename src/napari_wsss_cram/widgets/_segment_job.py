@@ -58,9 +58,8 @@ def segment_job(layer, model, info, settings, region, pseudo, cancel: CancelToke
             settings = dataclasses.replace(settings, output_level=0)
         try:
             prediction = yield from predict_source(model, info, source, settings, region=region, cancel=cancel)
-            if downsample != 1.0:  # source pixel centre u sits at level-0 pixel (u + 0.5) * d - 0.5
-                prediction.scale = tuple(s * downsample for s in prediction.scale)
-                prediction.translate = tuple((t + 0.5) * downsample - 0.5 for t in prediction.translate)
+            if downsample != 1.0:  # the source's pixels are level pixels: measure the placement in level-0 pixels
+                prediction.placement = prediction.placement.in_units_of(downsample)
             try:  # the dock paints on in-memory arrays (a streamed slide result is read back at its level)
                 cam = None if prediction.cam is None else np.asarray(prediction.cam)
                 result = {"labels": np.asarray(prediction.labels), "activations": cam, "scale": prediction.scale,

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..core.classes import ClassSpec
+from ..core.placement import Placement
 from ..core.progress import drive
 
 METADATA_KEY = "wsss_cram"
@@ -162,11 +163,8 @@ def _stack_on(viewer, source_layer, layer) -> None:
 def placement(source_layer, pred_scale, pred_translate) -> tuple[np.ndarray, np.ndarray]:
     """World scale/translate of a result whose pixel ``i`` sits at ``pred_translate + i * pred_scale`` level-0 pixels
     of the source layer."""
-    src_scale = np.asarray(source_layer.scale, dtype=float)[-2:]
-    src_translate = np.asarray(source_layer.translate, dtype=float)[-2:]
-    pred_scale = np.broadcast_to(np.asarray(pred_scale, dtype=float), (2,))
-    pred_translate = np.broadcast_to(np.asarray(pred_translate, dtype=float), (2,))
-    return src_scale * pred_scale, src_translate + src_scale * pred_translate
+    return Placement.from_napari(pred_scale, pred_translate).layer_transform(source_layer.scale,
+                                                                             source_layer.translate)
 
 
 def add_result_layers(viewer, source_layer, labels: np.ndarray, activations: np.ndarray | None,
@@ -214,12 +212,11 @@ def iter_result_layers(viewer, source_layer, labels: np.ndarray, activations: np
         yield layer
 
     labels = np.ascontiguousarray(labels, dtype=np.uint8)
-    pred_scale = np.broadcast_to(np.asarray(scale, dtype=float), (2,))
-    # GeoJSON wants pixel corners in level-0 pixels; ``translate`` is napari's pixel-centre convention.
-    level0_offset = np.broadcast_to(np.asarray(translate, dtype=float), (2,)) - (pred_scale - 1) / 2
+    # where the labels sit on the slide, for the exports (GeoJSON coordinates, OME-TIFF position)
+    placed = Placement.from_napari(scale, translate)
+    placed = Placement(placed.downsample, placed.origin, mpp0=None if mpp is None else mpp / placed.downsample)
     meta = {"role": "labels", "classes": classes.to_dict(), "mpp": mpp, "source": name,
-            "fingerprint": fingerprint(labels),
-            "edited": False, "level0_scale": float(pred_scale[0]), "level0_offset": [float(v) for v in level0_offset]}
+            "fingerprint": fingerprint(labels), "edited": False, "placement": placed.to_metadata()}
     layer_name = labels_layer_name(name)
     # the newest unedited result of this image (after an edit, the layer added next to it is the one to update)
     existing = next((ly for ly in reversed(result_layers_of(viewer, name, "labels")) if not is_edited(ly)), None)
