@@ -225,7 +225,45 @@ def test_settings_persist_between_launches(make_napari_viewer, qtbot, tiny_check
     assert second.tile_spin.value() == 256
     assert not second.crf_check.isChecked()
     assert second.region_combo.currentText() == "Current field of view"
-    assert second.checkpoint_row.text() == str(tiny_checkpoint) and second.model is not None
+    assert second.checkpoint_row.text() == str(tiny_checkpoint)
+    qtbot.waitUntil(lambda: second.model is not None, timeout=30_000)  # loaded in the background
+
+
+def test_dock_opens_at_once_and_loads_its_model_in_the_background(make_napari_viewer, qtbot, tiny_checkpoint,
+                                                                   monkeypatch):
+    """Issue 12: opening the dock froze napari while torch was imported and the model loaded on the GUI thread."""
+    import threading
+
+    from napari_wsss_cram.widgets import _segment_job
+
+    viewer = make_napari_viewer()
+    viewer.add_image(he_like_image(96), name="patch", rgb=True)
+    _, first = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    first.set_checkpoint(tiny_checkpoint)  # saved: the next dock loads it by itself
+    qtbot.wait(800)
+    release = threading.Event()
+    threads = []
+    load = _segment_job.load_model
+
+    def slow_load(path):  # a model that takes as long as the test wants to load
+        threads.append(threading.current_thread())
+        release.wait(30)
+        return load(path)
+
+    monkeypatch.setattr(_segment_job, "load_model", slow_load)
+    _, widget = make_napari_viewer().window.add_plugin_dock_widget(PLUGIN, "Segment")
+    widget.viewer.add_image(he_like_image(96), name="patch", rgb=True)
+    # the dock is there at once and says what it is waiting for; Run waits for the model
+    assert widget.loading_model and widget.model is None
+    assert not widget.run_button.isEnabled() and "Loading the model" in widget.message.text()
+    assert "loading model tiny.pt" in widget.model_card.text()
+    qtbot.waitUntil(lambda: bool(threads), timeout=10_000)
+    assert threads[0] is not threading.main_thread()
+    release.set()
+    qtbot.waitUntil(lambda: widget.model is not None, timeout=30_000)
+    assert widget.run_button.isEnabled() and widget.message.text() == "Ready."
+    assert "tumor" in widget.classes_label.text()
+    assert widget.device_combo.findText("cpu") >= 0 and widget.device_combo.findText("auto") >= 0
 
 
 def test_pyramidal_slide_file_field_of_view_overlays_exactly(make_napari_viewer, qtbot, tiny_checkpoint,
@@ -406,6 +444,7 @@ def test_resolution_always_follows_the_model(make_napari_viewer, qtbot, tmp_path
     qtbot.wait(800)
     _, second = make_napari_viewer().window.add_plugin_dock_widget(PLUGIN, "Segment")  # the next launch
     assert second.checkpoint_row.text() == str(checkpoint)
+    qtbot.waitUntil(lambda: not second.loading_model, timeout=30_000)  # it loads in the background
     assert (second.resolution_combo.currentText(), second.resolution_value.value()) == ("scale", 2.5)
 
 

@@ -16,6 +16,17 @@ from ..core.progress import CancelToken, Progress
 from ._common import leave_gui_a_core
 
 
+def load_model(path: str | Path) -> tuple:
+    """Load a checkpoint for the dock -> (model, CheckpointInfo, devices this machine offers).
+
+    Runs in a worker thread: the first call imports torch (~3 s), which on the GUI thread froze napari."""
+    from ..core.checkpoint import load_checkpoint
+    from ._common import available_devices
+
+    model, info = load_checkpoint(path)
+    return model, info, available_devices()
+
+
 def image_source_of_layer(layer, level: int = 0):
     """The ONE reader over a napari image layer -> (ImageSource, level-0 pixels per source pixel).
 

@@ -46,6 +46,14 @@ def progress_text(done: int, total: int, seconds: float) -> str:
     return text
 
 
+def _numbered_load(load, number: int, path) -> tuple:
+    """``(number, load(path))``, or ``(number, the exception)``: which choice of model a result answers."""
+    try:
+        return number, load(path)
+    except Exception as err:  # shown in the dock, never raised into the event loop
+        return number, err
+
+
 class SegmentWidget(WorkerDock):
     """Segment H&E tissue with a WSSS-CRAM checkpoint and correct/export the resulting labels."""
 
@@ -55,6 +63,8 @@ class SegmentWidget(WorkerDock):
     def __init__(self, napari_viewer):
         super().__init__(napari_viewer)
         self.model = self.info = self._model_problem = None
+        self._loading = 0  # the number of the model load in flight (0: none); a newer choice supersedes it
+        self._load_worker = None
         self._pbar = self._adding = self._run_layer = None
         self._warnings: list[str] = []
         self._started = 0.0
@@ -74,7 +84,7 @@ class SegmentWidget(WorkerDock):
         self.model_card.setWordWrap(True)
         self.model_card.setStyleSheet("color: #a0a4ab; font-size: 11px;")
         self.device_combo = QComboBox()
-        self.device_combo.addItems(common.available_devices())
+        self.device_combo.addItems(common.BASIC_DEVICES)  # GPUs are added once torch is imported (off the GUI)
         self.resolution_combo = QComboBox()
         self.resolution_combo.addItems([SCALE, MPP])
         self.resolution_combo.setItemData(0, "Resample the image by this factor before the model sees it",
@@ -83,6 +93,8 @@ class SegmentWidget(WorkerDock):
                                              "its µm/px)", Qt.ToolTipRole)
         self.resolution_value = spin(QDoubleSpinBox, 0.05, 20.0, 1.0, 0.1, 3)  # set from the model when picked
         self.resolution_value.setSuffix(RESOLUTION_SUFFIX[SCALE])
+        self.resolution_combo.setToolTip("How the image is resampled for the model; a loaded model sets the "
+                                         "resolution it was trained at")
         self._resolution_mode = SCALE
         self._resolution_chosen = False  # True once the user sets it (then image changes keep it)
         self.tile_spin = spin(QSpinBox, 64, 4096, 512, 64)
@@ -235,38 +247,72 @@ class SegmentWidget(WorkerDock):
 
     # ----- model ------------------------------------------------------------------------------------------
     def set_checkpoint(self, path: str | Path) -> bool:
-        """Select and load a checkpoint file (used by the Train dock's "Use this model")."""
+        """Select and load a checkpoint file now (used by the Train dock's "Use this model", which has torch
+        imported already); True when it loaded."""
         self.model_combo.blockSignals(True)
         self.model_combo.setCurrentText(CHECKPOINT)
         self.model_combo.blockSignals(False)
         self.checkpoint_row.setText(str(path))
-        return self._load_selected_model()
+        return self._load_selected_model(wait=True)
 
-    def _load_selected_model(self, *_args) -> bool:
+    @property
+    def loading_model(self) -> bool:
+        """True while the chosen model loads in a worker thread (Run is disabled until it is ready)."""
+        return bool(self._loading)
+
+    def _load_selected_model(self, *_args, wait: bool = False) -> bool:
+        """Load the chosen model: in a worker thread (the dock opens at once, napari never freezes on the torch
+        import), or now when ``wait``. Returns True when a model is loaded by the time it returns."""
         from ..commands.demo import bundled_model_path
-        from ..core.checkpoint import load_checkpoint
+        from ._segment_job import load_model
 
         use_file = self.model_combo.currentText() == CHECKPOINT
         self.checkpoint_row.setVisible(use_file)
         self.model = self.info = self._model_problem = None
+        self._loading += 1
+        number = self._loading
         path = self.checkpoint_row.text() if use_file else bundled_model_path()
-        try:
-            if not path:
-                raise WsssCramError("Choose a checkpoint file (.pt) to segment with.")
-            if not use_file and not Path(path).is_file():
-                raise WsssCramError(f"The bundled demo model {path} is missing: train it with "
-                                    "`wsss-cram train sample_data/patches --config training/sample.toml` "
-                                    "or choose a checkpoint file.")
-            self.model, self.info = load_checkpoint(path)
-        except Exception as err:  # shown in the dock, never raised into the event loop
-            self.classes_label.setText("")
-            self.model_card.setText("")
-            self._model_problem = common.user_message(err, FIELDS)
-            if use_file and self.checkpoint_row.text():  # an explicit choice: say what is wrong with it now
-                self._validate(error=common.notify_error(err, FIELDS))
-            else:
-                self._validate()
+        if not path:
+            return self._model_failed(number, WsssCramError("Choose a checkpoint file (.pt) to segment with."))
+        if not use_file and not Path(path).is_file():
+            return self._model_failed(number, WsssCramError(
+                f"The bundled demo model {path} is missing: train it with `wsss-cram train sample_data/patches "
+                "--config training/sample.toml` or choose a checkpoint file."))
+        if wait:
+            return self._model_result(_numbered_load(load_model, number, path))
+        self.classes_label.setText("")
+        self.model_card.setText(f"loading model {Path(path).name}…")
+        self._validate()
+        self._load_worker = common.in_background(_numbered_load, self._model_result, self.show_error, load_model,
+                                                 number, path)
+        return False
+
+    def _model_result(self, result: tuple) -> bool:
+        """(load number, loaded model or the exception that stopped it) -> the dock shows it; True if loaded."""
+        number, loaded = result
+        if isinstance(loaded, BaseException):
+            return self._model_failed(number, loaded)
+        return self._model_loaded(number, loaded)
+
+    def _model_failed(self, number: int, err: BaseException) -> bool:
+        if number != self._loading or self._closed:  # a newer choice is loading, or the dock is gone
             return False
+        self._loading = 0
+        self.classes_label.setText("")
+        self.model_card.setText("")
+        self._model_problem = common.user_message(err, FIELDS)
+        if self.model_combo.currentText() == CHECKPOINT and self.checkpoint_row.text():
+            self._validate(error=common.notify_error(err, FIELDS))  # an explicit choice: say what is wrong now
+        else:
+            self._validate()
+        return False
+
+    def _model_loaded(self, number: int, loaded: tuple) -> bool:
+        if number != self._loading or self._closed:
+            return False
+        self._loading = 0
+        self.model, self.info, devices = loaded
+        common.offer_devices(self.device_combo, devices, self.SETTINGS)
         self.activation_combo.blockSignals(True)
         self.activation_combo.clear()
         self.activation_combo.addItems(list(self.info.classes.names))
@@ -290,10 +336,10 @@ class SegmentWidget(WorkerDock):
     def set_default_resolution(self) -> None:
         """Set the resolution row from the model's default (``core.checkpoint.default_resolution``); an image
         layer known to lack a µm/px gets the training scale."""
-        from ..core.checkpoint import default_resolution
-
-        if self.info is None:
+        if self.info is None:  # no model yet (it loads in the background): nothing to default to
             return
+        from ..core.checkpoint import default_resolution  # imports torch: only once a model is loaded
+
         layer = self.image_layer()
         meta = getattr(layer, "metadata", None)
         has_mpp = not (isinstance(meta, dict) and "mpp" in meta and not meta["mpp"])
@@ -353,8 +399,9 @@ class SegmentWidget(WorkerDock):
             problem = f"Layer '{layer.name}' is not an RGB image: WSSS-CRAM needs a colour H&E image."
         if layer is not None:
             self._fit_output_level(layer)
+        loading = problem is None and self.model is None and self.loading_model
         if problem is None and self.model is None:
-            problem = self._model_problem or "Choose a model checkpoint."
+            problem = "Loading the model…" if loading else (self._model_problem or "Choose a model checkpoint.")
         if (problem is None and self._resolution_mode == MPP and self.image_mpp() is None
                 and isinstance(layer.metadata, dict) and "mpp" in layer.metadata):
             problem = (f"'{layer.name}' does not state its pixel size (µm/px): choose the resolution as a "
@@ -362,7 +409,7 @@ class SegmentWidget(WorkerDock):
         running = self.busy
         self.run_button.setEnabled(problem is None and not running)
         if not running and not quiet:
-            common.show_message(self.message, problem or "Ready.", error=problem is not None)
+            common.show_message(self.message, problem or "Ready.", error=problem is not None and not loading)
         return problem is None
 
     def _fit_output_level(self, layer) -> None:
