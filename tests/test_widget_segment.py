@@ -103,6 +103,17 @@ def test_cancel_mid_run_adds_no_layer(make_napari_viewer, qtbot, tiny_checkpoint
     assert [layer.name for layer in viewer.layers] == ["patch"]
     assert "Cancelled" in widget.message.text()
     assert widget.run_button.isEnabled()
+    assert widget.progress_bar.text() == "Cancelled" and widget.progress_bar.value() == 0
+
+
+def test_progress_bar_says_done_when_the_run_ends(make_napari_viewer, qtbot, tiny_checkpoint):
+    """Issue 12: after a run the bar went back to 0 %; it stays full and says Done."""
+    viewer = make_napari_viewer()
+    widget = _segment_dock(viewer, tiny_checkpoint)
+    widget.crf_check.setChecked(False)
+    _run_and_wait(qtbot, widget)
+    bar = widget.progress_bar
+    assert bar.maximum() >= 1 and bar.value() == bar.maximum() and bar.text() == "Done"
 
 
 def test_rerun_keeps_edited_labels(make_napari_viewer, qtbot, tiny_checkpoint):

@@ -543,8 +543,7 @@ class SegmentWidget(WorkerDock):
             self._pbar.close()
         self._pbar = None
         self.cancel_button.setEnabled(False)
-        self.progress_bar.setValue(0)
-        self.progress_bar.setFormat("%p%")
+        self.end_progress(self.progress_bar)  # "Done" and full, not back to 0 %
         if cancelled:
             self.say("Cancelled: no layer was added.")
         self._validate(quiet=True)

@@ -297,6 +297,7 @@ class TrainWidget(WorkerDock):
 
     def on_finished(self, cancelled: bool) -> None:
         self.plot.flush()
+        self.end_progress(self.progress_bar)
         if cancelled:
             self.checkpoint_path = self.run_checkpoint()  # a cancelled run leaves a usable last checkpoint
             self.say("Training cancelled: Resume continues from the last checkpoint"
