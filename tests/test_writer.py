@@ -52,7 +52,7 @@ def test_geojson_in_level0_coordinates_round_trips(tmp_path):
     write_labels(str(path), _mask(), _meta(level0_scale=2.0, level0_offset=[100.0, 40.0]))
     data = json.loads(path.read_text())
     names = {f["properties"]["classification"]["name"] for f in data["features"]}
-    assert names == {"tumor", "stroma", "normal"}
+    assert names == {"Tumor", "Stroma", "Normal"}  # QuPath's spelling of its classes
     xs = [pt[0] for f in data["features"] for poly in f["geometry"]["coordinates"] for ring in poly for pt in ring]
     assert min(xs) == pytest.approx(40 + 2 * 10)
     back = geojson_to_labels(path, (80, 120), WSSS4LUAD, scale=2.0, offset=(100.0, 40.0))

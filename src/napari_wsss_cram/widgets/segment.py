@@ -69,6 +69,7 @@ class SegmentWidget(WorkerDock):
         self._warnings: list[str] = []
         self._started = 0.0
         self.last_result: dict | None = None
+        self._qupath_source = self._qupath_worker = None  # the image a QuPath import goes onto, its reader
         form = QFormLayout()
         self.image_combo = QComboBox()
         self.pixel_size = spin(QDoubleSpinBox, 0.0, 50.0, 0.0, 0.05, 4)
@@ -184,6 +185,7 @@ class SegmentWidget(WorkerDock):
         self.checkpoint_row.edit.editingFinished.connect(self._load_selected_model)
         self.checkpoint_row.edit.textChanged.connect(lambda _: self._validate())
         self.run_button.clicked.connect(self.run)
+        self.export_panel.qupath_button.clicked.connect(lambda: self.import_qupath())
         self.cancel_button.clicked.connect(self.cancel)
         self.activation_combo.currentTextChanged.connect(lambda _: self.show_activation())
         self.opacity_slider.valueChanged.connect(lambda _: self.show_activation())
@@ -566,6 +568,40 @@ class SegmentWidget(WorkerDock):
 
     def update_composition(self) -> dict | None:
         return self.export_panel.update_composition()
+
+    def import_qupath(self, path: str | Path | None = None):
+        """Open QuPath annotations (a GeoJSON export) as a Labels layer on the chosen image, in the model's
+        classes (QuPath names matched ignoring case, others through "QuPath names"); read and rasterised in a
+        worker thread. Returns the worker (None when nothing starts: the reason is shown)."""
+        from qtpy.QtWidgets import QFileDialog
+
+        from ..core.io.qupath import parse_class_map
+
+        layer = self.image_layer()
+        if layer is None:
+            self.show_error("Open the image the annotations belong to first (same slide, full resolution).")
+            return None
+        if path is None:
+            path, _ = QFileDialog.getOpenFileName(self, "QuPath annotations", "", "GeoJSON (*.geojson *.json)")
+            if not path:
+                return None
+        try:
+            class_map = parse_class_map(self.export_panel.qupath_map.text())
+        except Exception as err:  # shown in the dock, never raised into the event loop
+            self.show_error(err)
+            return None
+        classes = self.info.classes if self.info is not None else self.export_panel.classes_of(layer)
+        self.say(f"Importing {Path(path).name}…")
+        self._qupath_source = layer
+        self._qupath_worker = common.in_background(result_layers.qupath_layer_data, self._qupath_imported,
+                                                   self.show_error, str(path), layer, classes, class_map)
+        return self._qupath_worker
+
+    def _qupath_imported(self, result) -> None:
+        layer_data, imported = result
+        layer = result_layers.add_qupath_layer(self.viewer, layer_data, self._qupath_source)
+        self.labels_combo.setCurrentText(layer.name)
+        self.say(f"{imported.summary()}: '{layer.name}'. Paint corrections, then export.")
 
     def export(self, folder: str | Path | None = None) -> list[str]:
         """Export the chosen (corrected) labels layer; see :class:`ExportPanel`."""
