@@ -718,3 +718,41 @@ def test_composition_inside_a_drawn_region(make_napari_viewer, qtbot, tiny_check
     qtbot.waitUntil(lambda: panel.composition_table.item(0, 0).text() == "0", timeout=3000)
     panel.region_combo.setCurrentText("Whole labels layer")
     assert widget.update_composition()["classes"]["tumor"]["pixels"] == 96 * 48
+
+
+def test_batch_segments_a_folder_with_one_summary_and_cancels(make_napari_viewer, qtbot, tiny_checkpoint, tmp_path):
+    """Issue 12: the dock segments a folder through the core's batch (as `wsss-cram predict`), one summary CSV."""
+    import csv
+
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray(he_like_image(96, seed=i)).save(folder / f"img{i}.png")
+    (folder / "broken.png").write_bytes(b"not an image")
+    viewer = make_napari_viewer()
+    widget = _segment_dock(viewer, tiny_checkpoint)
+    widget.crf_check.setChecked(False)
+    formats = []
+    assert widget.run_batch([str(folder)], str(tmp_path / "out"))
+    widget.worker.yielded.connect(lambda e: formats.append((e.stage, e.done, e.total)))
+    qtbot.waitUntil(lambda: not widget.busy, timeout=60_000)
+    rows = list(csv.DictReader(open(tmp_path / "out" / "predict_summary.csv")))
+    assert [r["image"] for r in rows] == ["broken", "img0", "img1"]
+    assert rows[0]["status"].startswith("error") and rows[1]["status"] == rows[2]["status"] == "ok"
+    assert (tmp_path / "out" / "img1.png").is_file() and (tmp_path / "out" / "img1.geojson").is_file()
+    assert ("file", 3, 3) in formats and any(stage == "file" and done == 1 for stage, done, _ in formats)
+    assert "2 of 3 images" in widget.message.text() and "broken" in widget.message.text()
+    assert widget.progress_bar.text() == "Done" and widget.batch_button.isEnabled()
+    assert [layer.name for layer in viewer.layers] == ["patch"]  # a batch adds no layer
+    # Cancel: stops between tiles; no summary is written
+    for i in range(2):
+        Image.fromarray(he_like_image(384, seed=i)).save(folder / f"big{i}.png")
+    widget.tile_spin.setValue(64)
+    assert widget.run_batch([str(folder)], str(tmp_path / "out2"))
+    qtbot.waitUntil(lambda: "big0" in widget.message.text() or "big1" in widget.message.text(), timeout=30_000)
+    widget.cancel()
+    qtbot.waitUntil(lambda: not widget.busy, timeout=15_000)
+    assert "Cancelled" in widget.message.text() and not (tmp_path / "out2" / "predict_summary.csv").exists()
+    assert widget.progress_bar.text() == "Cancelled"

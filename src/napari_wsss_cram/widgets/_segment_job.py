@@ -85,3 +85,16 @@ def segment_job(layer, model, info, settings, region, pseudo, cancel: CancelToke
         finally:
             source.close()
     return result
+
+
+def batch_job(model, info, inputs: list[str], out_dir: str, settings, formats: tuple[str, ...], overwrite: bool,
+              cancel: CancelToken) -> Generator[Progress, None, tuple]:
+    """Segment files/folders into ``out_dir`` with one summary CSV through the core's batch (as ``wsss-cram
+    predict`` does); images that state no µm/px fall back to the model's training scale."""
+    from ..core.batch import predict_batch
+
+    settings = dataclasses.replace(settings, with_cam=False)
+    fallback = dataclasses.replace(settings, mpp=None) if settings.mpp is not None else None
+    with leave_gui_a_core():
+        return (yield from predict_batch(model, info, inputs, out_dir, settings, formats, overwrite=overwrite,
+                                         cancel=cancel, fallback=fallback))

@@ -7,9 +7,11 @@ from pathlib import Path
 
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QDoubleSpinBox,
     QFormLayout,
+    QGroupBox,
     QHBoxLayout,
     QLabel,
     QProgressBar,
@@ -34,7 +36,8 @@ RESOLUTION_SUFFIX = {SCALE: " ×", MPP: " µm/px"}
 #: The CLI flags core messages name -> the control of this dock that sets the same thing.
 FIELDS = {"mpp": "Resolution in µm/px", "scale": "Resolution as a scale", "tile": "Tile size",
           "overlap": "Tile overlap", "output-level": "Output level", "level": "Output level", "device": "Device",
-          "crf": "Refine labels with a dense CRF"}
+          "crf": "Refine labels with a dense CRF", "overwrite": "Replace existing outputs",
+          "out": "Batch output folder"}
 
 
 def progress_text(done: int, total: int, seconds: float) -> str:
@@ -69,7 +72,9 @@ class SegmentWidget(WorkerDock):
         self._warnings: list[str] = []
         self._started = 0.0
         self.last_result: dict | None = None
-        self._qupath_source = self._qupath_worker = None  # the image a QuPath import goes onto, its reader
+        self._qupath_source = self._qupath_worker = None
+        self._batch = False  # the running job is a batch (files) rather than one image
+        self._file = (0, 0, "")  # batch: (index, count, name) of the image being segmented  # the image a QuPath import goes onto, its reader
         form = QFormLayout()
         self.image_combo = QComboBox()
         self.pixel_size = spin(QDoubleSpinBox, 0.0, 50.0, 0.0, 0.05, 4)
@@ -157,12 +162,29 @@ class SegmentWidget(WorkerDock):
         view_form = QFormLayout()
         view_form.addRow("Activation map", activation_row)
 
+        batch_box = QGroupBox("Batch: a folder of images")
+        batch_form = QFormLayout(batch_box)
+        self.batch_in = common.PathRow("folder of images (PNG, JPEG, TIFF, SVS)")
+        self.batch_in.setToolTip("Every image in this folder is segmented with the settings above")
+        self.batch_out = common.PathRow("output folder (labels, GeoJSON, composition, summary CSV)")
+        self.batch_out.setToolTip("Per image: the checked export formats + composition; for the run: "
+                                  "predict_summary.csv (as `wsss-cram predict` writes)")
+        self.batch_overwrite = QCheckBox("Replace existing outputs")
+        self.batch_overwrite.setToolTip("Without it, a run that would replace a file stops before any work")
+        self.batch_button = QPushButton("Segment folder")
+        self.batch_button.setToolTip("Segment every image of the folder in the background; Cancel stops it")
+        batch_form.addRow("Images", self.batch_in)
+        batch_form.addRow("Output", self.batch_out)
+        batch_form.addRow(self.batch_overwrite)
+        batch_form.addRow(self.batch_button)
+
         self.export_panel = ExportPanel(self.viewer, self.message,
                                         lambda: self.info.classes if self.info is not None else None)
         self.labels_combo = self.export_panel.labels_combo
 
         layout = self.body()
-        for item in (form, advanced, buttons, self.progress_bar, self.message, view_form, self.export_panel):
+        for item in (form, advanced, buttons, self.progress_bar, self.message, view_form, self.export_panel,
+                     batch_box):
             (layout.addLayout if isinstance(item, QHBoxLayout | QFormLayout) else layout.addWidget)(item)
         layout.addStretch()
 
@@ -185,6 +207,7 @@ class SegmentWidget(WorkerDock):
         self.checkpoint_row.edit.editingFinished.connect(self._load_selected_model)
         self.checkpoint_row.edit.textChanged.connect(lambda _: self._validate())
         self.run_button.clicked.connect(self.run)
+        self.batch_button.clicked.connect(lambda: self.run_batch())
         self.export_panel.qupath_button.clicked.connect(lambda: self.import_qupath())
         self.cancel_button.clicked.connect(self.cancel)
         self.activation_combo.currentTextChanged.connect(lambda _: self.show_activation())
@@ -474,6 +497,43 @@ class SegmentWidget(WorkerDock):
         self.progress_bar.setFormat("starting…")
         self.start_job(lambda cancel: segment_job(layer, self.model, self.info, settings, region, pseudo, cancel))
 
+    def run_batch(self, inputs: list[str] | None = None, out_dir: str | None = None) -> bool:
+        """Segment a folder (or a list) of images into an output folder with one summary CSV, in a worker
+        thread through the core's batch (``core.batch.predict_batch``, as ``wsss-cram predict``); progress per
+        file, Cancel stops it between tiles. Returns True when it started."""
+        from ._segment_job import batch_job
+
+        if self.busy:
+            return False
+        inputs = inputs or ([self.batch_in.text()] if self.batch_in.text() else [])
+        out_dir = out_dir or self.batch_out.text()
+        formats = tuple(fmt for fmt, check in self.export_panel.format_checks.items() if check.isChecked())
+        if self.model is None:
+            self.show_error(self._model_problem or "Wait for the model to load, or choose a checkpoint.")
+            return False
+        if not inputs or not out_dir:
+            self.show_error("Choose a folder of images and an output folder for the batch.")
+            return False
+        try:
+            settings = self.predict_settings()
+            settings.validate()
+        except Exception as err:  # shown in the dock, never raised into the event loop
+            self.show_error(err)
+            return False
+        self.save_settings()
+        self._warnings, self._batch = [], True
+        self.run_button.setEnabled(False)
+        self.batch_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.say(f"Segmenting the images of {inputs[0]}…" if len(inputs) == 1 else
+                 f"Segmenting {len(inputs)} inputs…")
+        self._started = time.monotonic()
+        self.progress_bar.setFormat("starting…")
+        overwrite = self.batch_overwrite.isChecked()
+        self.start_job(lambda cancel: batch_job(self.model, self.info, inputs, out_dir, settings, formats or
+                                                ("png",), overwrite, cancel))
+        return True
+
     def cancel(self) -> None:
         """Stop the run within about a second; no layer is added."""
         super().cancel()
@@ -487,6 +547,19 @@ class SegmentWidget(WorkerDock):
         self.say(f"Segmenting… warning: {text}", warning=True)
 
     def on_progress(self, event) -> None:
+        if event.stage == "file":  # batch: one step per image
+            self._file = (event.done, event.total, event.info.get("name", ""))
+            self.progress_bar.setMaximum(max(event.total, 1))
+            self.progress_bar.setValue(event.done)
+            self.progress_bar.setFormat(f"image {min(event.done + 1, event.total)} / {event.total}")
+            if event.info.get("name"):
+                self.say(f"Segmenting {event.info['name']} ({event.done + 1} / {event.total})…")
+            return
+        if self._batch:  # tiles of the current image: the bar counts images, the text says both
+            done, total, _ = self._file
+            self.progress_bar.setFormat(f"image {done + 1} / {total} · "
+                                        + progress_text(event.done, event.total, 0.0))
+            return
         self.progress_bar.setMaximum(max(event.total, 1))
         self.progress_bar.setValue(event.done)
         self.progress_bar.setFormat(progress_text(event.done, event.total, time.monotonic() - self._started))
@@ -502,7 +575,14 @@ class SegmentWidget(WorkerDock):
         return self.worker is not None or self._adding is not None
 
     def on_done(self, result) -> None:
-        """Add the result layers, one per event-loop turn."""
+        """Add the result layers, one per event-loop turn (a batch: say where its outputs went)."""
+        if self._batch:
+            rows, summary = result
+            failed = [r for r in rows if r.get("status") != "ok"]
+            self.say(f"Done: {len(rows) - len(failed)} of {len(rows)} images segmented into {summary.parent} "
+                     f"(summary: {summary.name})." + (f"  Failed: {', '.join(r['image'] for r in failed)}."
+                                                      if failed else ""), warning=bool(failed))
+            return
         layer, classes = self._run_layer, self.info.classes
 
         def steps():
@@ -541,13 +621,16 @@ class SegmentWidget(WorkerDock):
         QTimer.singleShot(0, self._add_next_layer)
 
     def on_finished(self, cancelled: bool) -> None:
+        was_batch, self._batch = self._batch, False
+        self.batch_button.setEnabled(True)
         if self._pbar is not None:
             self._pbar.close()
         self._pbar = None
         self.cancel_button.setEnabled(False)
         self.end_progress(self.progress_bar)  # "Done" and full, not back to 0 %
         if cancelled:
-            self.say("Cancelled: no layer was added.")
+            self.say("Cancelled: the images done so far are in the output folder (no summary CSV)." if was_batch
+                     else "Cancelled: no layer was added.")
         self._validate(quiet=True)
 
     def activation_layer(self):
@@ -616,7 +699,8 @@ class SegmentWidget(WorkerDock):
                 "crf": self.crf_check, "pseudo": self.pseudo_check, "checkpoint": self.checkpoint_row,
                 "tissue_background": self.tissue_check, "gate_classes": self.gate_check,
                 "export_dir": self.export_panel.export_dir, "level": self.level_spin,
-                "crf_iterations": self.crf_iterations, **self.crf_spins}
+                "crf_iterations": self.crf_iterations, "batch_in": self.batch_in, "batch_out": self.batch_out,
+                **self.crf_spins}
 
     def on_shutdown(self) -> None:
         self._adding = None  # add no more result layers
