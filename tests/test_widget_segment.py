@@ -756,3 +756,40 @@ def test_batch_segments_a_folder_with_one_summary_and_cancels(make_napari_viewer
     qtbot.waitUntil(lambda: not widget.busy, timeout=15_000)
     assert "Cancelled" in widget.message.text() and not (tmp_path / "out2" / "predict_summary.csv").exists()
     assert widget.progress_bar.text() == "Cancelled"
+
+
+def test_field_of_view_correction_becomes_a_training_example(make_napari_viewer, qtbot, tiny_checkpoint, tmp_path):
+    """Issue 12: a corrected field-of-view result on a slide is saved with the image crop under it."""
+    from PIL import Image
+
+    from napari_wsss_cram.core.io.outputs import read_index_png
+    from napari_wsss_cram.widgets._train_job import add_corrected_example
+
+    viewer = make_napari_viewer()
+    full = he_like_image(256)
+    pyramid = [full, full[::2, ::2]]
+    viewer.add_image(pyramid, name="slide", rgb=True, multiscale=True, scale=(0.25, 0.25))
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    assert widget.set_checkpoint(tiny_checkpoint)
+    widget.tile_spin.setValue(64)
+    widget.resolution_value.setValue(1.0)
+    widget.crf_check.setChecked(False)
+    widget.level_spin.setValue(1)
+    widget.region_combo.setCurrentText("Current field of view")
+    _show_world_box(viewer, (15.875, 7.875), 16.0)  # level-0 rows from 64, columns from 32 (level 1: 32, 16)
+    y, x, h, w = widget.region(viewer.layers["slide"])
+    assert (y, x) != (0, 0) and (h, w) != (128, 128)
+    _run_and_wait(qtbot, widget)
+    labels = viewer.layers["labels: slide"]
+    corrected = labels.data.copy()
+    corrected[: h // 2] = 1  # the pathologist paints stroma over the top half
+    labels.data = corrected
+    written = add_corrected_example(viewer.layers["slide"], labels, tmp_path / "corrections")
+    image_path, mask_path = written[:2]
+    assert "slide_fov_y" in image_path and "_d2" in image_path  # never the whole-slide example's name
+    np.testing.assert_array_equal(np.asarray(Image.open(image_path).convert("RGB")), pyramid[1][y:y + h, x:x + w])
+    np.testing.assert_array_equal(read_index_png(mask_path), corrected)
+    # labels of another image are refused with a clear message
+    viewer.add_image(he_like_image(96), name="other", rgb=True)
+    with pytest.raises(Exception, match="does not sit on the pixels of 'other'"):
+        add_corrected_example(viewer.layers["other"], labels, tmp_path / "corrections")
