@@ -42,10 +42,17 @@ def _run_and_wait(qtbot, widget, timeout=60_000):
     qtbot.waitUntil(lambda: not widget.busy, timeout=timeout)
 
 
-def test_docks_open_through_the_manifest(make_napari_viewer):
+def _settled(qtbot, *docks) -> None:
+    """Wait for the background model loads of docks opened without set_checkpoint: a model built in a worker
+    thread draws from torch's global random generator, which a later test's seeded tiny model also uses."""
+    qtbot.waitUntil(lambda: not any(getattr(dock, "loading_model", False) for dock in docks), timeout=60_000)
+
+
+def test_docks_open_through_the_manifest(make_napari_viewer, qtbot):
     viewer = make_napari_viewer()
     _, segment = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
     _, train = viewer.window.add_plugin_dock_widget(PLUGIN, "Train")
+    _settled(qtbot, segment)
     assert type(segment).__name__ == "SegmentWidget" and type(train).__name__ == "TrainWidget"
     # No image yet: Run is disabled and the dock says what is missing.
     assert not segment.run_button.isEnabled()
@@ -500,6 +507,7 @@ def test_dock_fits_a_small_screen(make_napari_viewer, qtbot):
     viewer = make_napari_viewer()
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
     _, train = viewer.window.add_plugin_dock_widget(PLUGIN, "Train")
+    _settled(qtbot, widget)
     [panel] = widget.findChildren(QCollapsible)
     assert widget.scroll_area.isAncestorOf(panel) and train.scroll_area.isAncestorOf(train.plot)
     for expand in (False, True, False):  # Advanced open or closed, the dock asks for no more height
@@ -561,12 +569,13 @@ def test_class_palette_and_hotkeys_paint_classes(make_napari_viewer, qtbot, tiny
     assert layer.selected_label == WSSS4LUAD.background_index and layer.mode == "erase"
 
 
-def test_every_control_explains_itself(make_napari_viewer):
+def test_every_control_explains_itself(make_napari_viewer, qtbot):
     from qtpy.QtWidgets import QAbstractButton, QAbstractSpinBox, QComboBox, QLineEdit, QSlider
 
     viewer = make_napari_viewer()
     _, segment = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
     _, train = viewer.window.add_plugin_dock_widget(PLUGIN, "Train")
+    _settled(qtbot, segment)
 
     def explained(widget, dock) -> bool:  # Qt shows the nearest ancestor's tooltip
         while widget is not None and widget is not dock:

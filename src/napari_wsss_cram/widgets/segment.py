@@ -67,6 +67,7 @@ class SegmentWidget(WorkerDock):
         super().__init__(napari_viewer)
         self.model = self.info = self._model_problem = None
         self._loading = 0  # the number of the model load in flight (0: none); a newer choice supersedes it
+        self._model_path: str | None = None  # the checkpoint file loaded or loading (None: the bundled model)
         self._load_worker = None
         self._pbar = self._adding = self._run_layer = None
         self._warnings: list[str] = []
@@ -204,7 +205,7 @@ class SegmentWidget(WorkerDock):
         self.resolution_value.valueChanged.connect(self._resolution_edited)
         self.tile_spin.valueChanged.connect(lambda tile: self.overlap_spin.setMaximum(tile // 2))
         self.model_combo.currentIndexChanged.connect(self._load_selected_model)
-        self.checkpoint_row.edit.editingFinished.connect(self._load_selected_model)
+        self.checkpoint_row.edit.editingFinished.connect(self._checkpoint_edited)
         self.checkpoint_row.edit.textChanged.connect(lambda _: self._validate())
         self.run_button.clicked.connect(self.run)
         self.batch_button.clicked.connect(lambda: self.run_batch())
@@ -280,6 +281,12 @@ class SegmentWidget(WorkerDock):
         self.checkpoint_row.setText(str(path))
         return self._load_selected_model(wait=True)
 
+    def _checkpoint_edited(self) -> None:
+        """The checkpoint field lost focus or got Enter: load it only if it names another file (a reload would
+        reset the resolution the user set meanwhile)."""
+        if self.checkpoint_row.text() != self._model_path:
+            self._load_selected_model()
+
     @property
     def loading_model(self) -> bool:
         """True while the chosen model loads in a worker thread (Run is disabled until it is ready)."""
@@ -297,6 +304,7 @@ class SegmentWidget(WorkerDock):
         self._loading += 1
         number = self._loading
         path = self.checkpoint_row.text() if use_file else bundled_model_path()
+        self._model_path = str(path) if use_file else None
         if not path:
             return self._model_failed(number, WsssCramError("Choose a checkpoint file (.pt) to segment with."))
         if not use_file and not Path(path).is_file():
