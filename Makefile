@@ -30,7 +30,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests training benchmarks
 
 screenshots: $(STAMP)
-	$(QT_ENV) xvfb-run -a -s "-screen 0 1600x1000x24" $(BIN)/python docs/make_screenshots.py
+	$(QT_ENV) xvfb-run -a -s "-screen 0 1920x1080x24" $(BIN)/python docs/make_screenshots.py
 
 sample-data: $(STAMP)
 	$(BIN)/wsss-cram make-sample-data --out sample_data

@@ -92,6 +92,11 @@ def main() -> None:
     viewer = napari.Viewer(show=False)
     viewer.add_image(rgb, name="06", rgb=True)
     _, widget = viewer.window.add_plugin_dock_widget("napari-wsss-cram", "Segment")
+    from qtpy.QtWidgets import QApplication
+
+    while widget.loading_model:  # the dock loads its model in a worker thread
+        QApplication.processEvents()
+        time.sleep(0.01)
     widget.crf_check.setChecked(not args.no_crf)
     if args.crf_backend:  # the dock has no backend field: swap it in the settings it builds
         build = widget.predict_settings

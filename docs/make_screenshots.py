@@ -4,6 +4,9 @@
 - ``docs/activations.png``: each class's activation heatmap of the same run, side by side with the image.
 - ``docs/train_dock.png``: the Train dock after scanning sample_data/patches, with the loss and validation
   mIoU curves of the model's own training run (its metrics.csv, when it sits next to the checkpoint).
+- at 1366x768 and 1920x1080 (``*_<w>x<h>.png``): the Segment dock with the patch segmented and the class palette,
+  a QuPath import, the synthetic slide with a field-of-view result and the scale bar, the Train dock training.
+Synthetic sample data only: WSSS4LUAD images may not be redistributed.
 
 Usage: python docs/make_screenshots.py [--checkpoint PATH] [--out docs]
 """
@@ -61,6 +64,105 @@ def replay_metrics(plot, metrics_csv: Path) -> None:
             elif row.get("mIoU"):
                 plot.add_miou(int(row["epoch"] or 0), float(row["mIoU"]))
     plot.flush()
+
+
+#: Screen sizes the screenshots are taken at (a laptop and a desktop monitor).
+SIZES = ((1366, 768), (1920, 1080))
+
+
+def grab(viewer, path: Path) -> None:
+    from PIL import Image
+
+    settle(0.3)
+    Image.fromarray(viewer.screenshot(canvas_only=False, flash=False)).save(path)
+    print(path)
+
+
+def shoot(size: tuple[int, int], checkpoint: Path, out: Path) -> None:
+    """The four scenes at one window size: Segment dock with a segmented image and the class palette, the slide
+    with a field-of-view result and a scale bar, the Train dock while it trains, and a QuPath import."""
+    import tempfile
+
+    import napari
+
+    from napari_wsss_cram.core.io.outputs import labels_to_geojson, read_index_png
+    from napari_wsss_cram.widgets.layers import result_layers_of
+
+    tag = f"{size[0]}x{size[1]}"
+    viewer = napari.Viewer(title="napari-wsss-cram", show=True)
+    window = viewer.window._qt_window
+    window.resize(*size)
+    window.move(0, 0)
+    settle(0.3)
+    # 1. Segment dock: the sample patch segmented, the dock scrolled to the palette and composition table
+    viewer.open_sample("napari-wsss-cram", "patch")
+    image = next(layer for layer in viewer.layers if layer.rgb)
+    _, segment = viewer.window.add_plugin_dock_widget("napari-wsss-cram", "Segment")
+    if not segment.set_checkpoint(checkpoint):
+        raise SystemExit(f"error: {segment.message.text()}")
+    segment.image_combo.setCurrentText(image.name)
+    segment.region_combo.setCurrentText("Whole image")  # not the field of view of the previous size's slide
+    segment.run()
+    wait_for(lambda: not segment.busy)
+    segment.update_composition()
+    viewer.reset_view()
+    segment.scroll_area.ensureWidgetVisible(segment.export_panel.composition_table)
+    segment.scroll_area.ensureWidgetVisible(segment.export_panel.palette)
+    grab(viewer, out / f"segment_dock_{tag}.png")
+
+    # 2. QuPath import: the sample's true labels as QuPath would export them, imported onto the image
+    from napari_wsss_cram._sample_data import sample_patch_paths
+
+    truth = read_index_png(sample_patch_paths()[1])
+    qupath = Path(tempfile.mkdtemp()) / "sample_patch.geojson"
+    qupath.write_text(__import__("json").dumps(labels_to_geojson(truth, segment.info.classes)["features"]))
+    for layer in list(viewer.layers):
+        if layer is not image:
+            viewer.layers.remove(layer)
+    segment.import_qupath(qupath)
+    wait_for(lambda: any(layer.name.startswith("qupath:") for layer in viewer.layers))
+    settle(0.3)
+    segment.scroll_area.ensureWidgetVisible(segment.export_panel.qupath_button)
+    grab(viewer, out / f"qupath_import_{tag}.png")
+
+    # 3. The slide with a field-of-view result and napari's scale bar (µm)
+    viewer.layers.clear()
+    slide, _truth = viewer.open_sample("napari-wsss-cram", "slide")
+    segment.image_combo.setCurrentText(slide.name)
+    segment.region_combo.setCurrentText("Current field of view")
+    segment.level_spin.setValue(0)
+    viewer.camera.center = (512.0 * 0.25, 1536.0 * 0.25)  # a corner of the slide, 0.25 µm/px
+    viewer.camera.zoom = 1.0 / 0.25 * 0.8
+    viewer.scale_bar.visible = True
+    settle(0.5)
+    segment.run()
+    wait_for(lambda: not segment.busy)
+    [labels] = result_layers_of(viewer, slide.name, "labels")
+    labels.opacity = 0.45
+    for activation in result_layers_of(viewer, slide.name, "activation"):
+        activation.visible = False  # the labels are the result shown here
+    viewer.camera.zoom = viewer.camera.zoom * 0.6  # step back: the result sits inside the slide
+    segment.scroll_area.ensureWidgetVisible(segment.region_combo)
+    grab(viewer, out / f"slide_field_of_view_{tag}.png")
+
+    # 4. Train dock while it trains (the sample preset on the sample patches), then cancelled
+    viewer.layers.clear()
+    viewer.window.remove_dock_widget("all")
+    viewer.open_sample("napari-wsss-cram", "patch")
+    _, train = viewer.window.add_plugin_dock_widget("napari-wsss-cram", "Train")
+    train.preset_combo.setCurrentText("sample")
+    train.data_row.setText(str(ROOT / "sample_data" / "patches"))
+    train.val_row.setText(str(ROOT / "sample_data" / "validation"))
+    train.out_row.setText(tempfile.mkdtemp(prefix="wsss-cram-shot-"))
+    train.steps_spin.setValue(400)
+    train.scan()
+    train.start()
+    wait_for(lambda: train.progress_bar.value() >= 12 or train.worker is None)
+    train.scroll_area.ensureWidgetVisible(train.plot)
+    grab(viewer, out / f"train_dock_{tag}.png")
+    train.cancel()
+    wait_for(lambda: train.worker is None)
+    viewer.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("segment_dock.png", "activations.png", "train_dock.png"):
         print(args.out / name)
     viewer.close()
+    for size in SIZES:
+        shoot(size, checkpoint, args.out)
     return 0
 
 

@@ -39,7 +39,7 @@ def test_writes_every_output_with_schema(tmp_path, prediction):
         assert feature["geometry"]["type"] == "MultiPolygon"
         assert feature["properties"]["objectType"] == "annotation"
         cls = feature["properties"]["classification"]
-        assert cls["name"] in classes.names and cls["color"] == list(classes.colors[classes.index_of(cls["name"])])
+        assert cls["name"].lower() in classes.names and cls["color"] == list(classes.colors[classes.index_of(cls["name"])])
     back = geojson_to_labels(gj, prediction.shape, classes)
     assert (back == prediction.labels).mean() > 0.99
     comp = json.loads((tmp_path / "patch_composition.json").read_text())

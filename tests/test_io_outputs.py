@@ -127,7 +127,7 @@ def test_geojson_schema_and_round_trip(tmp_path):
     gj = labels_to_geojson(labels, WSSS4LUAD)
     assert gj["type"] == "FeatureCollection"
     names = [f["properties"]["classification"]["name"] for f in gj["features"]]
-    assert sorted(names) == ["normal", "stroma", "tumor"]  # background is not exported
+    assert sorted(names) == ["Normal", "Stroma", "Tumor"]  # QuPath's spelling; background is not exported
     for f in gj["features"]:
         assert f["geometry"]["type"] == "MultiPolygon"
         assert f["properties"]["objectType"] == "annotation"
@@ -136,7 +136,7 @@ def test_geojson_schema_and_round_trip(tmp_path):
         for poly in f["geometry"]["coordinates"]:
             for ring in poly:
                 assert ring[0] == ring[-1] and len(ring) >= 4
-    tumor = next(f for f in gj["features"] if f["properties"]["classification"]["name"] == "tumor")
+    tumor = next(f for f in gj["features"] if f["properties"]["classification"]["name"] == "Tumor")
     assert any(len(poly) > 1 for poly in tumor["geometry"]["coordinates"])  # the hole is kept
     path = write_geojson(tmp_path / "m.geojson", labels, WSSS4LUAD)
     back = geojson_to_labels(path, labels.shape, WSSS4LUAD)

@@ -98,15 +98,40 @@ def test_sample_slide_generated_on_first_use(make_napari_viewer, monkeypatch, tm
     viewer = make_napari_viewer()
     import warnings
 
+    import napari.utils
+    from napari.utils.notifications import notification_manager
+
+    # the first open generates the slide on napari's GUI thread: the user sees a notice and a progress bar moving
+    steps, bars = [], []
+    real_progress = napari.utils.progress
+
+    class Progress(real_progress):
+        def refresh(self, *args, **kwargs):
+            steps.append((self.n, self.total))
+            return super().refresh(*args, **kwargs)
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    monkeypatch.setattr(napari.utils, "progress", Progress)
+    shown = []
+    notification_manager.notification_ready.connect(lambda n: shown.append(str(n.message)))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         image, truth = viewer.open_sample(PLUGIN, "slide")
     assert not [w for w in caught if "grayscale" in str(w.message)]  # its truth mask is not a grayscale image
     assert (tmp_path / "cache" / "slide-1024" / "sample_slide.ome.tif").is_file()
+    assert any("generating the synthetic slide" in text and str(tmp_path / "cache") in text for text in shown)
+    assert len(bars) == 1 and len(steps) > 4 and steps[-1][0] == steps[-1][1]  # image strips, then mask strips
+    assert [n for n, _ in steps] == sorted(n for n, _ in steps)
     assert image._type_string == "image" and image.multiscale and image.rgb
     assert [tuple(d.shape[:2]) for d in image.data] == [(1024, 1024), (512, 512), (256, 256)]
     assert tuple(image.scale) == pytest.approx((0.25, 0.25))
     assert truth._type_string == "labels" and truth.multiscale
+    steps.clear()
+    viewer.open_sample(PLUGIN, "slide")  # cached: no generation, no progress bar
+    assert not steps and len(bars) == 1
 
 
 @pytest.mark.gui

@@ -42,10 +42,17 @@ def _run_and_wait(qtbot, widget, timeout=60_000):
     qtbot.waitUntil(lambda: not widget.busy, timeout=timeout)
 
 
-def test_docks_open_through_the_manifest(make_napari_viewer):
+def _settled(qtbot, *docks) -> None:
+    """Wait for the background model loads of docks opened without set_checkpoint: a model built in a worker
+    thread draws from torch's global random generator, which a later test's seeded tiny model also uses."""
+    qtbot.waitUntil(lambda: not any(getattr(dock, "loading_model", False) for dock in docks), timeout=60_000)
+
+
+def test_docks_open_through_the_manifest(make_napari_viewer, qtbot):
     viewer = make_napari_viewer()
     _, segment = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
     _, train = viewer.window.add_plugin_dock_widget(PLUGIN, "Train")
+    _settled(qtbot, segment)
     assert type(segment).__name__ == "SegmentWidget" and type(train).__name__ == "TrainWidget"
     # No image yet: Run is disabled and the dock says what is missing.
     assert not segment.run_button.isEnabled()
@@ -103,6 +110,17 @@ def test_cancel_mid_run_adds_no_layer(make_napari_viewer, qtbot, tiny_checkpoint
     assert [layer.name for layer in viewer.layers] == ["patch"]
     assert "Cancelled" in widget.message.text()
     assert widget.run_button.isEnabled()
+    assert widget.progress_bar.text() == "Cancelled" and widget.progress_bar.value() == 0
+
+
+def test_progress_bar_says_done_when_the_run_ends(make_napari_viewer, qtbot, tiny_checkpoint):
+    """Issue 12: after a run the bar went back to 0 %; it stays full and says Done."""
+    viewer = make_napari_viewer()
+    widget = _segment_dock(viewer, tiny_checkpoint)
+    widget.crf_check.setChecked(False)
+    _run_and_wait(qtbot, widget)
+    bar = widget.progress_bar
+    assert bar.maximum() >= 1 and bar.value() == bar.maximum() and bar.text() == "Done"
 
 
 def test_rerun_keeps_edited_labels(make_napari_viewer, qtbot, tiny_checkpoint):
@@ -225,7 +243,45 @@ def test_settings_persist_between_launches(make_napari_viewer, qtbot, tiny_check
     assert second.tile_spin.value() == 256
     assert not second.crf_check.isChecked()
     assert second.region_combo.currentText() == "Current field of view"
-    assert second.checkpoint_row.text() == str(tiny_checkpoint) and second.model is not None
+    assert second.checkpoint_row.text() == str(tiny_checkpoint)
+    qtbot.waitUntil(lambda: second.model is not None, timeout=30_000)  # loaded in the background
+
+
+def test_dock_opens_at_once_and_loads_its_model_in_the_background(make_napari_viewer, qtbot, tiny_checkpoint,
+                                                                   monkeypatch):
+    """Issue 12: opening the dock froze napari while torch was imported and the model loaded on the GUI thread."""
+    import threading
+
+    from napari_wsss_cram.widgets import _segment_job
+
+    viewer = make_napari_viewer()
+    viewer.add_image(he_like_image(96), name="patch", rgb=True)
+    _, first = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    first.set_checkpoint(tiny_checkpoint)  # saved: the next dock loads it by itself
+    qtbot.wait(800)
+    release = threading.Event()
+    threads = []
+    load = _segment_job.load_model
+
+    def slow_load(path):  # a model that takes as long as the test wants to load
+        threads.append(threading.current_thread())
+        release.wait(30)
+        return load(path)
+
+    monkeypatch.setattr(_segment_job, "load_model", slow_load)
+    _, widget = make_napari_viewer().window.add_plugin_dock_widget(PLUGIN, "Segment")
+    widget.viewer.add_image(he_like_image(96), name="patch", rgb=True)
+    # the dock is there at once and says what it is waiting for; Run waits for the model
+    assert widget.loading_model and widget.model is None
+    assert not widget.run_button.isEnabled() and "Loading the model" in widget.message.text()
+    assert "loading model tiny.pt" in widget.model_card.text()
+    qtbot.waitUntil(lambda: bool(threads), timeout=10_000)
+    assert threads[0] is not threading.main_thread()
+    release.set()
+    qtbot.waitUntil(lambda: widget.model is not None, timeout=30_000)
+    assert widget.run_button.isEnabled() and widget.message.text() == "Ready."
+    assert "tumor" in widget.classes_label.text()
+    assert widget.device_combo.findText("cpu") >= 0 and widget.device_combo.findText("auto") >= 0
 
 
 def test_pyramidal_slide_file_field_of_view_overlays_exactly(make_napari_viewer, qtbot, tiny_checkpoint,
@@ -407,6 +463,7 @@ def test_resolution_always_follows_the_model(make_napari_viewer, qtbot, tmp_path
     qtbot.wait(800)
     _, second = make_napari_viewer().window.add_plugin_dock_widget(PLUGIN, "Segment")  # the next launch
     assert second.checkpoint_row.text() == str(checkpoint)
+    qtbot.waitUntil(lambda: not second.loading_model, timeout=30_000)  # it loads in the background
     assert (second.resolution_combo.currentText(), second.resolution_value.value()) == ("scale", 2.5)
 
 
@@ -451,6 +508,7 @@ def test_dock_fits_a_small_screen(make_napari_viewer, qtbot):
     viewer = make_napari_viewer()
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
     _, train = viewer.window.add_plugin_dock_widget(PLUGIN, "Train")
+    _settled(qtbot, widget)
     [panel] = widget.findChildren(QCollapsible)
     assert widget.scroll_area.isAncestorOf(panel) and train.scroll_area.isAncestorOf(train.plot)
     for expand in (False, True, False):  # Advanced open or closed, the dock asks for no more height
@@ -512,12 +570,13 @@ def test_class_palette_and_hotkeys_paint_classes(make_napari_viewer, qtbot, tiny
     assert layer.selected_label == WSSS4LUAD.background_index and layer.mode == "erase"
 
 
-def test_every_control_explains_itself(make_napari_viewer):
+def test_every_control_explains_itself(make_napari_viewer, qtbot):
     from qtpy.QtWidgets import QAbstractButton, QAbstractSpinBox, QComboBox, QLineEdit, QSlider
 
     viewer = make_napari_viewer()
     _, segment = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
     _, train = viewer.window.add_plugin_dock_widget(PLUGIN, "Train")
+    _settled(qtbot, segment)
 
     def explained(widget, dock) -> bool:  # Qt shows the nearest ancestor's tooltip
         while widget is not None and widget is not dock:
@@ -669,3 +728,78 @@ def test_composition_inside_a_drawn_region(make_napari_viewer, qtbot, tiny_check
     qtbot.waitUntil(lambda: panel.composition_table.item(0, 0).text() == "0", timeout=3000)
     panel.region_combo.setCurrentText("Whole labels layer")
     assert widget.update_composition()["classes"]["tumor"]["pixels"] == 96 * 48
+
+
+def test_batch_segments_a_folder_with_one_summary_and_cancels(make_napari_viewer, qtbot, tiny_checkpoint, tmp_path):
+    """Issue 12: the dock segments a folder through the core's batch (as `wsss-cram predict`), one summary CSV."""
+    import csv
+
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray(he_like_image(96, seed=i)).save(folder / f"img{i}.png")
+    (folder / "broken.png").write_bytes(b"not an image")
+    viewer = make_napari_viewer()
+    widget = _segment_dock(viewer, tiny_checkpoint)
+    widget.crf_check.setChecked(False)
+    formats = []
+    assert widget.run_batch([str(folder)], str(tmp_path / "out"))
+    widget.worker.yielded.connect(lambda e: formats.append((e.stage, e.done, e.total)))
+    qtbot.waitUntil(lambda: not widget.busy, timeout=60_000)
+    rows = list(csv.DictReader(open(tmp_path / "out" / "predict_summary.csv")))
+    assert [r["image"] for r in rows] == ["broken", "img0", "img1"]
+    assert rows[0]["status"].startswith("error") and rows[1]["status"] == rows[2]["status"] == "ok"
+    assert (tmp_path / "out" / "img1.png").is_file() and (tmp_path / "out" / "img1.geojson").is_file()
+    assert ("file", 3, 3) in formats and any(stage == "file" and done == 1 for stage, done, _ in formats)
+    assert "2 of 3 images" in widget.message.text() and "broken" in widget.message.text()
+    assert widget.progress_bar.text() == "Done" and widget.batch_button.isEnabled()
+    assert [layer.name for layer in viewer.layers] == ["patch"]  # a batch adds no layer
+    # Cancel: stops between tiles; no summary is written
+    for i in range(2):
+        Image.fromarray(he_like_image(384, seed=i)).save(folder / f"big{i}.png")
+    widget.tile_spin.setValue(64)
+    assert widget.run_batch([str(folder)], str(tmp_path / "out2"))
+    qtbot.waitUntil(lambda: "big0" in widget.message.text() or "big1" in widget.message.text(), timeout=30_000)
+    widget.cancel()
+    qtbot.waitUntil(lambda: not widget.busy, timeout=15_000)
+    assert "Cancelled" in widget.message.text() and not (tmp_path / "out2" / "predict_summary.csv").exists()
+    assert widget.progress_bar.text() == "Cancelled"
+
+
+def test_field_of_view_correction_becomes_a_training_example(make_napari_viewer, qtbot, tiny_checkpoint, tmp_path):
+    """Issue 12: a corrected field-of-view result on a slide is saved with the image crop under it."""
+    from PIL import Image
+
+    from napari_wsss_cram.core.io.outputs import read_index_png
+    from napari_wsss_cram.widgets._train_job import add_corrected_example
+
+    viewer = make_napari_viewer()
+    full = he_like_image(256)
+    pyramid = [full, full[::2, ::2]]
+    viewer.add_image(pyramid, name="slide", rgb=True, multiscale=True, scale=(0.25, 0.25))
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    assert widget.set_checkpoint(tiny_checkpoint)
+    widget.tile_spin.setValue(64)
+    widget.resolution_value.setValue(1.0)
+    widget.crf_check.setChecked(False)
+    widget.level_spin.setValue(1)
+    widget.region_combo.setCurrentText("Current field of view")
+    _show_world_box(viewer, (15.875, 7.875), 16.0)  # level-0 rows from 64, columns from 32 (level 1: 32, 16)
+    y, x, h, w = widget.region(viewer.layers["slide"])
+    assert (y, x) != (0, 0) and (h, w) != (128, 128)
+    _run_and_wait(qtbot, widget)
+    labels = viewer.layers["labels: slide"]
+    corrected = labels.data.copy()
+    corrected[: h // 2] = 1  # the pathologist paints stroma over the top half
+    labels.data = corrected
+    written = add_corrected_example(viewer.layers["slide"], labels, tmp_path / "corrections")
+    image_path, mask_path = written[:2]
+    assert "slide_fov_y" in image_path and "_d2" in image_path  # never the whole-slide example's name
+    np.testing.assert_array_equal(np.asarray(Image.open(image_path).convert("RGB")), pyramid[1][y:y + h, x:x + w])
+    np.testing.assert_array_equal(read_index_png(mask_path), corrected)
+    # labels of another image are refused with a clear message
+    viewer.add_image(he_like_image(96), name="other", rgb=True)
+    with pytest.raises(Exception, match="does not sit on the pixels of 'other'"):
+        add_corrected_example(viewer.layers["other"], labels, tmp_path / "corrections")

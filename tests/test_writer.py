@@ -54,7 +54,7 @@ def test_geojson_in_level0_coordinates_round_trips(tmp_path):
     write_labels(str(path), _mask(), _meta(placement=placed.to_metadata()))
     data = json.loads(path.read_text())
     names = {f["properties"]["classification"]["name"] for f in data["features"]}
-    assert names == {"tumor", "stroma", "normal"}
+    assert names == {"Tumor", "Stroma", "Normal"}  # QuPath's spelling of its classes
     xs = [pt[0] for f in data["features"] for poly in f["geometry"]["coordinates"] for ring in poly for pt in ring]
     assert min(xs) == pytest.approx(40 + 2 * 10)
     back = geojson_to_labels(path, (80, 120), WSSS4LUAD, placement=placed)

@@ -7,6 +7,8 @@
 - ``metadata`` holds ``path``, ``mpp``, ``level_shapes`` and ``level_downsamples`` for the docks.
 - WSSS4LUAD-palette PNG masks, label OME-TIFFs written by this plugin (known by their OME image name) and
   single-channel ``*mask*`` TIFFs open as Labels layers (without the grayscale-to-RGB warning).
+- QuPath GeoJSON annotations (``.geojson``) open as a class Labels layer placed on the open image they fit
+  (see :func:`read_qupath`).
 Unreadable files raise ``ImageReadError`` naming the file; napari shows that message (no traceback).
 """
 
@@ -26,7 +28,7 @@ LayerData = tuple[Any, dict, str]
 def napari_get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerData]] | None:
     """Return the reader for supported file names (one path or a list of them), else None."""
     paths = [path] if isinstance(path, str | os.PathLike) else list(path)
-    if not paths or not all(image_suffix(p) for p in paths):
+    if not paths or not all(image_suffix(p) or str(p).lower().endswith(".geojson") for p in paths):
         return None
     if any(Path(p).is_dir() for p in paths):
         return None
@@ -92,11 +94,49 @@ def _placement_kwargs(path: Path) -> dict:
     return kwargs
 
 
+def read_qupath(path: str | os.PathLike) -> LayerData:
+    """QuPath annotations as a Labels layer on the open image they belong to.
+
+    A reader gets no viewer, so this one asks napari for the current viewer and picks its RGB image whose
+    full-resolution size holds every annotation (the selected one first, then the newest); the labels then
+    take that image's placement, pixel size and (for a slide) a paintable pyramid level. With no such image
+    they cover the annotations' own extent in level-0 pixels. Classes: WSSS4LUAD's, matched ignoring case
+    ("Tumor" -> tumor); the Segment dock's "Import QuPath annotations…" uses the model's classes and a name map.
+    """
+    from .core.classes import WSSS4LUAD
+    from .core.io.qupath import features_extent
+    from .widgets.layers import level0_shape_of, qupath_layer_data
+
+    image = None
+    try:
+        import napari
+        from napari.layers import Image
+
+        viewer = napari.current_viewer()
+    except ImportError:  # pragma: no cover - napari calls readers
+        viewer = None
+    if viewer is not None:
+        extent = features_extent(path)
+        active = viewer.layers.selection.active
+        candidates = [ly for ly in reversed(list(viewer.layers)) if isinstance(ly, Image) and ly.rgb]
+        candidates.sort(key=lambda ly: ly is not active)  # stable: the selected image first, then the newest
+        image = next((ly for ly in candidates
+                      if all(e <= s for e, s in zip(extent, level0_shape_of(ly), strict=True))), None)
+        if image is None and candidates:
+            warnings.warn(f"The annotations of {Path(path).name} reach {extent[1]} x {extent[0]} px, beyond every "
+                          "open image: they open on their own. Open their image first (same slide, level 0).",
+                          stacklevel=2)
+    layer_data, _ = qupath_layer_data(path, image, WSSS4LUAD, name=None if image is not None else Path(path).stem)
+    return layer_data
+
+
 def read_layer(path: str | os.PathLike) -> LayerData:
     """One file as a napari layer-data tuple (image, or labels for masks)."""
     from .core.io.images import ImageSource
 
     p = Path(path)
+    if p.name.lower().endswith(".geojson"):
+        return read_qupath(p)
     name = image_stem(p)
     if p.suffix.lower() == ".png" and p.is_file():
         mask = _palette_mask(p)

@@ -1,12 +1,14 @@
 """npe2 sample data: a committed synthetic validation patch (with its truth) and the synthetic slide.
 
-The slide is not committed: on first use it is generated (about half a minute) into the user cache folder,
+The slide is not committed: on first use it is generated (about 20 s, with a progress bar) into the user cache folder,
 or taken from ``sample_data/slide/`` of a source checkout when ``wsss-cram make-sample-data`` made it there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +59,45 @@ def sample_slide_path(size: int | None = None) -> Path:
     if not (path.is_file() and (path.parent / MASK_NAME).is_file()):
         from .core.sample import make_slide
 
-        make_slide(path, size=size, seed=0, mask_path=path.parent / MASK_NAME)
+        with _progress_in_napari(f"WSSS-CRAM: generating the synthetic slide once (about 20 s), cached in "
+                                 f"{path.parent}") as report:
+            make_slide(path, size=size, seed=0, mask_path=path.parent / MASK_NAME, progress=report)
     return path
+
+
+@contextlib.contextmanager
+def _progress_in_napari(text: str) -> Iterator[Callable[[int, int], None]]:
+    """A progress callback that shows ``text`` and a progress bar in napari while the caller works.
+
+    napari calls sample-data functions on its GUI thread and waits for their layers, so the work cannot move to
+    a worker; instead the window repaints (no user input: nothing can start meanwhile) at each step, so the
+    user sees what happens instead of a frozen window. Outside napari it does nothing.
+    """
+    try:
+        from napari.utils import progress
+        from napari.utils.notifications import show_info
+        from qtpy.QtCore import QEventLoop
+        from qtpy.QtWidgets import QApplication
+    except ImportError:  # headless use (tests, scripts): nothing to show
+        yield lambda done, total: None
+        return
+    app = QApplication.instance()
+
+    def repaint() -> None:
+        if app is not None:
+            app.processEvents(QEventLoop.ExcludeUserInputEvents)
+
+    show_info(text)
+    with progress(total=1, desc="WSSS-CRAM sample slide") as bar:
+        repaint()
+
+        def report(done: int, total: int) -> None:
+            bar.total = max(total, 1)
+            bar.n = done
+            bar.refresh()
+            repaint()
+
+        yield report
 
 
 def sample_patch() -> list[tuple[Any, dict, str]]:

@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import re
 import sys
+import threading
 from types import ModuleType
 
 _MISSING_OP = re.compile(r"operator torchvision::(nms|qnms) does not exist")
 _LIBRARY = None  # keeps the torch.library.Library alive (dropping it unregisters the op)
 patched: set[str] = set()  # the operators this module had to define (empty where torchvision is whole)
+#: One import at a time: a retry below deletes torchvision's modules, which a second thread (the docks load their
+#: model in a worker thread) must not see half-imported ("module 'torchvision' has no attribute 'models'").
+_IMPORT_LOCK = threading.RLock()
 
 
 def _nms_reference(dets, scores, iou_threshold: float):
@@ -63,7 +67,13 @@ def _register(op: str) -> None:
 
 
 def import_torchvision() -> ModuleType:
-    """Return the ``torchvision`` module, registering pure-torch ``nms``/``qnms`` first if (and only if) needed."""
+    """Return the ``torchvision`` module, registering pure-torch ``nms``/``qnms`` first if (and only if) needed.
+    Thread-safe."""
+    with _IMPORT_LOCK:
+        return _import_torchvision()
+
+
+def _import_torchvision() -> ModuleType:
     for _ in range(3):
         try:
             import torchvision

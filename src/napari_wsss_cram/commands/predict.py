@@ -15,22 +15,26 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import dataclasses
-import io
 import logging
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from ..core.io.formats import IMAGE_SUFFIXES, READERS, is_image_file
+from ..core.batch import (  # noqa: F401 (the names this command has always offered)
+    IMAGE_SUFFIXES,
+    SUMMARY_NAME,
+    collect_inputs,
+    iter_predict_many,
+    shard,
+    stem_of,
+    summary_csv,
+)
+from ..core.io.formats import READERS
 
 log = logging.getLogger(__name__)
 
-# a folder of .dcm files is one DICOM slide (its files are its levels), never one input per file
-FOLDER_SUFFIXES = tuple(s for s in IMAGE_SUFFIXES if s != ".dcm")
-SUMMARY_NAME = "predict_summary.csv"
 TTA_SCALES = (0.75, 1.0, 1.25)
 
 
@@ -81,41 +85,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "TIFF/SVS), tifffile, or openslide (also for SVS; needs the openslide extra)")
 
 
-def collect_inputs(items: list[str]) -> list[Path]:
-    """Files as given; folders expanded to the images they hold (sorted), except that a folder of ``.dcm``
-    files is one DICOM slide. Missing paths raise."""
-    from ..core.errors import ImageReadError
-    from ..core.io.images import dicom_file_of
+def predict_many(model: Any, info: Any, inputs: list[Path], out_dir: Path, settings: Any,
+                 formats: tuple[str, ...], overwrite: bool, rank: int = 0, world: int = 1,
+                 show_progress: bool = False, fallback: Any = None, reader: str = "auto") -> list[dict]:
+    """:func:`core.batch.iter_predict_many` with a tqdm bar per input on stderr (``show_progress``)."""
+    from ..core.progress import drive
 
-    paths: list[Path] = []
-    for item in items:
-        p = Path(item)
-        if p.is_dir() and dicom_file_of(p) is not None:
-            paths.append(p)  # a DICOM slide: its .dcm files are its levels, one input
-        elif p.is_dir():
-            found = sorted(f for f in p.iterdir() if is_image_file(f, FOLDER_SUFFIXES))
-            if not found:
-                raise ImageReadError(f"Folder '{p}' holds no images ({', '.join(IMAGE_SUFFIXES)}).")
-            paths.extend(found)
-        elif p.exists():
-            paths.append(p)
-        else:
-            raise ImageReadError(f"Input '{p}' does not exist; check the path.")
-    return paths
+    bar = None
 
+    def on_progress(event) -> None:
+        nonlocal bar
+        if event.stage == "warning":  # a note, or an input that failed (the others go on)
+            print(f"{'error' if event.info.get('error') else 'note'}: {event.info['message']}", file=sys.stderr)
+            return
+        if not show_progress:
+            return
+        if event.stage == "file":
+            if bar is not None:
+                bar.close()
+            bar = None
+            if event.info.get("name"):
+                from tqdm import tqdm
 
-def stem_of(path: Path) -> str:
-    """File name without its image suffixes (``slide.ome.tif`` -> ``slide``)."""
-    name = path.name
-    for suffix in (".ome.tiff", ".ome.tif"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
+                bar = tqdm(desc=event.info["name"], unit="tile", leave=False, position=rank, file=sys.stderr)
+        elif bar is not None:
+            bar.total = event.total
+            bar.n = event.done
+            bar.refresh()
 
-
-def shard(items: list[Any], rank: int, world: int) -> list[Any]:
-    """The items rank ``rank`` of ``world`` handles (round-robin: every item exactly once)."""
-    return items[rank::world]
+    try:
+        return drive(iter_predict_many(model, info, inputs, out_dir, settings, formats, overwrite, rank, world,
+                                       fallback=fallback, reader=reader), on_progress)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _dist_env() -> tuple[int, int]:
@@ -192,80 +195,6 @@ def settings_from_args(args: argparse.Namespace, info: Any, device_type: str):
         settings.tta_scales, settings.tta_flip = TTA_SCALES, True
     settings.validate()
     return settings
-
-
-def predict_many(model: Any, info: Any, inputs: list[Path], out_dir: Path, settings: Any,
-                 formats: tuple[str, ...], overwrite: bool, rank: int = 0, world: int = 1,
-                 show_progress: bool = False, fallback: Any = None, reader: str = "auto") -> list[dict]:
-    """Predict this rank's share of ``inputs`` and write their outputs; returns one summary row per input.
-
-    ``fallback`` (settings, or None): used instead of ``settings`` for an image that does not state its µm/px
-    (the default resolution's training-scale fallback; one note is printed). A bad input does not stop the
-    others: its row has ``status`` = the error message. ``reader``: which library reads slides (``READERS``).
-    """
-    from ..core.checkpoint import default_resolution
-    from ..core.errors import WsssCramError
-    from ..core.inference import predict_source
-    from ..core.io.images import ImageSource
-    from ..core.io.writers import write_outputs
-    from ..core.progress import drive
-
-    noted = False
-    rows = []
-    for path in shard(inputs, rank, world):
-        stem = stem_of(path)
-        bar = None
-        if show_progress:
-            from tqdm import tqdm
-
-            bar = tqdm(desc=path.name, unit="tile", leave=False, position=rank, file=sys.stderr)
-
-        def on_progress(event, bar=bar) -> None:
-            if bar is not None:
-                bar.total = event.total
-                bar.n = event.done
-                bar.refresh()
-
-        try:
-            with ImageSource.open(path, reader=reader) as source:
-                use = settings
-                if fallback is not None and source.mpp is None:
-                    use = fallback
-                    if not noted:
-                        print(f"note: {path.name} does not state its µm/px, so it (and any other such input) is "
-                              f"processed at {default_resolution(info, False).describe()}.", file=sys.stderr)
-                        noted = True
-                prediction = drive(predict_source(model, info, source, use, None), on_progress)
-            try:
-                row = write_outputs(prediction, out_dir, stem, formats, overwrite=overwrite)
-            finally:
-                prediction.cleanup()
-            row["status"] = "ok"
-            log.info("%s: %dx%d px, %d tiles (%d background), %.1f s (model %.1f s, CRF %.1f s)", path.name,
-                     row["height"], row["width"], row["tiles"], row["skipped_tiles"], row["seconds"],
-                     row["model_seconds"], row["crf_seconds"])
-        except WsssCramError as err:
-            print(f"error: {err}", file=sys.stderr)
-            row = {"image": stem, "status": f"error: {err}"}
-        finally:
-            if bar is not None:
-                bar.close()
-        row["input"] = str(path)
-        row["rank"] = rank
-        rows.append(row)
-    return rows
-
-
-def summary_csv(rows: list[dict]) -> str:
-    """The run summary as CSV text (columns: union of the rows' keys, first-seen order)."""
-    columns: list[str] = []
-    for row in rows:
-        columns.extend(k for k in row if k not in columns)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
 
 
 def _gather_rows(rows: list[dict], world: int) -> list[dict] | None:

@@ -40,8 +40,13 @@ def settings(group: str) -> QSettings:
     return store
 
 
+#: The devices a dock offers before torch is imported (it is imported off the GUI thread: ~3 s on first use).
+BASIC_DEVICES = ["auto", "cpu"]
+
+
 def available_devices() -> list[str]:
-    """``auto`` plus the torch devices that exist on this machine (cpu always)."""
+    """``auto`` plus the torch devices that exist on this machine (cpu always). Imports torch: call it in a
+    worker thread (:func:`in_background`), never while a dock is being built."""
     import torch
 
     devices = ["auto", "cpu"]
@@ -51,6 +56,34 @@ def available_devices() -> list[str]:
     if mps is not None and mps.is_available():
         devices.insert(1, "mps")
     return devices
+
+
+def in_background(function: Callable, on_done: Callable, on_error: Callable, *args):
+    """Run ``function(*args)`` in a worker thread; its result goes to ``on_done``, an exception to ``on_error``
+    (both on the GUI thread). For short jobs that must not stall napari (imports, loading a checkpoint).
+
+    Pass bound methods of the dock as the callbacks: Qt then drops the call when the dock is gone (a lambda
+    would run on its deleted controls)."""
+    from superqt.utils import create_worker  # errors go to our handler only (no traceback popup)
+
+    worker = create_worker(function, *args, _ignore_errors=True)
+    worker.returned.connect(on_done)
+    worker.errored.connect(on_error)
+    worker.start()
+    return worker
+
+
+def offer_devices(combo, devices: list[str], group: str, key: str = "device") -> None:
+    """Fill ``combo`` with ``devices`` once they are known, keeping the user's choice: the one made meanwhile,
+    else the one saved under ``group``/``key`` (which may name a device offered only now, e.g. cuda)."""
+    current = combo.currentText()
+    saved = settings(group).value(key)
+    wanted = current if current != "auto" or saved is None else str(saved)
+    combo.blockSignals(True)  # not a choice of the user's: no autosave of a half-filled combo
+    combo.clear()
+    combo.addItems(devices)
+    combo.setCurrentText(wanted if wanted in devices else "auto")
+    combo.blockSignals(False)
 
 
 @contextlib.contextmanager

@@ -26,6 +26,8 @@ class WorkerDock(QWidget):
         super().__init__()
         self.viewer = napari_viewer
         self.worker = None
+        #: How the last job ended: "done", "failed" or "cancelled" ("" while none has ended).
+        self.outcome = ""
         self._cancel: CancelToken | None = None
         self._closed = False
         self._followed: list[Callable] = []
@@ -81,6 +83,7 @@ class WorkerDock(QWidget):
         from superqt.utils import create_worker  # errors go to our handler only (no traceback popup)
 
         self._cancel = CancelToken()
+        self.outcome = ""
         self.worker = create_worker(common.forward_warnings, make_job(self._cancel), _ignore_errors=True)
         self.worker.yielded.connect(self._on_event)
         self.worker.returned.connect(self._on_returned)
@@ -102,16 +105,32 @@ class WorkerDock(QWidget):
             self.on_progress(event)
 
     def _on_returned(self, result) -> None:
+        self.outcome = "done"
         if not self._closed and not self.cancelled:
             self.on_done(result)
 
     def _on_errored(self, error) -> None:
+        self.outcome = "failed"
         if not isinstance(error, Cancelled) and not self._closed:  # a cancel is reported by on_finished
             self.on_error(error)
 
     def _on_finished(self) -> None:
         self.worker = None
+        if self.cancelled:
+            self.outcome = "cancelled"
         self.on_finished(self.cancelled)
+
+    def end_progress(self, bar) -> None:
+        """Leave ``bar`` saying how the job ended: full and "Done", "Failed" where it stopped, or "Cancelled"."""
+        if self.outcome == "done":
+            bar.setMaximum(max(bar.maximum(), 1))
+            bar.setValue(bar.maximum())
+            bar.setFormat("Done")
+        elif self.outcome == "cancelled":
+            bar.setValue(0)
+            bar.setFormat("Cancelled")
+        else:
+            bar.setFormat("Failed")
 
     def on_progress(self, event) -> None:
         """A Progress event of the job."""

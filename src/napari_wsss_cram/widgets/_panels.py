@@ -17,6 +17,7 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QHeaderView,
     QLabel,
+    QLineEdit,
     QPushButton,
     QSpinBox,
     QTableWidget,
@@ -156,6 +157,13 @@ class ExportPanel(QGroupBox):
                 "geojson": "QuPath GeoJSON: one classified polygon per region, in full-resolution pixels"}
         for fmt, check in self.format_checks.items():
             check.setToolTip(tips[fmt])
+        self.qupath_button = QPushButton("Import QuPath annotations…")
+        self.qupath_button.setToolTip("Open a QuPath GeoJSON export (classified annotations, level-0 pixels) as a "
+                                      "Labels layer on the chosen image, to correct and export back")
+        self.qupath_map = QLineEdit()
+        self.qupath_map.setPlaceholderText("e.g. Tumour=tumor, Immune cells=skip")
+        self.qupath_map.setToolTip("QuPath class names that are not the model's (matched ignoring case): "
+                                   "'QuPath name=model class', or =skip to leave them out; comma-separated")
         self.export_button = QPushButton("Export labels")
         self.export_button.setToolTip("Write the labels (with your corrections) and <name>_composition.json")
         self.composition_table = QTableWidget(0, 3)
@@ -167,6 +175,8 @@ class ExportPanel(QGroupBox):
         self.copy_button = QPushButton("Copy table")
         self.copy_button.setToolTip("Copy the composition as CSV, to paste into a spreadsheet")
         self.copy_button.clicked.connect(lambda: self.copy_composition())
+        form.addRow(self.qupath_button)
+        form.addRow("QuPath names", self.qupath_map)
         form.addRow("Labels", self.labels_combo)
         form.addRow("Paint", self.palette)
         form.addRow("Folder", self.export_dir)

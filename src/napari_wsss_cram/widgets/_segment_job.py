@@ -16,6 +16,17 @@ from ..core.progress import CancelToken, Progress
 from ._common import leave_gui_a_core
 
 
+def load_model(path: str | Path) -> tuple:
+    """Load a checkpoint for the dock -> (model, CheckpointInfo, devices this machine offers).
+
+    Runs in a worker thread: the first call imports torch (~3 s), which on the GUI thread froze napari."""
+    from ..core.checkpoint import load_checkpoint
+    from ._common import available_devices
+
+    model, info = load_checkpoint(path)
+    return model, info, available_devices()
+
+
 def image_source_of_layer(layer, level: int = 0):
     """The ONE reader over a napari image layer -> (ImageSource, level-0 pixels per source pixel).
 
@@ -73,3 +84,16 @@ def segment_job(layer, model, info, settings, region, pseudo, cancel: CancelToke
         finally:
             source.close()
     return result
+
+
+def batch_job(model, info, inputs: list[str], out_dir: str, settings, formats: tuple[str, ...], overwrite: bool,
+              cancel: CancelToken) -> Generator[Progress, None, tuple]:
+    """Segment files/folders into ``out_dir`` with one summary CSV through the core's batch (as ``wsss-cram
+    predict`` does); images that state no µm/px fall back to the model's training scale."""
+    from ..core.batch import predict_batch
+
+    settings = dataclasses.replace(settings, with_cam=False)
+    fallback = dataclasses.replace(settings, mpp=None) if settings.mpp is not None else None
+    with leave_gui_a_core():
+        return (yield from predict_batch(model, info, inputs, out_dir, settings, formats, overwrite=overwrite,
+                                         cancel=cancel, fallback=fallback))

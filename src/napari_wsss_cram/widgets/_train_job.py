@@ -134,6 +134,53 @@ def _safe_stem(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "image"
 
 
+def _image_under_labels(image_layer, labels_layer, shape: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """The RGB pixels of ``image_layer`` under a result Labels layer that covers part of it (a field of view) or
+    a coarser level: read through the one reader at the labels' level -> (rgb of ``shape``, (y, x, downsample)
+    of the region in level-0 pixels). Raises WsssCramError when the labels do not sit on that image's pixels."""
+    from ..core.placement import Placement
+    from ._segment_job import image_source_of_layer
+    from .layers import METADATA_KEY
+
+    meta = labels_layer.metadata.get(METADATA_KEY, {}) if isinstance(labels_layer.metadata, dict) else {}
+    placed = Placement.from_metadata(meta.get("placement")) if meta.get("placement") else None
+    d = placed.downsample if placed is not None else 0.0
+    offset = placed.origin if placed is not None else None
+    mismatch = WsssCramError(
+        f"'{labels_layer.name}' ({shape[0]}x{shape[1]}) does not sit on the pixels of '{image_layer.name}': choose "
+        "the image it was segmented from (a field-of-view result is saved with the image crop under it).")
+    if d < 1 or offset is None or meta.get("source") not in (None, image_layer.name):
+        raise mismatch
+    y0, x0 = float(offset[0]), float(offset[1])
+    if abs(d - round(d)) > 1e-6 or abs(y0 - round(y0)) > 1e-6 or abs(x0 - round(x0)) > 1e-6:
+        raise mismatch
+    d, y0, x0 = int(round(d)), int(round(y0)), int(round(x0))
+    # an in-memory pyramid is read at its own level of that downsample (a file: all its levels, lazily)
+    factors = [float(f[-2]) for f in image_layer.downsample_factors] if image_layer.multiscale else [1.0]
+    layer_level = next((i for i, f in enumerate(factors) if abs(f - d) < 1e-6), 0)
+    source, layer_downsample = image_source_of_layer(image_layer, layer_level)
+    try:
+        full = tuple(int(v * layer_downsample) for v in source.shape)
+        if y0 < 0 or x0 < 0 or y0 + shape[0] * d > full[0] + d or x0 + shape[1] * d > full[1] + d:
+            raise mismatch
+        if layer_downsample != 1.0:  # the source is that level itself
+            level = 0 if abs(layer_downsample - d) < 1e-6 else None
+        else:
+            level = next((i for i, f in enumerate(source.level_downsamples) if abs(f - d) < 1e-6), None)
+        if level is None and layer_downsample != 1.0:
+            raise mismatch
+        if level is not None and y0 % d == 0 and x0 % d == 0:
+            rgb = source.read_region(y0 // d, x0 // d, shape[0], shape[1], level)
+        else:  # no pyramid level at this downsample: read level 0 and average d x d blocks
+            region = source.read_region(y0, x0, shape[0] * d, shape[1] * d, 0).astype(np.float32)
+            rgb = region.reshape(shape[0], d, shape[1], d, -1).mean(axis=(1, 3)).round().astype(np.uint8)
+    finally:
+        source.close()
+    if tuple(rgb.shape[:2]) != tuple(shape):
+        raise mismatch
+    return rgb, (y0, x0, d)
+
+
 def add_corrected_example(image_layer, labels_layer, folder: str | Path) -> list[str]:
     """Save ``image_layer`` + corrected ``labels_layer`` as ``folder/img/<name>.png`` + ``folder/mask/<name>.png``
     (index PNG, class palette) and cut image-level patches from all examples into ``folder/patches``.
@@ -155,17 +202,17 @@ def add_corrected_example(image_layer, labels_layer, folder: str | Path) -> list
     if not image_layer.rgb:
         raise WsssCramError(f"'{image_layer.name}' is not an RGB image: corrected examples need the H&E image.")
     mask = np.asarray(mask)
+    stem = _safe_stem(image_layer.name)
     if tuple(mask.shape) != tuple(rgb.shape[:2]):
-        raise WsssCramError(
-            f"'{labels_layer.name}' ({mask.shape[0]}x{mask.shape[1]}) does not cover '{image_layer.name}' "
-            f"({rgb.shape[0]}x{rgb.shape[1]}) pixel for pixel: segment the whole image at output level 0 first.")
+        # a field-of-view (or coarser-level) result: the image crop under it, from its placement
+        rgb, (y, x, d) = _image_under_labels(image_layer, labels_layer, mask.shape)
+        stem = _safe_stem(f"{image_layer.name}_fov_y{y}_x{x}" + (f"_d{d}" if d != 1 else ""))
     if int(mask.max(initial=0)) > classes.background_index:
         raise WsssCramError(f"'{labels_layer.name}' holds label {int(mask.max())}, not a class of "
                             f"{', '.join(classes.all_names)}: paint only with values 0..{classes.background_index}.")
     folder = Path(folder)
     (folder / "img").mkdir(parents=True, exist_ok=True)
     (folder / "mask").mkdir(parents=True, exist_ok=True)
-    stem = _safe_stem(image_layer.name)
     image_path, mask_path = folder / "img" / f"{stem}.png", folder / "mask" / f"{stem}.png"
     with atomic_path(image_path) as tmp:
         Image.fromarray(to_rgb_uint8(np.asarray(rgb), source=image_layer.name)).save(tmp, format="PNG")

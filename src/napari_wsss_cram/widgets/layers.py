@@ -339,3 +339,58 @@ def field_of_view(layer, level: int = 0, viewer=None) -> tuple[int, int, int, in
     if np.any(hi - lo < 8):
         raise WsssCramError(f"The field of view shows no part of '{layer.name}': pan onto the image.")
     return int(lo[0]), int(lo[1]), int(hi[0] - lo[0]), int(hi[1] - lo[1])
+
+
+def qupath_layer_name(image_name: str) -> str:
+    """Name of the Labels layer holding QuPath annotations imported onto ``image_name``."""
+    return f"qupath: {image_name}"
+
+
+def level0_shape_of(layer) -> tuple[int, int]:
+    """(height, width) of an image layer's full-resolution level."""
+    return tuple(int(v) for v in (layer.level_shapes[0][:2] if layer.multiscale else layer.data.shape[:2]))
+
+
+def qupath_layer_data(geojson, source_layer, classes: ClassSpec, class_map=None, name: str | None = None):
+    """QuPath annotations as napari Labels layer data placed on ``source_layer`` (or, with None, on level-0
+    pixels of their own extent) -> ((data, kwargs, "labels"), QuPathImport).
+
+    The labels are level 0 of the image, or the power-of-two level that keeps them paintable (<= 8192 px);
+    their metadata is a result layer's (classes, µm/px, level-0 scale/offset), so the dock paints, measures and
+    exports them like a segmentation, and marked edited so that a Run never overwrites them.
+    """
+    from ..core.io.qupath import features_extent, qupath_to_level_labels
+
+    shape = level0_shape_of(source_layer) if source_layer is not None else features_extent(geojson)
+    imported, d = qupath_to_level_labels(geojson, shape, classes, class_map=class_map)
+    # label pixel u covers level-0 pixels u*d .. (u+1)*d: its centre is level-0 pixel (u + 0.5) d - 0.5
+    pred_scale, pred_translate = float(d), (d - 1) / 2
+    if source_layer is not None:
+        world_scale, world_translate = placement(source_layer, pred_scale, pred_translate)
+        units, image_name = source_layer.units, source_layer.name
+        meta_in = source_layer.metadata if isinstance(source_layer.metadata, dict) else {}
+        mpp = meta_in.get("mpp")
+    else:
+        world_scale, world_translate = np.array([pred_scale] * 2), np.array([pred_translate] * 2)
+        units, image_name, mpp = None, None, None
+    meta = {"role": "labels", "classes": classes.to_dict(), "mpp": None if not mpp else float(mpp) * d,
+            "source": image_name, "fingerprint": fingerprint(imported.labels), "edited": True, "imported": "qupath",
+            "placement": Placement(downsample=float(d), mpp0=None if not mpp else float(mpp)).to_metadata()}
+    kwargs = {"name": name or qupath_layer_name(image_name or "annotations"), "scale": tuple(world_scale),
+              "translate": tuple(world_translate), "opacity": 0.6, "metadata": {METADATA_KEY: meta},
+              "colormap": labels_colormap(classes), "features": class_features(classes)}
+    if units is not None:
+        kwargs["units"] = units
+    return (imported.labels, kwargs, "labels"), imported
+
+
+def add_qupath_layer(viewer, layer_data, source_layer=None):
+    """Add the layer made by :func:`qupath_layer_data`, paintable by class, above its image."""
+    data, kwargs, _ = layer_data
+    layer = viewer.add_labels(data, **kwargs)
+    classes = classes_of_layer(layer)
+    if classes is not None:
+        class_painting(layer, classes)
+    if source_layer is not None:
+        _stack_on(viewer, source_layer, layer)
+    return layer

@@ -7,9 +7,11 @@ from pathlib import Path
 
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QDoubleSpinBox,
     QFormLayout,
+    QGroupBox,
     QHBoxLayout,
     QLabel,
     QProgressBar,
@@ -34,7 +36,8 @@ RESOLUTION_SUFFIX = {SCALE: " ×", MPP: " µm/px"}
 #: The CLI flags core messages name -> the control of this dock that sets the same thing.
 FIELDS = {"mpp": "Resolution in µm/px", "scale": "Resolution as a scale", "tile": "Tile size",
           "overlap": "Tile overlap", "output-level": "Output level", "level": "Output level", "device": "Device",
-          "crf": "Refine labels with a dense CRF"}
+          "crf": "Refine labels with a dense CRF", "overwrite": "Replace existing outputs",
+          "out": "Batch output folder"}
 
 
 def progress_text(done: int, total: int, seconds: float) -> str:
@@ -46,6 +49,14 @@ def progress_text(done: int, total: int, seconds: float) -> str:
     return text
 
 
+def _numbered_load(load, number: int, path) -> tuple:
+    """``(number, load(path))``, or ``(number, the exception)``: which choice of model a result answers."""
+    try:
+        return number, load(path)
+    except Exception as err:  # shown in the dock, never raised into the event loop
+        return number, err
+
+
 class SegmentWidget(WorkerDock):
     """Segment H&E tissue with a WSSS-CRAM checkpoint and correct/export the resulting labels."""
 
@@ -55,10 +66,16 @@ class SegmentWidget(WorkerDock):
     def __init__(self, napari_viewer):
         super().__init__(napari_viewer)
         self.model = self.info = self._model_problem = None
+        self._loading = 0  # the number of the model load in flight (0: none); a newer choice supersedes it
+        self._model_path: str | None = None  # the checkpoint file loaded or loading (None: the bundled model)
+        self._load_worker = None
         self._pbar = self._adding = self._run_layer = None
         self._warnings: list[str] = []
         self._started = 0.0
         self.last_result: dict | None = None
+        self._qupath_source = self._qupath_worker = None
+        self._batch = False  # the running job is a batch (files) rather than one image
+        self._file = (0, 0, "")  # batch: (index, count, name) of the image being segmented  # the image a QuPath import goes onto, its reader
         form = QFormLayout()
         self.image_combo = QComboBox()
         self.pixel_size = spin(QDoubleSpinBox, 0.0, 50.0, 0.0, 0.05, 4)
@@ -74,7 +91,7 @@ class SegmentWidget(WorkerDock):
         self.model_card.setWordWrap(True)
         self.model_card.setStyleSheet("color: #a0a4ab; font-size: 11px;")
         self.device_combo = QComboBox()
-        self.device_combo.addItems(common.available_devices())
+        self.device_combo.addItems(common.BASIC_DEVICES)  # GPUs are added once torch is imported (off the GUI)
         self.resolution_combo = QComboBox()
         self.resolution_combo.addItems([SCALE, MPP])
         self.resolution_combo.setItemData(0, "Resample the image by this factor before the model sees it",
@@ -83,6 +100,8 @@ class SegmentWidget(WorkerDock):
                                              "its µm/px)", Qt.ToolTipRole)
         self.resolution_value = spin(QDoubleSpinBox, 0.05, 20.0, 1.0, 0.1, 3)  # set from the model when picked
         self.resolution_value.setSuffix(RESOLUTION_SUFFIX[SCALE])
+        self.resolution_combo.setToolTip("How the image is resampled for the model; a loaded model sets the "
+                                         "resolution it was trained at")
         self._resolution_mode = SCALE
         self._resolution_chosen = False  # True once the user sets it (then image changes keep it)
         self.tile_spin = spin(QSpinBox, 64, 4096, 512, 64)
@@ -144,12 +163,29 @@ class SegmentWidget(WorkerDock):
         view_form = QFormLayout()
         view_form.addRow("Activation map", activation_row)
 
+        batch_box = QGroupBox("Batch: a folder of images")
+        batch_form = QFormLayout(batch_box)
+        self.batch_in = common.PathRow("folder of images (PNG, JPEG, TIFF, SVS)")
+        self.batch_in.setToolTip("Every image in this folder is segmented with the settings above")
+        self.batch_out = common.PathRow("output folder (labels, GeoJSON, composition, summary CSV)")
+        self.batch_out.setToolTip("Per image: the checked export formats + composition; for the run: "
+                                  "predict_summary.csv (as `wsss-cram predict` writes)")
+        self.batch_overwrite = QCheckBox("Replace existing outputs")
+        self.batch_overwrite.setToolTip("Without it, a run that would replace a file stops before any work")
+        self.batch_button = QPushButton("Segment folder")
+        self.batch_button.setToolTip("Segment every image of the folder in the background; Cancel stops it")
+        batch_form.addRow("Images", self.batch_in)
+        batch_form.addRow("Output", self.batch_out)
+        batch_form.addRow(self.batch_overwrite)
+        batch_form.addRow(self.batch_button)
+
         self.export_panel = ExportPanel(self.viewer, self.message,
                                         lambda: self.info.classes if self.info is not None else None)
         self.labels_combo = self.export_panel.labels_combo
 
         layout = self.body()
-        for item in (form, advanced, buttons, self.progress_bar, self.message, view_form, self.export_panel):
+        for item in (form, advanced, buttons, self.progress_bar, self.message, view_form, self.export_panel,
+                     batch_box):
             (layout.addLayout if isinstance(item, QHBoxLayout | QFormLayout) else layout.addWidget)(item)
         layout.addStretch()
 
@@ -169,9 +205,11 @@ class SegmentWidget(WorkerDock):
         self.resolution_value.valueChanged.connect(self._resolution_edited)
         self.tile_spin.valueChanged.connect(lambda tile: self.overlap_spin.setMaximum(tile // 2))
         self.model_combo.currentIndexChanged.connect(self._load_selected_model)
-        self.checkpoint_row.edit.editingFinished.connect(self._load_selected_model)
+        self.checkpoint_row.edit.editingFinished.connect(self._checkpoint_edited)
         self.checkpoint_row.edit.textChanged.connect(lambda _: self._validate())
         self.run_button.clicked.connect(self.run)
+        self.batch_button.clicked.connect(lambda: self.run_batch())
+        self.export_panel.qupath_button.clicked.connect(lambda: self.import_qupath())
         self.cancel_button.clicked.connect(self.cancel)
         self.activation_combo.currentTextChanged.connect(lambda _: self.show_activation())
         self.opacity_slider.valueChanged.connect(lambda _: self.show_activation())
@@ -235,38 +273,79 @@ class SegmentWidget(WorkerDock):
 
     # ----- model ------------------------------------------------------------------------------------------
     def set_checkpoint(self, path: str | Path) -> bool:
-        """Select and load a checkpoint file (used by the Train dock's "Use this model")."""
+        """Select and load a checkpoint file now (used by the Train dock's "Use this model", which has torch
+        imported already); True when it loaded."""
         self.model_combo.blockSignals(True)
         self.model_combo.setCurrentText(CHECKPOINT)
         self.model_combo.blockSignals(False)
         self.checkpoint_row.setText(str(path))
-        return self._load_selected_model()
+        return self._load_selected_model(wait=True)
 
-    def _load_selected_model(self, *_args) -> bool:
-        from ..core.checkpoint import load_checkpoint
+    def _checkpoint_edited(self) -> None:
+        """The checkpoint field lost focus or got Enter: load it only if it names another file (a reload would
+        reset the resolution the user set meanwhile)."""
+        if self.checkpoint_row.text() != self._model_path:
+            self._load_selected_model()
+
+    @property
+    def loading_model(self) -> bool:
+        """True while the chosen model loads in a worker thread (Run is disabled until it is ready)."""
+        return bool(self._loading)
+
+    def _load_selected_model(self, *_args, wait: bool = False) -> bool:
+        """Load the chosen model: in a worker thread (the dock opens at once, napari never freezes on the torch
+        import), or now when ``wait``. Returns True when a model is loaded by the time it returns."""
         from ..core.resources import demo_model_path
+        from ._segment_job import load_model
 
         use_file = self.model_combo.currentText() == CHECKPOINT
         self.checkpoint_row.setVisible(use_file)
         self.model = self.info = self._model_problem = None
+        self._loading += 1
+        number = self._loading
         path = self.checkpoint_row.text() if use_file else demo_model_path()
-        try:
-            if not path:
-                raise WsssCramError("Choose a checkpoint file (.pt) to segment with.")
-            if not use_file and not Path(path).is_file():
-                raise WsssCramError(f"The bundled demo model {path} is missing: train it with "
-                                    "`wsss-cram train sample_data/patches --config sample` "
-                                    "or choose a checkpoint file.")
-            self.model, self.info = load_checkpoint(path)
-        except Exception as err:  # shown in the dock, never raised into the event loop
-            self.classes_label.setText("")
-            self.model_card.setText("")
-            self._model_problem = common.user_message(err, FIELDS)
-            if use_file and self.checkpoint_row.text():  # an explicit choice: say what is wrong with it now
-                self._validate(error=common.notify_error(err, FIELDS))
-            else:
-                self._validate()
+        self._model_path = str(path) if use_file else None
+        if not path:
+            return self._model_failed(number, WsssCramError("Choose a checkpoint file (.pt) to segment with."))
+        if not use_file and not Path(path).is_file():
+            return self._model_failed(number, WsssCramError(
+                f"The bundled demo model {path} is missing: train it with `wsss-cram train sample_data/patches "
+                "--config sample` or choose a checkpoint file."))
+        if wait:
+            return self._model_result(_numbered_load(load_model, number, path))
+        self.classes_label.setText("")
+        self.model_card.setText(f"loading model {Path(path).name}…")
+        self._validate()
+        self._load_worker = common.in_background(_numbered_load, self._model_result, self.show_error, load_model,
+                                                 number, path)
+        return False
+
+    def _model_result(self, result: tuple) -> bool:
+        """(load number, loaded model or the exception that stopped it) -> the dock shows it; True if loaded."""
+        number, loaded = result
+        if isinstance(loaded, BaseException):
+            return self._model_failed(number, loaded)
+        return self._model_loaded(number, loaded)
+
+    def _model_failed(self, number: int, err: BaseException) -> bool:
+        if number != self._loading or self._closed:  # a newer choice is loading, or the dock is gone
             return False
+        self._loading = 0
+        self.classes_label.setText("")
+        self.model_card.setText("")
+        self._model_problem = common.user_message(err, FIELDS)
+        if self.model_combo.currentText() == CHECKPOINT and self.checkpoint_row.text():
+            self._validate(error=common.notify_error(err, FIELDS))  # an explicit choice: say what is wrong now
+        else:
+            self._validate()
+        return False
+
+    def _model_loaded(self, number: int, loaded: tuple) -> bool:
+        if number != self._loading or self._closed:
+            return False
+        self._loading = 0
+        self.model, self.info, devices = loaded
+        common.offer_devices(self.device_combo, devices, self.SETTINGS)
         self.activation_combo.blockSignals(True)
         self.activation_combo.clear()
         self.activation_combo.addItems(list(self.info.classes.names))
@@ -290,10 +369,10 @@ class SegmentWidget(WorkerDock):
     def set_default_resolution(self) -> None:
         """Set the resolution row from the model's default (``core.checkpoint.default_resolution``); an image
         layer known to lack a µm/px gets the training scale."""
-        from ..core.checkpoint import default_resolution
-
-        if self.info is None:
+        if self.info is None:  # no model yet (it loads in the background): nothing to default to
             return
+        from ..core.checkpoint import default_resolution  # imports torch: only once a model is loaded
+
         layer = self.image_layer()
         meta = getattr(layer, "metadata", None)
         has_mpp = not (isinstance(meta, dict) and "mpp" in meta and not meta["mpp"])
@@ -353,8 +432,9 @@ class SegmentWidget(WorkerDock):
             problem = f"Layer '{layer.name}' is not an RGB image: WSSS-CRAM needs a colour H&E image."
         if layer is not None:
             self._fit_output_level(layer)
+        loading = problem is None and self.model is None and self.loading_model
         if problem is None and self.model is None:
-            problem = self._model_problem or "Choose a model checkpoint."
+            problem = "Loading the model…" if loading else (self._model_problem or "Choose a model checkpoint.")
         if (problem is None and self._resolution_mode == MPP and self.image_mpp() is None
                 and isinstance(layer.metadata, dict) and "mpp" in layer.metadata):
             problem = (f"'{layer.name}' does not state its pixel size (µm/px): choose the resolution as a "
@@ -362,7 +442,7 @@ class SegmentWidget(WorkerDock):
         running = self.busy
         self.run_button.setEnabled(problem is None and not running)
         if not running and not quiet:
-            common.show_message(self.message, problem or "Ready.", error=problem is not None)
+            common.show_message(self.message, problem or "Ready.", error=problem is not None and not loading)
         return problem is None
 
     def _fit_output_level(self, layer) -> None:
@@ -425,6 +505,43 @@ class SegmentWidget(WorkerDock):
         self.progress_bar.setFormat("starting…")
         self.start_job(lambda cancel: segment_job(layer, self.model, self.info, settings, region, pseudo, cancel))
 
+    def run_batch(self, inputs: list[str] | None = None, out_dir: str | None = None) -> bool:
+        """Segment a folder (or a list) of images into an output folder with one summary CSV, in a worker
+        thread through the core's batch (``core.batch.predict_batch``, as ``wsss-cram predict``); progress per
+        file, Cancel stops it between tiles. Returns True when it started."""
+        from ._segment_job import batch_job
+
+        if self.busy:
+            return False
+        inputs = inputs or ([self.batch_in.text()] if self.batch_in.text() else [])
+        out_dir = out_dir or self.batch_out.text()
+        formats = tuple(fmt for fmt, check in self.export_panel.format_checks.items() if check.isChecked())
+        if self.model is None:
+            self.show_error(self._model_problem or "Wait for the model to load, or choose a checkpoint.")
+            return False
+        if not inputs or not out_dir:
+            self.show_error("Choose a folder of images and an output folder for the batch.")
+            return False
+        try:
+            settings = self.predict_settings()
+            settings.validate()
+        except Exception as err:  # shown in the dock, never raised into the event loop
+            self.show_error(err)
+            return False
+        self.save_settings()
+        self._warnings, self._batch = [], True
+        self.run_button.setEnabled(False)
+        self.batch_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.say(f"Segmenting the images of {inputs[0]}…" if len(inputs) == 1 else
+                 f"Segmenting {len(inputs)} inputs…")
+        self._started = time.monotonic()
+        self.progress_bar.setFormat("starting…")
+        overwrite = self.batch_overwrite.isChecked()
+        self.start_job(lambda cancel: batch_job(self.model, self.info, inputs, out_dir, settings, formats or
+                                                ("png",), overwrite, cancel))
+        return True
+
     def cancel(self) -> None:
         """Stop the run within about a second; no layer is added."""
         super().cancel()
@@ -438,6 +555,19 @@ class SegmentWidget(WorkerDock):
         self.say(f"Segmenting… warning: {text}", warning=True)
 
     def on_progress(self, event) -> None:
+        if event.stage == "file":  # batch: one step per image
+            self._file = (event.done, event.total, event.info.get("name", ""))
+            self.progress_bar.setMaximum(max(event.total, 1))
+            self.progress_bar.setValue(event.done)
+            self.progress_bar.setFormat(f"image {min(event.done + 1, event.total)} / {event.total}")
+            if event.info.get("name"):
+                self.say(f"Segmenting {event.info['name']} ({event.done + 1} / {event.total})…")
+            return
+        if self._batch:  # tiles of the current image: the bar counts images, the text says both
+            done, total, _ = self._file
+            self.progress_bar.setFormat(f"image {done + 1} / {total} · "
+                                        + progress_text(event.done, event.total, 0.0))
+            return
         self.progress_bar.setMaximum(max(event.total, 1))
         self.progress_bar.setValue(event.done)
         self.progress_bar.setFormat(progress_text(event.done, event.total, time.monotonic() - self._started))
@@ -453,7 +583,14 @@ class SegmentWidget(WorkerDock):
         return self.worker is not None or self._adding is not None
 
     def on_done(self, result) -> None:
-        """Add the result layers, one per event-loop turn."""
+        """Add the result layers, one per event-loop turn (a batch: say where its outputs went)."""
+        if self._batch:
+            rows, summary = result
+            failed = [r for r in rows if r.get("status") != "ok"]
+            self.say(f"Done: {len(rows) - len(failed)} of {len(rows)} images segmented into {summary.parent} "
+                     f"(summary: {summary.name})." + (f"  Failed: {', '.join(r['image'] for r in failed)}."
+                                                      if failed else ""), warning=bool(failed))
+            return
         layer, classes = self._run_layer, self.info.classes
 
         def steps():
@@ -492,14 +629,16 @@ class SegmentWidget(WorkerDock):
         QTimer.singleShot(0, self._add_next_layer)
 
     def on_finished(self, cancelled: bool) -> None:
+        was_batch, self._batch = self._batch, False
+        self.batch_button.setEnabled(True)
         if self._pbar is not None:
             self._pbar.close()
         self._pbar = None
         self.cancel_button.setEnabled(False)
-        self.progress_bar.setValue(0)
-        self.progress_bar.setFormat("%p%")
+        self.end_progress(self.progress_bar)  # "Done" and full, not back to 0 %
         if cancelled:
-            self.say("Cancelled: no layer was added.")
+            self.say("Cancelled: the images done so far are in the output folder (no summary CSV)." if was_batch
+                     else "Cancelled: no layer was added.")
         self._validate(quiet=True)
 
     def activation_layer(self):
@@ -521,6 +660,40 @@ class SegmentWidget(WorkerDock):
     def update_composition(self) -> dict | None:
         return self.export_panel.update_composition()
 
+    def import_qupath(self, path: str | Path | None = None):
+        """Open QuPath annotations (a GeoJSON export) as a Labels layer on the chosen image, in the model's
+        classes (QuPath names matched ignoring case, others through "QuPath names"); read and rasterised in a
+        worker thread. Returns the worker (None when nothing starts: the reason is shown)."""
+        from qtpy.QtWidgets import QFileDialog
+
+        from ..core.io.qupath import parse_class_map
+
+        layer = self.image_layer()
+        if layer is None:
+            self.show_error("Open the image the annotations belong to first (same slide, full resolution).")
+            return None
+        if path is None:
+            path, _ = QFileDialog.getOpenFileName(self, "QuPath annotations", "", "GeoJSON (*.geojson *.json)")
+            if not path:
+                return None
+        try:
+            class_map = parse_class_map(self.export_panel.qupath_map.text())
+        except Exception as err:  # shown in the dock, never raised into the event loop
+            self.show_error(err)
+            return None
+        classes = self.info.classes if self.info is not None else self.export_panel.classes_of(layer)
+        self.say(f"Importing {Path(path).name}…")
+        self._qupath_source = layer
+        self._qupath_worker = common.in_background(result_layers.qupath_layer_data, self._qupath_imported,
+                                                   self.show_error, str(path), layer, classes, class_map)
+        return self._qupath_worker
+
+    def _qupath_imported(self, result) -> None:
+        layer_data, imported = result
+        layer = result_layers.add_qupath_layer(self.viewer, layer_data, self._qupath_source)
+        self.labels_combo.setCurrentText(layer.name)
+        self.say(f"{imported.summary()}: '{layer.name}'. Paint corrections, then export.")
+
     def export(self, folder: str | Path | None = None) -> list[str]:
         """Export the chosen (corrected) labels layer; see :class:`ExportPanel`."""
         return self.export_panel.export(folder)
@@ -534,7 +707,8 @@ class SegmentWidget(WorkerDock):
                 "crf": self.crf_check, "pseudo": self.pseudo_check, "checkpoint": self.checkpoint_row,
                 "tissue_background": self.tissue_check, "gate_classes": self.gate_check,
                 "export_dir": self.export_panel.export_dir, "level": self.level_spin,
-                "crf_iterations": self.crf_iterations, **self.crf_spins}
+                "crf_iterations": self.crf_iterations, "batch_in": self.batch_in, "batch_out": self.batch_out,
+                **self.crf_spins}
 
     def on_shutdown(self) -> None:
         self._adding = None  # add no more result layers

@@ -91,7 +91,7 @@ class TrainWidget(WorkerDock):
         self.crop_spin = spin(QSpinBox, 32, 1024, step=16)
         self.lr_spin = spin(QDoubleSpinBox, 1e-6, 1.0, step=1e-4, decimals=6)
         self.device_combo = QComboBox()
-        self.device_combo.addItems(common.available_devices())
+        self.device_combo.addItems(common.BASIC_DEVICES)  # GPUs are added once torch is imported (off the GUI)
         self.out_row = common.PathRow("run folder (checkpoints, metrics.csv)")
         self.mix_check = QCheckBox("Mix in patches cut from corrected labels")
         for widget, tip in [
@@ -176,6 +176,12 @@ class TrainWidget(WorkerDock):
         self.follow_layers(self._refresh_layer_choices)
         self._refresh_layer_choices()
         self._update_run_buttons()
+        self._devices_worker = common.in_background(common.available_devices, self._offer_devices, self.show_error)
+
+    def _offer_devices(self, devices: list[str]) -> None:
+        """The devices this machine has, found off the GUI thread (the first torch import takes seconds)."""
+        if not self._closed:
+            common.offer_devices(self.device_combo, devices, self.SETTINGS)
 
     # ----- settings ---------------------------------------------------------------------------------------
     def apply_preset(self, *_args) -> None:
@@ -339,6 +345,7 @@ class TrainWidget(WorkerDock):
 
     def on_finished(self, cancelled: bool) -> None:
         self.plot.flush()
+        self.end_progress(self.progress_bar)
         if cancelled:
             self.checkpoint_path = self.run_checkpoint()  # a cancelled run leaves a usable last checkpoint
             self.say("Training cancelled: Resume continues from the last checkpoint"

@@ -1,0 +1,167 @@
+"""Segmenting many images: inputs (files and folders), one process's share, per-file outputs and the run summary.
+
+``wsss-cram predict`` (one or many ranks) and the Segment dock's batch mode both go through here.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from collections.abc import Generator
+from pathlib import Path
+from typing import Any
+
+from .errors import WsssCramError
+from .io.formats import IMAGE_SUFFIXES, image_stem, image_suffix, is_image_file
+from .progress import CancelToken, Progress
+
+log = logging.getLogger(__name__)
+
+#: The run summary written beside the outputs.
+SUMMARY_NAME = "predict_summary.csv"
+#: What a folder input expands to: every image suffix but ``.dcm`` (a folder of .dcm files is one DICOM slide,
+#: its files are its levels, never one input per file).
+FOLDER_SUFFIXES = tuple(s for s in IMAGE_SUFFIXES if s != ".dcm")
+
+
+def collect_inputs(items: list[str]) -> list[Path]:
+    """Files as given; folders expanded to the images they hold (sorted), except that a folder of ``.dcm``
+    files is one DICOM slide. Missing paths raise."""
+    from .errors import ImageReadError
+    from .io.images import dicom_file_of
+
+    paths: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir() and dicom_file_of(p) is not None:
+            paths.append(p)  # a DICOM slide: its .dcm files are its levels, one input
+        elif p.is_dir():
+            found = sorted(f for f in p.iterdir() if is_image_file(f, FOLDER_SUFFIXES))
+            if not found:
+                raise ImageReadError(f"Folder '{p}' holds no images ({', '.join(FOLDER_SUFFIXES)}).")
+            paths.extend(found)
+        elif p.exists():
+            paths.append(p)
+        else:
+            raise ImageReadError(f"Input '{p}' does not exist; check the path.")
+    return paths
+
+
+def stem_of(path: Path) -> str:
+    """File name without its image suffix (``slide.ome.tif`` -> ``slide``; a DICOM folder keeps its name)."""
+    return image_stem(path) if image_suffix(path) else path.name
+
+
+def shard(items: list[Any], rank: int, world: int) -> list[Any]:
+    """The items rank ``rank`` of ``world`` handles (round-robin: every item exactly once)."""
+    return items[rank::world]
+
+
+def iter_predict_many(model: Any, info: Any, inputs: list[Path], out_dir: Path, settings: Any,
+                      formats: tuple[str, ...], overwrite: bool, rank: int = 0, world: int = 1,
+                      fallback: Any = None, cancel: CancelToken | None = None, reader: str = "auto",
+                      ) -> Generator[Progress, None, list[dict]]:
+    """Predict this rank's share of ``inputs`` and write their outputs; returns one summary row per input.
+
+    Yields ``Progress("file", i, n, {"name"})`` before each input and after the last, the engine's own
+    events (tiles) in between, and ``Progress("warning", 0, 0, {"message"[, "error"]})`` for a note or an input
+    that failed; stops at ``cancel`` between tiles and files. ``fallback`` (settings, or None):
+    used instead of ``settings`` for an image that does not state its µm/px (the default resolution's
+    training-scale fallback; one warning is logged). A bad input does not stop the others: its row has
+    ``status`` = the error message. ``reader``: which library reads slides (``core.io.formats.READERS``).
+    """
+    from .checkpoint import default_resolution
+    from .errors import WsssCramError
+    from .inference import predict_source
+    from .io.images import ImageSource
+    from .io.writers import write_outputs
+
+    noted = False
+    rows = []
+    mine = shard(inputs, rank, world)
+    for index, path in enumerate(mine):
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        yield Progress("file", index, len(mine), {"name": path.name})
+        stem = stem_of(path)
+        try:
+            with ImageSource.open(path, reader=reader) as source:
+                use = settings
+                if fallback is not None and source.mpp is None:
+                    use = fallback
+                    if not noted:
+                        yield Progress("warning", 0, 0, {"message": (
+                            f"{path.name} does not state its µm/px, so it (and any other such input) is "
+                            f"processed at {default_resolution(info, False).describe()}.")})
+                        noted = True
+                prediction = yield from predict_source(model, info, source, use, None, cancel=cancel)
+            try:
+                row = write_outputs(prediction, out_dir, stem, formats, overwrite=overwrite)
+            finally:
+                prediction.cleanup()
+            row["status"] = "ok"
+            log.info("%s: %dx%d px, %d tiles (%d background), %.1f s (model %.1f s, CRF %.1f s)", path.name,
+                     row["height"], row["width"], row["tiles"], row["skipped_tiles"], row["seconds"],
+                     row["model_seconds"], row["crf_seconds"])
+        except WsssCramError as err:  # reported, and the next input goes on
+            yield Progress("warning", 0, 0, {"message": str(err), "error": True})
+            row = {"image": stem, "status": f"error: {err}"}
+        row["input"] = str(path)
+        row["rank"] = rank
+        rows.append(row)
+    yield Progress("file", len(mine), len(mine), {"name": ""})
+    return rows
+
+
+def predict_batch(model: Any, info: Any, inputs: list[str | Path], out_dir: str | Path, settings: Any,
+                  formats: tuple[str, ...], overwrite: bool = False, cancel: CancelToken | None = None,
+                  fallback: Any = None, reader: str = "auto") -> Generator[Progress, None, tuple[list[dict], Path]]:
+    """Segment files and folders of images into ``out_dir`` with one ``predict_summary.csv`` (one process: the
+    Segment dock's batch mode; ``wsss-cram predict`` does the same, spread over ranks under torchrun).
+
+    ``fallback``: settings for images that state no µm/px (see :func:`iter_predict_many`). Everything is checked
+    before any work (names that collide, outputs that would replace inputs or existing
+    files unless ``overwrite``); the folder is locked while it runs. Returns (rows, summary path).
+    """
+    from .io.atomic import atomic_path
+    from .io.outputs import ensure_can_write, ensure_writable_folder, folder_lock
+    from .io.writers import check_outputs_free, check_outputs_spare_inputs, recover_interrupted_outputs
+
+    out_dir = Path(out_dir)
+    paths = collect_inputs([str(p) for p in inputs])
+    stems = [stem_of(p) for p in paths]
+    duplicates = sorted({s for s in stems if stems.count(s) > 1})
+    if duplicates:
+        raise WsssCramError(f"Several inputs share the name(s) {', '.join(duplicates)}; their outputs would "
+                            "collide. Rename them or segment them into different output folders.")
+    for stem in stems:
+        check_outputs_spare_inputs(out_dir, stem, formats, paths)
+    ensure_writable_folder(out_dir, "output folder")
+    with folder_lock(out_dir, "wsss-cram predict"):
+        recover_interrupted_outputs(out_dir)
+        for stem in stems:
+            check_outputs_free(out_dir, stem, formats, overwrite, inputs=paths)
+        summary_path = out_dir / SUMMARY_NAME
+        if summary_path.resolve() in {p.resolve() for p in paths}:
+            raise WsssCramError(f"The run summary '{summary_path}' would replace an input; choose another folder.")
+        ensure_can_write(summary_path, overwrite)
+        rows = yield from iter_predict_many(model, info, paths, out_dir, settings, formats, overwrite,
+                                            fallback=fallback, cancel=cancel, reader=reader)
+        with atomic_path(summary_path) as tmp:
+            tmp.write_text(summary_csv(rows))
+    return rows, summary_path
+
+
+def summary_csv(rows: list[dict]) -> str:
+    """The run summary as CSV text (columns: union of the rows' keys, first-seen order)."""
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+

@@ -1,0 +1,275 @@
+"""QuPath GeoJSON <-> class labels, as QuPath 0.4/0.5 write and read it.
+
+QuPath's conventions (File > Export objects as GeoJSON, and drag-and-drop import):
+- a FeatureCollection, or (with "Export as FeatureCollection" unticked) a bare JSON list of Features;
+- ``properties.objectType``: ``"annotation"`` for drawn regions (``"detection"``/``"cell"``/``"tile"`` are
+  per-object results, not regions: they are skipped on import); QuPath <= 0.3 wrote ``"id":
+  "PathAnnotationObject"`` at the top level instead;
+- ``properties.classification``: ``{"name": "Tumor", "color": [r, g, b]}`` (0.5 may add ``"names"`` for derived
+  classes such as ``Tumor: Positive``; QuPath <= 0.2 wrote ``colorRGB``);
+- Polygon / MultiPolygon (rings: exterior then holes) or a GeometryCollection of them, in level-0 pixels, pixel
+  corners at integers, y down.
+Class names map to the model's classes case-insensitively ("Tumor" -> tumor); ``class_map`` renames others
+(``{"Tumour": "tumor", "Immune cells": None}``, None = skip). QuPath's built-in classes are case-sensitive, so
+the export spells a model class the way QuPath does ("tumor" -> "Tumor", "normal" -> "Normal").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..classes import ClassSpec
+from ..errors import WsssCramError
+
+#: QuPath's built-in classifications (PathClassManager defaults), spelled as QuPath spells them.
+QUPATH_CLASSES = ("Tumor", "Stroma", "Immune cells", "Necrosis", "Other", "Region*", "Ignore*", "Positive",
+                  "Negative")
+#: objectType values that are regions a pathologist drew (the rest are per-object measurements).
+REGION_TYPES = ("annotation",)
+HINT = ("Export the annotations from QuPath with File > Export objects as GeoJSON (features with a Polygon or "
+        "MultiPolygon geometry and a classification).")
+
+
+def qupath_name(name: str) -> str:
+    """The class name to write for QuPath: its built-in spelling when ``name`` is one of them ("Tumor"), else
+    ``name`` with a capital first letter as QuPath's classes have ("Normal"). The import matches either."""
+    builtin = next((q for q in QUPATH_CLASSES if q.lower() == name.strip().lower()), None)
+    return builtin or name[:1].upper() + name[1:]
+
+
+def parse_class_map(text: str) -> dict[str, str | None]:
+    """``"Tumour=tumor, Immune cells=skip"`` -> ``{"Tumour": "tumor", "Immune cells": None}`` (skip/ignore/none:
+    regions of that class are left out). Raises WsssCramError on a malformed entry."""
+    mapping: dict[str, str | None] = {}
+    for item in (part.strip() for part in text.replace(";", ",").split(",")):
+        if not item:
+            continue
+        if "=" not in item:
+            raise WsssCramError(f"Class mapping '{item}' is not of the form 'QuPath name=model class' "
+                                "(e.g. 'Tumour=tumor, Immune cells=skip').")
+        source, target = (s.strip() for s in item.split("=", 1))
+        if not source or not target:
+            raise WsssCramError(f"Class mapping '{item}' needs a name on both sides of '='.")
+        mapping[source] = None if target.lower() in ("skip", "ignore", "none", "-") else target
+    return mapping
+
+
+@dataclass
+class QuPathImport:
+    """Labels rasterised from QuPath annotations, and what was used or left out (for the user's message)."""
+
+    labels: np.ndarray
+    regions: Counter = field(default_factory=Counter)  # model class name -> annotations drawn
+    unclassified: int = 0  # annotations without a classification (left out)
+    not_regions: int = 0  # detections / cells / tiles (left out)
+    skipped_by_map: Counter = field(default_factory=Counter)  # QuPath names the mapping said to skip
+
+    def summary(self) -> str:
+        """``Imported 3 annotations (tumor 2, stroma 1); left out: 1 without a class, 40 detections``."""
+        used = ", ".join(f"{name} {n}" for name, n in sorted(self.regions.items()))
+        text = f"Imported {sum(self.regions.values())} annotations" + (f" ({used})" if used else "")
+        left = []
+        if self.unclassified:
+            left.append(f"{self.unclassified} without a class")
+        if self.not_regions:
+            left.append(f"{self.not_regions} detections/cells")
+        if self.skipped_by_map:
+            left.append(", ".join(f"{n} '{name}' (mapped to skip)" for name, n in self.skipped_by_map.items()))
+        return text + ("; left out: " + ", ".join(left) if left else "")
+
+
+def load_features(geojson: Any, where: str = "GeoJSON") -> tuple[list, str]:
+    """The features of a QuPath export: a path, a FeatureCollection, a bare list of Features, or one Feature
+    -> (features, ``where`` for messages)."""
+    if isinstance(geojson, str | os.PathLike):
+        path = Path(geojson)
+        where = f"GeoJSON '{path}'"
+        try:
+            geojson = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as err:
+            raise WsssCramError(f"Cannot read {where}: {err}. {HINT}") from None
+    if isinstance(geojson, list):
+        return geojson, where
+    if not isinstance(geojson, dict):
+        raise WsssCramError(f"{where}: the file holds no GeoJSON object. {HINT}")
+    if geojson.get("type") == "FeatureCollection":
+        features = geojson.get("features", [])
+        if not isinstance(features, list):
+            raise WsssCramError(f"{where}: 'features' is not a list. {HINT}")
+        return features, where
+    return [geojson], where
+
+
+def _polygons(geom: dict) -> list | None:
+    """Polygon rings of a geometry (a list of polygons, each a list of rings); None for other geometry types."""
+    kind = geom.get("type")
+    if kind == "Polygon":
+        return [geom.get("coordinates")]
+    if kind == "MultiPolygon":
+        return geom.get("coordinates")
+    if kind == "GeometryCollection":
+        out = []
+        for part in geom.get("geometries") or []:
+            polys = _polygons(part) if isinstance(part, dict) else None
+            out += polys or []
+        return out
+    return None
+
+
+def _class_name(props: dict, feature: dict) -> Any:
+    classification = props.get("classification")
+    if classification is None:
+        classification = feature.get("classification")  # some older exports put it at the top level
+    if isinstance(classification, dict):
+        name = classification.get("name")
+        if name is None and isinstance(classification.get("names"), list):
+            name = ": ".join(str(n) for n in classification["names"])
+        return name
+    return classification
+
+
+def features_extent(geojson: Any) -> tuple[int, int]:
+    """(height, width) in level-0 pixels that hold every polygon of the annotations (their max y, max x)."""
+    features, where = load_features(geojson)
+    top = [0.0, 0.0]
+    for feat in features:
+        geom = feat.get("geometry") if isinstance(feat, dict) else None
+        for poly in (_polygons(geom) or []) if isinstance(geom, dict) else []:
+            for ring in poly or []:
+                try:
+                    xy = np.asarray(ring, float)
+                except (TypeError, ValueError):
+                    continue
+                if xy.ndim == 2 and xy.shape[1] >= 2 and len(xy) and np.isfinite(xy[:, :2]).all():
+                    top = [max(top[0], float(xy[:, 1].max())), max(top[1], float(xy[:, 0].max()))]
+    if top == [0.0, 0.0]:
+        raise WsssCramError(f"{where}: no polygon annotations found. {HINT}")
+    return math.ceil(top[0]), math.ceil(top[1])
+
+
+def qupath_to_labels(
+    geojson: Any,
+    shape: tuple[int, int],
+    classes: ClassSpec,
+    *,
+    scale: float = 1.0,
+    offset: tuple[float, float] = (0.0, 0.0),
+    fill: int | None = None,
+    class_map: Mapping[str, str | None] | None = None,
+) -> QuPathImport:
+    """Rasterise QuPath annotations into class labels of ``shape`` (a level of downsample ``scale`` whose pixel
+    (0, 0) corner sits at ``offset`` = (y, x) level-0 pixels).
+
+    Pixels take a class when their centre is inside (even-odd over rings: holes stay holes); later annotations
+    overwrite earlier ones; the rest get ``fill`` (default: background). Class names that neither the model nor
+    ``class_map`` knows raise one WsssCramError listing all of them.
+    """
+    from skimage.draw import polygon as fill_polygon
+
+    features, where = load_features(geojson)
+    mapping = {k.strip().lower(): v for k, v in (class_map or {}).items()}
+    h, w = int(shape[0]), int(shape[1])
+    result = QuPathImport(np.full((h, w), classes.background_index if fill is None else fill, np.uint8))
+    unknown: Counter = Counter()
+
+    def bad(what: str) -> WsssCramError:
+        return WsssCramError(f"{where}: {what}. {HINT}")
+
+    for n, feat in enumerate(features, start=1):
+        if not isinstance(feat, dict):
+            raise bad(f"feature {n} is not an object")
+        geom = feat.get("geometry") or {}
+        props = feat.get("properties") or {}
+        if not isinstance(geom, dict) or not isinstance(props, dict):
+            raise bad(f"feature {n} has a malformed geometry or properties")
+        object_type = props.get("objectType")
+        old_id = feat.get("id")
+        if object_type is None and isinstance(old_id, str) and old_id.startswith("Path"):  # QuPath <= 0.3
+            object_type = "annotation" if old_id == "PathAnnotationObject" else "detection"
+        if object_type is not None and object_type not in REGION_TYPES:
+            result.not_regions += 1
+            continue
+        name = _class_name(props, feat)
+        if name is None:
+            result.unclassified += 1
+            continue
+        if not isinstance(name, str):
+            raise bad(f"feature {n} has a classification that is not a name")
+        if name.strip().lower() in mapping:
+            target = mapping[name.strip().lower()]
+            if target is None:
+                result.skipped_by_map[name] += 1
+                continue
+        else:
+            target = name
+        try:
+            idx = classes.index_of(target)
+        except KeyError:
+            unknown[name] += 1
+            continue
+        polys = _polygons(geom)
+        if polys is None:
+            continue  # points and lines mark no region
+        if not isinstance(polys, list) or not all(isinstance(poly, list) for poly in polys):
+            raise bad(f"feature {n} has malformed polygon coordinates")
+        rings = []  # (rows, cols) in label pixels (centres at integers)
+        for poly in polys:
+            for ring in poly:
+                try:
+                    xy = np.asarray(ring, float)
+                except (TypeError, ValueError):
+                    raise bad(f"feature {n} has a ring that is not a list of [x, y] points") from None
+                if xy.ndim != 2 or xy.shape[1] < 2 or not np.isfinite(xy[:, :2]).all():
+                    raise bad(f"feature {n} has a ring that is not a list of finite [x, y] points")
+                if len(xy) >= 3:
+                    rings.append(((xy[:, 1] - offset[0]) / scale - 0.5, (xy[:, 0] - offset[1]) / scale - 0.5))
+        if not rings:
+            continue
+        # fill within the feature's bounding box only: a slide-sized mask per annotation would cost 64 MB each
+        y0 = max(0, int(math.floor(min(r.min() for r, _ in rings))))
+        x0 = max(0, int(math.floor(min(c.min() for _, c in rings))))
+        y1 = min(h, int(math.ceil(max(r.max() for r, _ in rings))) + 1)
+        x1 = min(w, int(math.ceil(max(c.max() for _, c in rings))) + 1)
+        result.regions[classes.all_names[idx]] += 1
+        if y1 <= y0 or x1 <= x0:
+            continue  # outside the labels
+        mask = np.zeros((y1 - y0, x1 - x0), bool)
+        for rows, cols in rings:
+            rr, cc = fill_polygon(rows - y0, cols - x0, shape=mask.shape)
+            mask[rr, cc] ^= True
+        result.labels[y0:y1, x0:x1][mask] = idx
+    if unknown:
+        names = ", ".join(f"'{k}' ({v} annotation{'s' if v > 1 else ''})" for k, v in unknown.most_common())
+        raise WsssCramError(
+            f"{where}: class names the model does not know: {names}. The model's classes are "
+            f"{', '.join(classes.all_names)} (matched ignoring case). Map the others, e.g. "
+            f"'{next(iter(unknown))}={classes.names[0]}' or '{next(iter(unknown))}=skip'.")
+    return result
+
+
+def downsample_for(shape: tuple[int, int], max_side: int = 8192) -> int:
+    """The power of two that brings a level-0 ``shape`` to at most ``max_side`` pixels a side (paintable)."""
+    d = 1
+    while max(-(-int(shape[0]) // d), -(-int(shape[1]) // d)) > max_side:
+        d *= 2
+    return d
+
+
+def qupath_to_level_labels(geojson: Any, level0_shape: tuple[int, int], classes: ClassSpec, *,
+                           max_side: int = 8192, class_map: Mapping[str, str | None] | None = None
+                           ) -> tuple[QuPathImport, int]:
+    """QuPath annotations of an image of ``level0_shape`` as labels at the downsample (a power of two) that keeps
+    them at most ``max_side`` a side -> (import, downsample). Label pixel ``u`` covers level-0 pixels
+    ``u * d .. (u + 1) * d``; the GeoJSON export takes the same ``Placement(downsample=d)`` back."""
+    d = downsample_for(level0_shape, max_side)
+    shape = (-(-int(level0_shape[0]) // d), -(-int(level0_shape[1]) // d))
+    return qupath_to_labels(geojson, shape, classes, scale=float(d), class_map=class_map), d
