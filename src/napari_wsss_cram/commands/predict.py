@@ -211,27 +211,16 @@ def _gather_rows(rows: list[dict], world: int) -> list[dict] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..core.errors import WsssCramError
-    from ..core.io.outputs import ensure_can_write, ensure_writable_folder, folder_lock
-    from ..core.io.writers import (
-        check_outputs_free,
-        check_outputs_spare_inputs,
-        parse_formats,
-        recover_interrupted_outputs,
-    )
+    from ..core.batch import check_batch_inputs, check_batch_outputs
+    from ..core.io.outputs import folder_lock
+    from ..core.io.writers import parse_formats, recover_interrupted_outputs
 
     rank, world = _dist_env()
     args.formats = parse_formats(args.format)
     out_dir = Path(args.out)
     inputs = collect_inputs(args.inputs)
-    stems = [stem_of(p) for p in inputs]
-    duplicates = sorted({s for s in stems if stems.count(s) > 1})
-    if duplicates:
-        raise WsssCramError(f"Several inputs share the name(s) {', '.join(duplicates)}; their outputs would "
-                            "collide. Rename them or predict them into different --out folders.")
-    for stem in stems:  # first of all, before anything is written there (not even the lock)
-        check_outputs_spare_inputs(out_dir, stem, args.formats, inputs)
-    ensure_writable_folder(out_dir, "--out folder")
+    # first of all, before anything is written there (not even the lock)
+    stems = check_batch_inputs(inputs, out_dir, args.formats, where="--out folder")
     with contextlib.ExitStack() as stack:
         if rank == 0:  # one run per folder: the other ranks of this run write beside rank 0, never alone
             stack.enter_context(folder_lock(out_dir, "wsss-cram predict"))
@@ -240,12 +229,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"note: removed what an interrupted run left in {out_dir}: {', '.join(removed)}",
                       file=sys.stderr)
         # Refuse before any work (every rank checks everything, so all ranks fail alike).
-        for stem in stems:
-            check_outputs_free(out_dir, stem, args.formats, args.overwrite, inputs=inputs)
-        summary_path = out_dir / SUMMARY_NAME
-        if summary_path.resolve() in {p.resolve() for p in inputs}:
-            raise WsssCramError(f"The run summary '{summary_path}' would replace an input; choose another --out.")
-        ensure_can_write(summary_path, args.overwrite)
+        summary_path = check_batch_outputs(inputs, stems, out_dir, args.formats, args.overwrite,
+                                           where="--out folder")
         return _run_locked(args, inputs, out_dir, summary_path, rank, world)
 
 

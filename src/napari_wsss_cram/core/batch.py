@@ -114,6 +114,40 @@ def iter_predict_many(model: Any, info: Any, inputs: list[Path], out_dir: Path, 
     return rows
 
 
+def check_batch_inputs(paths: list[Path], out_dir: Path, formats: tuple[str, ...], where: str = "output folder",
+                       ) -> list[str]:
+    """The checks of a batch before anything is written into ``out_dir`` (not even its lock): names that would
+    collide, outputs that would replace an input, a folder that cannot be written. Returns the output stems."""
+    from .io.outputs import ensure_writable_folder
+    from .io.writers import check_outputs_spare_inputs
+
+    stems = [stem_of(p) for p in paths]
+    duplicates = sorted({s for s in stems if stems.count(s) > 1})
+    if duplicates:
+        raise WsssCramError(f"Several inputs share the name(s) {', '.join(duplicates)}; their outputs would "
+                            f"collide. Rename them or segment them into different {where}s.")
+    for stem in stems:
+        check_outputs_spare_inputs(out_dir, stem, formats, paths)
+    ensure_writable_folder(out_dir, where)
+    return stems
+
+
+def check_batch_outputs(paths: list[Path], stems: list[str], out_dir: Path, formats: tuple[str, ...],
+                        overwrite: bool, where: str = "output folder") -> Path:
+    """The checks inside the folder's lock, before any work: no output (nor the run summary) exists unless
+    ``overwrite``, and the summary replaces no input. Returns the summary path."""
+    from .io.outputs import ensure_can_write
+    from .io.writers import check_outputs_free
+
+    for stem in stems:
+        check_outputs_free(out_dir, stem, formats, overwrite, inputs=paths)
+    summary_path = out_dir / SUMMARY_NAME
+    if summary_path.resolve() in {p.resolve() for p in paths}:
+        raise WsssCramError(f"The run summary '{summary_path}' would replace an input; choose another {where}.")
+    ensure_can_write(summary_path, overwrite)
+    return summary_path
+
+
 def predict_batch(model: Any, info: Any, inputs: list[str | Path], out_dir: str | Path, settings: Any,
                   formats: tuple[str, ...], overwrite: bool = False, cancel: CancelToken | None = None,
                   fallback: Any = None, reader: str = "auto") -> Generator[Progress, None, tuple[list[dict], Path]]:
@@ -121,31 +155,19 @@ def predict_batch(model: Any, info: Any, inputs: list[str | Path], out_dir: str 
     Segment dock's batch mode; ``wsss-cram predict`` does the same, spread over ranks under torchrun).
 
     ``fallback``: settings for images that state no µm/px (see :func:`iter_predict_many`). Everything is checked
-    before any work (names that collide, outputs that would replace inputs or existing
-    files unless ``overwrite``); the folder is locked while it runs. Returns (rows, summary path).
+    before any work (:func:`check_batch_inputs`, :func:`check_batch_outputs`); the folder is locked while it
+    runs. Returns (rows, summary path).
     """
     from .io.atomic import atomic_path
-    from .io.outputs import ensure_can_write, ensure_writable_folder, folder_lock
-    from .io.writers import check_outputs_free, check_outputs_spare_inputs, recover_interrupted_outputs
+    from .io.outputs import folder_lock
+    from .io.writers import recover_interrupted_outputs
 
     out_dir = Path(out_dir)
     paths = collect_inputs([str(p) for p in inputs])
-    stems = [stem_of(p) for p in paths]
-    duplicates = sorted({s for s in stems if stems.count(s) > 1})
-    if duplicates:
-        raise WsssCramError(f"Several inputs share the name(s) {', '.join(duplicates)}; their outputs would "
-                            "collide. Rename them or segment them into different output folders.")
-    for stem in stems:
-        check_outputs_spare_inputs(out_dir, stem, formats, paths)
-    ensure_writable_folder(out_dir, "output folder")
+    stems = check_batch_inputs(paths, out_dir, formats)
     with folder_lock(out_dir, "wsss-cram predict"):
         recover_interrupted_outputs(out_dir)
-        for stem in stems:
-            check_outputs_free(out_dir, stem, formats, overwrite, inputs=paths)
-        summary_path = out_dir / SUMMARY_NAME
-        if summary_path.resolve() in {p.resolve() for p in paths}:
-            raise WsssCramError(f"The run summary '{summary_path}' would replace an input; choose another folder.")
-        ensure_can_write(summary_path, overwrite)
+        summary_path = check_batch_outputs(paths, stems, out_dir, formats, overwrite)
         rows = yield from iter_predict_many(model, info, paths, out_dir, settings, formats, overwrite,
                                             fallback=fallback, cancel=cancel, reader=reader)
         with atomic_path(summary_path) as tmp:
