@@ -59,6 +59,8 @@ ROWS: dict[str, tuple[str, dict, dict, bool]] = {
     "default_control": ("default recipe again, on a step budget (control of the step-budget rows)", {}, {}, True),
     "stain": ("default + H&E stain jitter 0.1", {}, {}, True),
     "mosaic": ("default + mosaics of single-label crops (25% of items)", {}, {}, True),
+    "torch_crf": ("default, pseudo-label CRF on the torch backend (step budget)", {"crf": {"backend": "torch"}}, {},
+                  True),
 }
 #: rows that change training settings (TrainConfig keys) rather than the model: key -> overrides
 TRAIN_OVERRIDES = {
@@ -81,7 +83,7 @@ RESCORE = {
     "stage2_tta": ("stage 2 + multi-scale + flip at inference", "stage2", TTA),
     "stage2_crf": ("stage 2 + dense CRF at inference (DSRG parameters)", "stage2", {"crf": True}),
 }
-ALL_ROWS = ["constant", "cam", "paper", "constrained_only", "default", "default_control", "stain", "mosaic", "stage2",
+ALL_ROWS = ["constant", "cam", "paper", "constrained_only", "default", "default_control", "torch_crf", "stain", "mosaic", "stage2",
             "stage2_mosaic"]
 
 
@@ -333,7 +335,7 @@ def rescore_fold(args, fold: str) -> dict:
 TITLES = {"constant": "constant stroma", **{k: v[0] for k, v in ROWS.items()},
           **{k: v[0] for k, v in RESCORE.items()}, **STAGE2_ROWS}
 ORDER = ["constant", "cam", "cam_gated", "cam_tta", "paper", "constrained_only", "default_gated", "default_model_bg",
-         "default_control", "stain", "mosaic", "default", "default_tta", "default_crf", "stage2", "stage2_tta", "stage2_crf",
+         "default_control", "torch_crf", "stain", "mosaic", "default", "default_tta", "default_crf", "stage2", "stage2_tta", "stage2_crf",
          "stage2_mosaic"]
 
 
