@@ -46,3 +46,11 @@ def _few_torch_threads():
     except ImportError:  # pragma: no cover
         return
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_dock_settings(tmp_path_factory, monkeypatch):
+    """Docks persist their settings (QSettings): every test gets its own file, so no test leaves a checkpoint
+    path or a folder of its temporary files in the user's real settings (a new user would open the Segment
+    dock on a pytest checkpoint). Tests that look at the file set their own path, which wins."""
+    monkeypatch.setenv("WSSS_CRAM_SETTINGS_FILE", str(tmp_path_factory.mktemp("settings") / "settings.ini"))

@@ -803,3 +803,29 @@ def test_field_of_view_correction_becomes_a_training_example(make_napari_viewer,
     viewer.add_image(he_like_image(96), name="other", rgb=True)
     with pytest.raises(Exception, match="does not sit on the pixels of 'other'"):
         add_corrected_example(viewer.layers["other"], labels, tmp_path / "corrections")
+
+
+def test_a_remembered_checkpoint_that_is_gone_falls_back_to_the_demo_model(make_napari_viewer, qtbot, tmp_path,
+                                                                         tiny_checkpoint):
+    """Settings remember the last checkpoint; when that file is gone (a deleted run) the dock opens on the demo
+    model and says so, instead of greeting the user with an error."""
+    from napari_wsss_cram.widgets.segment import BUNDLED, CHECKPOINT
+
+    viewer = make_napari_viewer()
+    viewer.add_image(he_like_image(64), name="patch", rgb=True)
+    gone = tmp_path / "deleted_run" / "best.pt"
+    _, first = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    qtbot.waitUntil(lambda: not first.loading_model, timeout=60_000)
+    first.model_combo.setCurrentText(CHECKPOINT)
+    first.checkpoint_row.setText(str(gone))
+    first.save_settings()
+    viewer.window.remove_dock_widget("all")
+
+    _, second = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    assert second.model_combo.currentText() == BUNDLED
+    qtbot.waitUntil(lambda: not second.loading_model, timeout=60_000)
+    assert second.model is not None and second.run_button.isEnabled()
+    assert "no longer exists" in second.message.text() and str(gone) in second.message.text()
+    # the note lasts until the user chooses a model
+    assert second.set_checkpoint(tiny_checkpoint), second.message.text()
+    assert "no longer exists" not in second.message.text()

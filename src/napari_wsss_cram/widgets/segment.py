@@ -73,9 +73,11 @@ class SegmentWidget(WorkerDock):
         self._warnings: list[str] = []
         self._started = 0.0
         self.last_result: dict | None = None
-        self._qupath_source = self._qupath_worker = None
+        self._qupath_source = self._qupath_worker = None  # the image a QuPath import goes onto, its reader
+        self._startup_note: str | None = None  # said instead of "Ready." until the user picks a model
+        self._opening = True
         self._batch = False  # the running job is a batch (files) rather than one image
-        self._file = (0, 0, "")  # batch: (index, count, name) of the image being segmented  # the image a QuPath import goes onto, its reader
+        self._file = (0, 0, "")  # batch: (index, count, name) of the image being segmented
         form = QFormLayout()
         self.image_combo = QComboBox()
         self.pixel_size = spin(QDoubleSpinBox, 0.0, 50.0, 0.0, 0.05, 4)
@@ -194,7 +196,23 @@ class SegmentWidget(WorkerDock):
         self._connect()
         self._refresh_layer_choices()
         # the resolution is not restored: it always starts from the model's default (the one resolution rule)
+        stale = self._forget_missing_checkpoint()
+        if stale:
+            self._startup_note = (f"The checkpoint used last time, {stale}, no longer exists: using the bundled "
+                                  "demo model. Choose 'Checkpoint file…' to pick another.")
         self._load_selected_model()
+        self._opening = False
+
+    def _forget_missing_checkpoint(self) -> str | None:
+        """A remembered checkpoint file that is gone (moved, a deleted run): start from the bundled model instead
+        of an error, and say so. Returns the missing path, or None."""
+        path = self.checkpoint_row.text().strip()
+        if self.model_combo.currentText() != CHECKPOINT or not path or Path(path).is_file():
+            return None
+        self.model_combo.blockSignals(True)
+        self.model_combo.setCurrentText(BUNDLED)
+        self.model_combo.blockSignals(False)
+        return path
 
     # ----- wiring -----------------------------------------------------------------------------------------
     def _connect(self) -> None:
@@ -298,6 +316,8 @@ class SegmentWidget(WorkerDock):
         from ..core.resources import demo_model_path
         from ._segment_job import load_model
 
+        if not self._opening:
+            self._startup_note = None  # the user chose a model
         use_file = self.model_combo.currentText() == CHECKPOINT
         self.checkpoint_row.setVisible(use_file)
         self.model = self.info = self._model_problem = None
@@ -442,7 +462,10 @@ class SegmentWidget(WorkerDock):
         running = self.busy
         self.run_button.setEnabled(problem is None and not running)
         if not running and not quiet:
-            common.show_message(self.message, problem or "Ready.", error=problem is not None and not loading)
+            if problem is None and self._startup_note:
+                common.show_message(self.message, self._startup_note, warning=True)
+            else:
+                common.show_message(self.message, problem or "Ready.", error=problem is not None and not loading)
         return problem is None
 
     def _fit_output_level(self, layer) -> None:
