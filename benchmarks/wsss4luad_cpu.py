@@ -199,7 +199,7 @@ def data_minutes(args) -> float:
 
 def data_has_pseudo_branch(key: str) -> bool:
     """Rows whose reliable pseudo-labels are measured (the DA rows with joint training)."""
-    return key in ("paper", "default", "default_control", "stain", "mosaic")
+    return key in ("paper", "default", "default_control", "torch_crf", "stain", "mosaic")
 
 
 def _log(fold: str, message: str) -> None:
@@ -261,7 +261,7 @@ def run_fold(args, fold: str) -> dict:
     if "constant" in rows:
         result["rows"]["constant"] = {"matrix": constant_cm(test_index).matrix.tolist()}
     checkpoints: dict[str, Path] = {}
-    for key in ("cam", "paper", "constrained_only", "default", "default_control", "stain", "mosaic"):
+    for key in ROWS:
         if key not in rows:
             continue
         title, model_overrides, predict_overrides, _ = ROWS[key]
