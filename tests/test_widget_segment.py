@@ -36,6 +36,21 @@ def _segment_dock(viewer, checkpoint, image=None, name="patch"):
     return widget
 
 
+def _field_of_view_dock(viewer, checkpoint):
+    """A two-level 256 px pyramid "slide" (0.25 world units per pixel) and a Segment dock set to segment the
+    current field of view at output level 1, CRF off."""
+    full = he_like_image(256)
+    viewer.add_image([full, full[::2, ::2]], name="slide", rgb=True, multiscale=True, scale=(0.25, 0.25))
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    assert widget.set_checkpoint(checkpoint)
+    widget.tile_spin.setValue(64)
+    widget.resolution_value.setValue(1.0)
+    widget.crf_check.setChecked(False)
+    widget.level_spin.setValue(1)
+    widget.region_combo.setCurrentText("Current field of view")
+    return widget
+
+
 def _run_and_wait(qtbot, widget, timeout=60_000):
     assert widget.run_button.isEnabled(), widget.message.text()
     widget.run()
@@ -206,16 +221,7 @@ def _show_world_box(viewer, top_left, height) -> None:
 
 def test_field_of_view_on_a_multiscale_layer(make_napari_viewer, qtbot, tiny_checkpoint):
     viewer = make_napari_viewer()
-    full = he_like_image(256)
-    pyramid = [full, full[::2, ::2]]
-    viewer.add_image(pyramid, name="slide", rgb=True, multiscale=True, scale=(0.25, 0.25))
-    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
-    assert widget.set_checkpoint(tiny_checkpoint)
-    widget.tile_spin.setValue(64)
-    widget.resolution_value.setValue(1.0)
-    widget.crf_check.setChecked(False)
-    widget.level_spin.setValue(1)
-    widget.region_combo.setCurrentText("Current field of view")
+    widget = _field_of_view_dock(viewer, tiny_checkpoint)
     layer = viewer.layers["slide"]
     # the canvas shows the top rows: 128 level-0 pixels (32 world units) = 64 level-1 pixels from the top edge
     _show_world_box(viewer, (-0.125, -0.125), 32.0)
@@ -776,16 +782,7 @@ def test_field_of_view_correction_becomes_a_training_example(make_napari_viewer,
     from napari_wsss_cram.widgets._train_job import add_corrected_example
 
     viewer = make_napari_viewer()
-    full = he_like_image(256)
-    pyramid = [full, full[::2, ::2]]
-    viewer.add_image(pyramid, name="slide", rgb=True, multiscale=True, scale=(0.25, 0.25))
-    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
-    assert widget.set_checkpoint(tiny_checkpoint)
-    widget.tile_spin.setValue(64)
-    widget.resolution_value.setValue(1.0)
-    widget.crf_check.setChecked(False)
-    widget.level_spin.setValue(1)
-    widget.region_combo.setCurrentText("Current field of view")
+    widget = _field_of_view_dock(viewer, tiny_checkpoint)
     _show_world_box(viewer, (15.875, 7.875), 16.0)  # level-0 rows from 64, columns from 32 (level 1: 32, 16)
     y, x, h, w = widget.region(viewer.layers["slide"])
     assert (y, x) != (0, 0) and (h, w) != (128, 128)
@@ -797,7 +794,7 @@ def test_field_of_view_correction_becomes_a_training_example(make_napari_viewer,
     written = add_corrected_example(viewer.layers["slide"], labels, tmp_path / "corrections")
     image_path, mask_path = written[:2]
     assert "slide_fov_y" in image_path and "_d2" in image_path  # never the whole-slide example's name
-    np.testing.assert_array_equal(np.asarray(Image.open(image_path).convert("RGB")), pyramid[1][y:y + h, x:x + w])
+    np.testing.assert_array_equal(np.asarray(Image.open(image_path).convert("RGB")), viewer.layers["slide"].data[1][y:y + h, x:x + w])
     np.testing.assert_array_equal(read_index_png(mask_path), corrected)
     # labels of another image are refused with a clear message
     viewer.add_image(he_like_image(96), name="other", rgb=True)
