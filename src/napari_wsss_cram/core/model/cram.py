@@ -23,7 +23,8 @@ from .layers import CollaborativeClassifier, DiscriminativeActivation, PlainCAM,
 def to_input_tensor(rgb: np.ndarray | torch.Tensor, config: ModelConfig,
                     device: torch.device | str | None = None) -> torch.Tensor:
     """uint8 RGB (H, W, 3) or (B, H, W, 3) -> normalised float (B, 3, H, W) as the network expects."""
-    tensor = torch.as_tensor(np.ascontiguousarray(rgb) if isinstance(rgb, np.ndarray) else rgb)
+    # a read-only array (a zarr 3 / tifffile region, a PNG read by Pillow) is copied: torch warns on every one
+    tensor = torch.as_tensor(np.require(rgb, requirements=["C", "W"]) if isinstance(rgb, np.ndarray) else rgb)
     if tensor.dtype != torch.uint8:
         raise ValueError(f"to_input_tensor expects uint8 RGB, got {tensor.dtype}.")
     if tensor.ndim == 3:
