@@ -68,9 +68,22 @@ TRAIN_OVERRIDES = {
     "mosaic": {"mosaic_share": 0.25},
     "stage2_mosaic": {"mosaic_share": 0.25},
 }
-#: stage-2 rows, trained on the default row's segmentation-branch pseudo-labels
-STAGE2_ROWS = {"stage2": "stage 2 on the default's pseudo-labels",
-               "stage2_mosaic": "stage 2 + mosaics of pseudo-labelled cells >= 90% one class (25% of items)"}
+#: segmentation rounds (stage 2, 3, ...): key -> (title, the row whose checkpoint labels the crops (its
+#: segmentation branch restricted to each crop's classes), refinement of those labels, ModelConfig overrides, seed)
+STAGE2_ROWS: dict[str, tuple[str, str, str, dict, int]] = {
+    "stage2": ("stage 2 on the default's pseudo-labels", "default", "none", {}, 0),
+    "stage2_seed1": ("stage 2 again, seed 1 (noise of the stage-2 rows)", "default", "none", {}, 1),
+    "stage2_mosaic": ("stage 2 + mosaics of pseudo-labelled cells >= 90% one class (25% of items)", "default",
+                      "none", {}, 0),
+    "stage2_oeem": ("stage 2 + OEEM pixel weighting of the cross-entropy", "default", "none",
+                    {"ce_weighting": "oeem"}, 0),
+    "stage2_par": ("stage 2 on PAR-refined pseudo-labels (colour affinities)", "default", "par", {}, 0),
+    "stage3": ("stage 3: a self-training round on stage 2's pseudo-labels", "stage2", "none", {}, 0),
+    "stage3_oeem": ("stage 3 + OEEM on stage 2 + OEEM's pseudo-labels", "stage2_oeem", "none",
+                    {"ce_weighting": "oeem"}, 0),
+    "stage3_par_oeem": ("stage 3 + OEEM on PAR-refined labels of stage 2 + OEEM", "stage2_oeem", "par",
+                        {"ce_weighting": "oeem"}, 0),
+}
 TTA = {"tta_scales": (0.75, 1.0, 1.25), "tta_flip": True}
 #: re-scorings of a trained row's checkpoint with other output rules (no training): key -> (title, row, overrides)
 RESCORE = {
@@ -83,8 +96,8 @@ RESCORE = {
     "stage2_tta": ("stage 2 + multi-scale + flip at inference", "stage2", TTA),
     "stage2_crf": ("stage 2 + dense CRF at inference (DSRG parameters)", "stage2", {"crf": True}),
 }
-ALL_ROWS = ["constant", "cam", "paper", "constrained_only", "default", "default_control", "torch_crf", "stain", "mosaic", "stage2",
-            "stage2_mosaic"]
+ALL_ROWS = ["constant", "cam", "paper", "constrained_only", "default", "default_control", "torch_crf", "stain",
+            "mosaic", *STAGE2_ROWS]
 
 
 def fold_images(fold: str, n: int = 31) -> tuple[list[str], list[str]]:
@@ -169,12 +182,12 @@ def _num(v: float) -> float | None:
 # ----------------------------------------------------------------------------------------------- one fold
 
 def _row_config(args, patch_dir: Path, out: Path, model_overrides: dict, stage2_pseudo: Path | None = None,
-                train_overrides: dict | None = None):
+                train_overrides: dict | None = None, seed: int | None = None):
     from napari_wsss_cram.core.train_config import TrainConfig, load_config
 
     data = load_config(args.config).to_dict()
     data["model"] = {**data["model"], **model_overrides}
-    data.update(out=str(out), seed=args.seed, val=None, threads=1, weights="none", crf_workers=0, workers=0,
+    data.update(out=str(out), seed=args.seed + (seed or 0), val=None, threads=1, weights="none", crf_workers=0, workers=0,
                 steps=args.steps, minutes=None if args.steps else args.minutes, **(train_overrides or {}))
     if args.warmup_steps is not None:
         # a step budget that repeats a timed run: give it that run's warm-up
@@ -275,25 +288,25 @@ def run_fold(args, fold: str) -> dict:
             # the reliable labels the joint training learnt from (the activation maps' alpha/beta + CRF)
             drive(make_pseudo_labels(checkpoint, patch_dir, pseudo_dir, device="cpu", overwrite=True, source="maps"))
             row["pseudo_counts"] = pseudo_label_counts(pseudo_dir, patch_dir, classes).tolist()
-            if key == "default" and "stage2" in rows:
-                # stage 2 learns from the segmentation branch restricted to each crop's classes
-                seg_dir = out / key / "pseudo_seg"
-                drive(make_pseudo_labels(checkpoint, patch_dir, seg_dir, device="cpu", overwrite=True))
-                result["stage2_pseudo_counts"] = pseudo_label_counts(seg_dir, patch_dir, classes).tolist()
         result["rows"][key] = row
         _log(fold, f"{title}: scored")
-    seg_dir = out / "default" / "pseudo_seg"
-    for key, title in STAGE2_ROWS.items():
+    for key, (title, labeller, refine, model_overrides, seed) in STAGE2_ROWS.items():
         if key not in rows:
             continue
-        if not (seg_dir / "mask").is_dir() or "stage2_pseudo_counts" not in result:
-            raise SystemExit(f"error: row {key} needs the default row's pseudo-labels ({seg_dir}); add row default.")
-        config = _row_config(args, patch_dir, out / key, {}, stage2_pseudo=seg_dir,
-                             train_overrides=TRAIN_OVERRIDES.get(key))
+        checkpoint = out / labeller / "last.pt"
+        if not checkpoint.is_file() or labeller not in result["rows"]:
+            raise SystemExit(f"error: row {key} needs row {labeller}'s checkpoint ({checkpoint}); add row {labeller}.")
+        # the labeller's segmentation branch restricted to each crop's classes (made once per labeller/refinement)
+        seg_dir = out / labeller / ("pseudo_seg" if refine == "none" else f"pseudo_seg_{refine}")
+        counts_key = f"pseudo_counts/{labeller}/{refine}"
+        if not (seg_dir / "mask").is_dir() or counts_key not in result:
+            drive(make_pseudo_labels(checkpoint, patch_dir, seg_dir, device="cpu", overwrite=True, refine=refine))
+            result[counts_key] = pseudo_label_counts(seg_dir, patch_dir, classes).tolist()
+        config = _row_config(args, patch_dir, out / key, model_overrides, stage2_pseudo=seg_dir,
+                             train_overrides=TRAIN_OVERRIDES.get(key), seed=seed)
         checkpoint, seconds, steps = _train(config, fold, title)
         result["rows"][key] = {"matrix": score_model(checkpoint, test_index, {}).matrix.tolist(),
-                               "train_seconds": seconds, "steps": steps,
-                               "pseudo_counts": result["stage2_pseudo_counts"]}
+                               "train_seconds": seconds, "steps": steps, "pseudo_counts": result[counts_key]}
         _log(fold, f"{title}: scored")
     rescore(result, out, test_index)
     (out / "fold.json").write_text(json.dumps(result), encoding="utf-8")
@@ -333,10 +346,11 @@ def rescore_fold(args, fold: str) -> dict:
 # ----------------------------------------------------------------------------------------------- report
 
 TITLES = {"constant": "constant stroma", **{k: v[0] for k, v in ROWS.items()},
-          **{k: v[0] for k, v in RESCORE.items()}, **STAGE2_ROWS}
+          **{k: v[0] for k, v in RESCORE.items()}, **{k: v[0] for k, v in STAGE2_ROWS.items()}}
 ORDER = ["constant", "cam", "cam_gated", "cam_tta", "paper", "constrained_only", "default_gated", "default_model_bg",
-         "default_control", "torch_crf", "stain", "mosaic", "default", "default_tta", "default_crf", "stage2", "stage2_tta", "stage2_crf",
-         "stage2_mosaic"]
+         "default_control", "torch_crf", "stain", "mosaic", "default", "default_tta", "default_crf", "stage2",
+         "stage2_seed1", "stage2_tta", "stage2_crf", "stage2_mosaic", "stage2_oeem", "stage2_par", "stage3",
+         "stage3_oeem", "stage3_par_oeem"]
 
 
 def pool(folds: list[dict], classes: ClassSpec) -> dict:

@@ -24,7 +24,7 @@ def test_two_gloo_processes_stay_in_sync(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", "2",
            "-m", "napari_wsss_cram.cli", "train", str(tmp_path / "patches"), "--out", str(out),
-           "--config", "sample", "--backbone", "resnet18", "--steps", "3", "--batch-size", "2", "--crop", "64",
+           "--config", "sample", "--stage", "1", "--backbone", "resnet18", "--steps", "3", "--batch-size", "2", "--crop", "64",
            "--device", "cpu", "--workers", "0", "--crf-workers", "0", "--threads", "1"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]

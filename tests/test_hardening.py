@@ -374,7 +374,7 @@ def test_sigterm_during_training_saves_a_checkpoint(tmp_path, sample_data_dir):
         stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 240
-        while time.time() < deadline and not (run / "metrics.csv").exists():
+        while time.time() < deadline and not (run / "joint" / "metrics.csv").exists():  # the recipe's first stage
             time.sleep(0.5)
         time.sleep(3)  # a few steps, fewer than checkpoint_every
         proc.send_signal(signal.SIGTERM)
@@ -384,8 +384,9 @@ def test_sigterm_during_training_saves_a_checkpoint(tmp_path, sample_data_dir):
             proc.kill()
     assert proc.returncode == 130, err
     assert "Interrupted." in err and "Traceback" not in err
-    step = load_checkpoint(run / "last.pt")[1].extra["step"]
+    step = load_checkpoint(run / "joint" / "last.pt")[1].extra["step"]
     assert step >= 1
+    assert not (run / "final.pt").exists()  # the recipe stopped in its first stage: no final model yet
 
 
 def test_napari_reader_names_the_file_of_a_decompression_bomb(tmp_path, monkeypatch):

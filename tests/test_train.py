@@ -228,7 +228,7 @@ def test_pseudo_labels_then_stage2_through_cli(tiny_data, tmp_path, capsys):
 def test_cli_train_end_to_end_on_synthetic_patches(tiny_data, tmp_path, capsys):
     out = tmp_path / "cli"
     rc = main(["train", str(tiny_data["patches"]), "--out", str(out), "--val", str(tiny_data["val"]),
-               "--config", "sample", "--backbone", "resnet18", "--steps", "3", "--batch-size", "4",
+               "--config", "sample", "--stage", "1", "--backbone", "resnet18", "--steps", "3", "--batch-size", "4",
                "--crop", "64", "--device", "cpu", "--workers", "1", "--crf-workers", "1", "--threads", "1"])
     assert rc == 0
     captured = capsys.readouterr()
@@ -242,7 +242,7 @@ def test_cli_train_end_to_end_on_synthetic_patches(tiny_data, tmp_path, capsys):
 
 def test_cli_train_few_steps_on_the_sample_data(sample_data_dir, tmp_path, capsys):
     rc = main(["train", str(sample_data_dir / "patches"), "--out", str(tmp_path / "run"),
-               "--config", "sample", "--steps", "2", "--batch-size", "4", "--crop", "64", "--device", "cpu",
+               "--config", "sample", "--stage", "1", "--steps", "2", "--batch-size", "4", "--crop", "64", "--device", "cpu",
                "--workers", "0", "--crf-workers", "0", "--threads", "1"])
     assert rc == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].endswith("last.pt")

@@ -94,7 +94,7 @@ def test_the_installed_demo_runs_headless_from_another_folder(installed):
 def test_the_installed_train_finds_a_preset_by_name(installed):
     run = installed["work"] / "run"
     result = _run([str(installed["bin"] / "wsss-cram"), "train", str(SAMPLE_PATCHES), "--config", "cpu-small",
-                   "--steps", "2", "--out", str(run), "--device", "cpu", "--weights", "none"],
+                   "--stage", "1", "--steps", "2", "--out", str(run), "--device", "cpu", "--weights", "none"],
                   cwd=installed["work"], env=installed["env"], timeout=300)
     assert Path(result.stdout.strip().splitlines()[-1]) == run / "last.pt"
     assert (run / "last.pt").is_file()

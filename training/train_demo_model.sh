@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
 RUN=${RUN:-runs/demo}
-$BIN/wsss-cram train sample_data/patches --val sample_data/validation --config sample --out "$RUN" "$@"
+# the joint model alone (--stage 1): the demo shows its activation maps, which segmentation rounds do not have
+$BIN/wsss-cram train sample_data/patches --val sample_data/validation --config sample --stage 1 --out "$RUN" "$@"
 # Ship the best checkpoint (or the last) with half-precision weights: half the size, same predictions to ~1e-3
 # (load_checkpoint casts them back to float32).
 $BIN/python - "$RUN" src/napari_wsss_cram/assets/demo_model.pt <<'PY'

@@ -1,10 +1,11 @@
-"""Train WSSS-CRAM on image-level-labelled patches (stage 1), or the independent segmentation model on saved
-pseudo-labels (stage 2: --stage2 --pseudo DIR [--pixel-labels IMG_MASK_DIR]).
+"""Train WSSS-CRAM on image-level-labelled patches: the whole recipe by default (the joint model, its
+pseudo-labels, then segmentation rounds; RUN_DIR/final.pt), or one stage alone: --stage 1 (the joint model) or
+--stage 2 --pseudo DIR [--pixel-labels IMG_MASK_DIR] (a segmentation model on saved pseudo-labels).
 
 Without --config the defaults are the paper's (resnet50, x2-x3 rescale + 513 crop, SGD lr 1e-3, batch 8);
-presets (by name, or a .toml path): wsss4luad, cpu-small (2-core CPU, < 30 min), sample.
-Flags override the preset. Ends by printing the path of the best (or last) checkpoint.
-Under `torchrun --nproc_per_node N` the same command trains with DDP.
+presets (by name, or a .toml path): wsss4luad, cpu-small (2-core CPU, 60 min for the whole recipe), sample.
+Flags override the preset. Ends by printing the path of the checkpoint to use (final.pt; with --stage, the
+stage's best or last). Under `torchrun --nproc_per_node N` the same command trains with DDP.
 """
 
 from __future__ import annotations
@@ -44,13 +45,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
-    parser.add_argument("--stage2", action="store_true", help="train the independent segmentation model")
+    parser.add_argument("--stage", type=int, choices=(1, 2),
+                        help="train one stage alone: 1 = the joint model (image-level labels), 2 = a segmentation "
+                             "model on --pseudo DIR (default: the whole recipe, ending in RUN_DIR/final.pt)")
+    parser.add_argument("--rounds", type=int,
+                        help="segmentation rounds of the recipe after the joint model (0-5; preset's default)")
+    parser.add_argument("--stage2", action="store_true", help=argparse.SUPPRESS)  # the old spelling of --stage 2
     parser.add_argument("--pseudo", metavar="DIR", help="stage 2: folder from `wsss-cram pseudo-labels`")
     parser.add_argument("--pixel-labels", metavar="IMG_MASK_DIR", help="stage 2: extra pixel-labelled images")
     parser.add_argument("--pixel-weight", type=float, help="stage 2: loss weight of pixel-labelled samples")
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..core.progress import drive
+    from ..core.recipe import train_recipe_steps
     from ..core.train import load_config, train
     from ..core.train_config import TrainConfig
 
@@ -67,14 +75,19 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, crop=args.crop, lr=args.lr, device=args.device, classes=args.classes,
         weights=args.weights, workers=args.workers, crf_workers=args.crf_workers, threads=args.threads,
         seed=args.seed, pseudo=args.pseudo, pixel_labels=args.pixel_labels, pixel_weight=args.pixel_weight,
-        resume=True if args.resume else None, stage2=True if args.stage2 else None,
-        amp=False if args.no_amp else None)
+        resume=True if args.resume else None, stage2=True if args.stage2 or args.stage == 2 else None,
+        rounds=args.rounds, amp=False if args.no_amp else None)
+    if args.stage == 1 and config.stage2:
+        config = config.updated(stage2=False)  # --stage 1 over a run whose config.toml says stage 2
     if not config.stage2 and not config.data:
-        raise SystemExit("wsss-cram train: DATA_DIR is required (or --stage2 --pseudo DIR).")
+        raise SystemExit("wsss-cram train: DATA_DIR is required (or --stage 2 --pseudo DIR).")
 
     reporter = _Reporter()
     try:
-        path = train(config, callback=reporter)
+        if args.stage is None and not config.stage2:
+            path = drive(train_recipe_steps(config), reporter)
+        else:
+            path = train(config, callback=reporter)
     finally:
         reporter.close()
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks
@@ -87,11 +100,24 @@ class _Reporter:
 
     def __init__(self) -> None:
         self.bar = None
+        self.recipe_stage = None
 
     def __call__(self, event) -> None:
         from tqdm import tqdm
 
-        if event.stage == "data":
+        recipe = event.info.get("recipe")
+        if recipe is not None and (recipe["index"], event.stage == "pseudo-labels") != self.recipe_stage:
+            # a new stage of the recipe: a fresh bar under a heading
+            self.close()
+            self.recipe_stage = (recipe["index"], event.stage == "pseudo-labels")
+            doing = "pseudo-labels for " if event.stage == "pseudo-labels" else ""
+            print(f"== stage {recipe['index'] + 1}/{recipe['stages']}: {doing}{recipe['title']}", file=sys.stderr)
+        if event.stage == "pseudo-labels":
+            if self.bar is None:
+                self.bar = tqdm(total=event.total, desc="pseudo-labels", unit="patch", dynamic_ncols=True,
+                                file=sys.stderr)
+            self.bar.update(event.done - self.bar.n)
+        elif event.stage == "data":
             print(event.info.get("summary", ""), file=sys.stderr)
             minutes = event.info.get("minutes")
             length = f"{event.total} steps" if event.total < 10 ** 9 else "no step limit"
@@ -120,3 +146,4 @@ class _Reporter:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None

@@ -26,6 +26,9 @@ from .model.cram import CRAMNet
 
 FORMAT_NAME = "napari-wsss-cram"
 FORMAT_VERSION = 1
+#: the models of a training run folder, in the order a run folder given as a checkpoint is resolved: the
+#: recipe's final model, the best by validation mIoU, the latest
+FINAL, BEST, LAST = "final.pt", "best.pt", "last.pt"
 
 
 @dataclass
@@ -163,9 +166,29 @@ def save_checkpoint(path: str | os.PathLike, model: CRAMNet, extra: dict | None 
     return path
 
 
-def read_checkpoint_payload(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Load and validate the raw checkpoint dict (weights-only); raises CheckpointError with a plain message."""
+def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
+    """``path`` itself, or for a training run folder its model: ``final.pt`` (the whole recipe), else ``best.pt``,
+    else ``last.pt``; else the last finished stage's of a stopped recipe (``joint/``, ``round1/``, ...)."""
     path = Path(path)
+    if not path.is_dir():
+        return path
+    for name in (FINAL, BEST, LAST):
+        if (path / name).is_file():
+            return path / name
+    stages = sorted((d for d in path.iterdir() if d.is_dir() and (d.name == "joint" or d.name.startswith("round"))
+                     and not d.name.endswith("-pseudo")), key=lambda d: (d.name != "joint", d.name))
+    for stage in reversed(stages):
+        for name in (BEST, LAST):
+            if (stage / name).is_file():
+                return stage / name
+    raise CheckpointError(f"{path} is a folder without a model ({FINAL}, {BEST} or {LAST}): give a checkpoint "
+                          "file or a training run folder.")
+
+
+def read_checkpoint_payload(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Load and validate the raw checkpoint dict (weights-only); raises CheckpointError with a plain message.
+    A training run folder stands for its model (:func:`resolve_checkpoint_path`)."""
+    path = resolve_checkpoint_path(path)
     if not path.is_file():
         raise CheckpointError(f"Checkpoint not found: {path}. Check the path or train a model first.")
     if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6
@@ -208,8 +231,9 @@ def read_checkpoint_payload(path: str | os.PathLike, map_location="cpu") -> dict
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu",
                     expect_classes: ClassSpec | None = None) -> tuple[CRAMNet, CheckpointInfo]:
-    """Rebuild the model saved at ``path`` (in eval mode) and return it with its :class:`CheckpointInfo`."""
-    path = Path(path)
+    """Rebuild the model saved at ``path`` (a checkpoint file, or a training run folder: its final, best or last
+    model) in eval mode and return it with its :class:`CheckpointInfo`."""
+    path = resolve_checkpoint_path(path)
     payload = read_checkpoint_payload(path, map_location)
     try:
         classes = ClassSpec.from_dict(payload["classes"])

@@ -44,6 +44,32 @@ def confident_ce(seg_logits: torch.Tensor, pseudo: torch.Tensor, ignore_index: i
     return loss / valid
 
 
+def pixel_weighted_ce(seg_logits: torch.Tensor, target: torch.Tensor, image_weight: torch.Tensor | None = None,
+                      weighting: str = "uniform", ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Cross-entropy on labelled pixels, averaged per image, then over images weighted by ``image_weight`` (B,).
+
+    ``weighting="oeem"`` (online easy-example mining, Li et al. 2022): within each image the labelled pixels
+    are weighted by softmax(-loss) rescaled to mean 1, so the pixels whose pseudo-label the model contradicts
+    most (the likely wrong ones) count least; the weights are not differentiated through.
+    """
+    ce = F.cross_entropy(seg_logits.float(), target.long(), ignore_index=ignore_index, reduction="none")
+    valid = (target != ignore_index).flatten(1)
+    ce = ce.flatten(1)
+    counts = valid.sum(1)
+    if weighting == "oeem":
+        with torch.no_grad():
+            scores = (-ce).masked_fill(~valid, float("-inf"))
+            weights = torch.softmax(scores, dim=1).nan_to_num(0.0) * counts[:, None].clamp_min(1)
+        ce = ce * weights
+    elif weighting != "uniform":
+        raise ValueError(f"weighting must be 'uniform' or 'oeem', got '{weighting}'.")
+    per_image = (ce * valid).sum(1) / counts.clamp_min(1)
+    if image_weight is None:
+        image_weight = torch.ones_like(per_image)
+    image_weight = image_weight.to(per_image) * (counts > 0)
+    return (per_image * image_weight).sum() / image_weight.sum().clamp_min(1e-6)
+
+
 def background_prior_loss(cam: torch.Tensor, image: torch.Tensor, threshold: float = 200.0) -> torch.Tensor:
     """Squared error between the background map ``cam[:, -1]`` (B, h, w) and the share of near-white pixels
     (gray > ``threshold``) of ``image`` (B, 3, H, W, RGB 0..255) under each map pixel."""
@@ -207,12 +233,15 @@ def dense_energy_loss(seg_logits: torch.Tensor, image: torch.Tensor, pseudo: tor
 
 
 def joint_loss(outputs: dict[str, torch.Tensor], labels: torch.Tensor | None, pseudo: torch.Tensor | None,
-               x: torch.Tensor, config: ModelConfig) -> tuple[torch.Tensor, dict[str, float]]:
+               x: torch.Tensor, config: ModelConfig, image_weight: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, dict[str, float]]:
     """The training loss for one batch and its terms (as floats, for logging).
 
     Stage 1: ``L_cls`` always, ``L_bg`` with the DA layer; with ``config.use_joint`` and pseudo-labels, ``lambda_seg * (L_ce +
     energy_weight * L_energy)`` is added (``energy_weight = 0`` drops the energy). Stage 2: ``L_ce +
-    energy_weight * L_energy`` only. ``x`` is the normalised input (the energy needs its colours).
+    energy_weight * L_energy`` only, ``L_ce`` averaged per image with ``image_weight`` (B,) (pixel-labelled vs
+    pseudo-labelled samples) and ``config.ce_weighting`` inside each image. ``x`` is the normalised input (the
+    energy needs its colours).
     """
     terms: dict[str, torch.Tensor] = {}
     seg_weight = 1.0
@@ -235,8 +264,11 @@ def joint_loss(outputs: dict[str, torch.Tensor], labels: torch.Tensor | None, ps
         if pseudo is None:
             raise ValueError("Stage-2 training needs pixel labels (saved pseudo-labels).")
         use_seg = True
-    if use_seg:
+    if use_seg and config.stage == 1:
         terms["ce"] = confident_ce(outputs["seg"], pseudo)
+    elif use_seg:
+        terms["ce"] = pixel_weighted_ce(outputs["seg"], pseudo, image_weight, config.ce_weighting)
+    if use_seg:
         if config.energy_weight > 0:
             terms["energy"] = dense_energy_loss(outputs["seg"], to_rgb255(x.detach(), config), pseudo,
                                                 config.energy_sigma_xy, config.energy_sigma_rgb,

@@ -252,11 +252,18 @@ class PseudoLabeller:
 PSEUDO_LABEL_SOURCES = ("segmentation", "maps")
 
 
+PSEUDO_LABEL_REFINEMENTS = ("none", "par")
+
+
 def segmentation_pseudo_label(probs: np.ndarray, image: np.ndarray, labels, tissue_threshold: float | None = 200,
-                              min_confidence: float = 0.5) -> np.ndarray:
+                              min_confidence: float = 0.5, refine: str = "none") -> np.ndarray:
     """Pseudo-label (H, W) uint8 from the segmentation branch's probabilities (K+1, H, W) of a training patch:
     restricted to the patch's image-level classes and to its tissue (near-white is background), the arg-max
-    class where its probability among the present classes reaches ``min_confidence``, else 255."""
+    class where its probability among the present classes reaches ``min_confidence``, else 255.
+
+    ``refine="par"``: the restricted probabilities are first refined by the image's colour affinities
+    (:func:`~.par.pixel_adaptive_refine`), so each region of uniform colour takes the label its confident pixels
+    agree on."""
     import torch
 
     from .tissue import near_white_mask, restrict_to_tissue
@@ -269,7 +276,15 @@ def segmentation_pseudo_label(probs: np.ndarray, image: np.ndarray, labels, tiss
     presence = torch.from_numpy(labels)
     if not labels.any():  # no class present: nothing to restrict to, keep the model's own answer
         presence = None
-    restricted = restrict_to_tissue(p, white, presence, 0.5)[0].numpy()
+    restricted = restrict_to_tissue(p, white, presence, 0.5)
+    if refine == "par":
+        from .par import pixel_adaptive_refine
+
+        rgb = torch.from_numpy(np.ascontiguousarray(image[..., :3])).permute(2, 0, 1)[None].float()
+        restricted = restrict_to_tissue(pixel_adaptive_refine(rgb, restricted), white, None)
+    elif refine != "none":
+        raise ValueError(f"refine must be one of {', '.join(PSEUDO_LABEL_REFINEMENTS)}, got '{refine}'.")
+    restricted = restricted[0].numpy()
     label = restricted.argmax(axis=0).astype(np.uint8)
     label[restricted.max(axis=0) < min_confidence] = IGNORE_INDEX
     return label
@@ -277,15 +292,17 @@ def segmentation_pseudo_label(probs: np.ndarray, image: np.ndarray, labels, tiss
 
 def make_pseudo_labels(checkpoint: str | Path, patches: str | Path, out_dir: str | Path, scale: float | None = None,
                        device: str = "auto", crf_workers: int = 0, overwrite: bool = False,
-                       cancel: CancelToken | None = None, source: str = "segmentation"
+                       cancel: CancelToken | None = None, source: str = "segmentation", refine: str = "none"
                        ) -> Generator[Progress, None, Path]:
     """Write pseudo-labels of every patch as ``out_dir/mask/<name>.png`` (palette PNG, 255 = unreliable) with
     the patch under ``out_dir/img/`` (hard link, else copy): a pixel-labelled set for
     ``train --stage2 --pseudo out_dir``. Returns ``out_dir``.
 
-    ``source="segmentation"``: the joint model's segmentation branch, restricted to each patch's image-level
+    ``source="segmentation"``: the model's segmentation branch (a joint model's, or a segmentation round's for
+    the next self-training round), restricted to each patch's image-level
     classes and its tissue (:func:`segmentation_pseudo_label`); ``"maps"``: the paper's reliable labels of the
-    activation maps (alpha/beta + CRF agreement, :func:`reliable_pseudo_labels`)."""
+    activation maps (alpha/beta + CRF agreement, :func:`reliable_pseudo_labels`). ``refine`` (segmentation
+    source): ``"par"`` refines the probabilities by colour affinities first (:func:`segmentation_pseudo_label`)."""
     import shutil
     import tempfile
 
@@ -303,11 +320,13 @@ def make_pseudo_labels(checkpoint: str | Path, patches: str | Path, out_dir: str
         raise OutputExistsError(f"{out_dir} exists and is not empty; choose another --out or pass --overwrite.")
     if source not in PSEUDO_LABEL_SOURCES:
         raise ValueError(f"source must be one of {', '.join(PSEUDO_LABEL_SOURCES)}, got '{source}'.")
+    if refine not in PSEUDO_LABEL_REFINEMENTS:
+        raise ValueError(f"refine must be one of {', '.join(PSEUDO_LABEL_REFINEMENTS)}, got '{refine}'.")
     dev = resolve_device(device)
     model, info = load_checkpoint(checkpoint, map_location="cpu")
-    if not model.has_pseudo_branch:
-        raise CheckpointError(f"{checkpoint} is a stage-2 model without the pseudo-label branch; give the joint "
-                              "(stage 1) checkpoint.")
+    if source == "maps" and not model.has_pseudo_branch:
+        raise CheckpointError(f"{checkpoint} is a stage-2 model without activation maps; give the joint "
+                              "(stage 1) checkpoint, or use the segmentation source.")
     index = discover_patches(patches, info.classes)
     if scale is None:  # patches carry no µm/px: the checkpoint's training scale
         scale = float(default_resolution(info, image_has_mpp=False).scale)
@@ -331,7 +350,7 @@ def make_pseudo_labels(checkpoint: str | Path, patches: str | Path, out_dir: str
                 probs, cam, _ = model.predict_with_presence(model.normalize(big[None]))
             if source == "segmentation":
                 label = segmentation_pseudo_label(probs[0].float().cpu().numpy(), big, index.labels[i],
-                                                  model.config.tissue_threshold)
+                                                  model.config.tissue_threshold, refine=refine)
             else:
                 label = labeller.label(cam[:1].float().clamp_min(0), torch.from_numpy(np.ascontiguousarray(big))[None],
                                        torch.from_numpy(np.asarray(index.labels[i]))[None])[0].cpu().numpy()

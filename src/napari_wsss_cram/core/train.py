@@ -51,6 +51,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .checkpoint import BEST, LAST
 from .classes import IGNORE_INDEX, ClassSpec
 from .data.augment import AugmentConfig
 from .data.batch import Batch, collate_batch
@@ -60,15 +61,14 @@ from .data.pixel import PixelDataset, PixelIndex, discover_pixel_dataset
 from .device import resolve_device
 from .errors import CheckpointError, DatasetError, OutOfMemoryError, TrainingError, WsssCramError
 from .evaluate import evaluate_model
+from .losses import joint_loss
 from .progress import Cancelled, CancelToken, Progress, drive
 from .pseudo_labels import PseudoLabeller
 from .train_config import TrainConfig, dumps_toml, load_config
 
 log = logging.getLogger(__name__)
 
-LAST = "last.pt"
 RESUME = "resume.pt"  # model + optimiser + scheduler + scaler + RNG + step, for --resume
-BEST = "best.pt"
 METRICS = "metrics.csv"
 CONFIG = "config.toml"
 
@@ -357,33 +357,6 @@ def _model_config(config: TrainConfig, stage: int):
         raise DatasetError(f"Invalid [model] settings {overrides}: {err}") from None
 
 
-def _stage1_loss(model, out: dict, x: torch.Tensor, labels: torch.Tensor, pseudo: torch.Tensor | None):
-    """L = L_cls + lambda (L_ce + w L_energy) via the model issue's ``joint_loss``; returns (total, terms)."""
-    from .losses import joint_loss
-
-    return joint_loss(out, labels, pseudo, x, model.config)
-
-
-def _stage2_loss(model, out: dict, x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor):
-    """Stage 2: cross-entropy of the seg head on pseudo/pixel labels (255 ignored), each image weighted
-    (pixel-labelled vs pseudo-labelled), plus the dense energy term as in :func:`losses.joint_loss`."""
-    from .losses import dense_energy_loss
-    from .model.cram import to_rgb255
-
-    cfg = model.config
-    ce = F.cross_entropy(out["seg"].float(), target, ignore_index=IGNORE_INDEX, reduction="none")
-    valid = (target != IGNORE_INDEX).float()
-    per_image = (ce * valid).flatten(1).sum(1) / valid.flatten(1).sum(1).clamp_min(1.0)
-    total = (per_image * weight).sum() / weight.sum().clamp_min(1e-6)
-    terms = {"ce": float(total.detach())}
-    if cfg.energy_weight > 0:
-        energy = dense_energy_loss(out["seg"], to_rgb255(x.detach(), cfg), target, cfg.energy_sigma_xy,
-                                   cfg.energy_sigma_rgb, cfg.energy_scale)
-        terms["energy"] = float(energy.detach())
-        total = total + cfg.energy_weight * energy
-    return total, terms
-
-
 def _load_stage2_data(config: TrainConfig, classes_opt) -> tuple[PixelIndex, list[float]]:
     if not config.pseudo:
         raise DatasetError("Stage 2 needs --pseudo DIR (written by `wsss-cram pseudo-labels`).")
@@ -637,7 +610,7 @@ class Trainer:
             out = self.net(x, batch.labels.to(device)) if self.stage == 1 else self.net(x)
         out = {k: v.float() for k, v in out.items()}
         if self.stage == 2:
-            return _stage2_loss(self.model, out, x, batch.target.to(device), batch.weight.to(device))
+            return joint_loss(out, None, batch.target.to(device), x, self.model.config, batch.weight.to(device))
         t_crf = time.perf_counter()
         pseudo = self.pseudo_labels(batch, out)
         if pseudo is not None:
@@ -647,7 +620,7 @@ class Trainer:
             confident = pseudo != IGNORE_INDEX
             self.pseudo_stats = {"confident": float(confident.float().mean()),
                                  "foreground": float((pseudo < self.model.classes.background_index).float().mean())}
-        return _stage1_loss(self.model, out, x, batch.labels.to(device), pseudo)
+        return joint_loss(out, batch.labels.to(device), pseudo, x, self.model.config)
 
     def pseudo_labels(self, batch: Batch, outputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """Stage 1: the seg head's labels (B, H, W) int64 for this step (255 = ignore), or None for none (no

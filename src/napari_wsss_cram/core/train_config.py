@@ -88,6 +88,12 @@ class TrainConfig:
     pseudo: str | None = None        # folder written by `wsss-cram pseudo-labels` (img/ + mask/)
     pixel_labels: str | None = None  # optional extra pixel-labelled set (img/ mask/)
     pixel_weight: float = 1.0        # loss weight of pixel-labelled vs pseudo-labelled samples
+    # the recipe (`wsss-cram train` without --stage; core/recipe.py): segmentation rounds after the joint model
+    # (0 = the joint model only; 1 = + stage 2; 2 = + a self-training round, "stage 3"), each stage's share of
+    # the wall-clock budget (empty = equal), and how the next round's pseudo-labels are refined ("none", "par")
+    rounds: int = 1
+    stage_shares: list[float] = field(default_factory=list)
+    pseudo_refine: str = "none"
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -114,6 +120,17 @@ class TrainConfig:
             raise DatasetError(f"mosaic_cell must be >= 4 px, got {self.mosaic_cell}.")
         if not 0.0 <= self.stain < 1.0:
             raise DatasetError(f"stain must be in [0, 1), got {self.stain}.")
+        if not 0 <= self.rounds <= 5:
+            raise DatasetError(f"rounds must be between 0 and 5, got {self.rounds}.")
+        shares = self.stage_shares or []
+        if not isinstance(shares, list | tuple) or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) for v in shares):
+            raise DatasetError(f"stage_shares must be a list of numbers, e.g. [1, 1], got {shares!r}.")
+        self.stage_shares = [float(v) for v in shares]
+        if any(not math.isfinite(v) or v <= 0 for v in self.stage_shares):
+            raise DatasetError(f"stage_shares must be positive numbers, got {self.stage_shares}.")
+        if self.pseudo_refine not in ("none", "par"):
+            raise DatasetError(f"pseudo_refine must be 'none' or 'par', got '{self.pseudo_refine}'.")
         if self.optimizer not in ("sgd", "adam"):
             raise DatasetError(f"optimizer must be 'sgd' or 'adam', got '{self.optimizer}'.")
         self.model = dict(self.model or {})

@@ -121,12 +121,15 @@ def scan_folder(data: str, val: str | None = None):
 
 
 def train_job(config, cancel: CancelToken) -> Generator[Progress, None, str | None]:
-    """Run the core trainer, forwarding its Progress events; return the best (or last) checkpoint path."""
+    """Run the whole training recipe (a segmentation round alone for a stage-2 config), forwarding its Progress
+    events; return the checkpoint to use (the recipe's final.pt)."""
+    from ..core.recipe import train_recipe_steps
     from ..core.train import train_steps
     from ._common import leave_gui_a_core
 
     with leave_gui_a_core():  # also undoes the trainer's torch.set_num_threads(config.threads)
-        result = yield from train_steps(config, cancel=cancel)
+        steps = train_steps(config, cancel=cancel) if config.stage2 else train_recipe_steps(config, cancel)
+        result = yield from steps
     return None if result is None else str(result)
 
 

@@ -54,6 +54,9 @@ class TrainWidget(WorkerDock):
         self.patch_index = None
         self._started = 0.0
         self.warnings: list[str] = []  # those of the current run, as shown
+        # the recipe's stage now running, and where its steps start on the curves
+        self._recipe_index: int | None = None
+        self._step_offset = self._last_step = 0
 
         data_box = QGroupBox("Data")
         data_form = QFormLayout(data_box)
@@ -252,14 +255,19 @@ class TrainWidget(WorkerDock):
                 combo.setCurrentText(current)
 
     def run_checkpoint(self) -> str | None:
-        """The usable checkpoint in the Output folder (best, else last), also after a cancelled run."""
-        from ..core.train import BEST, LAST
+        """The usable checkpoint in the Output folder (the recipe's final model, else the best or last one of the
+        latest stage), also after a cancelled run."""
+        from ..core.checkpoint import resolve_checkpoint_path
+        from ..core.errors import CheckpointError
 
         out = self.out_row.text()
-        if not out:
+        if not out or not Path(out).is_dir():
             return None
-        path = next((Path(out) / name for name in (BEST, LAST) if (Path(out) / name).is_file()), None)
-        return None if path is None else str(path)
+        try:
+            path = resolve_checkpoint_path(out)
+        except CheckpointError:
+            return None
+        return str(path) if path.is_file() else None
 
     def _out_changed(self, *_args) -> None:
         if self.worker is None:  # another run folder: its own checkpoint, if any
@@ -268,11 +276,11 @@ class TrainWidget(WorkerDock):
 
     def _update_run_buttons(self) -> None:
         """Resume only when the Output folder holds a resumable run; "Use this model" when a checkpoint exists."""
-        from ..core.train import RESUME
+        from ..core.recipe import is_resumable
 
         running = self.worker is not None
         out = self.out_row.text()
-        self.resume_button.setEnabled(not running and bool(out) and (Path(out) / RESUME).is_file())
+        self.resume_button.setEnabled(not running and bool(out) and is_resumable(out))
         if not running and self.checkpoint_path is None:
             self.checkpoint_path = self.run_checkpoint()
         self.use_button.setEnabled(not running and self.checkpoint_path is not None)
@@ -303,6 +311,7 @@ class TrainWidget(WorkerDock):
         self.warnings = []
         if not resume:  # a resumed run continues the curves it had
             self.plot.clear()
+        self._recipe_index, self._step_offset, self._last_step = None, 0, 0
         self.checkpoint_path = None
         self.use_button.setEnabled(False)
         for button, enabled in ((self.start_button, False), (self.resume_button, False), (self.cancel_button, True)):
@@ -323,14 +332,25 @@ class TrainWidget(WorkerDock):
 
     def on_progress(self, event) -> None:
         info = event.info or {}
+        recipe = info.get("recipe")
+        stage = "" if recipe is None else f"stage {recipe['index'] + 1}/{recipe['stages']} ({recipe['title']}): "
+        if recipe is not None and recipe["index"] != self._recipe_index:
+            # the curves go on across the recipe's stages: each stage's steps follow the previous one's
+            self._recipe_index, self._step_offset = recipe["index"], self._step_offset + self._last_step
+            self._last_step = 0
         if event.stage == "train":
+            self._last_step = event.done
             self.progress_bar.setMaximum(max(event.total, 1))
             self.progress_bar.setValue(event.done)
             losses = {k: v for k, v in (info.get("losses") or {}).items() if isinstance(v, int | float)}
-            self.plot.add_losses(event.done, losses)
+            self.plot.add_losses(self._step_offset + event.done, losses)
             eta = info.get("eta")
-            self.eta_label.setText(f"step {event.done}/{event.total}, epoch {info.get('epoch', '?')}"
+            self.eta_label.setText(f"{stage}step {event.done}/{event.total}, epoch {info.get('epoch', '?')}"
                                    + ("" if eta is None else f", ETA {int(eta) // 60} min {int(eta) % 60} s"))
+        elif event.stage == "pseudo-labels":
+            self.progress_bar.setMaximum(max(event.total, 1))
+            self.progress_bar.setValue(event.done)
+            self.eta_label.setText(f"{stage}pseudo-labels {event.done}/{event.total}")
         elif event.stage == "val" and info.get("mIoU") is not None:
             self.plot.add_miou(int(info.get("epoch", event.done)), float(info["mIoU"]))
         elif event.stage == "data":

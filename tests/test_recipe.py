@@ -1,0 +1,107 @@
+"""The one-command recipe: joint model -> pseudo-labels -> segmentation rounds -> final.pt, on the synthetic sample."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from napari_wsss_cram.cli import main
+from napari_wsss_cram.core.checkpoint import load_checkpoint, resolve_checkpoint_path
+from napari_wsss_cram.core.errors import CheckpointError, DatasetError
+from napari_wsss_cram.core.io.outputs import read_index_png
+from napari_wsss_cram.core.progress import Cancelled, CancelToken, drive
+from napari_wsss_cram.core.recipe import is_resumable, stage_minutes, train_recipe_steps
+from napari_wsss_cram.core.train_config import load_config
+
+FAST = ["--steps", "2", "--batch-size", "4", "--crop", "64", "--device", "cpu", "--workers", "0",
+        "--crf-workers", "0", "--threads", "1", "--weights", "none"]
+
+
+@pytest.fixture(scope="module")
+def few_patches(sample_data_dir, tmp_path_factory):
+    """Twelve patches of the synthetic sample (pseudo-labelling all 240 would only make the test slower)."""
+    folder = tmp_path_factory.mktemp("few")
+    for path in sorted((sample_data_dir / "patches").glob("*.png"))[:12]:
+        shutil.copy2(path, folder / path.name)
+    return folder
+
+
+@pytest.mark.slow
+def test_one_command_trains_the_whole_recipe_and_predict_uses_its_final_model(few_patches, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", str(few_patches), "--out", str(run), "--config", "sample", "--rounds", "2", *FAST]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip().splitlines()[-1] == str(run / "final.pt")
+    for heading in ("stage 1/3: the joint model", "stage 2/3: pseudo-labels for segmentation round 1",
+                    "stage 3/3: segmentation round 2"):
+        assert heading in captured.err
+    # the joint model, then two segmentation rounds, each on the previous model's pseudo-labels of every patch
+    assert load_checkpoint(run / "joint" / "last.pt")[1].model_config.stage == 1
+    for name in ("round1", "round2"):
+        assert load_checkpoint(run / name / "last.pt")[1].model_config.stage == 2
+        assert len(list((run / f"{name}-pseudo" / "mask").glob("*.png"))) == 12
+        config = (run / name / "config.toml").read_text()
+        assert f'pseudo = "{run / f"{name}-pseudo"}"' in config and "stage2 = true" in config
+    log = json.loads((run / "recipe.json").read_text())
+    assert list(log["finished"]) == ["joint", "round1", "round2"]
+    # final.pt is the last round's model, and a run folder given as the checkpoint means it
+    final = torch.load(run / "final.pt", weights_only=True)["state_dict"]
+    last = torch.load(run / "round2" / "last.pt", weights_only=True)["state_dict"]
+    assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in final)
+    assert resolve_checkpoint_path(run) == run / "final.pt"
+    image = next(few_patches.glob("*.png"))
+    assert main(["predict", str(run), str(image), "--out", str(tmp_path / "by_run"), "--scale", "1"]) == 0
+    assert main(["predict", str(run / "round2" / "last.pt"), str(image), "--out", str(tmp_path / "by_file"),
+                 "--scale", "1"]) == 0
+    by_run = read_index_png(tmp_path / "by_run" / image.name)
+    by_file = read_index_png(tmp_path / "by_file" / image.name)
+    assert np.array_equal(by_run, by_file)
+    # a finished recipe is not resumable, and a new run into its folder is refused
+    assert not is_resumable(run)
+    with pytest.raises(DatasetError, match="already holds a training run"):
+        drive(train_recipe_steps(load_config("sample", data=str(few_patches), out=str(run), steps=2)))
+
+
+@pytest.mark.slow
+def test_a_stopped_recipe_resumes_after_its_finished_stages(few_patches, tmp_path):
+    run = tmp_path / "run"
+    config = load_config("sample", data=str(few_patches), out=str(run), steps=2, batch_size=4, crop=64,
+                         device="cpu", workers=0, crf_workers=0, threads=1, weights="none", rounds=1)
+    cancel = CancelToken()
+
+    def stop_in_round1(event) -> None:
+        if event.stage == "train" and event.info["recipe"]["name"] == "round1":
+            cancel.cancel()
+
+    with pytest.raises(Cancelled):
+        drive(train_recipe_steps(config, cancel), stop_in_round1)
+    assert not (run / "final.pt").exists() and is_resumable(run)
+    joint_mtime = (run / "joint" / "last.pt").stat().st_mtime_ns
+    # a stopped recipe's folder stands for its latest usable model
+    assert resolve_checkpoint_path(run) == run / "round1" / "last.pt"
+    events = []
+    final = drive(train_recipe_steps(config.updated(resume=True)), events.append)
+    assert final == run / "final.pt" and final.is_file()
+    assert (run / "joint" / "last.pt").stat().st_mtime_ns == joint_mtime  # the joint model was not retrained
+    assert {e.info["recipe"]["name"] for e in events if e.stage == "train"} == {"round1"}
+
+
+def test_the_budget_is_split_between_stages_as_the_shares_say():
+    config = load_config("cpu-small")
+    assert config.minutes == 60 and config.rounds >= 1
+    minutes = stage_minutes(config)
+    assert len(minutes) == config.rounds + 1 and sum(minutes) == pytest.approx(60.0)
+    assert stage_minutes(config.updated(minutes=10.0, rounds=1, stage_shares=[1.0, 3.0])) == [2.5, 7.5]
+    with pytest.raises(DatasetError, match="one share per stage"):
+        stage_minutes(config.updated(rounds=2, stage_shares=[1.0, 1.0]))
+    with pytest.raises(DatasetError, match="stage_shares"):
+        config.updated(stage_shares=[1.0, -1.0])
+
+
+def test_a_folder_without_a_model_is_refused_clearly(tmp_path):
+    with pytest.raises(CheckpointError, match="folder without a model"):
+        resolve_checkpoint_path(tmp_path)
