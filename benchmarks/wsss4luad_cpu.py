@@ -308,14 +308,16 @@ def run_fold(args, fold: str) -> dict:
         result["rows"][key] = {"matrix": score_model(checkpoint, test_index, {}).matrix.tolist(),
                                "train_seconds": seconds, "steps": steps, "pseudo_counts": result[counts_key]}
         _log(fold, f"{title}: scored")
-    rescore(result, out, test_index)
+    # the re-scoring rows of the rows trained now (a row added later does not re-score the others)
+    rescore(result, out, test_index, bases=set(rows))
     (out / "fold.json").write_text(json.dumps(result), encoding="utf-8")
     return result
 
 
-def rescore(result: dict, out: Path, test_index, rows_too: bool = False) -> None:
+def rescore(result: dict, out: Path, test_index, rows_too: bool = False, bases: set[str] | None = None) -> None:
     """Score the trained rows' checkpoints again with each RESCORE variant (no training); ``rows_too``: the
-    trained rows themselves as well (after a change of the engine's defaults)."""
+    trained rows themselves as well (after a change of the engine's defaults); ``bases``: only the variants of
+    these rows."""
     if rows_too:
         for key, row in result["rows"].items():
             checkpoint = out / key / "last.pt"
@@ -324,7 +326,7 @@ def rescore(result: dict, out: Path, test_index, rows_too: bool = False) -> None
                 row["matrix"] = score_model(checkpoint, test_index, overrides).matrix.tolist()
     for rkey, (_, base, overrides) in RESCORE.items():
         checkpoint = out / base / "last.pt"
-        if base in result["rows"] and checkpoint.is_file():
+        if base in result["rows"] and checkpoint.is_file() and (bases is None or base in bases):
             result["rows"][rkey] = {"matrix": score_model(checkpoint, test_index, overrides).matrix.tolist()}
 
 
