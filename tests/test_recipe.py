@@ -62,7 +62,7 @@ def test_one_command_trains_the_whole_recipe_and_predict_uses_its_final_model(fe
     assert np.array_equal(by_run, by_file)
     # a finished recipe is not resumable, and a new run into its folder is refused
     assert not is_resumable(run)
-    with pytest.raises(DatasetError, match="already holds a training run"):
+    with pytest.raises(DatasetError, match="already holds a run"):
         drive(train_recipe_steps(load_config("sample", data=str(few_patches), out=str(run), steps=2)))
 
 

@@ -15,6 +15,7 @@ from napari_wsss_cram.core.data.mosaic import MosaicMix
 from napari_wsss_cram.core.model.config import ModelConfig
 from napari_wsss_cram.core.progress import drive
 from napari_wsss_cram.core.pseudo_labels import PseudoLabeller, reliable_pseudo_labels
+from napari_wsss_cram.core.recipe import stage_minutes
 from napari_wsss_cram.core.train import Trainer, load_config, train, train_steps
 from napari_wsss_cram.core.train_config import PRESETS_DIR
 
@@ -133,6 +134,9 @@ CONSUMERS = {
     "val_every": lambda t: t.config.val_every,
     "val_every_steps": lambda t: t.config.val_every_steps,
     "val_scale": lambda t: t.config.val_scale,
+    # the recipe (core/recipe.py): its stages, and each stage's share of the budget as stage_minutes splits it
+    "rounds": lambda t: len(stage_minutes(t.config)) - 1,
+    "stage_shares": lambda t: [m * sum(t.config.stage_shares) / t.config.minutes for m in stage_minutes(t.config)],
 }
 
 ABLATION_PRESET = """
@@ -206,6 +210,8 @@ def keep_torch_threads():
 def _same(observed, expected) -> bool:
     if isinstance(expected, list):
         expected = tuple(expected)
+    if isinstance(observed, list):
+        observed = tuple(observed)
     if isinstance(expected, float) or isinstance(observed, float):
         return observed == pytest.approx(expected, rel=1e-3)
     return observed == expected

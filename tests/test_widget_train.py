@@ -86,9 +86,12 @@ def test_short_training_updates_plot_and_feeds_segment_dock(make_napari_viewer, 
     widget.start()
     assert widget.worker is not None, widget.message.text()
     qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
-    assert widget.checkpoint_path is not None, widget.message.text()
+    # Run trains the whole recipe: the joint model, its pseudo-labels, a segmentation round -> final.pt
+    assert widget.checkpoint_path == str(tmp_path / "run" / "final.pt"), widget.message.text()
     assert widget.progress_bar.value() == 2
-    assert "total" in widget.plot.losses and len(widget.plot.losses["total"][0]) == 2
+    # the curves go on across the stages: 2 steps of the joint model, then 2 of the segmentation round
+    assert "total" in widget.plot.losses and widget.plot.losses["total"][0] == [1, 2, 3, 4]
+    assert len(widget.plot.losses["cls"][0]) == 2  # the image-level loss belongs to the joint model only
     assert len(widget.plot.miou[0]) >= 1  # validation mIoU plotted
     assert widget.use_button.isEnabled()
     assert widget.use_model()
@@ -147,12 +150,13 @@ def test_cancel_then_resume_finishes_the_run(make_napari_viewer, qtbot, patch_fo
     qtbot.waitUntil(lambda: widget.progress_bar.value() >= 1, timeout=60_000)
     widget.cancel()
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
-    assert "cancelled" in widget.message.text() and widget.checkpoint_path.endswith("last.pt")  # usable
-    assert (tmp_path / "run" / "last.pt").is_file()  # a usable checkpoint to resume from
+    # stopped in the recipe's first stage: the joint model's last checkpoint is usable
+    assert "cancelled" in widget.message.text()
+    assert widget.checkpoint_path == str(tmp_path / "run" / "joint" / "last.pt")
     assert widget.resume_button.isEnabled()
     widget.start(resume=True)
-    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
-    assert widget.checkpoint_path is not None, widget.message.text()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
+    assert widget.checkpoint_path == str(tmp_path / "run" / "final.pt"), widget.message.text()
     assert widget.progress_bar.value() == 4
 
 
@@ -161,10 +165,10 @@ def test_time_budget_comes_from_the_preset_and_reaches_the_run(make_napari_viewe
     widget = _train_dock(viewer)
     widget.preset_combo.setCurrentText("cpu-small")
     widget.apply_preset()
-    assert widget.minutes_spin.value() == 30.0            # cpu-small trains for 30 minutes
+    assert widget.minutes_spin.value() == 60.0            # cpu-small trains the whole recipe in 60 minutes
     widget.data_row.setText(str(patch_folder))
     widget.out_row.setText(str(tmp_path / "run"))
-    assert widget.config().minutes == 30.0
+    assert widget.config().minutes == 60.0
     widget.minutes_spin.setValue(0.0)                     # "no time limit"
     assert widget.config().minutes is None
 

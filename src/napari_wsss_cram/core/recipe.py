@@ -26,7 +26,7 @@ import time
 from collections.abc import Generator
 from pathlib import Path
 
-from .checkpoint import FINAL
+from .checkpoint import FINAL, LAST
 from .errors import DatasetError
 from .io.atomic import atomic_path
 from .progress import CancelToken, Progress
@@ -128,9 +128,13 @@ def train_recipe_steps(config: TrainConfig, cancel: CancelToken | None = None
         raise DatasetError("No run folder given (--out RUN_DIR).")
     names = stage_names(config.rounds)
     log = _read_log(out) if config.resume else {"finished": {}}
-    if not config.resume and out.is_dir() and ((out / FINAL).exists() or (out / JOINT).exists()):
-        raise DatasetError(f"{out} already holds a training run; pass --resume to continue it, or choose another "
-                           "--out.")
+    if config.resume and (out / LAST).is_file() and not (out / RECIPE_LOG).is_file():
+        raise DatasetError(f"{out} holds one training stage, not a recipe: continue it with `wsss-cram train "
+                           "--stage 1 --resume` (or --stage 2), or start the recipe in another folder.")
+    held = [name for name in (FINAL, JOINT, LAST, RECIPE_LOG) if (out / name).exists()] if out.is_dir() else []
+    if not config.resume and held:
+        raise DatasetError(f"{out} already holds a run ({held[0]}); pass --resume to continue it, or choose "
+                           "another --out.")
     from .io.outputs import ensure_writable_folder
 
     ensure_writable_folder(out, "run folder (--out)")
