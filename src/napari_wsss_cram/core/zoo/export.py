@@ -34,8 +34,9 @@ from .package import CONFIG_KEY
 TILE_MIN, TILE_STEP = 128, 32
 #: pixels a consumer should crop from each side of an output tile (``wsss-cram predict`` overlaps tiles by 64)
 HALO = 32
-#: side of the synthetic sample patch that gives the test tensors and the cover (TILE_MIN + 4 * TILE_STEP)
-SAMPLE_SIDE = 256
+#: side of the synthetic sample patch that gives the test tensors and the cover: ``wsss-cram predict`` feeds it
+#: to the network as one 320-pixel tile (its context padding), a size on the package's grid (128 + 6 x 32)
+SAMPLE_SIDE = 255
 #: a sample patch (``core.sample.make_patch`` seed) holding the three WSSS4LUAD tissues and glass
 SAMPLE_SEED = 2
 CITATION = ("Pan et al. (2024), WSSS-CRAM: precise segmentation of histopathological images via class region "
@@ -127,6 +128,18 @@ def sample_patch(side: int = SAMPLE_SIDE) -> np.ndarray:
     return rgb
 
 
+def engine_padding(side: int) -> tuple[int, int]:
+    """Pixels ``wsss-cram predict`` (default tile and overlap, scale 1) adds before and after a ``side``-pixel
+    image that fits one tile, replicating its edge pixels: the context the network sees around it."""
+    from ..inference import PredictSettings
+    from ..tiling import tile_starts
+
+    settings = PredictSettings()
+    # the engine covers work pixels [0, side + 1): the last output pixel's centre plus one for interpolation
+    starts, size = tile_starts(0, side + 1, settings.tile, settings.overlap)
+    return -starts[0], size - side + starts[0]
+
+
 def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike, authors: Sequence[str], license: str,
                  name: str | None = None, description: str | None = None, overwrite: bool = False,
                  cancel: CancelToken | None = None) -> Generator[Progress, None, ExportResult]:
@@ -160,8 +173,12 @@ def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike, authors:
     net = ExportedCRAMNet.from_model(model)
     from ..model.cram import to_input_tensor
 
+    # the test input is the sample patch as `wsss-cram predict` gives it to the network (with its edge-replicated
+    # context), so that the test output is exactly what predict outputs for the patch, less the padding
     rgb = sample_patch()
-    x = to_input_tensor(rgb, net.config)
+    before, after = engine_padding(len(rgb))
+    padded = np.pad(rgb, ((before, after), (before, after), (0, 0)), mode="edge")
+    x = to_input_tensor(padded, net.config)
     with tempfile.TemporaryDirectory(prefix="wsss-cram-export-") as tmp_name:
         tmp = Path(tmp_name)
         yield step(1)
@@ -180,11 +197,12 @@ def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike, authors:
         torch.jit.save(scripted, tmp / "weights_torchscript.pt")
         torch.save({k: v.contiguous() for k, v in state.items()}, tmp / "weights_state_dict.pt")
         yield step(2)
-        np.save(tmp / "test_input.npy", np.ascontiguousarray(rgb.transpose(2, 0, 1)[None]))
+        np.save(tmp / "test_input.npy", np.ascontiguousarray(padded.transpose(2, 0, 1)[None]))
         np.save(tmp / "test_output.npy", probs.numpy().astype(np.float32))
+        inner = probs[0, :, before:before + len(rgb), before:before + len(rgb)].numpy()
         from .readme import write_cover, write_readme
 
-        write_cover(tmp / "cover.png", rgb, probs[0].numpy(), info.classes)
+        write_cover(tmp / "cover.png", rgb, inner, info.classes)
         write_readme(tmp / "README.md", info, name or default_name(info))
         yield step(3)
         descr = build_model_description(tmp, info, state, authors, license, name, description)
@@ -284,6 +302,8 @@ def build_model_description(folder: Path, info: Any, state: dict, authors: Seque
             inputs=[spec.InputTensorDescr(
                 id=input_id, axes=input_axes,
                 description="8-bit RGB H&E image (0..255)",
+                # consumers that pad by the halo replicate the edge pixels, as `wsss-cram predict` does
+                pad=spec.EdgePadding(mode="edge"),  # set explicitly: a default is not written out
                 test_tensor=spec.FileDescr(source=folder / "test_input.npy"),
                 data=spec.IntervalOrRatioDataDescr(type="uint8"),
                 preprocessing=[

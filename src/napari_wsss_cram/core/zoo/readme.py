@@ -45,7 +45,9 @@ def _recipe(train: dict) -> list[str]:
 def write_readme(path: Path, info: Any, name: str) -> Path:
     """The package's README.md (the spec asks for a '# Validation' section)."""
     from ..checkpoint import default_resolution, model_card
-    from .export import HALO, TILE_MIN, TILE_STEP
+    from .export import HALO, SAMPLE_SIDE, TILE_MIN, TILE_STEP, engine_padding
+
+    before, after = engine_padding(SAMPLE_SIDE)
 
     config, classes, train, extra = info.model_config, info.classes, info.train_config or {}, info.extra or {}
     mpp = getattr(config, "mpp", None)
@@ -84,6 +86,9 @@ def write_readme(path: Path, info: Any, name: str) -> Path:
             "images" if resolution.scale == 1 else
             f"it was trained on patches rescaled by {resolution.scale:g}: apply it to images rescaled by that "
             "factor") + " (WSSS4LUAD patches are about 0.25 µm/px, 40x)."), "",
+        f"- Test tensors: a synthetic H&E patch of {SAMPLE_SIDE} pixels (generated, not real tissue) padded "
+        f"by {before}/{after} pixels of edge replication, as `wsss-cram predict` pads a patch before the network; "
+        "the cover shows the patch and its output (tissue classes coloured, background bare).", "",
         "| channel | class | colour |", "|---|---|---|", rows, "",
         "## Training data and recipe", "",
         f"- Data: `{'/'.join(Path(str(data)).parts[-2:])}`" if data else "- Data: not recorded",
