@@ -185,6 +185,8 @@ def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike, authors:
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
             # the tracer warns that the class count becomes a constant: it is one, fixed by the checkpoint
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            # torch 2.13 marks torch.jit deprecated; TorchScript is still what the zoo, QuPath and DJL read
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.\w+` is deprecated")
             scripted = torch.jit.trace(net, x, check_trace=False, strict=False)
             probs = scripted(x)
             # the trace must give what the network gives, on this and on another tile size
@@ -194,7 +196,7 @@ def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike, authors:
             if not torch.allclose(scripted(other), net(other), atol=1e-5):
                 raise WsssCramError("The traced TorchScript does not generalise to other tile sizes; please "
                                     "report this.")
-        torch.jit.save(scripted, tmp / "weights_torchscript.pt")
+            torch.jit.save(scripted, tmp / "weights_torchscript.pt")
         torch.save({k: v.contiguous() for k, v in state.items()}, tmp / "weights_state_dict.pt")
         yield step(2)
         np.save(tmp / "test_input.npy", np.ascontiguousarray(padded.transpose(2, 0, 1)[None]))
