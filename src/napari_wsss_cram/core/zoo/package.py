@@ -26,18 +26,14 @@ CONFIG_KEY = "napari_wsss_cram"
 
 
 def rdf_name(path: str | os.PathLike) -> str | None:
-    """The description's name inside ``path`` when it is a zip holding one at its top level, else None."""
+    """The description's name inside ``path`` when it is a zip holding one at its top level, else None (a torch
+    ``.pt`` is a zip too, without one)."""
     try:
         with zipfile.ZipFile(path) as archive:
             names = set(archive.namelist())
     except (OSError, zipfile.BadZipFile):
         return None
     return next((name for name in RDF_NAMES if name in names), None)
-
-
-def is_model_package(path: str | os.PathLike) -> bool:
-    """True for a bioimage.io package (a zip with ``rdf.yaml``), ours or not; a torch ``.pt`` is a zip too."""
-    return Path(path).is_file() and rdf_name(path) is not None
 
 
 def _load_yaml(text: str, path: Path) -> dict[str, Any]:
