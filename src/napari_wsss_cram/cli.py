@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("evaluate", "score a checkpoint on pixel-labelled images (mIoU, per-class IoU)"),
     "pseudo-labels": ("pseudo_labels", "write reliable pseudo-labels of a trained joint model"),
     "patchify": ("patchify", "cut image-level-labelled patches out of pixel-labelled images"),
+    "export-model": ("export_model", "write a checkpoint as a bioimage.io model package (for QuPath and the zoo)"),
     "geojson-to-mask": ("geojson_to_mask", "rasterise QuPath GeoJSON annotations into a class mask (PNG/OME-TIFF)"),
     "make-sample-data": ("make_sample_data", "generate the synthetic H&E sample data and slide"),
 }

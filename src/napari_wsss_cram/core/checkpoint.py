@@ -1,7 +1,8 @@
 """Checkpoints: one torch file with the state_dict and everything needed to rebuild and use the model.
 
 Saved atomically (temp file + rename). Loaded with ``torch.load(weights_only=True)``: a file that needs
-pickle code execution is refused.
+pickle code execution is refused. A bioimage.io package exported by this plugin (``wsss-cram export-model``)
+is accepted wherever a checkpoint is (``core/zoo/package.py`` reads it back).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .errors import CheckpointError
 from .io.atomic import atomic_path
 from .model.config import ModelConfig
 from .model.cram import CRAMNet
+from .zoo.package import rdf_name, read_package_payload
 
 FORMAT_NAME = "napari-wsss-cram"
 FORMAT_VERSION = 1
@@ -186,16 +188,25 @@ def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
 
 
 def read_checkpoint_payload(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Load and validate the raw checkpoint dict (weights-only); raises CheckpointError with a plain message.
-    A training run folder stands for its model (:func:`resolve_checkpoint_path`)."""
+    """Load and validate the raw checkpoint dict (weights-only) from a ``.pt`` file, a model package exported by
+    this plugin, or a training run folder (its model, :func:`resolve_checkpoint_path`); raises CheckpointError
+    with a plain message."""
     path = resolve_checkpoint_path(path)
     if not path.is_file():
         raise CheckpointError(f"Checkpoint not found: {path}. Check the path or train a model first.")
     if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6
         raise CheckpointError(f"{path} is not a readable torch checkpoint (corrupt, truncated or another "
                               f"file type). Use a .pt file written by 'wsss-cram train' or the Train dock.")
+    if rdf_name(path) is not None:  # a bioimage.io package (a zip too): ours carries a whole checkpoint
+        payload = read_package_payload(path, map_location)
+    else:
+        payload = _torch_load(path, map_location)
+    return _validate_payload(payload, path)
+
+
+def _torch_load(path: Path, map_location) -> dict:
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(
             f"Refusing to load {path}: it contains pickled Python objects, which could run code when "
@@ -204,6 +215,10 @@ def read_checkpoint_payload(path: str | os.PathLike, map_location="cpu") -> dict
     except Exception as err:
         raise CheckpointError(f"{path} is not a readable torch checkpoint (corrupt or truncated?): "
                               f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+
+
+def _validate_payload(payload: dict, path: Path) -> dict:
+    """The checks every checkpoint payload passes, from a ``.pt`` file or a model package."""
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{path} is not a napari-wsss-cram checkpoint (no '{FORMAT_NAME}' header). "
                               f"Use a .pt file written by 'wsss-cram train' or the Train dock.")

@@ -24,6 +24,7 @@ from ..core.errors import WsssCramError
 from . import _common as common
 from . import layers as result_layers
 from ._dock import WorkerDock
+from ._export_model import ModelExporter
 from ._panels import AdvancedPanel, ExportPanel, spin
 
 BUNDLED = "Bundled demo model (synthetic data)"
@@ -87,11 +88,16 @@ class SegmentWidget(WorkerDock):
                                    "(WSSS4LUAD: about 0.25 µm/px) to get areas in mm²")
         self.model_combo = QComboBox()
         self.model_combo.addItems([BUNDLED, CHECKPOINT])
-        self.checkpoint_row = common.PathRow("model checkpoint (.pt)", folder=False, file_filter="*.pt *.pth")
+        self.checkpoint_row = common.PathRow("model checkpoint (.pt) or exported package (.zip)", folder=False,
+                                             file_filter="*.pt *.pth *.zip")
         self.classes_label = QLabel()
         self.model_card = QLabel()  # what the model was trained on and how well it scored
         self.model_card.setWordWrap(True)
         self.model_card.setStyleSheet("color: #a0a4ab; font-size: 11px;")
+        self.export_model_button = QPushButton("Export model…")
+        self.export_model_button.setToolTip("Write the loaded model as a bioimage.io model package (.zip) for QuPath "
+                                            "and the model zoo")
+        self.exporter = ModelExporter(self)
         self.device_combo = QComboBox()
         self.device_combo.addItems(common.BASIC_DEVICES)  # GPUs are added once torch is imported (off the GUI)
         self.resolution_combo = QComboBox()
@@ -116,7 +122,8 @@ class SegmentWidget(WorkerDock):
                 (self.image_combo, "The RGB H&E image layer to segment"),
                 (self.model_combo, "The bundled demo model was trained on synthetic patches only; choose a "
                                    "checkpoint trained on real tissue for real slides"),
-                (self.checkpoint_row, "A WSSS-CRAM checkpoint (.pt) written by training"),
+                (self.checkpoint_row, "A WSSS-CRAM checkpoint (.pt) written by training, or a model package "
+                                      "(.zip) exported from one"),
                 (self.device_combo, "Where the model runs: auto picks a GPU when there is one"),
                 (self.resolution_value, "scale: the image is resampled by this factor before the model sees it "
                                         "(×); µm/px: it is resampled to this pixel size. Picking a model sets "
@@ -128,7 +135,7 @@ class SegmentWidget(WorkerDock):
         for label, widget in [("Image", self.image_combo), ("Pixel size", self.pixel_size),
                               ("Model", self.model_combo), ("", self.checkpoint_row),
                               ("Classes", self.classes_label), ("", self.model_card),
-                              ("Device", self.device_combo)]:
+                              ("", self.export_model_button), ("Device", self.device_combo)]:
             form.addRow(label, widget)
         res_row = QHBoxLayout()
         res_row.addWidget(self.resolution_combo)
@@ -227,6 +234,8 @@ class SegmentWidget(WorkerDock):
         self.checkpoint_row.edit.textChanged.connect(lambda _: self._validate())
         self.run_button.clicked.connect(self.run)
         self.batch_button.clicked.connect(lambda: self.run_batch())
+        self.export_model_button.clicked.connect(
+            lambda: self.exporter.ask(self.info.path if self.info is not None else None))
         self.export_panel.qupath_button.clicked.connect(lambda: self.import_qupath())
         self.cancel_button.clicked.connect(self.cancel)
         self.activation_combo.currentTextChanged.connect(lambda _: self.show_activation())
@@ -734,4 +743,5 @@ class SegmentWidget(WorkerDock):
                 **self.crf_spins}
 
     def on_shutdown(self) -> None:
+        self.exporter.cancel()
         self._adding = None  # add no more result layers

@@ -23,6 +23,7 @@ from ..core.errors import WsssCramError
 from . import _common as common
 from ._common import spin
 from ._dock import WorkerDock
+from ._export_model import ModelExporter
 from ._train_job import (
     PRESETS,
     WEIGHTS,
@@ -137,6 +138,11 @@ class TrainWidget(WorkerDock):
         self.use_button = QPushButton("Use this model")
         self.use_button.setToolTip("Segment with this run's checkpoint (best, else last) in the Segment dock")
         self.use_button.setEnabled(False)
+        self.export_button = QPushButton("Export model…")
+        self.export_button.setToolTip("Write this run's checkpoint as a bioimage.io model package (.zip) for QuPath "
+                                      "and the model zoo")
+        self.export_button.setEnabled(False)
+        self.exporter = ModelExporter(self)
 
         corrections_box = QGroupBox("Retrain from corrections")
         corr_form = QFormLayout(corrections_box)
@@ -157,8 +163,11 @@ class TrainWidget(WorkerDock):
         corr_form.addRow(self.add_button)
 
         layout = self.body()
+        model_buttons = QHBoxLayout()
+        model_buttons.addWidget(self.use_button)
+        model_buttons.addWidget(self.export_button)
         for item in (data_box, settings_box, buttons, self.progress_bar, self.eta_label, self.plot,
-                     self.use_button, self.message, corrections_box):
+                     model_buttons, self.message, corrections_box):
             (layout.addLayout if isinstance(item, QHBoxLayout) else layout.addWidget)(item)
         layout.addStretch()
 
@@ -174,6 +183,7 @@ class TrainWidget(WorkerDock):
         self.resume_button.clicked.connect(lambda: self.start(resume=True))
         self.cancel_button.clicked.connect(self.cancel)
         self.use_button.clicked.connect(self.use_model)
+        self.export_button.clicked.connect(lambda: self.exporter.ask(self.checkpoint_path))
         self.add_button.clicked.connect(self.add_corrections)
         self.out_row.edit.textChanged.connect(self._out_changed)
         self.follow_layers(self._refresh_layer_choices)
@@ -284,6 +294,7 @@ class TrainWidget(WorkerDock):
         if not running and self.checkpoint_path is None:
             self.checkpoint_path = self.run_checkpoint()
         self.use_button.setEnabled(not running and self.checkpoint_path is not None)
+        self.export_button.setEnabled(self.use_button.isEnabled())
 
     # ----- actions ----------------------------------------------------------------------------------------
     def scan(self) -> bool:
@@ -314,6 +325,7 @@ class TrainWidget(WorkerDock):
         self._recipe_index, self._step_offset, self._last_step = None, 0, 0
         self.checkpoint_path = None
         self.use_button.setEnabled(False)
+        self.export_button.setEnabled(False)
         for button, enabled in ((self.start_button, False), (self.resume_button, False), (self.cancel_button, True)):
             button.setEnabled(enabled)
         self._started = time.monotonic()
@@ -361,6 +373,7 @@ class TrainWidget(WorkerDock):
     def on_done(self, checkpoint) -> None:
         self.checkpoint_path = str(checkpoint) if checkpoint else None
         self.use_button.setEnabled(self.checkpoint_path is not None)
+        self.export_button.setEnabled(self.use_button.isEnabled())
         self.say(f"Checkpoint: {self.checkpoint_path}  ({time.monotonic() - self._started:.0f} s)")
 
     def on_finished(self, cancelled: bool) -> None:
@@ -373,6 +386,9 @@ class TrainWidget(WorkerDock):
         self.start_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
         self._update_run_buttons()
+
+    def on_shutdown(self) -> None:
+        self.exporter.cancel()
 
     def use_model(self) -> bool:
         """Load the trained checkpoint into the Segment dock (opening it if needed)."""
