@@ -184,7 +184,7 @@ def test_export_writes_valid_png_ometiff_geojson(make_napari_viewer, qtbot, tiny
     assert (back == layer.data).mean() > 0.99
     table = json.loads(open(comp).read())
     assert table["classes"]["tumor"]["pixels"] == 50 * 40
-    assert table["tumor_stroma_ratio"] == pytest.approx(2000 / 1500)
+    assert table["tsr_stroma_fraction"] == pytest.approx(1500 / 3500)
 
 
 def test_bad_checkpoint_and_grayscale_show_messages(make_napari_viewer, tmp_path):

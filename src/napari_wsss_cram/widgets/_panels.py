@@ -243,7 +243,7 @@ class ExportPanel(QGroupBox):
 
     def update_composition(self) -> dict | None:
         """Refresh the composition table from the chosen Labels layer; return the core's composition dict."""
-        from ..core.io.outputs import composition
+        from ..core.io.outputs import composition, describe_tsr
 
         layer = self.labels_layer()
         self.composition_table.setRowCount(0)
@@ -265,14 +265,8 @@ class ExportPanel(QGroupBox):
                      "—" if fraction is None else f"{100 * fraction:.1f}"]
             for c, text in enumerate(cells):
                 self.composition_table.setItem(r, c, QTableWidgetItem(text))
-        ratio, percentage = table.get("tumor_stroma_ratio"), table.get("stroma_percentage")
-        # The clinical tumor-stroma ratio (TSR) is the stroma share of the tumour area, stroma-high above 50%;
-        # tumor / stroma area is a different number and is named as such.
-        self.ratio_label.setText(
-            "Tumor-stroma ratio (TSR): " + ("n/a" if percentage is None else
-                                            f"stroma {100 * percentage:.1f}% of tumor + stroma "
-                                            f"({'stroma-high' if percentage > 0.5 else 'stroma-low'})")
-            + ("" if ratio is None else f"; tumor : stroma area {ratio:.2f}"))
+        # one definition everywhere (core.io.outputs.tumor_stroma_ratio): the batch CSV says the same number
+        self.ratio_label.setText(describe_tsr(table))
         return table
 
     def copy_composition(self) -> str:
