@@ -254,6 +254,17 @@ def mpp_of_layer(layer) -> float | None:
     return layer.metadata.get(METADATA_KEY, {}).get("mpp")
 
 
+def set_results_mpp(viewer, image_name: str, mpp0: float | None) -> None:
+    """The user stated the level-0 pixel size of ``image_name`` (a PNG states none): its result and imported
+    labels layers take it (their own µm/px = ``mpp0`` x their downsample), for the areas and the exports."""
+    for layer in result_layers_of(viewer, image_name, "labels"):
+        meta = layer.metadata[METADATA_KEY]
+        placed = Placement.from_metadata(meta.get("placement"))
+        placed = Placement(placed.downsample, placed.origin, placed.level, mpp0=mpp0)
+        meta["placement"] = placed.to_metadata()
+        meta["mpp"] = placed.mpp
+
+
 def add_pseudo_label_layer(viewer, source_layer, pseudo: np.ndarray, classes: ClassSpec, scale=1.0,
                            translate=0.0):
     """The reliable pseudo-label view ("pseudo-labels: <image>"): class colours, 255 (unsure) clear."""

@@ -281,6 +281,9 @@ class SegmentWidget(WorkerDock):
             return
         layer.metadata["mpp"] = float(value) or None
         layer.metadata["mpp_from_dock"] = True
+        # the results already on this image get the pixel size too: areas in mm² at once, not after a re-run
+        result_layers.set_results_mpp(self.viewer, layer.name, float(value) or None)
+        self.export_panel.update_composition()
         if not self._resolution_chosen:  # the model's µm/px default may now apply
             self.set_default_resolution()
         self._validate()
