@@ -26,13 +26,32 @@ def test_get_reader_accepts_only_image_names(tmp_path):
 def test_png_opens_as_rgb_image(make_napari_viewer, tmp_path):
     rgb = np.random.default_rng(0).integers(0, 256, (120, 90, 3), np.uint8)
     Image.fromarray(rgb).save(tmp_path / "patch.png")
-    viewer = make_napari_viewer()
-    layers = viewer.open(str(tmp_path / "patch.png"), plugin=PLUGIN)
-    assert len(layers) == 1
-    layer = layers[0]
+    from napari_wsss_cram._reader import read_layer
+
+    data, kwargs, kind = read_layer(tmp_path / "patch.png")  # the plugin's reader (the sample patch uses it)
+    layer = make_napari_viewer()._add_layer_from_data(data, kwargs, kind)[0]
     assert layer._type_string == "image" and layer.rgb and not layer.multiscale
     assert layer.data.shape == (120, 90, 3)
     assert layer.metadata["path"].endswith("patch.png") and layer.metadata["mpp"] is None
+
+
+@pytest.mark.gui
+def test_a_plain_png_opens_without_choose_reader(make_napari_viewer, tmp_path):
+    """napari asks "Choose reader" when two plugins claim a file: plain images are left to napari's own reader,
+    so dropping a PNG opens it at once; the plugin keeps the label exports and masks among PNGs."""
+    from napari.plugins import _npe2
+
+    from napari_wsss_cram.core.io.outputs import write_index_png
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 80, 3), np.uint8)).save(tmp_path / "patch.png")
+    assert PLUGIN not in _npe2.get_readers(str(tmp_path / "patch.png"))
+    assert PLUGIN not in _npe2.get_readers(str(tmp_path / "photo.JPG"))
+    viewer = make_napari_viewer()
+    [layer] = viewer.open(str(tmp_path / "patch.png"))  # no plugin named: raised MultipleReaderError before
+    assert layer.rgb and layer.data.shape == (96, 80, 3)
+    write_index_png(tmp_path / "patch_labels.png", np.zeros((20, 30), np.uint8), WSSS4LUAD)
+    assert PLUGIN in _npe2.get_readers(str(tmp_path / "patch_labels.png"))
+    assert PLUGIN in _npe2.get_readers(str(tmp_path / "slide.svs"))
 
 
 @pytest.mark.gui

@@ -690,7 +690,7 @@ def test_pixel_size_of_a_png_gives_areas_in_mm2(make_napari_viewer, qtbot, tiny_
 
     Image.fromarray(he_like_image(96)).save(tmp_path / "patch.png")
     viewer = make_napari_viewer()
-    [layer] = viewer.open(str(tmp_path / "patch.png"), plugin=PLUGIN)
+    [layer] = viewer.open(str(tmp_path / "patch.png"))  # napari's own reader: the plugin leaves plain PNGs to it
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
     assert widget.set_checkpoint(tiny_checkpoint)
     widget.tile_spin.setValue(64)

@@ -57,6 +57,18 @@ def _numbered_load(load, number: int, path) -> tuple:
         return number, err
 
 
+def _note_plain_image(layer) -> None:
+    """A PNG/JPEG opened by napari's own reader (the plugin leaves plain images to it) states no µm/px: say so in
+    its metadata as the plugin's reader does, so the pixel size can be entered and the resolution is a scale."""
+    from ..core.io.formats import image_suffix
+
+    meta = getattr(layer, "metadata", None)
+    path = getattr(getattr(layer, "source", None), "path", None)
+    if isinstance(meta, dict) and "mpp" not in meta and path and \
+            image_suffix(path) in (".png", ".jpg", ".jpeg", ".bmp"):
+        meta["mpp"] = None
+
+
 class SegmentWidget(WorkerDock):
     """Segment H&E tissue with a WSSS-CRAM checkpoint and correct/export the resulting labels."""
 
@@ -253,6 +265,7 @@ class SegmentWidget(WorkerDock):
             self._validate()
 
     def _image_changed(self, *_args) -> None:
+        _note_plain_image(self.image_layer())
         self._show_pixel_size()
         # a default chosen before this image was known may not suit it (a model's µm/px on a PNG without one)
         if not self._resolution_chosen:
