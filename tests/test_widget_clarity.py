@@ -34,3 +34,47 @@ def test_key_help_shows_the_class_keys_not_napari_digits(make_napari_viewer):
     other = viewer.add_labels(np.zeros((5, 5), np.uint8), name="other")
     other.mode = "paint"
     assert "<1> tumor" not in other.help
+
+
+def test_train_dock_speaks_plain_words_validates_along_the_way_and_keeps_its_total(
+        make_napari_viewer, qtbot, tmp_path, monkeypatch):
+    """Item 14: the loss legend in words, the weights note naming the dock's control, one step total, and
+    validation mIoU during training (not one point at the end)."""
+    from napari_wsss_cram.widgets.plot import LOSS_WORDS
+    from napari_wsss_cram.widgets.train import steady_total
+    from test_widget_train import patch_folder, val_folder  # noqa: F401 (fixtures, called below)
+
+    patches, val = patch_folder.__wrapped__(tmp_path), val_folder.__wrapped__(tmp_path)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty hub cache: the note about ImageNet
+    monkeypatch.delenv("WSSS_CRAM_BACKBONE_WEIGHTS", raising=False)
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Train")
+    widget.preset_combo.setCurrentText("sample")
+    widget.data_row.setText(str(patches))
+    widget.val_row.setText(str(val))
+    widget.out_row.setText(str(tmp_path / "run"))
+    widget.backbone_combo.setCurrentText("resnet18")
+    widget.weights_combo.setCurrentText("ImageNet if cached, else random")
+    assert "--" not in widget.weights_label.text() and "'ImageNet' in Weights" in widget.weights_label.text()
+    widget.steps_spin.setValue(5)
+    widget.batch_spin.setValue(4)
+    widget.crop_spin.setValue(64)
+    widget.device_combo.setCurrentText("cpu")
+    maxima = []
+    widget.progress_bar.valueChanged.connect(lambda _v: maxima.append(widget.progress_bar.maximum()))
+    widget.start()
+    assert widget.worker is not None, widget.message.text()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
+    assert widget.checkpoint_path is not None, widget.message.text()
+    steps, _ = widget.plot.miou
+    assert len(steps) >= 2 and min(steps) < 5  # during training, at steps
+    legend = [t.get_text() for t in widget.plot.loss_axes.get_legend().get_texts()]
+    assert legend and not {"cls", "bg", "presence", "constrained"} & set(legend)
+    assert set(legend) <= set(LOSS_WORDS.values())
+    assert set(maxima) <= {5, 1}  # 1: the bar's end state; never 4 then 5
+    # a time budget's estimate that wobbles by a step or two is not shown
+    shown = 0
+    for estimate, done in [(40, 1), (38, 2), (40, 3), (39, 4)]:
+        shown = steady_total(shown, estimate, done)
+        assert shown == 40
+    assert steady_total(40, 20, 5) == 20  # a real change is

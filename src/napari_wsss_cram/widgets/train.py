@@ -42,6 +42,18 @@ FIELDS = {"resume": "Resume", "out": "Output", "batch-size": "Batch", "crop": "C
           "data": "Patches", "val": "Validation", "device": "Device", "preset": "Preset", "weights": "Weights"}
 
 
+#: Validations a run with a validation set makes along the way (not only one point at its end).
+VALIDATIONS_PER_RUN = 5
+
+
+def steady_total(shown: int, estimate: int, done: int) -> int:
+    """The step total to show: a time budget's estimate wobbles by a few steps (40, 38, 40); keep the one shown
+    unless the estimate moves by more than 10% or the steps pass it."""
+    if shown <= 0 or done > shown or abs(estimate - shown) > 0.1 * shown:
+        return max(int(estimate), int(done))
+    return shown
+
+
 class TrainWidget(WorkerDock):
     """Train WSSS-CRAM on image-level-labelled patches, watch it learn, and hand the model to the Segment dock."""
 
@@ -53,6 +65,7 @@ class TrainWidget(WorkerDock):
         self.checkpoint_path: str | None = None
         self.patch_index = None
         self._started = 0.0
+        self._total = 0  # the step total shown (see steady_total)
         self.warnings: list[str] = []  # those of the current run, as shown
 
         data_box = QGroupBox("Data")
@@ -218,7 +231,14 @@ class TrainWidget(WorkerDock):
             epochs=self.epochs_spin.value(), steps=self.steps_spin.value() or None,
             batch_size=self.batch_spin.value(), crop=self.crop_spin.value(), lr=self.lr_spin.value(),
             device=self.device_combo.currentText(), resume=resume, corrections=mix, weights=self.weights())
-        return dataclasses.replace(config, minutes=self.minutes_spin.value() or None)
+        config = dataclasses.replace(config, minutes=self.minutes_spin.value() or None)
+        if config.val:  # validate along the way, not only once at the end
+            planned = config.steps
+            if not planned and self.patch_index is not None and not config.minutes:
+                planned = config.epochs * max(1, len(self.patch_index) // max(1, config.batch_size))
+            if planned and (not config.val_every_steps or config.val_every_steps * 2 > planned):
+                config = dataclasses.replace(config, val_every_steps=max(1, planned // VALIDATIONS_PER_RUN))
+        return config
 
     def weights(self) -> str:
         """The TrainConfig.weights of the Weights field (auto, imagenet, none or a file path)."""
@@ -308,6 +328,7 @@ class TrainWidget(WorkerDock):
         for button, enabled in ((self.start_button, False), (self.resume_button, False), (self.cancel_button, True)):
             button.setEnabled(enabled)
         self._started = time.monotonic()
+        self._total = 0
         self.say("Training… (Cancel keeps a usable last checkpoint)")
         self.start_job(lambda cancel: train_job(config, cancel))
 
@@ -324,15 +345,16 @@ class TrainWidget(WorkerDock):
     def on_progress(self, event) -> None:
         info = event.info or {}
         if event.stage == "train":
-            self.progress_bar.setMaximum(max(event.total, 1))
+            self._total = steady_total(self._total, event.total, event.done)
+            self.progress_bar.setMaximum(max(self._total, 1))
             self.progress_bar.setValue(event.done)
             losses = {k: v for k, v in (info.get("losses") or {}).items() if isinstance(v, int | float)}
             self.plot.add_losses(event.done, losses)
             eta = info.get("eta")
-            self.eta_label.setText(f"step {event.done}/{event.total}, epoch {info.get('epoch', '?')}"
+            self.eta_label.setText(f"step {event.done}/{self._total}, epoch {info.get('epoch', 0) + 1}"
                                    + ("" if eta is None else f", ETA {int(eta) // 60} min {int(eta) % 60} s"))
         elif event.stage == "val" and info.get("mIoU") is not None:
-            self.plot.add_miou(int(info.get("epoch", event.done)), float(info["mIoU"]))
+            self.plot.add_miou(event.done, float(info["mIoU"]))
         elif event.stage == "data":
             self.eta_label.setText(str(info.get("summary", "")).splitlines()[0])
             if info.get("weights"):
