@@ -142,6 +142,7 @@ def shoot(size: tuple[int, int], checkpoint: Path, out: Path) -> None:
     for activation in result_layers_of(viewer, slide.name, "activation"):
         activation.visible = False  # the labels are the result shown here
     viewer.camera.zoom = viewer.camera.zoom * 0.6  # step back: the result sits inside the slide
+    segment.tabs.setCurrentIndex(0)  # the settings tab: the Region row
     segment.scroll_area.ensureWidgetVisible(segment.region_combo)
     grab(viewer, out / f"slide_field_of_view_{tag}.png")
 

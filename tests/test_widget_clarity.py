@@ -78,3 +78,29 @@ def test_train_dock_speaks_plain_words_validates_along_the_way_and_keeps_its_tot
         shown = steady_total(shown, estimate, done)
         assert shown == 40
     assert steady_total(40, 20, 5) == 20  # a real change is
+
+
+def test_run_cancel_and_palette_in_view_at_1366x768_with_both_docks(make_napari_viewer, qtbot):
+    """Item 15: with the Segment and Train docks open in a 1366x768 window, Run, Cancel and the class palette
+    are on screen without scrolling (they were below the fold: about six rows of the dock showed)."""
+    from napari_wsss_cram.widgets.layers import add_result_layers
+
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1366, 768)
+    image = viewer.add_image(np.full((20, 20, 3), 200, np.uint8), name="patch", rgb=True)
+    add_result_layers(viewer, image, np.zeros((20, 20), np.uint8), None, WSSS4LUAD)
+    _, segment = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    _, train = viewer.window.add_plugin_dock_widget(PLUGIN, "Train")
+    qtbot.wait(300)
+    assert segment.export_panel.palette.buttons  # the labels layer's classes
+    dock_height = segment.height()
+    assert dock_height < 500  # the two docks share the window's height
+    wanted = [segment.run_button, segment.cancel_button, *segment.export_panel.palette.buttons]
+    for widget in wanted:
+        region = widget.visibleRegion()
+        assert not region.isEmpty(), widget.text()
+        assert region.boundingRect().height() == widget.height(), widget.text()  # whole, not cut by the fold
+    # whatever the scroll position of the rest
+    segment.scroll_area.verticalScrollBar().setValue(segment.scroll_area.verticalScrollBar().maximum())
+    qtbot.wait(50)
+    assert all(not w.visibleRegion().isEmpty() for w in wanted)

@@ -637,7 +637,7 @@ def test_composition_copies_as_csv_and_names_the_clinical_tsr(make_napari_viewer
     widget.export_panel.copy_button.click()
     lines = QApplication.clipboard().text().splitlines()
     assert lines[1:3] == ["tumor,1500,,37.50", "stroma,2500,,62.50"]
-    assert "stroma_percent_of_tumor_area (TSR),,,62.50" in lines
+    assert "tsr_stroma_percent_of_tumor_plus_stroma,,,62.50" in lines
     # the clinical TSR is the stroma share (stroma-high above 50%), not tumor / stroma
     assert "stroma 62.5% of tumor + stroma (stroma-high)" in widget.export_panel.ratio_label.text()
 

@@ -140,7 +140,7 @@ class ExportPanel(QGroupBox):
         form = QFormLayout(self)
         self.labels_combo = QComboBox()
         self.labels_combo.setToolTip("The Labels layer to paint, measure and export (your corrections included)")
-        self.palette = ClassPalette(self.pick_class)
+        self.palette = ClassPalette(self.pick_class)  # placed by the dock, above its scrolling part
         self.region_combo = QComboBox()
         self.region_combo.setToolTip("Measure the whole labels layer, or only inside the shapes of a Shapes layer "
                                      "(draw a region with napari's shape tools)")
@@ -185,7 +185,6 @@ class ExportPanel(QGroupBox):
         form.addRow(self.qupath_button)
         form.addRow("QuPath names", self.qupath_map)
         form.addRow("Labels", self.labels_combo)
-        form.addRow("Paint", self.palette)
         form.addRow("Folder", self.export_dir)
         form.addRow(formats)
         form.addRow(self.position_note)
