@@ -62,13 +62,11 @@ from .errors import CheckpointError, DatasetError, OutOfMemoryError, TrainingErr
 from .evaluate import evaluate_model
 from .progress import Cancelled, CancelToken, Progress, drive
 from .pseudo_labels import PseudoLabeller
+from .run_files import BEST, LAST, RESUME  # noqa: F401 (named without torch, for the Train dock)
 from .train_config import TrainConfig, dumps_toml, load_config
 
 log = logging.getLogger(__name__)
 
-LAST = "last.pt"
-RESUME = "resume.pt"  # model + optimiser + scheduler + scaler + RNG + step, for --resume
-BEST = "best.pt"
 METRICS = "metrics.csv"
 CONFIG = "config.toml"
 

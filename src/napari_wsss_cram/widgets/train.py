@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from pathlib import Path
 
@@ -46,6 +47,11 @@ FIELDS = {"resume": "Resume", "out": "Output", "batch-size": "Batch", "crop": "C
 VALIDATIONS_PER_RUN = 5
 
 
+def _numbered(number: int, function, *args) -> tuple:
+    """``(number, function(*args))``: which request a worker's answer belongs to."""
+    return number, function(*args)
+
+
 def steady_total(shown: int, estimate: int, done: int) -> int:
     """The step total to show: a time budget's estimate wobbles by a few steps (40, 38, 40); keep the one shown
     unless the estimate moves by more than 10% or the steps pass it."""
@@ -66,6 +72,7 @@ class TrainWidget(WorkerDock):
         self.patch_index = None
         self._started = 0.0
         self._total = 0  # the step total shown (see steady_total)
+        self._weights_asked = 0  # the number of the newest weights description asked for
         self.warnings: list[str] = []  # those of the current run, as shown
 
         data_box = QGroupBox("Data")
@@ -252,13 +259,28 @@ class TrainWidget(WorkerDock):
         return path
 
     def _show_weights(self, *_args) -> None:
-        """Say which weights a run will start from (looks at files only)."""
+        """Say which weights a run will start from (looks at files only). Finding torch's hub cache imports
+        torch (seconds, the first time): then it is looked up in a worker thread, so opening the dock never
+        freezes napari."""
         value = WEIGHTS[self.weights_combo.currentText()]
         self.weights_row.setVisible(value == "file")
         weights = (self.weights_row.text() or None) if value == "file" else value
-        text = "choose a weights file" if weights is None \
-            else describe_weights(self.backbone_combo.currentText(), weights)
-        self.weights_label.setText(f"Starts from {text}.")
+        self._weights_asked += 1
+        if weights is None:
+            self.weights_label.setText("Starts from: choose a weights file.")
+            return
+        backbone = self.backbone_combo.currentText()
+        if "torch" in sys.modules:  # cheap now
+            self._weights_found((self._weights_asked, describe_weights(backbone, weights)))
+            return
+        self.weights_label.setText("Starts from… (looking for the weights)")
+        self._weights_worker = common.in_background(_numbered, self._weights_found, self.show_error,
+                                                    self._weights_asked, describe_weights, backbone, weights)
+
+    def _weights_found(self, result: tuple[int, str]) -> None:
+        number, text = result
+        if number == self._weights_asked and not self._closed:  # not a choice changed meanwhile
+            self.weights_label.setText(f"Starts from {text}.")
 
     def _refresh_layer_choices(self, event=None) -> None:
         from napari.layers import Image, Labels
@@ -273,7 +295,7 @@ class TrainWidget(WorkerDock):
 
     def run_checkpoint(self) -> str | None:
         """The usable checkpoint in the Output folder (best, else last), also after a cancelled run."""
-        from ..core.train import BEST, LAST
+        from ..core.run_files import BEST, LAST
 
         out = self.out_row.text()
         if not out:
@@ -288,7 +310,7 @@ class TrainWidget(WorkerDock):
 
     def _update_run_buttons(self) -> None:
         """Resume only when the Output folder holds a resumable run; "Use this model" when a checkpoint exists."""
-        from ..core.train import RESUME
+        from ..core.run_files import RESUME
 
         running = self.worker is not None
         out = self.out_row.text()
