@@ -111,7 +111,14 @@ def test_sample_patch(make_napari_viewer, monkeypatch, tmp_path):
 
 
 @pytest.mark.gui
-def test_sample_slide_generated_on_first_use(make_napari_viewer, monkeypatch, tmp_path):
+@pytest.mark.slow
+def test_sample_slide_generated_on_first_use(make_napari_viewer, qtbot, monkeypatch, tmp_path):
+    """The first open generates the slide in a background thread (issue 20 item 8: 55 s of a frozen window with
+    repaints every few seconds): a placeholder at once, a progress bar with the time left, the slide when ready."""
+    import threading
+
+    from napari_wsss_cram.core import sample
+
     monkeypatch.setenv("WSSS_CRAM_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(_sample_data, "SLIDE_SIZE", 1024)  # the real one is 4096: same code, 16x faster
     viewer = make_napari_viewer()
@@ -120,30 +127,40 @@ def test_sample_slide_generated_on_first_use(make_napari_viewer, monkeypatch, tm
     import napari.utils
     from napari.utils.notifications import notification_manager
 
-    # the first open generates the slide on napari's GUI thread: the user sees a notice and a progress bar moving
-    steps, bars = [], []
-    real_progress = napari.utils.progress
+    steps, bars, threads = [], [], []
+    real_progress, real_make_slide = napari.utils.progress, sample.make_slide
 
     class Progress(real_progress):
         def refresh(self, *args, **kwargs):
-            steps.append((self.n, self.total))
+            steps.append((self.n, self.total, threading.current_thread() is threading.main_thread()))
             return super().refresh(*args, **kwargs)
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             bars.append(self)
 
+    def make_slide(*args, **kwargs):
+        threads.append(threading.current_thread() is threading.main_thread())
+        return real_make_slide(*args, **kwargs)
+
     monkeypatch.setattr(napari.utils, "progress", Progress)
+    monkeypatch.setattr(sample, "make_slide", make_slide)
     shown = []
     notification_manager.notification_ready.connect(lambda n: shown.append(str(n.message)))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        image, truth = viewer.open_sample(PLUGIN, "slide")
+        [placeholder] = viewer.open_sample(PLUGIN, "slide")  # returns at once
+        assert placeholder.name == _sample_data.PLACEHOLDER_NAME
+        qtbot.waitUntil(lambda: "synthetic H&E slide" in viewer.layers, timeout=120_000)
+    assert threads == [False]  # generated off napari's GUI thread
+    assert _sample_data.PLACEHOLDER_NAME not in viewer.layers
     assert not [w for w in caught if "grayscale" in str(w.message)]  # its truth mask is not a grayscale image
     assert (tmp_path / "cache" / "slide-1024" / "sample_slide.ome.tif").is_file()
     assert any("generating the synthetic slide" in text and str(tmp_path / "cache") in text for text in shown)
     assert len(bars) == 1 and len(steps) > 4 and steps[-1][0] == steps[-1][1]  # image strips, then mask strips
-    assert [n for n, _ in steps] == sorted(n for n, _ in steps)
+    assert [n for n, _, _ in steps] == sorted(n for n, _, _ in steps) and all(gui for _, _, gui in steps)
+    assert "s left" in bars[0].desc or steps[-1][0] == steps[-1][1]
+    image, truth = viewer.layers["synthetic H&E slide"], viewer.layers["synthetic H&E slide truth"]
     assert image._type_string == "image" and image.multiscale and image.rgb
     assert [tuple(d.shape[:2]) for d in image.data] == [(1024, 1024), (512, 512), (256, 256)]
     assert tuple(image.scale) == pytest.approx((0.25, 0.25))
