@@ -104,3 +104,20 @@ def test_run_cancel_and_palette_in_view_at_1366x768_with_both_docks(make_napari_
     segment.scroll_area.verticalScrollBar().setValue(segment.scroll_area.verticalScrollBar().maximum())
     qtbot.wait(50)
     assert all(not w.visibleRegion().isEmpty() for w in wanted)
+
+
+def test_key_help_after_a_run_of_the_dock(make_napari_viewer, qtbot, tmp_path):
+    """The layer the dock adds (through napari's public proxies) gets the class keys in the status bar at once."""
+    from widget_helpers import he_like_image, make_tiny_checkpoint
+
+    viewer = make_napari_viewer()
+    viewer.add_image(he_like_image(96), name="patch", rgb=True)
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    assert widget.set_checkpoint(make_tiny_checkpoint(tmp_path / "tiny.pt"))
+    widget.tile_spin.setValue(64)
+    widget.resolution_value.setValue(1.0)
+    widget.crf_check.setChecked(False)
+    widget.run()
+    qtbot.waitUntil(lambda: not widget.busy, timeout=60_000)
+    assert viewer.layers.selection.active.name == "labels: patch"
+    assert "<1> tumor" in viewer.help and "use <1>" not in viewer.help

@@ -176,7 +176,9 @@ def _show_class_keys(layer, classes: ClassSpec) -> None:
     import napari
 
     viewer = napari.current_viewer()  # napari copied its own text to the viewer's help before this handler ran
-    if viewer is not None and viewer.layers.selection.active is layer:
+    active = None if viewer is None else viewer.layers.selection.active
+    # by name: a dock's layers are napari's public proxies of the same objects (``is`` tells them apart)
+    if active is not None and active.name == layer.name:
         viewer.help = layer.help
 
 

@@ -71,8 +71,8 @@ class TrainingPlot(FigureCanvasQTAgg):
         self._last_draw = now
         self.loss_axes.clear()
         self.miou_axes.clear()
-        self._style(self.loss_axes, "training loss (lower is better)", "step")
-        self._style(self.miou_axes, "validation mIoU (higher is better)", "step")
+        self._style(self.loss_axes, "loss (lower = better)", "step")
+        self._style(self.miou_axes, "validation mIoU (higher = better)", "step")
         for name, (steps, values) in self.losses.items():
             self.loss_axes.plot(steps, values, label=loss_words(name), linewidth=1)
         if self.losses:
