@@ -1,4 +1,5 @@
-"""How long the Segment dock takes to open the first time, and how long napari's event loop stalls meanwhile.
+"""How long a dock (Segment, or Train with ``--dock Train``) takes to open the first time, and how long napari's
+event loop stalls meanwhile, next to napari's own baseline in the same run.
 
 Runs in a fresh process (torch not yet imported, as in a napari session that has just started): a shown viewer with
 a small synthetic H&E image, a 10 ms QTimer ticking on the GUI thread, then the Segment dock is opened through the
@@ -7,11 +8,14 @@ plugin manifest (as Plugins > WSSS-CRAM > Segment does). Prints:
 - ``open``: seconds from the dock's opening call to the dock widget being shown;
 - ``stall``: the longest gap between ticks during the first ``--seconds`` (10) seconds after that call, and the
   95th percentile;
-- ``model ready``: seconds until the dock's model is loaded and Run is enabled.
+- ``model ready``: seconds until the dock's model is loaded and Run is enabled (Segment);
+- ``baseline``: the same longest gap while napari opens a dock of its own kind (a plain widget) and adds an image
+  of the patch's size, measured first in the same process, and the dock's ratio to it. Issue 20 item 9: the Train
+  dock opened before the Segment dock stalled napari 11 s (it imported torch on the GUI thread).
 
 Usage (from the repository root; Qt needs a display)::
 
-    PYTHONPATH=src xvfb-run -a nice -n 10 .venv/bin/python benchmarks/dock_open.py
+    PYTHONPATH=src xvfb-run -a nice -n 10 .venv/bin/python benchmarks/dock_open.py [--dock Train]
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from pathlib import Path
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="how long to watch the event loop")
+    parser.add_argument("--dock", choices=("Segment", "Train"), default="Segment", help="which dock to open")
     args = parser.parse_args()
     os.environ.setdefault("WSSS_CRAM_SETTINGS_FILE", str(Path(tempfile.mkdtemp()) / "settings.ini"))
     import napari
@@ -43,6 +48,31 @@ def main() -> None:
         app.processEvents()
         time.sleep(0.02)
     print(f"torch imported before opening the dock: {'torch' in sys.modules}")
+
+    def longest_gap(action, seconds: float = 1.0) -> float:
+        """The longest event-loop gap (ms) while ``action`` runs and for ``seconds`` after it."""
+        stamps = [time.perf_counter()]
+        tick = QTimer()
+        tick.setInterval(10)
+        tick.timeout.connect(lambda: stamps.append(time.perf_counter()))
+        tick.start()
+        app.processEvents()
+        action()
+        stop = time.perf_counter() + seconds
+        while time.perf_counter() < stop:
+            app.processEvents()
+            time.sleep(0.002)
+        tick.stop()
+        return max(1000 * (b - a) for a, b in zip(stamps, stamps[1:], strict=False))
+
+    from qtpy.QtWidgets import QLabel
+
+    own: list = []
+    baseline_dock = longest_gap(lambda: own.append(viewer.window.add_dock_widget(QLabel("napari's own dock"),
+                                                                                 name="baseline")))
+    baseline_image = longest_gap(lambda: viewer.add_image(rgb[..., :3], name="baseline image", rgb=True))
+    viewer.window.remove_dock_widget(own[0])
+    viewer.layers.remove("baseline image")
 
     shown: list[float] = []
 
@@ -62,7 +92,7 @@ def main() -> None:
     t0 = time.perf_counter()
     ticks.append(t0)
     # the dock widget's constructor runs inside this call; its Show event comes with the next event-loop turns
-    dock, widget = viewer.window.add_plugin_dock_widget("napari-wsss-cram", "Segment")
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-wsss-cram", args.dock)
     returned = time.perf_counter()
     if widget.isVisible():
         shown.append(returned)
@@ -72,7 +102,7 @@ def main() -> None:
     end = t0 + args.seconds
     while time.perf_counter() < end:
         app.processEvents()
-        if not ready and getattr(widget, "model", None) is not None and widget.run_button.isEnabled():
+        if not ready and getattr(widget, "model", None) is not None and widget.run_button.isEnabled():  # Segment
             ready.append(time.perf_counter())
         time.sleep(0.002)
     timer.stop()
@@ -82,8 +112,12 @@ def main() -> None:
           if shown else f"open: not shown within {args.seconds} s")
     print(f"stall: longest event-loop gap in the first {args.seconds:.0f} s {gaps[-1]:.0f} ms, p95 {p95:.0f} ms "
           f"({len(ticks)} ticks)")
-    print(f"model ready (Run enabled): {ready[0] - t0:.2f} s" if ready
-          else f"model not ready within {args.seconds} s: {widget.message.text()}")
+    if args.dock == "Segment":
+        print(f"model ready (Run enabled): {ready[0] - t0:.2f} s" if ready
+              else f"model not ready within {args.seconds} s: {widget.message.text()}")
+    base = max(baseline_dock, baseline_image)
+    print(f"baseline (napari, same run): own dock {baseline_dock:.0f} ms, add an image {baseline_image:.0f} ms; "
+          f"{args.dock} dock's longest gap = {gaps[-1] / base:.1f}x the larger")
     viewer.close()
 
 

@@ -78,7 +78,7 @@ def grab(viewer, path: Path) -> None:
     print(path)
 
 
-def shoot(size: tuple[int, int], checkpoint: Path, out: Path) -> None:
+def shoot(size: tuple[int, int], checkpoint: Path, out: Path, slide: bool = True) -> None:
     """The four scenes at one window size: Segment dock with a segmented image and the class palette, the slide
     with a field-of-view result and a scale bar, the Train dock while it trains, and a QuPath import."""
     import tempfile
@@ -125,25 +125,29 @@ def shoot(size: tuple[int, int], checkpoint: Path, out: Path) -> None:
     segment.scroll_area.ensureWidgetVisible(segment.export_panel.qupath_button)
     grab(viewer, out / f"qupath_import_{tag}.png")
 
-    # 3. The slide with a field-of-view result and napari's scale bar (µm)
-    viewer.layers.clear()
-    slide, _truth = viewer.open_sample("napari-wsss-cram", "slide")
-    segment.image_combo.setCurrentText(slide.name)
-    segment.region_combo.setCurrentText("Current field of view")
-    segment.level_spin.setValue(0)
-    viewer.camera.center = (512.0 * 0.25, 1536.0 * 0.25)  # a corner of the slide, 0.25 µm/px
-    viewer.camera.zoom = 1.0 / 0.25 * 0.8
-    viewer.scale_bar.visible = True
-    settle(0.5)
-    segment.run()
-    wait_for(lambda: not segment.busy)
-    [labels] = result_layers_of(viewer, slide.name, "labels")
-    labels.opacity = 0.45
-    for activation in result_layers_of(viewer, slide.name, "activation"):
-        activation.visible = False  # the labels are the result shown here
-    viewer.camera.zoom = viewer.camera.zoom * 0.6  # step back: the result sits inside the slide
-    segment.scroll_area.ensureWidgetVisible(segment.region_combo)
-    grab(viewer, out / f"slide_field_of_view_{tag}.png")
+    if slide:  # 3. The slide with a field-of-view result and napari's scale bar (µm)
+        viewer.layers.clear()
+        from napari_wsss_cram._sample_data import sample_slide_path
+
+        sample_slide_path()  # generated here if needed (napari would generate it in the background)
+        slide, _truth = viewer.open_sample("napari-wsss-cram", "slide")
+        segment.image_combo.setCurrentText(slide.name)
+        segment.region_combo.setCurrentText("Current field of view")
+        segment.level_spin.setValue(0)
+        viewer.camera.center = (512.0 * 0.25, 1536.0 * 0.25)  # a corner of the slide, 0.25 µm/px
+        viewer.camera.zoom = 1.0 / 0.25 * 0.8
+        viewer.scale_bar.visible = True
+        settle(0.5)
+        segment.run()
+        wait_for(lambda: not segment.busy)
+        [labels] = result_layers_of(viewer, slide.name, "labels")
+        labels.opacity = 0.45
+        for activation in result_layers_of(viewer, slide.name, "activation"):
+            activation.visible = False  # the labels are the result shown here
+        viewer.camera.zoom = viewer.camera.zoom * 0.6  # step back: the result sits inside the slide
+        segment.tabs.setCurrentIndex(0)  # the settings tab: the Region row
+        segment.scroll_area.ensureWidgetVisible(segment.region_combo)
+        grab(viewer, out / f"slide_field_of_view_{tag}.png")
 
     # 4. Train dock while it trains (the sample preset on the sample patches), then cancelled
     viewer.layers.clear()
@@ -169,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, default=None, help="default: the bundled demo model")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
+    parser.add_argument("--sizes", default=",".join(f"{w}x{h}" for w, h in SIZES),
+                        help="window sizes of the per-size scenes, e.g. 1366x768")
+    parser.add_argument("--no-slide", action="store_true", help="skip the slide scene (it generates the slide)")
     args = parser.parse_args(argv)
 
     import napari
@@ -248,8 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("segment_dock.png", "activations.png", "train_dock.png"):
         print(args.out / name)
     viewer.close()
-    for size in SIZES:
-        shoot(size, checkpoint, args.out)
+    for size in args.sizes.split(","):
+        width, height = (int(v) for v in size.lower().split("x"))
+        shoot((width, height), checkpoint, args.out, slide=not args.no_slide)
     return 0
 
 

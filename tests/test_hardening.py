@@ -418,14 +418,14 @@ def test_a_run_killed_between_renames_is_cleaned_by_the_next(tmp_path, checkpoin
     # what kill -9 leaves: a temporary, and a set half renamed (its marker, the PNG moved, the rest not)
     (out / "p.geojson").unlink()
     (out / "p_composition.json").unlink()
-    (out / ".p.renaming").write_text("p.png\np.geojson\np_composition.json", encoding="utf-8")
+    (out / ".p.renaming").write_text("p.png\np.geojson\np_composition.json\np_composition.csv", encoding="utf-8")
     (out / ".p.geojson.1234abcd.partial.geojson").write_text("{", encoding="utf-8")
     (out / SUMMARY).unlink()
     assert main(["predict", str(checkpoint), str(images), "--out", str(out), "--scale", "1",
                  "--format", "png,geojson"]) == 0
     assert "removed what an interrupted run left" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".wsss-cram")) == \
-        ["p.geojson", "p.png", "p_composition.json", SUMMARY]
+        ["p.geojson", "p.png", "p_composition.csv", "p_composition.json", SUMMARY]
     assert (out / "p.png").read_bytes() == reference
 
 

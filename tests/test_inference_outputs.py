@@ -28,7 +28,8 @@ def prediction():
 def test_writes_every_output_with_schema(tmp_path, prediction):
     row = write_outputs(prediction, tmp_path, "patch", ALL)
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["patch.geojson", "patch.ome.tif", "patch.png", "patch_composition.json", "patch_probs.ome.tif"]
+    assert names == ["patch.geojson", "patch.ome.tif", "patch.png", "patch_composition.csv", "patch_composition.json",
+                     "patch_probs.ome.tif"]
     classes = prediction.classes
     np.testing.assert_array_equal(read_index_png(tmp_path / "patch.png"), prediction.labels)
     with ImageSource.open(tmp_path / "patch.ome.tif") as src:
@@ -47,7 +48,7 @@ def test_writes_every_output_with_schema(tmp_path, prediction):
         assert comp["classes"][name]["pixels"] == count
         assert comp["classes"][name]["area_mm2"] == pytest.approx(count * 0.0005 ** 2)
     t, s = prediction.class_pixels["tumor"], prediction.class_pixels["stroma"]
-    assert comp["tumor_stroma_ratio"] == pytest.approx(t / s)
+    assert comp["tsr_stroma_fraction"] == (pytest.approx(s / (t + s)) if t else None)
     assert row["image"] == "patch" and row["pixels_tumor"] == t and row["tiles"] == prediction.info["tiles"]
 
 

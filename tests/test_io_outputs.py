@@ -179,7 +179,6 @@ def test_composition_on_hand_made_mask():
     assert comp["tissue_pixels"] == 110 and comp["background_pixels"] == 89 and comp["ignored_pixels"] == 1
     assert comp["classes"]["tumor"]["area_mm2"] == pytest.approx(60 * 0.25e-6)
     assert comp["classes"]["stroma"]["tissue_fraction"] == pytest.approx(40 / 110)
-    assert comp["tumor_stroma_ratio"] == pytest.approx(1.5)
-    assert comp["stroma_percentage"] == pytest.approx(0.4)
+    assert comp["tsr_stroma_fraction"] == pytest.approx(0.4) and comp["tsr_category"] == "stroma-low"
     no_mpp = composition(labels, WSSS4LUAD)
     assert no_mpp["classes"]["tumor"]["area_mm2"] is None and no_mpp["mpp"] is None

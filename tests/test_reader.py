@@ -26,13 +26,32 @@ def test_get_reader_accepts_only_image_names(tmp_path):
 def test_png_opens_as_rgb_image(make_napari_viewer, tmp_path):
     rgb = np.random.default_rng(0).integers(0, 256, (120, 90, 3), np.uint8)
     Image.fromarray(rgb).save(tmp_path / "patch.png")
-    viewer = make_napari_viewer()
-    layers = viewer.open(str(tmp_path / "patch.png"), plugin=PLUGIN)
-    assert len(layers) == 1
-    layer = layers[0]
+    from napari_wsss_cram._reader import read_layer
+
+    data, kwargs, kind = read_layer(tmp_path / "patch.png")  # the plugin's reader (the sample patch uses it)
+    layer = make_napari_viewer()._add_layer_from_data(data, kwargs, kind)[0]
     assert layer._type_string == "image" and layer.rgb and not layer.multiscale
     assert layer.data.shape == (120, 90, 3)
     assert layer.metadata["path"].endswith("patch.png") and layer.metadata["mpp"] is None
+
+
+@pytest.mark.gui
+def test_a_plain_png_opens_without_choose_reader(make_napari_viewer, tmp_path):
+    """napari asks "Choose reader" when two plugins claim a file: plain images are left to napari's own reader,
+    so dropping a PNG opens it at once; the plugin keeps the label exports and masks among PNGs."""
+    from napari.plugins import _npe2
+
+    from napari_wsss_cram.core.io.outputs import write_index_png
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 80, 3), np.uint8)).save(tmp_path / "patch.png")
+    assert PLUGIN not in _npe2.get_readers(str(tmp_path / "patch.png"))
+    assert PLUGIN not in _npe2.get_readers(str(tmp_path / "photo.JPG"))
+    viewer = make_napari_viewer()
+    [layer] = viewer.open(str(tmp_path / "patch.png"))  # no plugin named: raised MultipleReaderError before
+    assert layer.rgb and layer.data.shape == (96, 80, 3)
+    write_index_png(tmp_path / "patch_labels.png", np.zeros((20, 30), np.uint8), WSSS4LUAD)
+    assert PLUGIN in _npe2.get_readers(str(tmp_path / "patch_labels.png"))
+    assert PLUGIN in _npe2.get_readers(str(tmp_path / "slide.svs"))
 
 
 @pytest.mark.gui
@@ -92,7 +111,14 @@ def test_sample_patch(make_napari_viewer, monkeypatch, tmp_path):
 
 
 @pytest.mark.gui
-def test_sample_slide_generated_on_first_use(make_napari_viewer, monkeypatch, tmp_path):
+@pytest.mark.slow
+def test_sample_slide_generated_on_first_use(make_napari_viewer, qtbot, monkeypatch, tmp_path):
+    """The first open generates the slide in a background thread (issue 20 item 8: 55 s of a frozen window with
+    repaints every few seconds): a placeholder at once, a progress bar with the time left, the slide when ready."""
+    import threading
+
+    from napari_wsss_cram.core import sample
+
     monkeypatch.setenv("WSSS_CRAM_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(_sample_data, "SLIDE_SIZE", 1024)  # the real one is 4096: same code, 16x faster
     viewer = make_napari_viewer()
@@ -101,30 +127,40 @@ def test_sample_slide_generated_on_first_use(make_napari_viewer, monkeypatch, tm
     import napari.utils
     from napari.utils.notifications import notification_manager
 
-    # the first open generates the slide on napari's GUI thread: the user sees a notice and a progress bar moving
-    steps, bars = [], []
-    real_progress = napari.utils.progress
+    steps, bars, threads = [], [], []
+    real_progress, real_make_slide = napari.utils.progress, sample.make_slide
 
     class Progress(real_progress):
         def refresh(self, *args, **kwargs):
-            steps.append((self.n, self.total))
+            steps.append((self.n, self.total, threading.current_thread() is threading.main_thread()))
             return super().refresh(*args, **kwargs)
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             bars.append(self)
 
+    def make_slide(*args, **kwargs):
+        threads.append(threading.current_thread() is threading.main_thread())
+        return real_make_slide(*args, **kwargs)
+
     monkeypatch.setattr(napari.utils, "progress", Progress)
+    monkeypatch.setattr(sample, "make_slide", make_slide)
     shown = []
     notification_manager.notification_ready.connect(lambda n: shown.append(str(n.message)))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        image, truth = viewer.open_sample(PLUGIN, "slide")
+        [placeholder] = viewer.open_sample(PLUGIN, "slide")  # returns at once
+        assert placeholder.name == _sample_data.PLACEHOLDER_NAME
+        qtbot.waitUntil(lambda: "synthetic H&E slide" in viewer.layers, timeout=120_000)
+    assert threads == [False]  # generated off napari's GUI thread
+    assert _sample_data.PLACEHOLDER_NAME not in viewer.layers
     assert not [w for w in caught if "grayscale" in str(w.message)]  # its truth mask is not a grayscale image
     assert (tmp_path / "cache" / "slide-1024" / "sample_slide.ome.tif").is_file()
     assert any("generating the synthetic slide" in text and str(tmp_path / "cache") in text for text in shown)
     assert len(bars) == 1 and len(steps) > 4 and steps[-1][0] == steps[-1][1]  # image strips, then mask strips
-    assert [n for n, _ in steps] == sorted(n for n, _ in steps)
+    assert [n for n, _, _ in steps] == sorted(n for n, _, _ in steps) and all(gui for _, _, gui in steps)
+    assert "s left" in bars[0].desc or steps[-1][0] == steps[-1][1]
+    image, truth = viewer.layers["synthetic H&E slide"], viewer.layers["synthetic H&E slide truth"]
     assert image._type_string == "image" and image.multiscale and image.rgb
     assert [tuple(d.shape[:2]) for d in image.data] == [(1024, 1024), (512, 512), (256, 256)]
     assert tuple(image.scale) == pytest.approx((0.25, 0.25))

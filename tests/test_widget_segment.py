@@ -184,7 +184,7 @@ def test_export_writes_valid_png_ometiff_geojson(make_napari_viewer, qtbot, tiny
     assert (back == layer.data).mean() > 0.99
     table = json.loads(open(comp).read())
     assert table["classes"]["tumor"]["pixels"] == 50 * 40
-    assert table["tumor_stroma_ratio"] == pytest.approx(2000 / 1500)
+    assert table["tsr_stroma_fraction"] == pytest.approx(1500 / 3500)
 
 
 def test_bad_checkpoint_and_grayscale_show_messages(make_napari_viewer, tmp_path):
@@ -637,7 +637,7 @@ def test_composition_copies_as_csv_and_names_the_clinical_tsr(make_napari_viewer
     widget.export_panel.copy_button.click()
     lines = QApplication.clipboard().text().splitlines()
     assert lines[1:3] == ["tumor,1500,,37.50", "stroma,2500,,62.50"]
-    assert "stroma_percent_of_tumor_area (TSR),,,62.50" in lines
+    assert "tsr_stroma_percent_of_tumor_plus_stroma,,,62.50" in lines
     # the clinical TSR is the stroma share (stroma-high above 50%), not tumor / stroma
     assert "stroma 62.5% of tumor + stroma (stroma-high)" in widget.export_panel.ratio_label.text()
 
@@ -690,7 +690,7 @@ def test_pixel_size_of_a_png_gives_areas_in_mm2(make_napari_viewer, qtbot, tiny_
 
     Image.fromarray(he_like_image(96)).save(tmp_path / "patch.png")
     viewer = make_napari_viewer()
-    [layer] = viewer.open(str(tmp_path / "patch.png"), plugin=PLUGIN)
+    [layer] = viewer.open(str(tmp_path / "patch.png"))  # napari's own reader: the plugin leaves plain PNGs to it
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
     assert widget.set_checkpoint(tiny_checkpoint)
     widget.tile_spin.setValue(64)

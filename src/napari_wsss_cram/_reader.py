@@ -104,7 +104,7 @@ def read_qupath(path: str | os.PathLike) -> LayerData:
     ("Tumor" -> tumor); the Segment dock's "Import QuPath annotations…" uses the model's classes and a name map.
     """
     from .core.classes import WSSS4LUAD
-    from .core.io.qupath import features_extent
+    from .core.io.qupath import features_bounds
     from .widgets.layers import level0_shape_of, qupath_layer_data
 
     image = None
@@ -116,18 +116,40 @@ def read_qupath(path: str | os.PathLike) -> LayerData:
     except ImportError:  # pragma: no cover - napari calls readers
         viewer = None
     if viewer is not None:
-        extent = features_extent(path)
+        y0, x0, y1, x1 = features_bounds(path)
         active = viewer.layers.selection.active
         candidates = [ly for ly in reversed(list(viewer.layers)) if isinstance(ly, Image) and ly.rgb]
         candidates.sort(key=lambda ly: ly is not active)  # stable: the selected image first, then the newest
-        image = next((ly for ly in candidates
-                      if all(e <= s for e, s in zip(extent, level0_shape_of(ly), strict=True))), None)
+
+        def overlap(ly) -> float:  # area of the annotations' box inside the image's level 0
+            h, w = level0_shape_of(ly)
+            return max(0.0, min(y1, h) - max(y0, 0.0)) * max(0.0, min(x1, w) - max(x0, 0.0))
+
+        # the image that holds them all, else the one they overlap most (clipped to it, as the dock's Import)
+        image = next((ly for ly in candidates if y1 <= level0_shape_of(ly)[0] and x1 <= level0_shape_of(ly)[1]),
+                     None)
         if image is None and candidates:
-            warnings.warn(f"The annotations of {Path(path).name} reach {extent[1]} x {extent[0]} px, beyond every "
-                          "open image: they open on their own. Open their image first (same slide, level 0).",
-                          stacklevel=2)
-    layer_data, _ = qupath_layer_data(path, image, WSSS4LUAD, name=None if image is not None else Path(path).stem)
+            best = max(candidates, key=overlap)  # max keeps the first (selected, newest) of equals
+            image = best if overlap(best) > 0 else None
+        if image is None and candidates:
+            _tell(f"The annotations of {Path(path).name} lie outside every open image: they open on their own. "
+                  "Open their image first (same slide, level 0).", warning=True)
+    layer_data, imported = qupath_layer_data(path, image, WSSS4LUAD,
+                                             name=None if image is not None else Path(path).stem)
+    where = f" on '{image.name}'" if image is not None else ""
+    _tell(f"{Path(path).name}{where}: {imported.summary()}.",
+          warning=bool(imported.clipped or imported.not_areas or imported.unclassified))
     return layer_data
+
+
+def _tell(text: str, warning: bool = False) -> None:
+    """A note in napari's notifications (shown in the window, not only in the terminal), else a warning."""
+    try:
+        from napari.utils.notifications import show_info, show_warning
+    except ImportError:  # pragma: no cover - napari calls readers
+        warnings.warn(text, stacklevel=3)
+        return
+    (show_warning if warning else show_info)(text)
 
 
 def read_layer(path: str | os.PathLike) -> LayerData:

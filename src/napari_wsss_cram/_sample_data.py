@@ -1,7 +1,8 @@
 """npe2 sample data: a committed synthetic validation patch (with its truth) and the synthetic slide.
 
-The slide is not committed: on first use it is generated (about 20 s, with a progress bar) into the user cache folder,
-or taken from ``sample_data/slide/`` of a source checkout when ``wsss-cram make-sample-data`` made it there.
+The slide is not committed: on first use it is generated into the user cache folder (a minute or so; in napari in
+a background thread, with a progress bar that says the time left, while a grey placeholder marks where it will
+appear), or taken from ``sample_data/slide/`` of a source checkout when ``wsss-cram make-sample-data`` made it there.
 """
 
 from __future__ import annotations
@@ -49,17 +50,24 @@ def sample_patch_paths() -> tuple[Path, Path]:
     return img, mask
 
 
-def sample_slide_path(size: int | None = None) -> Path:
-    """The synthetic pyramidal slide, generated into the cache folder on first use."""
+def ready_slide_path(size: int | None = None) -> tuple[Path, bool]:
+    """(where the synthetic slide of ``size`` is or will be, True when it is there already)."""
     size = size or SLIDE_SIZE
     checkout = CHECKOUT_SAMPLE_DATA / "slide" / SLIDE_NAME
     if size == 4096 and checkout.is_file() and (checkout.parent / MASK_NAME).is_file():
-        return checkout
+        return checkout, True
     path = cache_dir() / f"slide-{size}" / SLIDE_NAME
-    if not (path.is_file() and (path.parent / MASK_NAME).is_file()):
+    return path, path.is_file() and (path.parent / MASK_NAME).is_file()
+
+
+def sample_slide_path(size: int | None = None) -> Path:
+    """The synthetic pyramidal slide, generated into the cache folder on first use (here, synchronously)."""
+    size = size or SLIDE_SIZE
+    path, ready = ready_slide_path(size)
+    if not ready:
         from .core.sample import make_slide
 
-        with _progress_in_napari(f"WSSS-CRAM: generating the synthetic slide once (about 20 s), cached in "
+        with _progress_in_napari(f"WSSS-CRAM: generating the synthetic slide once, cached in "
                                  f"{path.parent}") as report:
             make_slide(path, size=size, seed=0, mask_path=path.parent / MASK_NAME, progress=report)
     return path
@@ -114,13 +122,108 @@ def sample_patch() -> list[tuple[Any, dict, str]]:
     return [image, labels]
 
 
+#: Name of the layer that marks where the slide appears while it is generated.
+PLACEHOLDER_NAME = "synthetic H&E slide (generating…)"
+SLIDE_MPP = 0.25
+_generating: dict[str, Any] = {}  # the background generation in progress (napari): its thread and relay
+
+
 def sample_slide() -> list[tuple[Any, dict, str]]:
-    """The synthetic 4096x4096 slide as a lazy multiscale image (0.25 µm/px), with its truth labels."""
+    """The synthetic 4096x4096 slide as a lazy multiscale image (0.25 µm/px), with its truth labels.
+
+    In napari with no slide generated yet, it is generated in a background thread (napari stays responsive) and
+    a grey placeholder layer is returned at once; the slide replaces it when ready.
+    """
     from ._reader import read_layer
 
+    path, ready = ready_slide_path()
+    if not ready:
+        viewer = _napari_viewer()
+        if viewer is not None:
+            return [_generate_in_background(viewer, path, SLIDE_SIZE)]
     path = sample_slide_path()
     image = read_layer(path)
     image[1]["name"] = "synthetic H&E slide"
     labels = read_layer(path.parent / MASK_NAME)
     labels[1].update(name="synthetic H&E slide truth", opacity=0.4, visible=False)
     return [image, labels]
+
+
+def _napari_viewer():
+    """The current napari viewer when called from napari's GUI thread with a Qt application, else None."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        import napari
+        from qtpy.QtWidgets import QApplication
+    except ImportError:  # headless use: generate synchronously
+        return None
+    return napari.current_viewer() if QApplication.instance() is not None else None
+
+
+def _generate_in_background(viewer, path: Path, size: int) -> tuple[Any, dict, str]:
+    """Start generating the slide in a thread (once), with a progress bar saying the time left; return the
+    placeholder layer. When the slide is ready the placeholder goes and the sample opens from the cache."""
+    import threading
+    import time
+
+    import numpy as np
+    from napari.utils import progress
+    from napari.utils.notifications import show_error, show_info
+    from qtpy.QtCore import QObject, Signal
+
+    extent = size * SLIDE_MPP  # µm: the placeholder covers the slide to come
+    placeholder = (np.full((64, 64, 3), 225, np.uint8),
+                   {"name": PLACEHOLDER_NAME, "rgb": True, "scale": (extent / 64, extent / 64), "units": ("µm", "µm"),
+                    "metadata": {"wsss_cram_placeholder": True}}, "image")
+    if _generating:  # a second click while it runs: the same generation goes on
+        return placeholder
+
+    class Relay(QObject):  # a worker-thread call becomes a GUI-thread slot (queued signals)
+        advanced = Signal(int, int)
+        finished = Signal(str)
+
+    relay = Relay()
+    bar = progress(total=1, desc="WSSS-CRAM sample slide")
+    started = time.monotonic()
+
+    def on_advanced(done: int, total: int) -> None:
+        bar.total = max(total, 1)
+        bar.n = done
+        if 0 < done < total:  # the estimate from the pace so far: true by construction
+            left = (time.monotonic() - started) / done * (total - done)
+            bar.set_description(f"WSSS-CRAM sample slide: about {int(left) + 1} s left")
+        bar.refresh()
+
+    def on_finished(error: str) -> None:
+        bar.close()
+        _generating.clear()
+        for layer in [ly for ly in viewer.layers if ly.metadata.get("wsss_cram_placeholder")]:
+            viewer.layers.remove(layer)
+        if error:
+            show_error(f"The synthetic slide could not be generated into {path.parent}: {error}")
+            return
+        viewer.open_sample("napari-wsss-cram", "slide")  # from the cache now
+
+    relay.advanced.connect(on_advanced)
+    relay.finished.connect(on_finished)
+
+    def work() -> None:
+        from .core.sample import make_slide
+
+        try:
+            make_slide(path, size=size, seed=0, mask_path=path.parent / MASK_NAME,
+                       progress=lambda done, total: relay.advanced.emit(int(done), int(total)))
+        except Exception as err:  # reported in napari, never lost in a thread
+            relay.finished.emit(str(err) or type(err).__name__)
+            return
+        relay.finished.emit("")
+
+    thread = threading.Thread(target=work, name="wsss-cram sample slide", daemon=True)
+    _generating.update(thread=thread, relay=relay, bar=bar)
+    show_info(f"WSSS-CRAM: generating the synthetic slide once, in the background (the progress bar says the time "
+              f"left); it replaces the grey placeholder when ready. Cached in {path.parent}.")
+    thread.start()
+    return placeholder

@@ -176,10 +176,15 @@ def predict_batch(model: Any, info: Any, inputs: list[str | Path], out_dir: str 
 
 
 def summary_csv(rows: list[dict]) -> str:
-    """The run summary as CSV text (columns: union of the rows' keys, first-seen order)."""
+    """The run summary as CSV text (columns: union of the rows' keys, first-seen order; decimals rounded to 4
+    places; ``rank`` only when several processes shared the run, it says which one did an image)."""
     columns: list[str] = []
     for row in rows:
         columns.extend(k for k in row if k not in columns)
+    if all(not row.get("rank") for row in rows) and "rank" in columns:
+        columns.remove("rank")
+    rows = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k in columns}
+            for row in rows]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()

@@ -24,13 +24,11 @@ from .errors import CheckpointError
 from .io.atomic import atomic_path
 from .model.config import ModelConfig
 from .model.cram import CRAMNet
+from .run_files import BEST, FINAL, LAST, resolve_checkpoint_path  # noqa: F401 (the run folder's models)
 from .zoo.package import rdf_name, read_package_payload
 
 FORMAT_NAME = "napari-wsss-cram"
 FORMAT_VERSION = 1
-#: the models of a training run folder, in the order a run folder given as a checkpoint is resolved: the
-#: recipe's final model, the best by validation mIoU, the latest
-FINAL, BEST, LAST = "final.pt", "best.pt", "last.pt"
 
 
 @dataclass
@@ -166,25 +164,6 @@ def save_checkpoint(path: str | os.PathLike, model: CRAMNet, extra: dict | None 
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return path
-
-
-def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
-    """``path`` itself, or for a training run folder its model: ``final.pt`` (the whole recipe), else ``best.pt``,
-    else ``last.pt``; else the last finished stage's of a stopped recipe (``joint/``, ``round1/``, ...)."""
-    path = Path(path)
-    if not path.is_dir():
-        return path
-    for name in (FINAL, BEST, LAST):
-        if (path / name).is_file():
-            return path / name
-    stages = sorted((d for d in path.iterdir() if d.is_dir() and (d.name == "joint" or d.name.startswith("round"))
-                     and not d.name.endswith("-pseudo")), key=lambda d: (d.name != "joint", d.name))
-    for stage in reversed(stages):
-        for name in (BEST, LAST):
-            if (stage / name).is_file():
-                return stage / name
-    raise CheckpointError(f"{path} is a folder without a model ({FINAL}, {BEST} or {LAST}): give a checkpoint "
-                          "file or a training run folder.")
 
 
 def read_checkpoint_payload(path: str | os.PathLike, map_location="cpu") -> dict:

@@ -26,15 +26,13 @@ import time
 from collections.abc import Generator
 from pathlib import Path
 
-from .checkpoint import FINAL, LAST
 from .errors import DatasetError
 from .io.atomic import atomic_path
 from .progress import CancelToken, Progress
+from .run_files import FINAL, JOINT, LAST, RECIPE_LOG, is_resumable  # noqa: F401
 from .train_config import TrainConfig, dumps_toml
 
 CONFIG = "config.toml"
-RECIPE_LOG = "recipe.json"
-JOINT = "joint"
 
 
 def stage_names(rounds: int) -> list[str]:
@@ -58,19 +56,6 @@ def stage_minutes(config: TrainConfig) -> list[float | None]:
                            f"{config.rounds} rounds); give one share per stage or leave it out.")
     total = sum(shares)
     return [config.minutes * s / total for s in shares]
-
-
-def is_resumable(out: str | Path) -> bool:
-    """Whether ``out`` holds a training run that ``--resume`` (the dock's Resume) can continue: a stage's resume
-    state, or a recipe that has not written its final model yet."""
-    from .train import RESUME
-
-    out = Path(out)
-    if (out / RESUME).is_file():
-        return True
-    if (out / FINAL).is_file():
-        return False
-    return (out / RECIPE_LOG).is_file() or any((d / RESUME).is_file() for d in out.glob("*") if d.is_dir())
 
 
 def _stage_config(config: TrainConfig, name: str, minutes: float | None, pseudo: Path | None,

@@ -51,7 +51,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import BEST, LAST
 from .classes import IGNORE_INDEX, ClassSpec
 from .data.augment import AugmentConfig
 from .data.batch import Batch, collate_batch
@@ -64,11 +63,11 @@ from .evaluate import evaluate_model
 from .losses import joint_loss
 from .progress import Cancelled, CancelToken, Progress, drive
 from .pseudo_labels import PseudoLabeller
+from .run_files import BEST, LAST, RESUME  # noqa: F401 (named without torch, for the Train dock)
 from .train_config import TrainConfig, dumps_toml, load_config
 
 log = logging.getLogger(__name__)
 
-RESUME = "resume.pt"  # model + optimiser + scheduler + scaler + RNG + step, for --resume
 METRICS = "metrics.csv"
 CONFIG = "config.toml"
 

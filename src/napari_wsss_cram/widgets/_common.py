@@ -20,6 +20,7 @@ from qtpy.QtWidgets import (
     QLineEdit,
     QPushButton,
     QScrollArea,
+    QTabWidget,
     QVBoxLayout,
     QWidget,
 )
@@ -231,6 +232,14 @@ def scroll_body(dock: QWidget) -> QVBoxLayout:
 
     outer = QVBoxLayout(dock)
     outer.setContentsMargins(0, 0, 0, 0)
+    # a fixed strip above the scrolling part, for what must never scroll away (Run, Cancel, the palette);
+    # hidden until a dock puts something there
+    header = QWidget()
+    header_layout = QVBoxLayout(header)
+    header_layout.setContentsMargins(9, 6, 9, 0)
+    header.setVisible(False)
+    outer.addWidget(header)
+    dock.header_widget, dock.header_layout = header, header_layout
     area = _VerticalScroll()
     area.setWidgetResizable(True)
     area.setFrameShape(QFrame.NoFrame)
@@ -240,6 +249,28 @@ def scroll_body(dock: QWidget) -> QVBoxLayout:
     outer.addWidget(area)
     dock.scroll_area = area
     return QVBoxLayout(body)
+
+
+class FittingTabs(QTabWidget):
+    """Tabs as tall as the page shown (a QTabWidget is as tall as its tallest page, which in a scrolling dock
+    leaves a short page with a long empty scroll below it)."""
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.currentChanged.connect(self._fit)
+
+    def _fit(self, index: int) -> None:
+        from qtpy.QtWidgets import QSizePolicy
+
+        for i in range(self.count()):
+            policy = QSizePolicy.Preferred if i == index else QSizePolicy.Ignored
+            self.widget(i).setSizePolicy(QSizePolicy.Preferred, policy)
+        self.updateGeometry()
+
+    def addTab(self, page: QWidget, label: str) -> int:  # noqa: N802 (Qt naming)
+        index = super().addTab(page, label)
+        self._fit(self.currentIndex())
+        return index
 
 
 class PathRow(QWidget):

@@ -40,6 +40,11 @@ class WorkerDock(QWidget):
         """The layout of the dock's (scrolling) contents."""
         return self._body
 
+    def header(self) -> QVBoxLayout:
+        """The layout of a strip above the scrolling contents, always in view (for the dock's main buttons)."""
+        self.header_widget.setVisible(True)
+        return self.header_layout
+
     def persisted(self) -> dict:
         """``{key: control}`` saved between napari launches."""
         return {}

@@ -140,7 +140,7 @@ class ExportPanel(QGroupBox):
         form = QFormLayout(self)
         self.labels_combo = QComboBox()
         self.labels_combo.setToolTip("The Labels layer to paint, measure and export (your corrections included)")
-        self.palette = ClassPalette(self.pick_class)
+        self.palette = ClassPalette(self.pick_class)  # placed by the dock, above its scrolling part
         self.region_combo = QComboBox()
         self.region_combo.setToolTip("Measure the whole labels layer, or only inside the shapes of a Shapes layer "
                                      "(draw a region with napari's shape tools)")
@@ -157,6 +157,13 @@ class ExportPanel(QGroupBox):
                 "geojson": "QuPath GeoJSON: one classified polygon per region, in full-resolution pixels"}
         for fmt, check in self.format_checks.items():
             check.setToolTip(tips[fmt])
+        # PNG cannot carry a position: said before the export, for the results that have one
+        self.position_note = QLabel("PNG keeps no position or pixel size: only the OME-TIFF and the GeoJSON "
+                                    "re-open where these labels lie on the image.")
+        self.position_note.setWordWrap(True)
+        self.position_note.setStyleSheet("color: #f39800;")
+        self.position_note.setVisible(False)
+        self.format_checks["png"].toggled.connect(lambda _: self.show_position_note())
         self.qupath_button = QPushButton("Import QuPath annotations…")
         self.qupath_button.setToolTip("Open a QuPath GeoJSON export (classified annotations, level-0 pixels) as a "
                                       "Labels layer on the chosen image, to correct and export back")
@@ -178,9 +185,9 @@ class ExportPanel(QGroupBox):
         form.addRow(self.qupath_button)
         form.addRow("QuPath names", self.qupath_map)
         form.addRow("Labels", self.labels_combo)
-        form.addRow("Paint", self.palette)
         form.addRow("Folder", self.export_dir)
         form.addRow(formats)
+        form.addRow(self.position_note)
         form.addRow(self.export_button)
         form.addRow("Measure in", self.region_combo)
         form.addRow(self.composition_table)
@@ -221,8 +228,20 @@ class ExportPanel(QGroupBox):
         self.region_combo.setCurrentText(current if current in names else WHOLE_LAYER)
         self.region_combo.blockSignals(False)
 
+    def show_position_note(self) -> bool:
+        """Show the PNG note when the chosen labels lie somewhere other than the image's origin at its pixel size
+        (a field of view, a coarser level): a PNG of them would re-open at the origin in pixels."""
+        layer = self.labels_layer()
+        meta = {} if layer is None else layer.metadata.get(result_layers.METADATA_KEY, {})
+        placed = Placement.from_metadata(meta.get("placement"))
+        moved = placed.downsample != 1.0 or any(placed.origin) or bool(placed.mpp0)
+        shown = bool(layer is not None and moved and self.format_checks["png"].isChecked())
+        self.position_note.setVisible(shown)
+        return shown
+
     def watch(self, *_args) -> None:
         """Recompute the composition after each edit of the chosen Labels layer or region (and show its classes)."""
+        self.show_position_note()
         self._refresh_regions()
         region = self.region_layer()
         if region is not None and id(region) not in self._watched:
@@ -243,7 +262,7 @@ class ExportPanel(QGroupBox):
 
     def update_composition(self) -> dict | None:
         """Refresh the composition table from the chosen Labels layer; return the core's composition dict."""
-        from ..core.io.outputs import composition
+        from ..core.io.outputs import composition, describe_tsr
 
         layer = self.labels_layer()
         self.composition_table.setRowCount(0)
@@ -265,14 +284,8 @@ class ExportPanel(QGroupBox):
                      "—" if fraction is None else f"{100 * fraction:.1f}"]
             for c, text in enumerate(cells):
                 self.composition_table.setItem(r, c, QTableWidgetItem(text))
-        ratio, percentage = table.get("tumor_stroma_ratio"), table.get("stroma_percentage")
-        # The clinical tumor-stroma ratio (TSR) is the stroma share of the tumour area, stroma-high above 50%;
-        # tumor / stroma area is a different number and is named as such.
-        self.ratio_label.setText(
-            "Tumor-stroma ratio (TSR): " + ("n/a" if percentage is None else
-                                            f"stroma {100 * percentage:.1f}% of tumor + stroma "
-                                            f"({'stroma-high' if percentage > 0.5 else 'stroma-low'})")
-            + ("" if ratio is None else f"; tumor : stroma area {ratio:.2f}"))
+        # one definition everywhere (core.io.outputs.tumor_stroma_ratio): the batch CSV says the same number
+        self.ratio_label.setText(describe_tsr(table))
         return table
 
     def copy_composition(self) -> str:

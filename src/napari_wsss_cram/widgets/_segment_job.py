@@ -73,6 +73,8 @@ def segment_job(layer, model, info, settings, region, pseudo, cancel: CancelToke
                 prediction.placement = prediction.placement.in_units_of(downsample)
             try:  # the dock paints on in-memory arrays (a streamed slide result is read back at its level)
                 cam = None if prediction.cam is None else np.asarray(prediction.cam)
+                if cam is not None:  # here, off the GUI thread: a map shows only where the labels are tissue
+                    cam = tissue_only_maps(cam, prediction.labels, info.classes.background_index)
                 result = {"labels": np.asarray(prediction.labels), "activations": cam, "scale": prediction.scale,
                           "translate": prediction.translate, "mpp": prediction.mpp, "pseudo": None}
                 if pseudo is not None and cam is not None:
@@ -84,6 +86,17 @@ def segment_job(layer, model, info, settings, region, pseudo, cancel: CancelToke
         finally:
             source.close()
     return result
+
+
+def tissue_only_maps(maps: np.ndarray, labels, background_index: int) -> np.ndarray:
+    """Activation maps (C, H, W) set to 0 where ``labels`` (H, W) are background (no tissue): the model's class
+    maps are high on bright glass, so shown unmasked the slide glows where there is nothing. The same tissue
+    mask as the labels, so map and labels agree on where tissue is."""
+    maps = np.asarray(maps)
+    labels = np.asarray(labels)
+    if maps.shape[-2:] != labels.shape:
+        return maps
+    return np.where((labels == background_index)[None], np.zeros((), maps.dtype), maps)
 
 
 def batch_job(model, info, inputs: list[str], out_dir: str, settings, formats: tuple[str, ...], overwrite: bool,

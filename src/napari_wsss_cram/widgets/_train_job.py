@@ -35,9 +35,11 @@ def describe_weights(backbone: str, weights: str | None) -> str:
     from ..core.model.backbone import describe_weights as describe
 
     try:
-        return describe(backbone, weights)
+        text = describe(backbone, weights)
     except Exception as err:  # an unknown backbone name: said, not raised into the event loop
         return f"unknown ({err})"
+    # the core speaks the command line; the dock names its own control
+    return text.replace("choose ImageNet / --weights imagenet", "choose 'ImageNet' in Weights")
 
 
 def preset_config(preset: str, corrections: str | None = None, **overrides):

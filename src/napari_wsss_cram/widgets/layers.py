@@ -143,6 +143,43 @@ def class_painting(layer, classes: ClassSpec) -> None:
     for index in range(min(classes.num_classes, 9)):
         layer.bind_key(str(index + 1), lambda lyr, i=index: pick_class(lyr, i), overwrite=True)
     layer.bind_key("0", lambda lyr: pick_class(lyr, classes.background_index), overwrite=True)
+    # napari's key help (the status bar's right side) lists its own meanings of the digits: say ours instead,
+    # after napari rewrites it on each mode change ("last": napari's own handler runs first)
+    layer.events.mode.connect(lambda event=None: _show_class_keys(layer, classes), position="last")
+    _show_class_keys(layer, classes)
+
+
+def class_key_help(classes: ClassSpec, mode: str | None = None) -> str:
+    """The key help of a class-painting labels layer: the class keys, then napari's mode keys that still work
+    (their letter keys; the digits paint classes on this layer)."""
+    keys = [f"<{k + 1}> {name}" for k, name in enumerate(classes.names[:9])] + ["<0> background (erase)"]
+    parts = ["paint " + ", ".join(keys)]
+    try:
+        from napari.layers.labels._labels_key_bindings import labels_fun_to_mode
+        from napari.settings import get_settings
+        from napari.utils.action_manager import action_manager
+
+        shortcuts = get_settings().shortcuts.shortcuts
+        for fun, fun_mode in labels_fun_to_mode:
+            name = f"napari:{fun.__name__}"
+            letters = [str(k) for k in shortcuts.get(name, []) if not str(k).isdigit()]
+            if str(fun_mode) == mode or not letters or name not in action_manager._actions:
+                continue
+            parts.append(f"use <{letters[0]}> for {action_manager._actions[name].description.lower()}")
+    except (ImportError, AttributeError, KeyError):  # napari's internals moved: the class keys alone
+        pass
+    return ", ".join(parts)
+
+
+def _show_class_keys(layer, classes: ClassSpec) -> None:
+    layer.help = class_key_help(classes, str(layer.mode))
+    import napari
+
+    viewer = napari.current_viewer()  # napari copied its own text to the viewer's help before this handler ran
+    active = None if viewer is None else viewer.layers.selection.active
+    # by name: a dock's layers are napari's public proxies of the same objects (``is`` tells them apart)
+    if active is not None and active.name == layer.name:
+        viewer.help = layer.help
 
 
 def _stack_on(viewer, source_layer, layer) -> None:
@@ -252,6 +289,17 @@ def classes_of_layer(layer) -> ClassSpec | None:
 def mpp_of_layer(layer) -> float | None:
     """µm per pixel of a result Labels layer's own pixels, when known."""
     return layer.metadata.get(METADATA_KEY, {}).get("mpp")
+
+
+def set_results_mpp(viewer, image_name: str, mpp0: float | None) -> None:
+    """The user stated the level-0 pixel size of ``image_name`` (a PNG states none): its result and imported
+    labels layers take it (their own µm/px = ``mpp0`` x their downsample), for the areas and the exports."""
+    for layer in result_layers_of(viewer, image_name, "labels"):
+        meta = layer.metadata[METADATA_KEY]
+        placed = Placement.from_metadata(meta.get("placement"))
+        placed = Placement(placed.downsample, placed.origin, placed.level, mpp0=mpp0)
+        meta["placement"] = placed.to_metadata()
+        meta["mpp"] = placed.mpp
 
 
 def add_pseudo_label_layer(viewer, source_layer, pseudo: np.ndarray, classes: ClassSpec, scale=1.0,

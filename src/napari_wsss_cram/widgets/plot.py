@@ -1,4 +1,4 @@
-"""A small live plot for the Train dock: loss terms per step and validation mIoU per epoch."""
+"""A small live plot for the Train dock: loss terms and validation mIoU per step."""
 
 from __future__ import annotations
 
@@ -9,6 +9,15 @@ from matplotlib.figure import Figure
 
 #: Redraw at most this often: matplotlib drawing runs on the GUI thread.
 MIN_REDRAW_SECONDS = 0.5
+#: The loss terms of ``core.losses.joint_loss`` in plain words (the legend is read by pathologists).
+LOSS_WORDS = {"total": "total", "cls": "which classes a patch has", "bg": "glass kept as background",
+              "presence": "each class found in its map", "constrained": "pixels only of the patch's classes",
+              "ce": "agreement with pseudo-labels", "energy": "edges follow the stain"}
+
+
+def loss_words(name: str) -> str:
+    """A loss term's legend entry: plain words for the known terms, the name itself otherwise."""
+    return LOSS_WORDS.get(name, name)
 
 
 class TrainingPlot(FigureCanvasQTAgg):
@@ -41,8 +50,9 @@ class TrainingPlot(FigureCanvasQTAgg):
             values.append(float(value))
         self._redraw()
 
-    def add_miou(self, epoch: int, miou: float) -> None:
-        self.miou[0].append(int(epoch))
+    def add_miou(self, step: int, miou: float) -> None:
+        """One validation score, at the training step it was measured after."""
+        self.miou[0].append(int(step))
         self.miou[1].append(float(miou))
         self._redraw(force=True)
 
@@ -61,18 +71,18 @@ class TrainingPlot(FigureCanvasQTAgg):
         self._last_draw = now
         self.loss_axes.clear()
         self.miou_axes.clear()
-        self._style(self.loss_axes, "loss terms", "step")
-        self._style(self.miou_axes, "validation mIoU", "epoch")
+        self._style(self.loss_axes, "loss (lower = better)", "step")
+        self._style(self.miou_axes, "validation mIoU (higher = better)", "step")
         for name, (steps, values) in self.losses.items():
-            self.loss_axes.plot(steps, values, label=name, linewidth=1)
+            self.loss_axes.plot(steps, values, label=loss_words(name), linewidth=1)
         if self.losses:
-            self.loss_axes.legend(fontsize=6, ncol=2, loc="upper right", facecolor="#262930", labelcolor="white",
+            self.loss_axes.legend(fontsize=6, ncol=1, loc="upper right", facecolor="#262930", labelcolor="white",
                                   framealpha=0.5, handlelength=1.0, columnspacing=0.8)
         if self.miou[0]:
             self.miou_axes.plot(*self.miou, marker="o", color="#f39800", linewidth=1)
             self.miou_axes.set_ylim(0, 1)
             first, last = min(self.miou[0]), max(self.miou[0])
-            if first == last:  # one point: matplotlib would give a -0.04..0.04 epoch axis around it
+            if first == last:  # one point: matplotlib would give a -0.04..0.04 step axis around it
                 self.miou_axes.set_xlim(first - 1, last + 1)
                 self.miou_axes.xaxis.get_major_locator().set_params(integer=True)
         self.draw_idle()

@@ -18,6 +18,8 @@ from qtpy.QtWidgets import (
     QPushButton,
     QSlider,
     QSpinBox,
+    QVBoxLayout,
+    QWidget,
 )
 
 from ..core.errors import WsssCramError
@@ -56,6 +58,18 @@ def _numbered_load(load, number: int, path) -> tuple:
         return number, load(path)
     except Exception as err:  # shown in the dock, never raised into the event loop
         return number, err
+
+
+def _note_plain_image(layer) -> None:
+    """A PNG/JPEG opened by napari's own reader (the plugin leaves plain images to it) states no µm/px: say so in
+    its metadata as the plugin's reader does, so the pixel size can be entered and the resolution is a scale."""
+    from ..core.io.formats import image_suffix
+
+    meta = getattr(layer, "metadata", None)
+    path = getattr(getattr(layer, "source", None), "path", None)
+    if isinstance(meta, dict) and "mpp" not in meta and path and \
+            image_suffix(path) in (".png", ".jpg", ".jpeg", ".bmp"):
+        meta["mpp"] = None
 
 
 class SegmentWidget(WorkerDock):
@@ -192,11 +206,31 @@ class SegmentWidget(WorkerDock):
                                         lambda: self.info.classes if self.info is not None else None)
         self.labels_combo = self.export_panel.labels_combo
 
-        layout = self.body()
-        for item in (form, advanced, buttons, self.progress_bar, self.message, view_form, self.export_panel,
-                     batch_box):
-            (layout.addLayout if isinstance(item, QHBoxLayout | QFormLayout) else layout.addWidget)(item)
-        layout.addStretch()
+        # Run, Cancel, progress, the message and the class palette stay in view above the scrolling part (at
+        # 1366x768 with both docks open they were below the fold); the rest is in tabs
+        header = self.header()
+        header.addLayout(buttons)
+        header.addWidget(self.progress_bar)
+        header.addWidget(self.message)
+        paint_row = QHBoxLayout()
+        paint_row.addWidget(QLabel("Paint"))
+        paint_row.addWidget(self.export_panel.palette, 1)
+        header.addLayout(paint_row)
+        settings_page = QWidget()
+        settings_layout = QVBoxLayout(settings_page)
+        for item in (form, advanced, view_form):
+            (settings_layout.addLayout if isinstance(item, QFormLayout) else settings_layout.addWidget)(item)
+        settings_layout.addStretch()
+        self.tabs = common.FittingTabs()
+        self.tabs.addTab(settings_page, "Segment")
+        self.tabs.addTab(self.export_panel, "Correct && export")
+        self.tabs.addTab(batch_box, "Batch")
+        for index, tip in enumerate(["How to segment: image, model, resolution, refinement",
+                                     "Paint corrections, measure the composition, export or import QuPath files",
+                                     "Segment a whole folder of images into an output folder"]):
+            self.tabs.setTabToolTip(index, tip)
+        self.tabs.tabBar().setToolTip("Segment settings, corrections and export, or a folder of images")
+        self.body().addWidget(self.tabs)
 
         self.restore_settings()
         self.overlap_spin.setMaximum(self.tile_spin.value() // 2)
@@ -262,6 +296,7 @@ class SegmentWidget(WorkerDock):
             self._validate()
 
     def _image_changed(self, *_args) -> None:
+        _note_plain_image(self.image_layer())
         self._show_pixel_size()
         # a default chosen before this image was known may not suit it (a model's µm/px on a PNG without one)
         if not self._resolution_chosen:
@@ -290,6 +325,9 @@ class SegmentWidget(WorkerDock):
             return
         layer.metadata["mpp"] = float(value) or None
         layer.metadata["mpp_from_dock"] = True
+        # the results already on this image get the pixel size too: areas in mm² at once, not after a re-run
+        result_layers.set_results_mpp(self.viewer, layer.name, float(value) or None)
+        self.export_panel.update_composition()
         if not self._resolution_chosen:  # the model's µm/px default may now apply
             self.set_default_resolution()
         self._validate()
@@ -647,6 +685,7 @@ class SegmentWidget(WorkerDock):
             self._adding = None
             self.last_result = shown = done.value
             self.labels_combo.setCurrentText(shown["labels"].name)
+            self.tabs.setCurrentWidget(self.export_panel)  # next: correct, measure, export
             self.show_activation()
             self._validate(quiet=True)
             warned = "" if not self._warnings else "  Warning: " + " ".join(self._warnings)
@@ -724,6 +763,7 @@ class SegmentWidget(WorkerDock):
         layer_data, imported = result
         layer = result_layers.add_qupath_layer(self.viewer, layer_data, self._qupath_source)
         self.labels_combo.setCurrentText(layer.name)
+        self.tabs.setCurrentWidget(self.export_panel)
         self.say(f"{imported.summary()}: '{layer.name}'. Paint corrections, then export.")
 
     def export(self, folder: str | Path | None = None) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from pathlib import Path
 
@@ -43,6 +44,23 @@ FIELDS = {"resume": "Resume", "out": "Output", "batch-size": "Batch", "crop": "C
           "data": "Patches", "val": "Validation", "device": "Device", "preset": "Preset", "weights": "Weights"}
 
 
+#: Validations a run with a validation set makes along the way (not only one point at its end).
+VALIDATIONS_PER_RUN = 5
+
+
+def _numbered(number: int, function, *args) -> tuple:
+    """``(number, function(*args))``: which request a worker's answer belongs to."""
+    return number, function(*args)
+
+
+def steady_total(shown: int, estimate: int, done: int) -> int:
+    """The step total to show: a time budget's estimate wobbles by a few steps (40, 38, 40); keep the one shown
+    unless the estimate moves by more than 10% or the steps pass it."""
+    if shown <= 0 or done > shown or abs(estimate - shown) > 0.1 * shown:
+        return max(int(estimate), int(done))
+    return shown
+
+
 class TrainWidget(WorkerDock):
     """Train WSSS-CRAM on image-level-labelled patches, watch it learn, and hand the model to the Segment dock."""
 
@@ -54,6 +72,8 @@ class TrainWidget(WorkerDock):
         self.checkpoint_path: str | None = None
         self.patch_index = None
         self._started = 0.0
+        self._total = 0  # the step total shown (see steady_total)
+        self._weights_asked = 0  # the number of the newest weights description asked for
         self.warnings: list[str] = []  # those of the current run, as shown
         # the recipe's stage now running, and where its steps start on the curves
         self._recipe_index: int | None = None
@@ -231,7 +251,14 @@ class TrainWidget(WorkerDock):
             epochs=self.epochs_spin.value(), steps=self.steps_spin.value() or None,
             batch_size=self.batch_spin.value(), crop=self.crop_spin.value(), lr=self.lr_spin.value(),
             device=self.device_combo.currentText(), resume=resume, corrections=mix, weights=self.weights())
-        return dataclasses.replace(config, minutes=self.minutes_spin.value() or None)
+        config = dataclasses.replace(config, minutes=self.minutes_spin.value() or None)
+        if config.val:  # validate along the way, not only once at the end
+            planned = config.steps
+            if not planned and self.patch_index is not None and not config.minutes:
+                planned = config.epochs * max(1, len(self.patch_index) // max(1, config.batch_size))
+            if planned and (not config.val_every_steps or config.val_every_steps * 2 > planned):
+                config = dataclasses.replace(config, val_every_steps=max(1, planned // VALIDATIONS_PER_RUN))
+        return config
 
     def weights(self) -> str:
         """The TrainConfig.weights of the Weights field (auto, imagenet, none or a file path)."""
@@ -245,13 +272,28 @@ class TrainWidget(WorkerDock):
         return path
 
     def _show_weights(self, *_args) -> None:
-        """Say which weights a run will start from (looks at files only)."""
+        """Say which weights a run will start from (looks at files only). Finding torch's hub cache imports
+        torch (seconds, the first time): then it is looked up in a worker thread, so opening the dock never
+        freezes napari."""
         value = WEIGHTS[self.weights_combo.currentText()]
         self.weights_row.setVisible(value == "file")
         weights = (self.weights_row.text() or None) if value == "file" else value
-        text = "choose a weights file" if weights is None \
-            else describe_weights(self.backbone_combo.currentText(), weights)
-        self.weights_label.setText(f"Starts from {text}.")
+        self._weights_asked += 1
+        if weights is None:
+            self.weights_label.setText("Starts from: choose a weights file.")
+            return
+        backbone = self.backbone_combo.currentText()
+        if "torch" in sys.modules:  # cheap now
+            self._weights_found((self._weights_asked, describe_weights(backbone, weights)))
+            return
+        self.weights_label.setText("Starts from… (looking for the weights)")
+        self._weights_worker = common.in_background(_numbered, self._weights_found, self.show_error,
+                                                    self._weights_asked, describe_weights, backbone, weights)
+
+    def _weights_found(self, result: tuple[int, str]) -> None:
+        number, text = result
+        if number == self._weights_asked and not self._closed:  # not a choice changed meanwhile
+            self.weights_label.setText(f"Starts from {text}.")
 
     def _refresh_layer_choices(self, event=None) -> None:
         from napari.layers import Image, Labels
@@ -267,8 +309,8 @@ class TrainWidget(WorkerDock):
     def run_checkpoint(self) -> str | None:
         """The usable checkpoint in the Output folder (the recipe's final model, else the best or last one of the
         latest stage), also after a cancelled run."""
-        from ..core.checkpoint import resolve_checkpoint_path
         from ..core.errors import CheckpointError
+        from ..core.run_files import resolve_checkpoint_path
 
         out = self.out_row.text()
         if not out or not Path(out).is_dir():
@@ -286,7 +328,7 @@ class TrainWidget(WorkerDock):
 
     def _update_run_buttons(self) -> None:
         """Resume only when the Output folder holds a resumable run; "Use this model" when a checkpoint exists."""
-        from ..core.recipe import is_resumable
+        from ..core.run_files import is_resumable
 
         running = self.worker is not None
         out = self.out_row.text()
@@ -329,6 +371,7 @@ class TrainWidget(WorkerDock):
         for button, enabled in ((self.start_button, False), (self.resume_button, False), (self.cancel_button, True)):
             button.setEnabled(enabled)
         self._started = time.monotonic()
+        self._total = 0
         self.say("Training… (Cancel keeps a usable last checkpoint)")
         self.start_job(lambda cancel: train_job(config, cancel))
 
@@ -349,22 +392,23 @@ class TrainWidget(WorkerDock):
         if recipe is not None and recipe["index"] != self._recipe_index:
             # the curves go on across the recipe's stages: each stage's steps follow the previous one's
             self._recipe_index, self._step_offset = recipe["index"], self._step_offset + self._last_step
-            self._last_step = 0
+            self._last_step = self._total = 0  # each stage has its own step total
         if event.stage == "train":
             self._last_step = event.done
-            self.progress_bar.setMaximum(max(event.total, 1))
+            self._total = steady_total(self._total, event.total, event.done)
+            self.progress_bar.setMaximum(max(self._total, 1))
             self.progress_bar.setValue(event.done)
             losses = {k: v for k, v in (info.get("losses") or {}).items() if isinstance(v, int | float)}
             self.plot.add_losses(self._step_offset + event.done, losses)
             eta = info.get("eta")
-            self.eta_label.setText(f"{stage}step {event.done}/{event.total}, epoch {info.get('epoch', '?')}"
+            self.eta_label.setText(f"{stage}step {event.done}/{self._total}, epoch {info.get('epoch', 0) + 1}"
                                    + ("" if eta is None else f", ETA {int(eta) // 60} min {int(eta) % 60} s"))
         elif event.stage == "pseudo-labels":
             self.progress_bar.setMaximum(max(event.total, 1))
             self.progress_bar.setValue(event.done)
             self.eta_label.setText(f"{stage}pseudo-labels {event.done}/{event.total}")
         elif event.stage == "val" and info.get("mIoU") is not None:
-            self.plot.add_miou(int(info.get("epoch", event.done)), float(info["mIoU"]))
+            self.plot.add_miou(self._step_offset + event.done, float(info["mIoU"]))
         elif event.stage == "data":
             self.eta_label.setText(str(info.get("summary", "")).splitlines()[0])
             if info.get("weights"):

@@ -83,29 +83,50 @@ def folder_lock(folder: str | os.PathLike, what: str = "wsss-cram run") -> Itera
     """
     folder = ensure_writable_folder(folder)
     path = folder / LOCK_NAME
-    fh = open(path, "a+")
+    fh = None
     try:
-        try:
-            if os.name == "nt":  # pragma: no cover - Windows
-                import msvcrt
+        for _ in range(5):  # a run that just ended may remove the file we opened: then lock the new one
+            fh = open(path, "a+")
+            try:
+                if os.name == "nt":  # pragma: no cover - Windows
+                    import msvcrt
 
-                msvcrt.locking(fh.fileno(), msvcrt.LK_NBLCK, 1)
-            else:
-                import fcntl
+                    msvcrt.locking(fh.fileno(), msvcrt.LK_NBLCK, 1)
+                else:
+                    import fcntl
 
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            fh.seek(0)
-            holder = fh.read().strip()
-            raise WsssCramError(f"Another {what} is writing into '{folder}'{f' ({holder})' if holder else ''}; "
-                                "wait for it to finish, or choose another output folder.") from None
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                fh.seek(0)
+                holder = fh.read().strip()
+                fh.close()  # not ours: never removed below
+                raise WsssCramError(f"Another {what} is writing into '{folder}'{f' ({holder})' if holder else ''}; "
+                                    "wait for it to finish, or choose another output folder.") from None
+            if _same_file(fh, path):
+                break
+            fh.close()
         fh.seek(0)
         fh.truncate()
         fh.write(f"{what}, process {os.getpid()}")
         fh.flush()
         yield path
     finally:
-        fh.close()
+        if fh is not None and not fh.closed:
+            # removed while still held (a run that opened it meanwhile sees another file and retries), so a
+            # finished run leaves no lock file behind in the user's folder
+            with contextlib.suppress(OSError):
+                if _same_file(fh, path):
+                    path.unlink()
+            fh.close()
+
+
+def _same_file(fh: Any, path: Path) -> bool:
+    """True when the open file ``fh`` is still the file at ``path`` (not removed or replaced since)."""
+    try:
+        a, b = os.fstat(fh.fileno()), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _as_labels(labels: Any, name: str = "labels") -> np.ndarray:
@@ -573,12 +594,47 @@ def composition_csv(table: dict) -> str:
         area, fraction = values.get("area_mm2"), values.get("tissue_fraction")
         writer.writerow([name, values["pixels"], "" if area is None else f"{area:.6f}",
                          "" if fraction is None else f"{100 * fraction:.2f}"])
-    percentage, ratio = table.get("stroma_percentage"), table.get("tumor_stroma_ratio")
-    if percentage is not None:  # the clinical TSR: stroma share of the tumour area (tumour + stroma)
-        writer.writerow(["stroma_percent_of_tumor_area (TSR)", "", "", f"{100 * percentage:.2f}"])
-    if ratio is not None:
-        writer.writerow(["tumor_to_stroma_area_ratio", "", "", f"{ratio:.4f}"])
+    if "tsr_stroma_fraction" in table:  # one row, always: an empty value says the ratio is undefined
+        fraction = table["tsr_stroma_fraction"]
+        writer.writerow([TSR_COLUMN, "", "", "" if fraction is None else f"{100 * fraction:.2f}"])
     return out.getvalue()
+
+
+#: The name of the tumor-stroma ratio wherever it is written (composition CSV, batch summary): what it is.
+TSR_COLUMN = "tsr_stroma_percent_of_tumor_plus_stroma"
+#: Above this stroma share of tumor + stroma a tumour is "stroma-high" (the TSR literature's 50% cut-off).
+TSR_HIGH_ABOVE = 0.5
+
+
+def tumor_stroma_ratio(tumor_pixels: int, stroma_pixels: int) -> float | None:
+    """The tumor-stroma ratio (TSR) as the field defines it: the stroma share of tumor + stroma area (0..1).
+
+    None (undefined) when there is no tumor: the TSR describes the stroma *of a tumor*, so an image of stroma
+    alone has no TSR, never "100% stroma-high".
+    """
+    tumor, stroma = int(tumor_pixels), int(stroma_pixels)
+    if tumor <= 0:
+        return None
+    return stroma / (tumor + stroma)
+
+
+def tsr_category(fraction: float | None) -> str | None:
+    """``"stroma-high"`` above 50% stroma, ``"stroma-low"`` otherwise, None when the TSR is undefined."""
+    if fraction is None:
+        return None
+    return "stroma-high" if fraction > TSR_HIGH_ABOVE else "stroma-low"
+
+
+def describe_tsr(table: dict) -> str:
+    """One line for people: ``Tumor-stroma ratio (TSR): stroma 40.0% of tumor + stroma (stroma-low)``, or why
+    it is undefined."""
+    if "tsr_stroma_fraction" not in table:
+        return "Tumor-stroma ratio (TSR): needs classes named tumor and stroma."
+    fraction = table["tsr_stroma_fraction"]
+    if fraction is None:
+        return "Tumor-stroma ratio (TSR): undefined, there is no tumor here."
+    return (f"Tumor-stroma ratio (TSR): stroma {100 * fraction:.1f}% of tumor + stroma "
+            f"({tsr_category(fraction)})")
 
 
 def composition(labels: Any, classes: ClassSpec, mpp: float | None = None,
@@ -586,8 +642,8 @@ def composition(labels: Any, classes: ClassSpec, mpp: float | None = None,
     """Tissue composition of a label map (0..K-1 tissue, K background, 255 ignored).
 
     Returns per class ``pixels``, ``area_mm2`` (None without ``mpp``) and ``tissue_fraction`` (share of
-    tissue pixels), plus ``tumor_stroma_ratio`` = tumor area / stroma area and ``stroma_percentage`` =
-    stroma / (tumor + stroma) (the clinical "TSR" convention), when classes named tumor and stroma exist.
+    tissue pixels), plus, when classes named tumor and stroma exist, ``tsr_stroma_fraction`` (the tumor-stroma
+    ratio, :func:`tumor_stroma_ratio`: stroma / (tumor + stroma), None without tumor) and ``tsr_category``.
     Pass precomputed ``counts`` (from ``class_pixel_counts``) to avoid a second pass over a big map.
     """
     if counts is None:
@@ -605,11 +661,10 @@ def composition(labels: Any, classes: ClassSpec, mpp: float | None = None,
     names = [n.lower() for n in classes.names]
     tumor = next((i for i, n in enumerate(names) if n in ("tumor", "tumour")), None)
     stroma = names.index("stroma") if "stroma" in names else None
-    ratio = percentage = None
+    tsr = {}
     if tumor is not None and stroma is not None:
-        t, s = int(counts[tumor]), int(counts[stroma])
-        ratio = (t / s) if s else None
-        percentage = (s / (t + s)) if (t + s) else None
+        fraction = tumor_stroma_ratio(counts[tumor], counts[stroma])
+        tsr = {"tsr_stroma_fraction": fraction, "tsr_category": tsr_category(fraction)}
     total = int(counts.sum())
     return {
         "classes": per_class,
@@ -619,6 +674,5 @@ def composition(labels: Any, classes: ClassSpec, mpp: float | None = None,
         "ignored_pixels": int(counts[IGNORE_INDEX]) if len(counts) > IGNORE_INDEX else 0,
         "total_pixels": total,
         "mpp": None if mpp is None else float(mpp),
-        "tumor_stroma_ratio": ratio,
-        "stroma_percentage": percentage,
+        **tsr,
     }

@@ -72,11 +72,20 @@ class QuPathImport:
     unclassified: int = 0  # annotations without a classification (left out)
     not_regions: int = 0  # detections / cells / tiles (left out)
     skipped_by_map: Counter = field(default_factory=Counter)  # QuPath names the mapping said to skip
+    not_areas: Counter = field(default_factory=Counter)  # geometry type (LineString, Point, ...) -> left out
+    derived: Counter = field(default_factory=Counter)  # (derived QuPath name, model class) -> annotations
+    clipped: int = 0  # annotations reaching beyond the labels (only the part inside is filled)
 
     def summary(self) -> str:
-        """``Imported 3 annotations (tumor 2, stroma 1); left out: 1 without a class, 40 detections``."""
+        """``Imported 3 annotations (tumor 2, stroma 1); 'Tumor: Positive' read as tumor (2); left out: 1 without
+        a class, 40 detections/cells, 2 lines (LineString), 1 point (Point)``."""
         used = ", ".join(f"{name} {n}" for name, n in sorted(self.regions.items()))
-        text = f"Imported {sum(self.regions.values())} annotations" + (f" ({used})" if used else "")
+        total = sum(self.regions.values())
+        text = f"Imported {total} annotation{'' if total == 1 else 's'}" + (f" ({used})" if used else "")
+        if self.derived:
+            text += "; derived classes read as their base class: " + ", ".join(
+                f"'{name}' as {target} ({n})" for (name, target), n in self.derived.items()) + \
+                " (map them in 'QuPath names' to change this)"
         left = []
         if self.unclassified:
             left.append(f"{self.unclassified} without a class")
@@ -84,7 +93,18 @@ class QuPathImport:
             left.append(f"{self.not_regions} detections/cells")
         if self.skipped_by_map:
             left.append(", ".join(f"{n} '{name}' (mapped to skip)" for name, n in self.skipped_by_map.items()))
+        if self.clipped:
+            left.append(f"the part{'' if self.clipped == 1 else 's'} of {self.clipped} annotation"
+                        f"{'' if self.clipped == 1 else 's'} beyond the image")
+        for kind, n in sorted(self.not_areas.items()):
+            word = GEOMETRY_WORDS.get(kind, "annotation")
+            left.append(f"{n} {word}{'' if n == 1 else 's'} ({kind}: no area to fill)")
         return text + ("; left out: " + ", ".join(left) if left else "")
+
+
+#: What a pathologist calls a GeoJSON geometry that encloses no area (QuPath's line, polyline and point tools).
+GEOMETRY_WORDS = {"LineString": "line", "MultiLineString": "line", "Point": "point", "MultiPoint": "point set",
+                  "none": "annotation without geometry"}
 
 
 def load_features(geojson: Any, where: str = "GeoJSON") -> tuple[list, str]:
@@ -137,10 +157,38 @@ def _class_name(props: dict, feature: dict) -> Any:
     return classification
 
 
-def features_extent(geojson: Any) -> tuple[int, int]:
-    """(height, width) in level-0 pixels that hold every polygon of the annotations (their max y, max x)."""
+def _is_derived(name: str) -> bool:
+    """A QuPath derived class ("Tumor: Positive": a base class and its intensity or sub-type)."""
+    return ":" in name
+
+
+def _target_class(name: str, mapping: Mapping[str, str | None], classes: ClassSpec) -> str | None:
+    """The model class a QuPath class name goes to (None: the map says skip).
+
+    The map wins for the full name ("Tumor: Positive=stroma"); then a model class of that name; then, for a
+    derived class, its base class ("Tumor: Positive" -> "Tumor"), through the map too ("Tumour=tumor").
+    """
+    key = name.strip().lower()
+    if key in mapping:
+        return mapping[key]
+    if not _is_derived(name) or _knows(classes, name):
+        return name
+    base = name.split(":", 1)[0].strip()
+    return mapping.get(base.lower(), base) if base else name
+
+
+def _knows(classes: ClassSpec, name: str) -> bool:
+    try:
+        classes.index_of(name)
+    except KeyError:
+        return False
+    return True
+
+
+def features_bounds(geojson: Any) -> tuple[float, float, float, float]:
+    """(y0, x0, y1, x1) in level-0 pixels of the box that holds every polygon of the annotations."""
     features, where = load_features(geojson)
-    top = [0.0, 0.0]
+    lo, hi = [math.inf, math.inf], [-math.inf, -math.inf]
     for feat in features:
         geom = feat.get("geometry") if isinstance(feat, dict) else None
         for poly in (_polygons(geom) or []) if isinstance(geom, dict) else []:
@@ -150,10 +198,17 @@ def features_extent(geojson: Any) -> tuple[int, int]:
                 except (TypeError, ValueError):
                     continue
                 if xy.ndim == 2 and xy.shape[1] >= 2 and len(xy) and np.isfinite(xy[:, :2]).all():
-                    top = [max(top[0], float(xy[:, 1].max())), max(top[1], float(xy[:, 0].max()))]
-    if top == [0.0, 0.0]:
+                    lo = [min(lo[0], float(xy[:, 1].min())), min(lo[1], float(xy[:, 0].min()))]
+                    hi = [max(hi[0], float(xy[:, 1].max())), max(hi[1], float(xy[:, 0].max()))]
+    if not math.isfinite(hi[0]) or max(hi) <= 0:
         raise WsssCramError(f"{where}: no polygon annotations found. {HINT}")
-    return math.ceil(top[0]), math.ceil(top[1])
+    return lo[0], lo[1], hi[0], hi[1]
+
+
+def features_extent(geojson: Any) -> tuple[int, int]:
+    """(height, width) in level-0 pixels that hold every polygon of the annotations (their max y, max x)."""
+    _, _, y1, x1 = features_bounds(geojson)
+    return math.ceil(max(y1, 0.0)), math.ceil(max(x1, 0.0))
 
 
 def qupath_to_labels(
@@ -198,27 +253,28 @@ def qupath_to_labels(
         if object_type is not None and object_type not in REGION_TYPES:
             result.not_regions += 1
             continue
+        polys = _polygons(geom)
+        if not polys:  # points and lines mark no region: counted and said, whatever their class
+            kind = geom.get("type") or "none"
+            result.not_areas[kind if isinstance(kind, str) else "none"] += 1
+            continue
         name = _class_name(props, feat)
         if name is None:
             result.unclassified += 1
             continue
         if not isinstance(name, str):
             raise bad(f"feature {n} has a classification that is not a name")
-        if name.strip().lower() in mapping:
-            target = mapping[name.strip().lower()]
-            if target is None:
-                result.skipped_by_map[name] += 1
-                continue
-        else:
-            target = name
+        target = _target_class(name, mapping, classes)
+        if target is None:
+            result.skipped_by_map[name] += 1
+            continue
         try:
             idx = classes.index_of(target)
         except KeyError:
             unknown[name] += 1
             continue
-        polys = _polygons(geom)
-        if polys is None:
-            continue  # points and lines mark no region
+        if _is_derived(name) and name.strip().lower() not in mapping and target != name:
+            result.derived[(name, classes.all_names[idx])] += 1
         if not isinstance(polys, list) or not all(isinstance(poly, list) for poly in polys):
             raise bad(f"feature {n} has malformed polygon coordinates")
         rings = []  # (rows, cols) in label pixels (centres at integers)
@@ -240,6 +296,8 @@ def qupath_to_labels(
         y1 = min(h, int(math.ceil(max(r.max() for r, _ in rings))) + 1)
         x1 = min(w, int(math.ceil(max(c.max() for _, c in rings))) + 1)
         result.regions[classes.all_names[idx]] += 1
+        if any(r.min() < -0.5 or c.min() < -0.5 or r.max() > h - 0.5 or c.max() > w - 0.5 for r, c in rings):
+            result.clipped += 1
         if y1 <= y0 or x1 <= x0:
             continue  # outside the labels
         mask = np.zeros((y1 - y0, x1 - x0), bool)

@@ -8,7 +8,7 @@ together at the end (a cancelled, failed or killed run leaves nothing under the 
 (``core/inference.py``), which only computes a :class:`~napari_wsss_cram.core.inference.Prediction`.
 
 ``write_outputs(prediction, out_dir, stem, formats, overwrite=False, cancel=None)``
-    writes ``STEM.png``, ``STEM.ome.tif``, ``STEM.geojson``, ``STEM_probs.ome.tif``, ``STEM_composition.json``.
+    writes ``STEM.png``, ``STEM.ome.tif``, ``STEM.geojson``, ``STEM_probs.ome.tif``, ``STEM_composition.json`` and ``.csv``.
     The OME-TIFFs record the result's placement on the slide (OME ``PositionY/PositionX`` of its corner in µm,
     and the exact placement in a private tag), so that a field-of-view result re-opens where it was taken.
 """
@@ -42,12 +42,13 @@ DEFAULT_FORMATS = ("png", "ome-tiff", "geojson")
 
 
 def output_paths(out_dir: str | os.PathLike, stem: str, formats: Iterable[str]) -> dict[str, Path]:
-    """Final file of each output for one input (the composition JSON is always written)."""
+    """Final file of each output for one input (the composition JSON and CSV are always written)."""
     out = Path(out_dir)
     names = {"png": f"{stem}.png", "ome-tiff": f"{stem}.ome.tif", "geojson": f"{stem}.geojson",
              "probs": f"{stem}_probs.ome.tif"}
     paths = {fmt: out / names[fmt] for fmt in formats}
     paths["composition"] = out / f"{stem}_composition.json"
+    paths["composition-csv"] = out / f"{stem}_composition.csv"  # the same table for a spreadsheet
     return paths
 
 
@@ -146,6 +147,7 @@ def write_outputs(prediction: Prediction, out_dir: str | os.PathLike, stem: str,
         if skipped:
             comp["skipped_outputs"] = skipped
         temps["composition"].write_text(json.dumps(comp, indent=2))
+        temps["composition-csv"].write_text(io_out.composition_csv(comp), encoding="utf-8")
         if cancel is not None:
             cancel.raise_if_cancelled()
         for final in finals.values():
@@ -244,8 +246,10 @@ def summary_row(prediction: Prediction, stem: str, comp: dict, finals: dict[str,
     }
     for name, value in prediction.class_pixels.items():
         row[f"pixels_{name}"] = value
-    if "tumor_stroma_ratio" in comp:
-        row["tumor_stroma_ratio"] = comp["tumor_stroma_ratio"]
+    if "tsr_stroma_fraction" in comp:  # the dock's TSR, named by what it is (empty: no tumor, undefined)
+        fraction = comp["tsr_stroma_fraction"]
+        row[io_out.TSR_COLUMN] = None if fraction is None else round(100 * fraction, 2)
+        row["tsr_category"] = comp["tsr_category"]
     row["outputs"] = ";".join(p.name for p in finals.values())
     row["skipped_outputs"] = ";".join(comp.get("skipped_outputs", []))
     return row
