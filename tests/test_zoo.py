@@ -123,6 +123,7 @@ def test_the_package_output_is_wsss_cram_predict(demo_package, tmp_path):
         np.testing.assert_array_equal(package_probs.argmax(0)[sure], labels[sure])
 
 
+@pytest.mark.slow  # four CLI runs, each loading the model
 def test_predict_and_evaluate_from_the_package_equal_the_checkpoint(demo_package, tmp_path, sample_data_dir):
     val = tmp_path / "val"
     for sub in ("img", "mask"):
