@@ -220,7 +220,8 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     inputs = collect_inputs(args.inputs)
     # first of all, before anything is written there (not even the lock)
-    stems = check_batch_inputs(inputs, out_dir, args.formats, where="--out folder")
+    stems = check_batch_inputs(inputs, out_dir, args.formats, where="--out folder",
+                               given=[*args.inputs, args.checkpoint])
     with contextlib.ExitStack() as stack:
         if rank == 0:  # one run per folder: the other ranks of this run write beside rank 0, never alone
             stack.enter_context(folder_lock(out_dir, "wsss-cram predict"))

@@ -115,9 +115,12 @@ def iter_predict_many(model: Any, info: Any, inputs: list[Path], out_dir: Path, 
 
 
 def check_batch_inputs(paths: list[Path], out_dir: Path, formats: tuple[str, ...], where: str = "output folder",
-                       ) -> list[str]:
+                       given: list[str | Path] | None = None) -> list[str]:
     """The checks of a batch before anything is written into ``out_dir`` (not even its lock): names that would
-    collide, outputs that would replace an input, a folder that cannot be written. Returns the output stems."""
+    collide, outputs that would replace an input, an output folder that is (or is inside) an input folder
+    (``given``: the files and folders as the user named them), a folder that cannot be written. Returns the
+    output stems."""
+    from .io.guard import check_output_folder
     from .io.outputs import ensure_writable_folder
     from .io.writers import check_outputs_spare_inputs
 
@@ -128,6 +131,8 @@ def check_batch_inputs(paths: list[Path], out_dir: Path, formats: tuple[str, ...
                             f"collide. Rename them or segment them into different {where}s.")
     for stem in stems:
         check_outputs_spare_inputs(out_dir, stem, formats, paths)
+    # the one output guard: never an input folder, nor inside one (outputs would be read back as inputs)
+    check_output_folder(out_dir, [*paths, *(given or ())], where)
     ensure_writable_folder(out_dir, where)
     return stems
 
@@ -164,7 +169,7 @@ def predict_batch(model: Any, info: Any, inputs: list[str | Path], out_dir: str 
 
     out_dir = Path(out_dir)
     paths = collect_inputs([str(p) for p in inputs])
-    stems = check_batch_inputs(paths, out_dir, formats)
+    stems = check_batch_inputs(paths, out_dir, formats, given=list(inputs))
     with folder_lock(out_dir, "wsss-cram predict"):
         recover_interrupted_outputs(out_dir)
         summary_path = check_batch_outputs(paths, stems, out_dir, formats, overwrite)

@@ -59,8 +59,13 @@ class CRFParams:
     backend: str = "auto"
 
     def __post_init__(self) -> None:
+        from .validate import check_fields
+
         if self.backend not in BACKENDS:
             raise ValueError(f"CRF backend must be one of {', '.join(BACKENDS)}, got '{self.backend}'.")
+        # 0 or NaN widths crashed pydensecrf (SIGSEGV); negative iterations silently skipped the CRF
+        check_fields(self, ["gaussian_sxy", "gaussian_compat", "bilateral_sxy", "bilateral_srgb",
+                            "bilateral_compat", "iterations"])
 
     def to_dict(self) -> dict:
         """The settings as a plain dict (for checkpoints, presets and worker processes)."""

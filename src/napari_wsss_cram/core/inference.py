@@ -127,7 +127,18 @@ class PredictSettings:
     stream_threshold_mp: float = 64.0
     work_dir: str | None = None
 
+    def __post_init__(self) -> None:
+        self.validate()  # when built: the CLI, the presets and the docks meet the same limits
+
     def validate(self) -> None:
+        """Refuse settings outside their documented ranges (``core.validate.RANGES``) with a clear message."""
+        from .validate import check_fields, check_number
+
+        for name in ("scale", "tile", "overlap", "batch"):  # types first: the range checks below compare them
+            check_number(getattr(self, name), name, -math.inf, math.inf, integer=name != "scale",
+                         label=f"--{name}")
+        if self.mpp is not None:
+            check_number(self.mpp, "mpp", -math.inf, math.inf, label="--mpp")
         if self.mpp is None and not (self.scale > 0 and math.isfinite(self.scale)):
             raise WsssCramError(f"--scale must be a positive number, got {self.scale}.")
         if self.mpp is None and not MIN_SCALE <= self.scale <= MAX_SCALE:
@@ -153,6 +164,11 @@ class PredictSettings:
                                 "option out (the system's temporary folder is used).")
         if self.background not in ("tissue", "model"):
             raise WsssCramError(f"background must be 'tissue' or 'model', got '{self.background}'.")
+        if not isinstance(self.crf_params, CRFParams):
+            raise WsssCramError(f"crf_params must be CRFParams, got {type(self.crf_params).__name__}.")
+        check_fields(self, ["tile", "batch", "output_level", "gate_threshold", "stream_threshold_mp"])
+        if self.tissue_threshold is not None:  # a negative threshold made every pixel background, silently
+            check_number(self.tissue_threshold, "tissue_threshold", label="--tissue-threshold")
 
 
 #: disk-backed stores of large slides: a folder per prediction, holding the owner's process id
