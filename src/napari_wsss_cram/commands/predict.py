@@ -217,6 +217,7 @@ def run(args: argparse.Namespace) -> int:
 
     rank, world = _dist_env()
     args.formats = parse_formats(args.format)
+    _parse_crf_params(args.crf_params)  # refused before any work (the full settings need the checkpoint)
     out_dir = Path(args.out)
     inputs = collect_inputs(args.inputs)
     # first of all, before anything is written there (not even the lock)

@@ -76,6 +76,7 @@ from .tiling import (
     window_1d,
 )
 from .tissue import near_white_mask, restrict_to_tissue
+from .validate import RANGES
 
 log = logging.getLogger(__name__)
 
@@ -305,6 +306,7 @@ class TileRunner:
 
         self.torch = torch
         self.device = device
+        self.cancel: CancelToken | None = None  # set by run_tiles: the tile CRF checks it between iterations
         self.cuda = device.type == "cuda"
         self.batch = settings.batch
         self.amp = settings.amp and self.cuda
@@ -409,7 +411,7 @@ class TileRunner:
                 # running), pydensecrf on the CPU tile by tile (in a helper process with crf_isolated).
                 t0 = time.perf_counter()
                 if resolve_backend(self.crf, self.device) == "torch":
-                    probs = dense_crf_torch(rgb, probs, self.crf)
+                    probs = dense_crf_torch(rgb, probs, self.crf, cancel=self.cancel)
                     if self.cuda:
                         torch.cuda.synchronize(self.device)  # so that crf_seconds is the CRF's time
                 else:
@@ -418,7 +420,8 @@ class TileRunner:
                     refined = []
                     for j in range(len(jobs)):
                         p = probs_np[j] / np.maximum(probs_np[j].sum(axis=0, keepdims=True), 1e-8)
-                        refined.append((dense_crf_isolated if self.crf_isolated else dense_crf)(rgb_u8[j], p, self.crf))
+                        refined.append((dense_crf_isolated if self.crf_isolated else dense_crf)(
+                            rgb_u8[j], p, self.crf, cancel=self.cancel))
                     probs = torch.from_numpy(np.stack(refined)).to(self.device)
                 self.crf_seconds += time.perf_counter() - t0
                 if white is not None:  # the CRF may spread background over pale tissue: the mask decides
@@ -778,8 +781,10 @@ def scaled_crf_params(params: CRFParams, work_per_out: float) -> CRFParams:
     """The CRF's distances are in model (work) pixels; the same kernels on the output grid."""
     import dataclasses
 
-    return dataclasses.replace(params, gaussian_sxy=params.gaussian_sxy / work_per_out,
-                               bilateral_sxy=params.bilateral_sxy / work_per_out)
+    # kept inside the settings' range: narrower is no smoothing either way (0 crashed the CRF), wider is global
+    low, high = RANGES["gaussian_sxy"][:2]
+    return dataclasses.replace(params, gaussian_sxy=min(high, max(low, params.gaussian_sxy / work_per_out)),
+                               bilateral_sxy=min(high, max(low, params.bilateral_sxy / work_per_out)))
 
 
 def allocate_outputs(run: PredictionRun) -> None:
@@ -827,6 +832,8 @@ def run_tiles(run: PredictionRun, source: Any, runner: TileRunner, cancel: Cance
     can touch them. Yields Progress."""
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
+
+    runner.cancel = cancel
 
     acc, tiles, total, name = run.accumulator, run.tiles, run.total, run.name
     steps = run.steps
@@ -958,9 +965,10 @@ def refine_crf(run: PredictionRun, source: Any, runner: TileRunner, cancel: Canc
         if use_torch:
             with torch.inference_mode():
                 q = dense_crf_torch(torch.from_numpy(rgb)[None].to(runner.device),
-                                    torch.from_numpy(p)[None].to(runner.device), params)[0].cpu().numpy()
+                                    torch.from_numpy(p)[None].to(runner.device), params,
+                                    cancel=cancel)[0].cpu().numpy()
         else:
-            q = crf_fn(rgb, p, params)
+            q = crf_fn(rgb, p, params, cancel=cancel)
         if tissue_rules:  # as on tiles: the CRF may spread background over pale tissue; the mask decides
             white = p[k] >= 0.5
             tissue = q[:k]

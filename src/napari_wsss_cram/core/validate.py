@@ -17,13 +17,13 @@ from typing import Any
 from .errors import WsssCramError
 
 #: setting -> (low, high, integer?). Bounds are inclusive. Why these: the CRF's lattice divides by its widths
-#: (0 or NaN crashed pydensecrf with SIGSEGV), and one iteration takes ~60 ms per 512² tile, so 100 is >6 s a tile;
+#: (0 or NaN crashed pydensecrf with SIGSEGV; below 0.5 px the torch lattice of a 512² tile overflows), and one iteration takes ~60 ms per 512² tile, so 100 is >6 s a tile;
 #: thresholds are gray levels or shares; scales beyond x16 are almost surely a µm/px typed as a scale.
 RANGES: dict[str, tuple[float, float, bool]] = {
-    "gaussian_sxy": (0.1, 1000.0, False),
+    "gaussian_sxy": (0.5, 1000.0, False),
     "gaussian_compat": (0.0, 1000.0, False),
-    "bilateral_sxy": (0.1, 1000.0, False),
-    "bilateral_srgb": (0.1, 1000.0, False),
+    "bilateral_sxy": (0.5, 1000.0, False),
+    "bilateral_srgb": (0.5, 1000.0, False),
     "bilateral_compat": (0.0, 1000.0, False),
     "iterations": (1, 100, True),
     "tissue_threshold": (0, 255, True),
