@@ -43,9 +43,11 @@ RANGES: dict[str, tuple[float, float, bool]] = {
 
 
 def check_number(value: Any, name: str, low: float | None = None, high: float | None = None,
-                 integer: bool | None = None, label: str | None = None) -> float | int:
-    """``value`` as a number when it is finite and in ``[low, high]`` (default: :data:`RANGES` [name]), else a
-    ``WsssCramError`` naming ``label`` (default ``name``) and the range. Booleans are refused as numbers."""
+                 integer: bool | None = None, label: str | None = None,
+                 error: type[WsssCramError] = WsssCramError) -> float | int:
+    """``value`` as a number when it is finite and in ``[low, high]`` (default: :data:`RANGES` [name]), else an
+    ``error`` (a ``WsssCramError``) naming ``label`` (default ``name``) and the range. Booleans are refused as
+    numbers."""
     lo, hi, is_int = RANGES.get(name, (None, None, False))
     low = lo if low is None else low
     high = hi if high is None else high
@@ -54,21 +56,22 @@ def check_number(value: Any, name: str, low: float | None = None, high: float | 
     span = f"{low:g}..{high:g}" if low is not None and high is not None else (
         f">= {low:g}" if low is not None else f"<= {high:g}" if high is not None else "a finite number")
     if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
-        raise WsssCramError(f"{label} must be a number ({span}), got {value!r}.")
+        raise error(f"{label} must be a number ({span}), got {value!r}.")
     try:
         number = float(value)
     except (TypeError, ValueError, OverflowError):
-        raise WsssCramError(f"{label} must be a number ({span}), got {value!r}.") from None
+        raise error(f"{label} must be a number ({span}), got {value!r}.") from None
     if not math.isfinite(number):
-        raise WsssCramError(f"{label} must be a finite number ({span}), got {value!r}.")
+        raise error(f"{label} must be a finite number ({span}), got {value!r}.")
     if integer and number != int(number):
-        raise WsssCramError(f"{label} must be a whole number ({span}), got {value!r}.")
+        raise error(f"{label} must be a whole number ({span}), got {value!r}.")
     if (low is not None and number < low) or (high is not None and number > high):
-        raise WsssCramError(f"{label} must be in {span}, got {value!r}.")
+        raise error(f"{label} must be in {span}, got {value!r}.")
     return int(number) if integer else (value if isinstance(value, float) else number)
 
 
-def check_fields(obj: Any, names: dict[str, str] | list[str], optional: tuple[str, ...] = ()) -> None:
+def check_fields(obj: Any, names: dict[str, str] | list[str], optional: tuple[str, ...] = (),
+                 error: type[WsssCramError] = WsssCramError) -> None:
     """:func:`check_number` on attributes of ``obj`` (a dataclass); ``names`` maps attribute -> range key (or is
     a list of attributes named as their range key). Attributes in ``optional`` may be None. Integers are
     stored back as ``int`` (a TOML 10.0 becomes 10)."""
@@ -77,9 +80,50 @@ def check_fields(obj: Any, names: dict[str, str] | list[str], optional: tuple[st
         value = getattr(obj, attr)
         if value is None and attr in optional:
             continue
-        checked = check_number(value, key, label=attr)
+        checked = check_number(value, key, label=attr, error=error)
         if RANGES.get(key, (0, 0, False))[2]:
             object.__setattr__(obj, attr, checked)
+
+
+def check_all_finite(obj: Any, error: type[WsssCramError] = WsssCramError) -> None:
+    """Every number of the dataclass ``obj`` (and in its tuples) is finite: NaN passes every ``<``/``>`` test
+    and went through as a silent all-background map or a NaN loss."""
+    from dataclasses import fields
+
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        for v in (value if isinstance(value, tuple) else (value,)):
+            if isinstance(v, float) and not math.isfinite(v):
+                raise error(f"{f.name} must be a finite number, got {v!r}.")
+
+
+#: ranges of the training settings (TrainConfig), checked when a config is built (CLI, presets, dock)
+TRAIN_RANGES: dict[str, tuple[float, float, bool]] = {
+    "jitter": (0.0, 1.0, False), "mosaic_purity": (0.0, 1.0, False), "pseudo_label_scale": (0.01, 16.0, False),
+    "pixel_weight": (0.0, 1000.0, False), "val_scale": (0.01, 16.0, False), "scale_min": (0.01, 16.0, False),
+    "scale_max": (0.01, 16.0, False), "crop": (16, 8192, True), "batch_size": (1, 4096, True),
+    "workers": (0, 256, True), "crf_workers": (0, 256, True), "threads": (1, 4096, True),
+    "log_every": (1, 10 ** 9, True), "checkpoint_every": (1, 10 ** 9, True), "val_every": (1, 10 ** 9, True),
+    "val_every_steps": (1, 10 ** 9, True), "joint_warmup_steps": (0, 10 ** 9, True),
+}
+#: ranges of the model settings (ModelConfig): thresholds, loss weights, the energy's kernel
+MODEL_RANGES: dict[str, tuple[float, float, bool]] = {
+    "tissue_threshold": (0, 255, True), "lambda_seg": (0.0, 1000.0, False),
+    "background_prior_weight": (0.0, 1000.0, False), "map_presence_weight": (0.0, 1000.0, False),
+    "map_presence_top": (0.0, 1.0, False), "energy_weight": (0.0, 1e6, False),
+    "energy_sigma_xy": (0.5, 1e5, False), "energy_sigma_rgb": (0.5, 1e5, False), "energy_scale": (0.01, 1.0, False),
+    "constrained_weight": (0.0, 1000.0, False), "constrained_top": (0.0, 1.0, False),
+    "constrained_share": (0.0, 1.0, False), "train_scale": (0.001, 1000.0, False), "mpp": (0.05, 100.0, False),
+}
+
+
+def check_table(obj: Any, table: dict[str, tuple[float, float, bool]],
+                error: type[WsssCramError] = WsssCramError) -> None:
+    """:func:`check_number` for each attribute of ``obj`` named in ``table`` (None is left to the owner)."""
+    for attr, (low, high, integer) in table.items():
+        value = getattr(obj, attr, None)
+        if value is not None:
+            check_number(value, attr, low, high, integer, label=attr, error=error)
 
 
 def plausible_mpp(mpp: float | None, path: str | os.PathLike) -> float | None:

@@ -82,6 +82,16 @@ class ModelConfig:
         self.aspp_rates = tuple(int(r) for r in self.aspp_rates)
         self.mean = tuple(float(v) for v in self.mean)
         self.std = tuple(float(v) for v in self.std)
+        from ..errors import WsssCramError
+        from ..validate import MODEL_RANGES, check_all_finite, check_table
+
+        try:  # one check for every number (core.validate): NaN and out-of-range values named, as ValueError
+            check_all_finite(self)
+            check_table(self, MODEL_RANGES)
+            if not all(v > 0 for v in self.std):
+                raise WsssCramError(f"std must be positive, got {self.std}.")
+        except WsssCramError as err:
+            raise ValueError(str(err)) from None
 
     def to_dict(self) -> dict:
         """Plain, JSON-compatible dict (tuples become lists)."""
