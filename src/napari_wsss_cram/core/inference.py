@@ -564,6 +564,10 @@ def _choose_read_level(source: Any, settings: PredictSettings, out_level: int,
     b = int(math.floor(want / d_read)) if want / d_read >= 1.5 else 1
     level = _Level(source, read, b)
     geom = Geometry(d_read=d_read * b, d_out=d_out, f=d_read * b / want)
+    if not MIN_SCALE <= geom.f <= MAX_SCALE:  # e.g. --mpp 0.05 on a 4 µm/px image: an 80x up-sampling
+        name = getattr(source, "name", "the image")
+        raise WsssCramError(f"--mpp {target:g} on {name} ({source.mpp:g} µm/px) would resample it {geom.f:.3g}x, "
+                            f"outside {MIN_SCALE:g}..{MAX_SCALE:g}; check --mpp (40x scans are about 0.25 µm/px).")
     return level, geom, {"read_level": read, "box_reduce": b, "work_scale": geom.f, "work_mpp": target,
                          "model_mpp": model_mpp}
 

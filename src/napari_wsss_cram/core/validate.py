@@ -26,7 +26,7 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "bilateral_srgb": (0.5, 1000.0, False),
     "bilateral_compat": (0.0, 1000.0, False),
     "iterations": (1, 100, True),
-    "tissue_threshold": (0, 255, True),
+    "tissue_threshold": (128, 255, True),  # below 128 stained tissue itself is "background": an empty map
     "gate_threshold": (0.0, 1.0, False),
     "tile": (32, 8192, True),
     "batch": (1, 4096, True),
@@ -108,7 +108,7 @@ TRAIN_RANGES: dict[str, tuple[float, float, bool]] = {
 }
 #: ranges of the model settings (ModelConfig): thresholds, loss weights, the energy's kernel
 MODEL_RANGES: dict[str, tuple[float, float, bool]] = {
-    "tissue_threshold": (0, 255, True), "lambda_seg": (0.0, 1000.0, False),
+    "tissue_threshold": (128, 255, True), "lambda_seg": (0.0, 1000.0, False),
     "background_prior_weight": (0.0, 1000.0, False), "map_presence_weight": (0.0, 1000.0, False),
     "map_presence_top": (0.0, 1.0, False), "energy_weight": (0.0, 1e6, False),
     "energy_sigma_xy": (0.5, 1e5, False), "energy_sigma_rgb": (0.5, 1e5, False), "energy_scale": (0.01, 1.0, False),

@@ -81,6 +81,12 @@ def patchify(
         raise DatasetError(f"Patch size {size} is too small; use sides of at least 8 px (WSSS4LUAD: 150-300).")
     if not 0.0 <= overlap < 1.0:
         raise DatasetError(f"overlap must be in [0, 1), got {overlap}.")
+    from ..validate import check_number
+
+    # a negative --min-frac labelled every patch with every class, silently (core.validate.RANGES)
+    check_number(min_frac, "min_frac", label="--min-frac", error=DatasetError)
+    check_number(min_tissue, "min_tissue", label="--min-tissue", error=DatasetError)
+    check_number(overlap, "patch_overlap", label="--overlap", error=DatasetError)
     classes = dataset.classes
     rng = np.random.default_rng(seed)
     paths, labels, skipped = [], [], 0
