@@ -108,7 +108,9 @@ TRAIN_RANGES: dict[str, tuple[float, float, bool]] = {
 }
 #: ranges of the model settings (ModelConfig): thresholds, loss weights, the energy's kernel
 MODEL_RANGES: dict[str, tuple[float, float, bool]] = {
-    "tissue_threshold": (128, 255, True), "lambda_seg": (0.0, 1000.0, False),
+    "tissue_threshold": (128, 255, True), "lambda_seg": (0.0, 1000.0, False), "alpha": (0.0, 1.0, False),
+    "beta": (0.0, 1.0, False), "attention_dim": (1, 4096, True), "attention_heads": (1, 64, True),
+    "attention_layers": (0, 64, True), "attention_pool": (1, 64, True), "aspp_channels": (1, 4096, True),
     "background_prior_weight": (0.0, 1000.0, False), "map_presence_weight": (0.0, 1000.0, False),
     "map_presence_top": (0.0, 1.0, False), "energy_weight": (0.0, 1e6, False),
     "energy_sigma_xy": (0.5, 1e5, False), "energy_sigma_rgb": (0.5, 1e5, False), "energy_scale": (0.01, 1.0, False),

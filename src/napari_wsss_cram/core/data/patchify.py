@@ -79,8 +79,6 @@ def patchify(
     smin, smax = int(min(size)), int(max(size))
     if smin < 8:
         raise DatasetError(f"Patch size {size} is too small; use sides of at least 8 px (WSSS4LUAD: 150-300).")
-    if not 0.0 <= overlap < 1.0:
-        raise DatasetError(f"overlap must be in [0, 1), got {overlap}.")
     from ..validate import check_number
 
     # a negative --min-frac labelled every patch with every class, silently (core.validate.RANGES)
