@@ -224,3 +224,21 @@ def test_a_second_image_in_a_tiff_is_reported(tmp_path):
         warnings.simplefilter("always")
         assert read_rgb(path)[0, 0].tolist() == [100, 100, 100]
     assert any("two.tif holds 2 images" in str(w.message) for w in caught)
+
+
+def test_predict_segments_a_5_channel_image_only_with_its_rgb_channels_named(tmp_path, capsys):
+    from napari_wsss_cram.core.checkpoint import save_checkpoint
+    from napari_wsss_cram.core.model.cram import CRAMNet
+
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "m.pt", CRAMNet(WSSS4LUAD, ModelConfig(
+        backbone="resnet18", output_stride=16, aspp_channels=8, attention_dim=8), weights=None))
+    stack = np.zeros((48, 48, 5), np.uint8)
+    stack[..., 1:4] = np.array([150, 90, 160], np.uint8)
+    tifffile.imwrite(tmp_path / "plex.tif", stack, photometric="minisblack", planarconfig="contig")
+    argv = ["predict", str(ckpt), str(tmp_path / "plex.tif"), "--out", str(tmp_path / "out"), "--scale", "1",
+            "--format", "png"]
+    assert main(argv) == 2
+    assert "plex.tif' has 5 channels" in capsys.readouterr().err
+    assert main(argv + ["--channels", "1,2,3", "--overwrite"]) == 0
+    assert (tmp_path / "out" / "plex.png").is_file()

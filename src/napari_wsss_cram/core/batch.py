@@ -61,7 +61,7 @@ def shard(items: list[Any], rank: int, world: int) -> list[Any]:
 def iter_predict_many(model: Any, info: Any, inputs: list[Path], out_dir: Path, settings: Any,
                       formats: tuple[str, ...], overwrite: bool, rank: int = 0, world: int = 1,
                       fallback: Any = None, cancel: CancelToken | None = None, reader: str = "auto",
-                      ) -> Generator[Progress, None, list[dict]]:
+                      channels: tuple[int, int, int] | None = None) -> Generator[Progress, None, list[dict]]:
     """Predict this rank's share of ``inputs`` and write their outputs; returns one summary row per input.
 
     Yields ``Progress("file", i, n, {"name"})`` before each input and after the last, the engine's own
@@ -69,7 +69,8 @@ def iter_predict_many(model: Any, info: Any, inputs: list[Path], out_dir: Path, 
     that failed; stops at ``cancel`` between tiles and files. ``fallback`` (settings, or None):
     used instead of ``settings`` for an image that does not state its µm/px (the default resolution's
     training-scale fallback; one warning is logged). A bad input does not stop the others: its row has
-    ``status`` = the error message. ``reader``: which library reads slides (``core.io.formats.READERS``).
+    ``status`` = the error message. ``reader``: which library reads slides (``core.io.formats.READERS``);
+    ``channels``: the red, green and blue channels of images with more than 3 (refused without them).
     """
     from .checkpoint import default_resolution
     from .errors import WsssCramError
@@ -86,7 +87,7 @@ def iter_predict_many(model: Any, info: Any, inputs: list[Path], out_dir: Path, 
         yield Progress("file", index, len(mine), {"name": path.name})
         stem = stem_of(path)
         try:
-            with ImageSource.open(path, reader=reader) as source:
+            with ImageSource.open(path, reader=reader, channels=channels) as source:
                 use = settings
                 if fallback is not None and source.mpp is None:
                     use = fallback

@@ -73,7 +73,7 @@ def to_rgb_uint8(block: np.ndarray, *, source: str = "image", float_max: float =
         a, alpha = a[:, :, list(channels)], False
     elif a.ndim == 3 and a.shape[2] > 3 and not (alpha and a.shape[2] == 4):
         raise ImageReadError(f"{source} has {a.shape[2]} channels and no alpha; it is not an RGB image. Name "
-                             "its red, green and blue channels (--channels R,G,B, counted from 0) or save it as RGB.")
+                             "its red, green and blue channels (predict --channels R,G,B, counted from 0) or save it as RGB.")
     if alpha and a.ndim == 3 and a.shape[2] in (2, 4):
         a = _blend_on_white(a)
     if a.dtype == np.uint8:
