@@ -239,3 +239,22 @@ def test_recovery_after_kill_9_with_a_space_in_an_output_name_deletes_only_that_
         {k: finished[k] for k in ("slide.png", "slide.geojson", "slide_composition.json")}
     assert (out / "my slide.png").read_bytes() != b"half of a set"
     assert not (out / ".my slide.renaming").exists()
+
+
+def test_a_full_disk_during_patchify_is_a_message_and_keeps_the_earlier_set(tmp_path, capsys, monkeypatch):
+    import errno
+
+    data = make_pixel_set(tmp_path / "data", n=2, size=64)
+    out = tmp_path / "patches"
+    assert main(["patchify", str(data), "--out", str(out), "--size", "32"]) == 0
+    earlier = snapshot(out)
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    capsys.readouterr()
+    assert main(["patchify", str(data), "--out", str(out), "--size", "48", "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "the disk is full" in err and "Traceback" not in err
+    assert snapshot(out) == earlier  # the earlier set is whole; no build folder is left

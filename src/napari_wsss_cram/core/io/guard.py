@@ -130,6 +130,7 @@ class OutputSet:
 
     def __init__(self, out_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], what: str,
                  overwrite: bool = False, subfolders: Iterable[str] = ()) -> None:
+        inputs = list(inputs)
         self.out_dir = check_output_folder(out_dir, inputs)
         self.inputs = resolved_inputs(inputs)
         self.what = what
@@ -169,11 +170,17 @@ class OutputSet:
         self.build = Path(tempfile.mkdtemp(prefix=BUILD_PREFIX, dir=self.out_dir))
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         try:
             shutil.rmtree(self.build, ignore_errors=True)
         finally:
             self._stack.close()
+        if isinstance(exc, OSError):  # a full disk, a folder made read-only mid-run: said plainly, nothing kept
+            import errno
+
+            reason = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc)).lower()
+            raise WsssCramError(f"Cannot write into '{self.out_dir}': {reason}. Nothing was replaced; free space or "
+                                "choose another output folder, then run again.") from None
 
     def commit(self) -> list[Path]:
         """Move the built files into place (module notes); returns their final paths."""
@@ -215,14 +222,3 @@ def copy_new(src: str | os.PathLike, dst: str | os.PathLike, link: bool = True) 
         shutil.copyfileobj(fin, fout)
     shutil.copystat(src, dst)
     return dst
-
-
-@contextlib.contextmanager
-def guarded_folder(out_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike | None],
-                   what: str) -> Iterator[Path]:
-    """Check ``out_dir`` against the inputs (:func:`check_output_folder`) and hold its lock while writing."""
-    from .outputs import folder_lock
-
-    out = check_output_folder(out_dir, inputs)
-    with folder_lock(out, what):
-        yield out

@@ -300,14 +300,9 @@ class ImageSource:
             source = cls._open_tiff(p)
         else:
             source = cls._open_pillow(p)
+        # the pixels of a >3-channel image without named RGB channels are refused when read (to_rgb_uint8);
+        # opening it stays possible, for its shape and metadata (the package's own probability maps too)
         source.channels = tuple(int(c) for c in channels) if channels is not None else None
-        try:
-            if source.samples > 3 or source.channels:  # refused now (naming the file), not deep in a tile
-                to_rgb_uint8(source._read_raw(0, 0, 1, 0, 1), source=_describe(p), alpha=source.alpha,
-                             channels=source.channels)
-        except ImageReadError:
-            source.close()
-            raise
         h, w = source.shape
         if h == 0 or w == 0:
             source.close()
