@@ -209,7 +209,7 @@ def test_more_than_3_channels_are_refused_unless_the_rgb_channels_are_named(tmp_
     stack = np.zeros((16, 16, 5), np.uint8)
     stack[..., 2], stack[..., 3], stack[..., 4] = 10, 20, 30
     tifffile.imwrite(tmp_path / "plex.tif", stack, photometric="minisblack", planarconfig="contig")
-    with pytest.raises(ImageReadError, match=r"plex.tif' has 5 channels.*--channels R,G,B"):
+    with pytest.raises(ImageReadError, match=r"plex.tif'? has 5 channels.*--channels R,G,B"):
         read_rgb(tmp_path / "plex.tif")
     with ImageSource.open(tmp_path / "plex.tif", channels=(2, 3, 4)) as source:
         assert source.read_level(0)[0, 0].tolist() == [10, 20, 30]
@@ -239,6 +239,6 @@ def test_predict_segments_a_5_channel_image_only_with_its_rgb_channels_named(tmp
     argv = ["predict", str(ckpt), str(tmp_path / "plex.tif"), "--out", str(tmp_path / "out"), "--scale", "1",
             "--format", "png"]
     assert main(argv) == 2
-    assert "plex.tif' has 5 channels" in capsys.readouterr().err
+    assert "plex.tif has 5 channels" in capsys.readouterr().err
     assert main(argv + ["--channels", "1,2,3", "--overwrite"]) == 0
     assert (tmp_path / "out" / "plex.png").is_file()
