@@ -89,7 +89,11 @@ def patchify(
     rng = np.random.default_rng(seed)
     paths, labels, skipped = [], [], 0
     # the one output guard: never into or over the input set, --overwrite replaces only an earlier patchify set
-    guard = OutputSet(out_dir, [dataset.root], "wsss-cram patchify", overwrite)
+    # (the set's img/, mask/ and background-mask/ folders are its inputs: a patches/ folder beside them is fine,
+    # as the Train dock's corrections/patches is)
+    inputs = [dataset.root / d for d in ("img", "mask", "background-mask")]
+    inputs += [p for s in dataset.samples for p in (s.image, s.mask, s.background) if p is not None]
+    guard = OutputSet(out_dir, inputs, "wsss-cram patchify", overwrite)
     with guard:
         tmp = guard.build
         mask_dirs = [d for d, on in ((MASKS_SUBDIR, keep_masks), (STRONG_MASKS_SUBDIR, strong_masks)) if on]
