@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
              ("GeoJSON file", fuzz.test_geojson_file_bytes_give_labels_or_a_clear_error)]
     checkpoint = fuzz.checkpoint_bytes()
     runs.append(("checkpoint", lambda: fuzz.test_checkpoint_loading_never_crashes_on_damaged_files(checkpoint)))
+    runs.append(("CLI flags", lambda: fuzz.test_predict_flags_give_settings_that_segment_or_a_clear_error(checkpoint)))
+    runs.append(("TOML preset", fuzz.test_training_presets_give_a_config_or_a_clear_error))
     print("| target | examples | outcomes | seconds |\n|---|---|---|---|")
     for name, run in runs:
         t = time.perf_counter()

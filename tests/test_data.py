@@ -161,7 +161,8 @@ def test_grayscale_rgba_16bit_patches_are_converted(tmp_path):
     index = discover_patches(tmp_path)
     dataset = PatchDataset(index, AugmentConfig(1.0, 1.0, 32, False, False, 0.0))
     by_name = {p.name[0]: i for i, p in enumerate(index.paths)}
-    for key, expected in (("g", 90), ("r", 200), ("s", 255)):
+    # RGBA 200 at opacity 200/255 is blended onto white (issue 21: transparent is background): 200*200/255 + 55
+    for key, expected in (("g", 90), ("r", 212), ("s", 255)):
         item = dataset[by_name[key]]
         rgb, labels, strong = item["image"], item["labels"], item["strong_mask"]
         assert (strong == 255).all()  # no _masks/ folder: no strong labels

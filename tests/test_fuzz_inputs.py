@@ -252,3 +252,127 @@ def test_checkpoint_loading_never_crashes_on_damaged_files(small_checkpoint_byte
             path.unlink()
 
     check()
+
+
+# ----------------------------------------------------------------------------------------- CLI flags (issue 21)
+
+#: a number as a user may type it: ordinary, negative, zero, huge, not finite, or not a number at all
+_NUMBER_TEXT = st.one_of(st.integers(0, 300).map(str), st.floats(0.05, 20).map(repr),  # plausible, more often
+                         st.integers(-10 ** 12, 10 ** 12).map(str),
+                         st.floats(allow_nan=True, allow_infinity=True, width=32).map(repr),
+                         st.sampled_from(["nan", "inf", "-inf", "0", "-0", "1e308", "0x10", "", "abc", "1,5"]))
+_PREDICT_FLAGS = ("--tile", "--overlap", "--batch", "--scale", "--mpp", "--tissue-threshold", "--output-level")
+_CRF_KEYS = ("gaussian_sxy", "gaussian_compat", "bilateral_sxy", "bilateral_srgb", "bilateral_compat", "iterations")
+
+
+def _tissue_image() -> np.ndarray:
+    """An H&E-like 48x48 image: every pixel is tissue (gray ~ 120-170, under any allowed threshold)."""
+    rng = np.random.default_rng(1)
+    base = np.array([150, 90, 160], np.float32)
+    return np.clip(base + rng.normal(0, 12, (48, 48, 3)), 0, 255).astype(np.uint8)
+
+
+def test_predict_flags_give_settings_that_segment_or_a_clear_error(small_checkpoint_bytes):
+    """Every numeric flag of ``predict`` and every ``--crf-params`` key, drawn: the command line either gives
+    settings that segment an all-tissue image into tissue classes, or a ``WsssCramError`` / argparse error,
+    never another exception, a crash, a hang or a silent all-background map."""
+    from napari_wsss_cram.cli import build_parser
+    from napari_wsss_cram.commands.predict import settings_from_args
+    from napari_wsss_cram.core.checkpoint import load_checkpoint
+    from napari_wsss_cram.core.inference import predict_array
+    from napari_wsss_cram.core.progress import drive
+
+    path = _write(".pt", small_checkpoint_bytes)
+    model, info = load_checkpoint(path)
+    parser = build_parser()
+    image = _tissue_image()
+
+    @settings(FUZZ, max_examples=max(10, EXAMPLES))
+    @given(flags=st.dictionaries(st.sampled_from(_PREDICT_FLAGS), _NUMBER_TEXT, max_size=3),
+           crf=st.dictionaries(st.sampled_from(_CRF_KEYS), _NUMBER_TEXT, max_size=3),
+           device=st.sampled_from(["cpu", "auto", "meta", "cuda:99", "tpu", "cpu:0"]))
+    def check(flags, crf, device) -> None:
+        argv = ["predict", str(path), "x.png", "--out", "o", "--device", device]
+        for flag, value in flags.items():
+            argv += [f"{flag}={value}"]
+        if crf:
+            argv += ["--crf", "--crf-params", ",".join(f"{k}={v}" for k, v in crf.items())]
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit:  # argparse: "argument --tile: invalid int value", one line, exit 2
+            _record("CLI flags", "refused by the parser")
+            return
+        args.formats = ("png",)
+        try:
+            from napari_wsss_cram.core.device import resolve_device
+
+            resolve_device(args.device)
+            settings_ = settings_from_args(args, info, "cpu")
+        except WsssCramError:
+            _record("CLI flags", "refused with a message")
+            return
+        settings_.device = "cpu"
+        settings_.tile = min(settings_.tile, 256)  # drawn sizes up to the limits; the run itself kept small
+        settings_.overlap = min(settings_.overlap, settings_.tile // 2)
+        settings_.batch = min(settings_.batch, 4)
+        settings_.crf_params.iterations = min(settings_.crf_params.iterations, 3)
+        try:
+            prediction = drive(predict_array(model, info, image, settings_, mpp=0.5))
+        except WsssCramError:
+            _record("CLI flags", "refused with a message")  # e.g. an --mpp that resamples beyond the limits
+            return
+        labels = np.asarray(prediction.labels)
+        assert labels.size and (labels != info.classes.background_index).any(), "silent all-background output"
+        _record("CLI flags", "segmented")
+
+    try:
+        check()
+    finally:
+        path.unlink()
+
+
+# --------------------------------------------------------------------------------------- TOML presets (issue 21)
+
+_TOML_VALUE = st.one_of(st.integers(-10 ** 6, 10 ** 6), st.floats(allow_nan=True, allow_infinity=True),
+                        st.booleans(), st.text(max_size=8), st.lists(st.integers(-5, 5), max_size=3))
+
+
+def test_training_presets_give_a_config_or_a_clear_error():
+    """A TOML preset with drawn values for every training and model setting: ``load_config`` gives a config whose
+    numbers are finite and in range, or a ``DatasetError`` naming the preset file; never another exception."""
+    import dataclasses
+
+    import tomli_w
+
+    from napari_wsss_cram.core.errors import DatasetError
+    from napari_wsss_cram.core.model.config import ModelConfig
+    from napari_wsss_cram.core.train_config import TrainConfig, load_config
+    from napari_wsss_cram.core.validate import MODEL_RANGES, TRAIN_RANGES
+
+    train_keys = sorted(f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("model", "data", "out"))
+    model_keys = sorted(f.name for f in dataclasses.fields(ModelConfig))
+
+    @settings(FUZZ, max_examples=max(20, EXAMPLES * 2))
+    @given(top=st.dictionaries(st.sampled_from(train_keys), _TOML_VALUE, max_size=4),
+           model=st.dictionaries(st.sampled_from(model_keys), _TOML_VALUE, max_size=3))
+    def check(top, model) -> None:
+        table = {**top, **({"model": model} if model else {})}
+        path = _write(".toml", tomli_w.dumps(table).encode())
+        try:
+            config = load_config(path)
+        except DatasetError as err:
+            assert path.name in str(err)
+            _record("TOML preset", "refused")
+            return
+        finally:
+            path.unlink()
+        for name, (low, high, _) in TRAIN_RANGES.items():
+            value = getattr(config, name)
+            assert value is None or low <= value <= high, (name, value)
+        built = ModelConfig(**config.model)
+        for name, (low, high, _) in MODEL_RANGES.items():
+            value = getattr(built, name)
+            assert value is None or low <= value <= high, (name, value)
+        _record("TOML preset", "loaded")
+
+    check()

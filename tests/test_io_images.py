@@ -28,10 +28,14 @@ def test_png_and_jpeg_read(tmp_path, rgb):
         assert src.read_level(0).dtype == np.uint8
 
 
-def test_rgba_drops_alpha(tmp_path, rgb):
-    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 7, np.uint8)])
-    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
-    assert np.array_equal(read_rgb(tmp_path / "a.png"), rgb)
+def test_rgba_opaque_pixels_keep_their_colour_and_transparent_ones_are_background(tmp_path, rgb):
+    # issue 21: alpha is no longer dropped (a transparent area read as its hidden colour, often black tissue)
+    opacity = np.full(rgb.shape[:2], 255, np.uint8)
+    opacity[:, : rgb.shape[1] // 2] = 0
+    Image.fromarray(np.dstack([rgb, opacity]), "RGBA").save(tmp_path / "a.png")
+    out = read_rgb(tmp_path / "a.png")
+    half = rgb.shape[1] // 2
+    assert np.array_equal(out[:, half:], rgb[:, half:]) and (out[:, :half] == 255).all()
 
 
 def test_grayscale_converted_with_warning(tmp_path, rgb):

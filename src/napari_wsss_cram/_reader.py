@@ -154,6 +154,7 @@ def _tell(text: str, warning: bool = False) -> None:
 
 def read_layer(path: str | os.PathLike) -> LayerData:
     """One file as a napari layer-data tuple (image, or labels for masks)."""
+    from .core.errors import ImageReadError
     from .core.io.images import ImageSource
 
     p = Path(path)
@@ -172,6 +173,13 @@ def read_layer(path: str | os.PathLike) -> LayerData:
         # the grayscale-to-RGB warning reaches napari's notifications, except for masks (they are not converted)
         warnings.simplefilter("ignore" if maybe_labels else "default")
         source = ImageSource.open(p)
+    if source.samples > 3 and not source.alpha:
+        if p.name.lower().endswith(("_probs.ome.tif", "_probs.ome.tiff")):
+            source.channels = (0, 1, 2)  # this package's probability maps: the first three classes as colours
+        else:
+            source.close()
+            raise ImageReadError(f"{p.name} has {source.samples} channels and no alpha; it is not an RGB image. "
+                                 "Save its red, green and blue channels as an RGB image to open it here.")
     mpp = source.mpp
     scale = (mpp, mpp) if mpp else None
     meta = {"path": str(p), "mpp": mpp, "level_shapes": source.level_shapes,

@@ -72,7 +72,7 @@ def export_files(paths: list[Path], labels: np.ndarray, classes: ClassSpec, tabl
     Existing files are replaced: callers ask first. A generator, so the dock runs it in a worker thread
     (tracing GeoJSON polygons of a big slide takes a while).
     """
-    from .core.io.outputs import composition_csv
+    from .core.io.outputs import atomic_path, composition_csv
 
     written: list[str] = []
     total = len(paths)
@@ -80,8 +80,9 @@ def export_files(paths: list[Path], labels: np.ndarray, classes: ClassSpec, tabl
     for path in paths[:-2]:
         written.append(export_labels(path, labels, classes, mpp, overwrite=True, placement=placement))
         yield Progress("export", len(written), total)
-    Path(paths[-2]).write_text(composition_csv(table), encoding="utf-8")
-    Path(paths[-1]).write_text(json.dumps(table, indent=2), encoding="utf-8")
+    for path, text in ((paths[-2], composition_csv(table)), (paths[-1], json.dumps(table, indent=2))):
+        with atomic_path(path) as tmp:  # whole or not at all, like the masks
+            tmp.write_text(text, encoding="utf-8")
     written += [str(paths[-2]), str(paths[-1])]
     yield Progress("export", total, total)
     return written

@@ -30,12 +30,13 @@ def run(args: argparse.Namespace) -> int:
     from ..core.data.pixel import discover_pixel_dataset
     from ..core.device import resolve_device
     from ..core.evaluate import evaluate_model
-    from ..core.io.outputs import atomic_path, ensure_can_write, ensure_writable_folder
+    from ..core.io.guard import check_output_file
+    from ..core.io.outputs import atomic_path, ensure_writable_folder
     from ..core.progress import drive
 
     if args.json:
         # before the evaluation, not after it: a folder, a read-only place or an existing file fails at once
-        ensure_can_write(args.json, args.overwrite)
+        check_output_file(args.json, [args.checkpoint, args.data], args.overwrite, "--json")
         ensure_writable_folder(Path(args.json).resolve().parent, "folder of --json")
     model, info = load_checkpoint(args.checkpoint,
                                   expect_classes=class_spec_from_names(args.classes) if args.classes else None)

@@ -26,6 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing mask file")
 
 
+MAX_SIDE = 1_000_000
+#: the largest mask rasterised in memory (uint8): beyond it --downsample is asked for, not a MemoryError
+MAX_MASK_PIXELS = 2 ** 32
+
+
 def _shape(text: str) -> tuple[int, int]:
     from ..core.errors import WsssCramError
 
@@ -35,6 +40,9 @@ def _shape(text: str) -> tuple[int, int]:
         raise WsssCramError(f"--shape must be HEIGHTxWIDTH in pixels, e.g. 4096x4096 (got '{text}').") from None
     if h < 1 or w < 1:
         raise WsssCramError(f"--shape must be positive, got '{text}'.")
+    if max(h, w) > MAX_SIDE:  # the largest slides are ~200k px a side; beyond, a typo (or µm typed as px)
+        raise WsssCramError(f"--shape {h}x{w} exceeds {MAX_SIDE} px a side; give the image's level-0 size in "
+                            "pixels (or --image).")
     return h, w
 
 
@@ -42,11 +50,14 @@ def run(args: argparse.Namespace) -> int:
     from .._writer import export_labels
     from ..core.classes import WSSS4LUAD, ClassSpec, class_spec_from_names
     from ..core.errors import WsssCramError
+    from ..core.io.guard import check_output_file
     from ..core.io.qupath import parse_class_map, qupath_to_labels
     from ..core.placement import Placement
 
     if args.downsample < 1:
         raise WsssCramError("--downsample must be 1 or more.")
+    # the one output guard, before any work: never onto an input, an existing file only with --overwrite
+    check_output_file(args.out, [args.geojson, args.image, args.checkpoint], args.overwrite, "--out")
     classes: ClassSpec = WSSS4LUAD
     if args.classes:
         classes = class_spec_from_names(args.classes)
@@ -64,6 +75,10 @@ def run(args: argparse.Namespace) -> int:
         shape = _shape(args.shape)
     d = args.downsample
     level_shape = (-(-shape[0] // d), -(-shape[1] // d))
+    if level_shape[0] * level_shape[1] > MAX_MASK_PIXELS:
+        raise WsssCramError(f"A {level_shape[0]}x{level_shape[1]} mask needs "
+                            f"{level_shape[0] * level_shape[1] / 2 ** 30:.0f} GiB of memory; pass --downsample "
+                            f"{2 * d} or more.")
     imported = qupath_to_labels(args.geojson, level_shape, classes, scale=float(d),
                                 class_map=parse_class_map(args.map))
     written = export_labels(args.out, imported.labels, classes, mpp=None if mpp is None else mpp * d,

@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..core.errors import WsssCramError
-    from ..core.sample import make_sample_data, make_slide
+    from ..core.sample import check_sample_folder, make_sample_data, make_slide
 
     if args.slide_size < 0 or args.n_patches < 0 or args.n_validation < 0:
         raise WsssCramError("--slide-size, --n-patches and --n-validation must not be negative.")
@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"\r{stage}: {done}/{total}   ", end="", file=sys.stderr, flush=True)
 
     if args.slide_only:
+        check_sample_folder(out)  # never replaces a file it did not write
         size = args.slide_size or 4096
         slide, mask = make_slide(out / "slide" / "sample_slide.ome.tif", size=size, seed=args.seed,
                                  mask_path=out / "slide" / "sample_slide_mask.ome.tif",

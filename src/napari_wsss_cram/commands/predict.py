@@ -80,14 +80,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work-dir", default=None,
                         help="folder for the temporary disk-backed arrays of large slides (default: system temp)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument("--channels", type=_channels, default=None, metavar="R,G,B",
+                        help="the red, green and blue channels (from 0) of images with more than 3 channels, which "
+                             "are refused without them, e.g. 2,1,0")
     parser.add_argument("--reader", choices=READERS, default="auto",
                         help="slide reader: auto (default: OpenSlide for MRXS/NDPI/SCN/BIF/DICOM, tifffile for "
                              "TIFF/SVS), tifffile, or openslide (also for SVS; needs the openslide extra)")
 
 
+def _channels(text: str) -> tuple[int, int, int]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"--channels must be three channel numbers R,G,B from 0, got '{text}'")
+    return values  # type: ignore[return-value]
+
+
 def predict_many(model: Any, info: Any, inputs: list[Path], out_dir: Path, settings: Any,
                  formats: tuple[str, ...], overwrite: bool, rank: int = 0, world: int = 1,
-                 show_progress: bool = False, fallback: Any = None, reader: str = "auto") -> list[dict]:
+                 show_progress: bool = False, fallback: Any = None, reader: str = "auto",
+                 channels: tuple[int, int, int] | None = None) -> list[dict]:
     """:func:`core.batch.iter_predict_many` with a tqdm bar per input on stderr (``show_progress``)."""
     from ..core.progress import drive
 
@@ -115,7 +129,7 @@ def predict_many(model: Any, info: Any, inputs: list[Path], out_dir: Path, setti
 
     try:
         return drive(iter_predict_many(model, info, inputs, out_dir, settings, formats, overwrite, rank, world,
-                                       fallback=fallback, reader=reader), on_progress)
+                                       fallback=fallback, reader=reader, channels=channels), on_progress)
     finally:
         if bar is not None:
             bar.close()
@@ -217,10 +231,12 @@ def run(args: argparse.Namespace) -> int:
 
     rank, world = _dist_env()
     args.formats = parse_formats(args.format)
+    _parse_crf_params(args.crf_params)  # refused before any work (the full settings need the checkpoint)
     out_dir = Path(args.out)
     inputs = collect_inputs(args.inputs)
     # first of all, before anything is written there (not even the lock)
-    stems = check_batch_inputs(inputs, out_dir, args.formats, where="--out folder")
+    stems = check_batch_inputs(inputs, out_dir, args.formats, where="--out folder",
+                               given=[*args.inputs, args.checkpoint])
     with contextlib.ExitStack() as stack:
         if rank == 0:  # one run per folder: the other ranks of this run write beside rank 0, never alone
             stack.enter_context(folder_lock(out_dir, "wsss-cram predict"))
@@ -262,7 +278,7 @@ def _run_locked(args: argparse.Namespace, inputs: list[Path], out_dir: Path, sum
         out_dir.mkdir(parents=True, exist_ok=True)
         rows = predict_many(model, info, inputs, out_dir, settings, args.formats, args.overwrite, rank, world,
                             show_progress=sys.stderr.isatty(), fallback=fallback,
-                            reader=getattr(args, "reader", "auto"))
+                            reader=getattr(args, "reader", "auto"), channels=getattr(args, "channels", None))
         all_rows = _gather_rows(rows, world)
         failed = 0
         if all_rows is not None:

@@ -61,7 +61,7 @@ def shard(items: list[Any], rank: int, world: int) -> list[Any]:
 def iter_predict_many(model: Any, info: Any, inputs: list[Path], out_dir: Path, settings: Any,
                       formats: tuple[str, ...], overwrite: bool, rank: int = 0, world: int = 1,
                       fallback: Any = None, cancel: CancelToken | None = None, reader: str = "auto",
-                      ) -> Generator[Progress, None, list[dict]]:
+                      channels: tuple[int, int, int] | None = None) -> Generator[Progress, None, list[dict]]:
     """Predict this rank's share of ``inputs`` and write their outputs; returns one summary row per input.
 
     Yields ``Progress("file", i, n, {"name"})`` before each input and after the last, the engine's own
@@ -69,7 +69,8 @@ def iter_predict_many(model: Any, info: Any, inputs: list[Path], out_dir: Path, 
     that failed; stops at ``cancel`` between tiles and files. ``fallback`` (settings, or None):
     used instead of ``settings`` for an image that does not state its µm/px (the default resolution's
     training-scale fallback; one warning is logged). A bad input does not stop the others: its row has
-    ``status`` = the error message. ``reader``: which library reads slides (``core.io.formats.READERS``).
+    ``status`` = the error message. ``reader``: which library reads slides (``core.io.formats.READERS``);
+    ``channels``: the red, green and blue channels of images with more than 3 (refused without them).
     """
     from .checkpoint import default_resolution
     from .errors import WsssCramError
@@ -86,7 +87,7 @@ def iter_predict_many(model: Any, info: Any, inputs: list[Path], out_dir: Path, 
         yield Progress("file", index, len(mine), {"name": path.name})
         stem = stem_of(path)
         try:
-            with ImageSource.open(path, reader=reader) as source:
+            with ImageSource.open(path, reader=reader, channels=channels) as source:
                 use = settings
                 if fallback is not None and source.mpp is None:
                     use = fallback
@@ -115,9 +116,12 @@ def iter_predict_many(model: Any, info: Any, inputs: list[Path], out_dir: Path, 
 
 
 def check_batch_inputs(paths: list[Path], out_dir: Path, formats: tuple[str, ...], where: str = "output folder",
-                       ) -> list[str]:
+                       given: list[str | Path] | None = None) -> list[str]:
     """The checks of a batch before anything is written into ``out_dir`` (not even its lock): names that would
-    collide, outputs that would replace an input, a folder that cannot be written. Returns the output stems."""
+    collide, outputs that would replace an input, an output folder that is (or is inside) an input folder
+    (``given``: the files and folders as the user named them), a folder that cannot be written. Returns the
+    output stems."""
+    from .io.guard import check_output_folder
     from .io.outputs import ensure_writable_folder
     from .io.writers import check_outputs_spare_inputs
 
@@ -128,6 +132,8 @@ def check_batch_inputs(paths: list[Path], out_dir: Path, formats: tuple[str, ...
                             f"collide. Rename them or segment them into different {where}s.")
     for stem in stems:
         check_outputs_spare_inputs(out_dir, stem, formats, paths)
+    # the one output guard: never an input folder, nor inside one (outputs would be read back as inputs)
+    check_output_folder(out_dir, [*paths, *(given or ())], where)
     ensure_writable_folder(out_dir, where)
     return stems
 
@@ -164,7 +170,7 @@ def predict_batch(model: Any, info: Any, inputs: list[str | Path], out_dir: str 
 
     out_dir = Path(out_dir)
     paths = collect_inputs([str(p) for p in inputs])
-    stems = check_batch_inputs(paths, out_dir, formats)
+    stems = check_batch_inputs(paths, out_dir, formats, given=list(inputs))
     with folder_lock(out_dir, "wsss-cram predict"):
         recover_interrupted_outputs(out_dir)
         summary_path = check_batch_outputs(paths, stems, out_dir, formats, overwrite)

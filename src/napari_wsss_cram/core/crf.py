@@ -28,6 +28,8 @@ filtered on a permutohedral lattice (Adams et al. 2010) and symmetrically normal
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import threading
 from collections import OrderedDict
@@ -36,12 +38,19 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import DependencyError
+from .errors import DependencyError, WsssCramError
+from .progress import CancelToken
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # torch is imported lazily: the CLI's help and the pydensecrf path do not need it
     import torch
 
 INSTALL_HINT = "pip install pydensecrf2"
+
+
+class CRFSettingsError(WsssCramError, ValueError):
+    """CRF settings that cannot run on the given image (a ValueError too, as before)."""
 BACKENDS = ("auto", "torch", "pydensecrf")
 
 
@@ -59,8 +68,13 @@ class CRFParams:
     backend: str = "auto"
 
     def __post_init__(self) -> None:
+        from .validate import check_fields
+
         if self.backend not in BACKENDS:
             raise ValueError(f"CRF backend must be one of {', '.join(BACKENDS)}, got '{self.backend}'.")
+        # 0 or NaN widths crashed pydensecrf (SIGSEGV); negative iterations silently skipped the CRF
+        check_fields(self, ["gaussian_sxy", "gaussian_compat", "bilateral_sxy", "bilateral_srgb",
+                            "bilateral_compat", "iterations"])
 
     def to_dict(self) -> dict:
         """The settings as a plain dict (for checkpoints, presets and worker processes)."""
@@ -125,11 +139,13 @@ def _check_inputs(image: np.ndarray, probs: np.ndarray) -> None:
                          f"(found sums between {sums.min():.4f} and {sums.max():.4f}).")
 
 
-def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams | None = None) -> np.ndarray:
+def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams | None = None,
+              cancel: CancelToken | None = None) -> np.ndarray:
     """Refine per-pixel class probabilities with a fully connected CRF (the backend of ``params``).
 
     ``image``: uint8 RGB (H, W, 3). ``probs``: float (C, H, W), summing to 1 over C at each pixel.
-    Returns float32 (C, H, W) probabilities after mean-field inference.
+    Returns float32 (C, H, W) probabilities after mean-field inference. ``cancel`` is checked between
+    iterations (both backends run them one at a time, so SIGTERM's handler and Cancel act within one).
     """
     params = params or CRFParams()
     image = np.asarray(image)
@@ -139,42 +155,122 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams | None = N
         import torch
 
         refined = dense_crf_torch(torch.from_numpy(np.require(image, np.uint8, ["C", "W"]))[None],
-                                  torch.from_numpy(np.ascontiguousarray(probs, dtype=np.float32))[None], params)
+                                  torch.from_numpy(np.ascontiguousarray(probs, dtype=np.float32))[None], params,
+                                  cancel=cancel)
         return refined[0].numpy()
-    return _dense_crf_pydensecrf(image, probs, params)
+    return _dense_crf_pydensecrf(image, probs, params, cancel)
 
 
 _HELPER = None  # the process that runs pydensecrf for dense_crf_isolated (started on first use, then kept)
 _HELPER_LOCK = threading.Lock()
+#: why the helper could not start (then every call runs in-process); None while it works or is untried
+HELPER_FAILURE: str | None = None
+#: seconds the helper may take to start (spawn + imports) before the work falls back to this process
+HELPER_START_TIMEOUT = 60.0
 
 
-def dense_crf_isolated(image: np.ndarray, probs: np.ndarray, params: CRFParams | None = None) -> np.ndarray:
+def _start_helper():
+    """The helper pool, started and proven (a no-op answered) within HELPER_START_TIMEOUT; raises on failure."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=ignore_interrupts)
+    try:
+        pool.submit(_helper_ping).result(timeout=HELPER_START_TIMEOUT)
+    except BaseException:
+        _stop_helper(pool)
+        raise
+    return pool
+
+
+def _helper_failure_reason(err: BaseException) -> str:
+    """Why the helper did not start, in words: spawn re-imports the main script, which fails when it is not a
+    file (python fed on standard input, some notebook and embedding hosts)."""
+    import os
+    import sys
+
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if main_file is not None and not os.path.isfile(main_file):
+        return f"the main script '{main_file}' is not a file a new process can import"
+    if isinstance(err, TimeoutError) or type(err).__name__ == "TimeoutError":
+        return f"it did not answer within {HELPER_START_TIMEOUT:g} s"
+    return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+
+
+def _helper_ping() -> bool:
+    return True
+
+
+def _stop_helper(pool) -> None:
+    """Stop a helper pool at once, killing its process (a CRF in it may run for long)."""
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        with contextlib.suppress(Exception):
+            proc.kill()
+    with contextlib.suppress(Exception):
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def dense_crf_isolated(image: np.ndarray, probs: np.ndarray, params: CRFParams | None = None,
+                       cancel: CancelToken | None = None) -> np.ndarray:
     """:func:`dense_crf`, with the pydensecrf backend run in a helper process.
 
     Why: pydensecrf holds the GIL for a whole image (0.5-0.7 s for 512², measured as napari event-loop
     stalls), so a GUI's worker thread calling it freezes the GUI; waiting on a process releases the GIL. The
     torch backend releases the GIL itself and runs here. The helper is spawned (forking a process that runs Qt
-    and torch threads is unsafe) once, on first use, and lives until this process exits.
+    and torch threads is unsafe) once, on first use, and lives until this process exits. When it cannot start
+    (a script fed to python on standard input: spawn cannot re-import it; a sandbox without processes) the
+    reason is logged as a warning (the docks show it) and the CRF runs in this process. ``cancel`` is checked
+    while waiting; a cancelled CRF's helper is killed (it is restarted on next use).
     """
-    global _HELPER
+    global _HELPER, HELPER_FAILURE
     params = params or CRFParams()
     if resolve_backend(params) != "pydensecrf":
-        return dense_crf(image, probs, params)
+        return dense_crf(image, probs, params, cancel)
     image, probs = np.asarray(image), np.asarray(probs)
     _check_inputs(image, probs)  # errors are raised here, in the caller's words, not in the helper
     with _HELPER_LOCK:
-        if _HELPER is None:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
-            _HELPER = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                          initializer=ignore_interrupts)
+        if _HELPER is None and HELPER_FAILURE is None:
+            try:
+                _HELPER = _start_helper()
+            except Exception as err:  # noqa: BLE001 - any failure to start means: run in-process
+                HELPER_FAILURE = _helper_failure_reason(err)
+                log.warning("The CRF helper process could not start (%s); the CRF runs in this process instead "
+                            "(the window may respond slowly while it runs).", HELPER_FAILURE)
         helper = _HELPER
-    return helper.submit(_dense_crf_pydensecrf, np.ascontiguousarray(image), np.ascontiguousarray(probs),
-                         params).result()
+    if helper is None:
+        return dense_crf(image, probs, params, cancel)
+    from concurrent.futures import TimeoutError as FutureTimeout
+    from concurrent.futures.process import BrokenProcessPool
+
+    try:
+        future = helper.submit(_dense_crf_pydensecrf, np.ascontiguousarray(image), np.ascontiguousarray(probs),
+                               params)
+        while True:
+            try:
+                return future.result(timeout=0.1)
+            except FutureTimeout:
+                if cancel is not None and cancel.cancelled:
+                    _drop_helper(helper)
+                    cancel.raise_if_cancelled()
+    except BrokenProcessPool as err:  # the helper died: report, and run this one here
+        _drop_helper(helper)
+        log.warning("The CRF helper process stopped (%s); the CRF runs in this process instead.", err)
+        return dense_crf(image, probs, params, cancel)
+    except BaseException:  # KeyboardInterrupt (SIGTERM in the CLI): do not leave the helper computing
+        _drop_helper(helper)
+        raise
 
 
-def _dense_crf_pydensecrf(image: np.ndarray, probs: np.ndarray, params: CRFParams) -> np.ndarray:
+def _drop_helper(helper) -> None:
+    global _HELPER
+    with _HELPER_LOCK:
+        if _HELPER is helper:
+            _HELPER = None
+    _stop_helper(helper)
+
+
+def _dense_crf_pydensecrf(image: np.ndarray, probs: np.ndarray, params: CRFParams,
+                          cancel: CancelToken | None = None) -> np.ndarray:
     dcrf = _densecrf_module()
     n_labels, height, width = probs.shape
     # pydensecrf reads the image buffer directly: it must be C-contiguous uint8, and writable (its typed
@@ -186,7 +282,13 @@ def _dense_crf_pydensecrf(image: np.ndarray, probs: np.ndarray, params: CRFParam
     crf.addPairwiseGaussian(sxy=params.gaussian_sxy, compat=params.gaussian_compat)
     crf.addPairwiseBilateral(sxy=params.bilateral_sxy, srgb=params.bilateral_srgb, rgbim=image,
                              compat=params.bilateral_compat)
-    q = crf.inference(int(params.iterations))
+    # one iteration at a time (same result as crf.inference(n), measured): between two, Python runs SIGTERM's
+    # handler and the cancel token is read, so a long CRF stops within one iteration (~60 ms per 512²)
+    q, tmp1, tmp2 = crf.startInference()
+    for _ in range(int(params.iterations)):
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        crf.stepInference(q, tmp1, tmp2)
     return np.asarray(q, dtype=np.float32).reshape(n_labels, height, width)
 
 
@@ -250,7 +352,8 @@ class PermutohedralLattice:
             strides[i] = strides[i + 1] * radix[i + 1]
         span = int(strides[0]) * int(radix[0])
         if span * b >= 2 ** 62:
-            raise ValueError("CRF features span too wide a lattice; lower the resolution or raise sxy/srgb.")
+            raise CRFSettingsError("The CRF's kernels are too narrow for this image (its lattice would overflow); "
+                                   "raise the CRF's sxy/srgb or lower the resolution.")
         batch = torch.arange(b, device=dev).repeat_interleave(n)
         base = ((rem0_i - lo) * strides).sum(1) + batch * span             # (P,)
         by_rank = torch.zeros(points, d + 2, dtype=torch.long, device=dev)
@@ -380,7 +483,8 @@ def _features(images: torch.Tensor, sxy: float, srgb: float | None) -> torch.Ten
     return torch.cat(parts, -1)
 
 
-def dense_crf_torch(images: torch.Tensor, probs: torch.Tensor, params: CRFParams | None = None) -> torch.Tensor:
+def dense_crf_torch(images: torch.Tensor, probs: torch.Tensor, params: CRFParams | None = None,
+                    cancel: CancelToken | None = None) -> torch.Tensor:
     """The dense CRF's mean-field inference in torch, for a batch, on the device of ``probs``.
 
     ``images``: RGB (B, H, W, 3), uint8 or float in 0..255 (float colours are rounded, as a uint8 image would
@@ -412,6 +516,8 @@ def dense_crf_torch(images: torch.Tensor, probs: torch.Tensor, params: CRFParams
                      for i in range(b)]
         q = (-unary).softmax(1)
         for _ in range(int(params.iterations)):
+            if cancel is not None:  # between iterations: Cancel (and SIGTERM's handler) act within one
+                cancel.raise_if_cancelled()
             # the position kernel is one image's: the batch rides along as extra columns
             smooth = position.apply(q.permute(2, 0, 1).reshape(n, b * c)).view(n, b, c).permute(1, 2, 0)
             appearance = torch.stack([kernel.apply(q[i].t()).t() for i, kernel in enumerate(bilateral)])

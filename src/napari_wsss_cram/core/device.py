@@ -26,6 +26,11 @@ def resolve_device(name: str | None = "auto") -> Any:
         device = torch.device(name)
     except RuntimeError as err:
         raise WsssCramError(f"Unknown device '{name}': use auto, cpu, cuda, cuda:N or mps.") from err
+    if device.type not in ("cpu", "cuda", "mps"):  # meta, xla, ...: no data lives there; tracebacks followed
+        raise WsssCramError(f"Device '{name}' cannot run wsss-cram; use auto, cpu, cuda, cuda:N or mps.")
+    if device.type == "cuda" and device.index is not None and torch.cuda.is_available() \
+            and device.index >= torch.cuda.device_count():
+        raise WsssCramError(f"Device '{name}' does not exist here ({torch.cuda.device_count()} CUDA device(s)).")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise WsssCramError(f"Device '{name}' was asked for but CUDA is not available here; use cpu or auto.")
     if device.type == "mps" and not has_mps:

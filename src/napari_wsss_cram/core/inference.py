@@ -76,6 +76,7 @@ from .tiling import (
     window_1d,
 )
 from .tissue import near_white_mask, restrict_to_tissue
+from .validate import RANGES
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,18 @@ class PredictSettings:
     stream_threshold_mp: float = 64.0
     work_dir: str | None = None
 
+    def __post_init__(self) -> None:
+        self.validate()  # when built: the CLI, the presets and the docks meet the same limits
+
     def validate(self) -> None:
+        """Refuse settings outside their documented ranges (``core.validate.RANGES``) with a clear message."""
+        from .validate import check_fields, check_number
+
+        for name in ("scale", "tile", "overlap", "batch"):  # types first: the range checks below compare them
+            check_number(getattr(self, name), name, -math.inf, math.inf, integer=name != "scale",
+                         label=f"--{name}")
+        if self.mpp is not None:
+            check_number(self.mpp, "mpp", -math.inf, math.inf, label="--mpp")
         if self.mpp is None and not (self.scale > 0 and math.isfinite(self.scale)):
             raise WsssCramError(f"--scale must be a positive number, got {self.scale}.")
         if self.mpp is None and not MIN_SCALE <= self.scale <= MAX_SCALE:
@@ -153,6 +165,11 @@ class PredictSettings:
                                 "option out (the system's temporary folder is used).")
         if self.background not in ("tissue", "model"):
             raise WsssCramError(f"background must be 'tissue' or 'model', got '{self.background}'.")
+        if not isinstance(self.crf_params, CRFParams):
+            raise WsssCramError(f"crf_params must be CRFParams, got {type(self.crf_params).__name__}.")
+        check_fields(self, ["tile", "batch", "output_level", "gate_threshold", "stream_threshold_mp"])
+        if self.tissue_threshold is not None:  # a negative threshold made every pixel background, silently
+            check_number(self.tissue_threshold, "tissue_threshold", label="--tissue-threshold")
 
 
 #: disk-backed stores of large slides: a folder per prediction, holding the owner's process id
@@ -289,6 +306,7 @@ class TileRunner:
 
         self.torch = torch
         self.device = device
+        self.cancel: CancelToken | None = None  # set by run_tiles: the tile CRF checks it between iterations
         self.cuda = device.type == "cuda"
         self.batch = settings.batch
         self.amp = settings.amp and self.cuda
@@ -393,7 +411,7 @@ class TileRunner:
                 # running), pydensecrf on the CPU tile by tile (in a helper process with crf_isolated).
                 t0 = time.perf_counter()
                 if resolve_backend(self.crf, self.device) == "torch":
-                    probs = dense_crf_torch(rgb, probs, self.crf)
+                    probs = dense_crf_torch(rgb, probs, self.crf, cancel=self.cancel)
                     if self.cuda:
                         torch.cuda.synchronize(self.device)  # so that crf_seconds is the CRF's time
                 else:
@@ -402,7 +420,8 @@ class TileRunner:
                     refined = []
                     for j in range(len(jobs)):
                         p = probs_np[j] / np.maximum(probs_np[j].sum(axis=0, keepdims=True), 1e-8)
-                        refined.append((dense_crf_isolated if self.crf_isolated else dense_crf)(rgb_u8[j], p, self.crf))
+                        refined.append((dense_crf_isolated if self.crf_isolated else dense_crf)(
+                            rgb_u8[j], p, self.crf, cancel=self.cancel))
                     probs = torch.from_numpy(np.stack(refined)).to(self.device)
                 self.crf_seconds += time.perf_counter() - t0
                 if white is not None:  # the CRF may spread background over pale tissue: the mask decides
@@ -545,6 +564,10 @@ def _choose_read_level(source: Any, settings: PredictSettings, out_level: int,
     b = int(math.floor(want / d_read)) if want / d_read >= 1.5 else 1
     level = _Level(source, read, b)
     geom = Geometry(d_read=d_read * b, d_out=d_out, f=d_read * b / want)
+    if not MIN_SCALE <= geom.f <= MAX_SCALE:  # e.g. --mpp 0.05 on a 4 µm/px image: an 80x up-sampling
+        name = getattr(source, "name", "the image")
+        raise WsssCramError(f"--mpp {target:g} on {name} ({source.mpp:g} µm/px) would resample it {geom.f:.3g}x, "
+                            f"outside {MIN_SCALE:g}..{MAX_SCALE:g}; check --mpp (40x scans are about 0.25 µm/px).")
     return level, geom, {"read_level": read, "box_reduce": b, "work_scale": geom.f, "work_mpp": target,
                          "model_mpp": model_mpp}
 
@@ -762,8 +785,10 @@ def scaled_crf_params(params: CRFParams, work_per_out: float) -> CRFParams:
     """The CRF's distances are in model (work) pixels; the same kernels on the output grid."""
     import dataclasses
 
-    return dataclasses.replace(params, gaussian_sxy=params.gaussian_sxy / work_per_out,
-                               bilateral_sxy=params.bilateral_sxy / work_per_out)
+    # kept inside the settings' range: narrower is no smoothing either way (0 crashed the CRF), wider is global
+    low, high = RANGES["gaussian_sxy"][:2]
+    return dataclasses.replace(params, gaussian_sxy=min(high, max(low, params.gaussian_sxy / work_per_out)),
+                               bilateral_sxy=min(high, max(low, params.bilateral_sxy / work_per_out)))
 
 
 def allocate_outputs(run: PredictionRun) -> None:
@@ -811,6 +836,8 @@ def run_tiles(run: PredictionRun, source: Any, runner: TileRunner, cancel: Cance
     can touch them. Yields Progress."""
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
+
+    runner.cancel = cancel
 
     acc, tiles, total, name = run.accumulator, run.tiles, run.total, run.name
     steps = run.steps
@@ -942,9 +969,10 @@ def refine_crf(run: PredictionRun, source: Any, runner: TileRunner, cancel: Canc
         if use_torch:
             with torch.inference_mode():
                 q = dense_crf_torch(torch.from_numpy(rgb)[None].to(runner.device),
-                                    torch.from_numpy(p)[None].to(runner.device), params)[0].cpu().numpy()
+                                    torch.from_numpy(p)[None].to(runner.device), params,
+                                    cancel=cancel)[0].cpu().numpy()
         else:
-            q = crf_fn(rgb, p, params)
+            q = crf_fn(rgb, p, params, cancel=cancel)
         if tissue_rules:  # as on tiles: the CRF may spread background over pale tissue; the mask decides
             white = p[k] >= 0.5
             tissue = q[:k]

@@ -23,7 +23,6 @@ pixel-labelled input of stage 2.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Generator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -303,8 +302,7 @@ def make_pseudo_labels(checkpoint: str | Path, patches: str | Path, out_dir: str
     classes and its tissue (:func:`segmentation_pseudo_label`); ``"maps"``: the paper's reliable labels of the
     activation maps (alpha/beta + CRF agreement, :func:`reliable_pseudo_labels`). ``refine`` (segmentation
     source): ``"par"`` refines the probabilities by colour affinities first (:func:`segmentation_pseudo_label`)."""
-    import shutil
-    import tempfile
+    import contextlib
 
     import torch
     from PIL import Image
@@ -313,11 +311,17 @@ def make_pseudo_labels(checkpoint: str | Path, patches: str | Path, out_dir: str
     from .data.patches import discover_patches, load_patch_rgb, write_classes_file
     from .device import resolve_device
     from .errors import CheckpointError, OutputExistsError
+    from .io.guard import OutputSet, copy_new
     from .io.outputs import write_index_png
+    from .validate import check_number
 
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise OutputExistsError(f"{out_dir} exists and is not empty; choose another --out or pass --overwrite.")
+    # the one output guard, before any work: never into or over the patches, --overwrite replaces only an
+    # earlier pseudo-labels set (its manifest's files)
+    guard = OutputSet(out_dir, [patches, checkpoint], "wsss-cram pseudo-labels", overwrite,
+                      subfolders=("img", "mask"))
+    if scale is not None:
+        check_number(scale, "scale", label="--scale")
     if source not in PSEUDO_LABEL_SOURCES:
         raise ValueError(f"source must be one of {', '.join(PSEUDO_LABEL_SOURCES)}, got '{source}'.")
     if refine not in PSEUDO_LABEL_REFINEMENTS:
@@ -328,15 +332,22 @@ def make_pseudo_labels(checkpoint: str | Path, patches: str | Path, out_dir: str
         raise CheckpointError(f"{checkpoint} is a stage-2 model without activation maps; give the joint "
                               "(stage 1) checkpoint, or use the segmentation source.")
     index = discover_patches(patches, info.classes)
+    names: dict[str, Path] = {}
+    for path in index.paths:  # class sub-folders may hold the same file name twice: the outputs would collide
+        if path.stem in names:
+            raise OutputExistsError(f"Two patches share the name '{path.stem}' ({names[path.stem]} and {path}); "
+                                    "their pseudo-labels would collide. Rename one.")
+        names[path.stem] = path
     if scale is None:  # patches carry no µm/px: the checkpoint's training scale
         scale = float(default_resolution(info, image_has_mpp=False).scale)
     model.to(dev).eval()
     # the CRF worker pool is needed only for the maps' reliable labels
     labeller = (PseudoLabeller(crf_workers, model.config.__dict__, model.config.use_crf, dev) if source == "maps"
                 else None)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with contextlib.ExitStack() as stack:
+        if labeller is not None:
+            stack.callback(labeller.close)
+        tmp = stack.enter_context(guard).build
         (tmp / "img").mkdir()
         (tmp / "mask").mkdir()
         for i, path in enumerate(index.paths):
@@ -358,18 +369,8 @@ def make_pseudo_labels(checkpoint: str | Path, patches: str | Path, out_dir: str
                 label = np.asarray(Image.fromarray(label).resize((w, h), Image.NEAREST))
             name = path.stem + ".png"
             write_index_png(tmp / "mask" / name, label, info.classes)
-            try:
-                os.link(path, tmp / "img" / path.name)
-            except OSError:
-                shutil.copy2(path, tmp / "img" / path.name)
+            copy_new(path, tmp / "img" / path.name)  # never onto an existing path (a link to another input)
             yield Progress("pseudo-labels", i + 1, len(index), {"image": path.name})
         write_classes_file(tmp, info.classes)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        if labeller is not None:
-            labeller.close()
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        guard.commit()
     return out_dir

@@ -73,7 +73,7 @@ def _stage_config(config: TrainConfig, name: str, minutes: float | None, pseudo:
 def _read_log(out: Path) -> dict:
     path = out / RECIPE_LOG
     if not path.is_file():
-        return {"finished": {}}
+        return {"finished": {}, "pseudo": {}}
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
@@ -85,14 +85,15 @@ def _write_log(out: Path, log: dict) -> None:
         Path(tmp).write_text(json.dumps(log, indent=1), encoding="utf-8")
 
 
-def _wait_for(path: Path, cancel: CancelToken | None, what: str, timeout: float = 24 * 3600.0) -> None:
-    """Ranks other than 0 (torchrun) wait for rank 0's pseudo-labels, which appear by an atomic rename."""
+def _wait_for_pseudo_labels(out: Path, name: str, cancel: CancelToken | None, timeout: float = 24 * 3600.0
+                            ) -> None:
+    """Ranks other than 0 (torchrun) wait until rank 0 records the round's pseudo-labels as finished."""
     t0 = time.monotonic()
-    while not path.is_dir():
+    while not _read_log(out).get("pseudo", {}).get(name):
         if cancel is not None:
             cancel.raise_if_cancelled()
         if time.monotonic() - t0 > timeout:
-            raise DatasetError(f"{what} did not appear in {path} (rank 0 failed?).")
+            raise DatasetError(f"The pseudo-labels of {name} did not appear in {out} (rank 0 failed?).")
         time.sleep(1.0)
 
 
@@ -112,7 +113,7 @@ def train_recipe_steps(config: TrainConfig, cancel: CancelToken | None = None
     if not config.out:
         raise DatasetError("No run folder given (--out RUN_DIR).")
     names = stage_names(config.rounds)
-    log = _read_log(out) if config.resume else {"finished": {}}
+    log = _read_log(out) if config.resume else {"finished": {}, "pseudo": {}}
     if config.resume and (out / LAST).is_file() and not (out / RECIPE_LOG).is_file():
         raise DatasetError(f"{out} holds one training stage, not a recipe: continue it with `wsss-cram train "
                            "--stage 1 --resume` (or --stage 2), or start the recipe in another folder.")
@@ -138,14 +139,17 @@ def train_recipe_steps(config: TrainConfig, cancel: CancelToken | None = None
         pseudo = None
         if previous is not None:
             pseudo = out / f"{name}-pseudo"
-            if not pseudo.is_dir():
+            # finished pseudo-labels are recorded in recipe.json (the folder exists from the start of the writing)
+            if not log.setdefault("pseudo", {}).get(name):
                 if main_rank:
                     events = make_pseudo_labels(previous, config.data, pseudo, device=config.device, cancel=cancel,
-                                                refine=config.pseudo_refine)
+                                                refine=config.pseudo_refine, overwrite=pseudo.exists())
                     for event in events:
                         yield Progress("pseudo-labels", event.done, event.total, {**event.info, "recipe": recipe})
+                    log["pseudo"][name] = str(pseudo)
+                    _write_log(out, log)
                 else:
-                    _wait_for(pseudo, cancel, "The pseudo-labels")
+                    _wait_for_pseudo_labels(out, name, cancel)
         minutes = budgets[i]
         if minutes is not None and i == len(names) - 1:
             # the last stage gets what is left of the whole budget (pseudo-labelling included)

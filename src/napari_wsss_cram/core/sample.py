@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -534,7 +535,10 @@ def _save_png(path: Path, array: np.ndarray, palette: list[int] | None = None) -
     img = Image.fromarray(array)
     if palette is not None:
         img.putpalette(palette)
-    img.save(path, format="PNG", optimize=True)
+    from .io.atomic import atomic_path
+
+    with atomic_path(path) as tmp:  # a killed run never leaves a half-written PNG under a sample's name
+        img.save(tmp, format="PNG", optimize=True)
 
 
 def make_montage(images: list[np.ndarray], out_path: str | Path, columns: int = 8, cell: int = 150,
@@ -558,6 +562,50 @@ def make_montage(images: list[np.ndarray], out_path: str | Path, columns: int = 
     return out
 
 
+#: what make_sample_data writes, by folder: the only files it ever replaces or deletes (by name)
+SAMPLE_FILES = {
+    "patches": re.compile(r"sample\d{4,}-\[[01](, [01])*\]\.png"),
+    "validation/img": re.compile(r"\d{2,}\.png"),
+    "validation/mask": re.compile(r"\d{2,}\.png"),
+    "validation/background-mask": re.compile(r"\d{2,}\.png"),
+    "slide": re.compile(r"sample_slide(_mask)?\.ome\.tif"),
+}
+README_TITLE = "# Synthetic H&E sample data"
+
+
+def check_sample_folder(out_dir: str | Path) -> dict[str, list[Path]]:
+    """The files an earlier ``make_sample_data`` left in ``out_dir``, by folder; raises ``WsssCramError`` when
+    one of its folders holds other files (someone's data: they would be mixed into the sample set, and the old
+    code deleted every PNG there), or when ``README.md`` is not the sample set's."""
+    from .errors import WsssCramError
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise WsssCramError(f"--out '{out}' exists and is not a folder.")
+    own: dict[str, list[Path]] = {}
+    tops = {"README.md", *(sub.split("/")[0] for sub in SAMPLE_FILES)}
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in tops and not p.name.startswith(".")) \
+        if out.is_dir() else []
+    if foreign:
+        raise WsssCramError(f"'{out}' holds files that make-sample-data did not write ({', '.join(foreign[:3])}"
+                            f"{' and more' if len(foreign) > 3 else ''}); choose an empty or new --out folder.")
+    for sub, pattern in SAMPLE_FILES.items():
+        folder = out / sub
+        if not folder.is_dir():
+            continue
+        files = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+        foreign = [p.name for p in files if not (p.is_file() and pattern.fullmatch(p.name))]
+        if foreign:
+            raise WsssCramError(f"'{folder}' holds files that make-sample-data did not write "
+                                f"({', '.join(foreign[:3])}{' and more' if len(foreign) > 3 else ''}); it never "
+                                "deletes them. Choose an empty or new --out folder.")
+        own[sub] = files
+    readme = out / "README.md"
+    if readme.exists() and not readme.read_text(encoding="utf-8", errors="replace").startswith(README_TITLE):
+        raise WsssCramError(f"'{readme}' is not the sample set's README; choose an empty or new --out folder.")
+    return own
+
+
 def make_sample_data(out_dir: str | Path, n_patches: int = 240, n_validation: int = 20,
                      slide_size: int = 4096, seed: int = 0, patch_size: tuple[int, int] = (150, 224),
                      validation_size: tuple[int, int] = (250, 400), posterize: int = 8,
@@ -574,11 +622,12 @@ def make_sample_data(out_dir: str | Path, n_patches: int = 240, n_validation: in
     with colours rounded to multiples of ``posterize`` (invisible, ~2x smaller PNGs).
     """
     out = Path(out_dir)
+    own = check_sample_folder(out)  # before anything is written: refuse a folder holding someone's files
     t0 = time.perf_counter()
     rng = np.random.default_rng(_salt(seed, 1))
     patch_dir = out / "patches"
     patch_dir.mkdir(parents=True, exist_ok=True)
-    for old in patch_dir.glob("*.png"):
+    for old in own.get("patches", []):
         old.unlink()
     label_counts = np.zeros(3, int)
     montage: list[np.ndarray] = []
@@ -605,7 +654,7 @@ def make_sample_data(out_dir: str | Path, n_patches: int = 240, n_validation: in
     val = out / "validation"
     for sub in ("img", "mask", "background-mask"):
         (val / sub).mkdir(parents=True, exist_ok=True)
-        for old in (val / sub).glob("*.png"):
+        for old in own.get(f"validation/{sub}", []):
             old.unlink()
     bg_palette = [0, 0, 0, 255, 255, 255] + [0] * 762
     val_pixels = np.zeros(4, np.int64)
@@ -651,7 +700,7 @@ def make_sample_data(out_dir: str | Path, n_patches: int = 240, n_validation: in
 def write_readme(out_dir: str | Path, summary: dict) -> Path:
     """``README.md`` of a generated sample folder: what is there and how to regenerate it."""
     facts = {k: v for k, v in summary.items() if k != "seconds"}
-    text = f"""# Synthetic H&E sample data (generated, not patient data)
+    text = f"""{README_TITLE} (generated, not patient data)
 
 Made by `wsss-cram make-sample-data --out THIS_FOLDER --seed {summary['seed']}` (`core/sample.py`);
 the same command gives the same bytes. Classes: 0 tumor, 1 stroma, 2 normal, 3 background (WSSS4LUAD).
@@ -667,6 +716,9 @@ the same command gives the same bytes. Classes: 0 tumor, 1 stroma, 2 normal, 3 b
 {json.dumps(facts, indent=2)}
 ```
 """
+    from .io.atomic import atomic_path
+
     path = Path(out_dir) / "README.md"
-    path.write_text(text)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
     return path

@@ -133,6 +133,10 @@ class TrainConfig:
             raise DatasetError(f"pseudo_refine must be 'none' or 'par', got '{self.pseudo_refine}'.")
         if self.optimizer not in ("sgd", "adam"):
             raise DatasetError(f"optimizer must be 'sgd' or 'adam', got '{self.optimizer}'.")
+        from .validate import TRAIN_RANGES, check_all_finite, check_table
+
+        check_all_finite(self, DatasetError)
+        check_table(self, TRAIN_RANGES, DatasetError)
         self.model = dict(self.model or {})
         if self.model:
             from .model.config import ModelConfig
@@ -141,6 +145,10 @@ class TrainConfig:
             if unknown:  # a misspelt [model] key would otherwise be a switch that does nothing
                 raise DatasetError(f"Unknown [model] settings: {', '.join(unknown)} (known: "
                                    f"{', '.join(sorted(f.name for f in fields(ModelConfig)))}).")
+            try:  # its numbers meet the same limits here as in a checkpoint (the preset names the file)
+                ModelConfig(**self.model)
+            except (TypeError, ValueError) as err:
+                raise DatasetError(f"[model]: {err}") from None
 
     def _check_types(self) -> None:
         """Each setting has the type its annotation says (a TOML typo such as ``lr = "fast"`` or ``crop = 1.5``

@@ -327,6 +327,8 @@ class ExportPanel(QGroupBox):
     def _prepare_export(self, folder: str | Path | None):
         """Check and gather what an export needs (on the GUI thread: it reads the layer and may ask); returns
         the arguments of ``_writer.export_files``, or None when there is nothing to do (the reason is shown)."""
+        from ..core.io.guard import check_spares_inputs
+
         layer = self.labels_layer()
         if layer is None:
             raise WsssCramError("There is no Labels layer to export: run a segmentation first.")
@@ -335,6 +337,9 @@ class ExportPanel(QGroupBox):
             raise WsssCramError("Choose an output folder (Folder, Browse…) to export the labels into.")
         folder = Path(folder_text).expanduser()
         paths = self.export_paths(layer, folder)
+        # the one output guard: never onto (or into the folder of) an image open in the viewer
+        inputs = [getattr(lyr.source, "path", None) for lyr in self.viewer.layers]
+        check_spares_inputs(paths, inputs)
         existing = [p for p in paths if p.exists()]
         if existing and not self.confirm_overwrite(existing):
             common.show_message(self.message, "Export cancelled: no file was replaced.")

@@ -8,8 +8,6 @@ challenge's patches) per image; ``overlap`` lets small image sets give more patc
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +16,8 @@ import numpy as np
 from PIL import Image
 
 from ..classes import IGNORE_INDEX, ClassSpec
-from ..errors import DatasetError, OutputExistsError
+from ..errors import DatasetError
+from ..io.guard import OutputSet
 from ..progress import CancelToken, Progress
 from .patches import write_classes_file
 from .pixel import PixelIndex, load_pixel_sample
@@ -80,17 +79,23 @@ def patchify(
     smin, smax = int(min(size)), int(max(size))
     if smin < 8:
         raise DatasetError(f"Patch size {size} is too small; use sides of at least 8 px (WSSS4LUAD: 150-300).")
-    if not 0.0 <= overlap < 1.0:
-        raise DatasetError(f"overlap must be in [0, 1), got {overlap}.")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise OutputExistsError(f"{out_dir} exists and is not empty; choose another --out or pass --overwrite.")
+    from ..validate import check_number
+
+    # a negative --min-frac labelled every patch with every class, silently (core.validate.RANGES)
+    check_number(min_frac, "min_frac", label="--min-frac", error=DatasetError)
+    check_number(min_tissue, "min_tissue", label="--min-tissue", error=DatasetError)
+    check_number(overlap, "patch_overlap", label="--overlap", error=DatasetError)
     classes = dataset.classes
     rng = np.random.default_rng(seed)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     paths, labels, skipped = [], [], 0
-    try:
+    # the one output guard: never into or over the input set, --overwrite replaces only an earlier patchify set
+    # (the set's img/, mask/ and background-mask/ folders are its inputs: a patches/ folder beside them is fine,
+    # as the Train dock's corrections/patches is)
+    inputs = [dataset.root / d for d in ("img", "mask", "background-mask")]
+    inputs += [p for s in dataset.samples for p in (s.image, s.mask, s.background) if p is not None]
+    guard = OutputSet(out_dir, inputs, "wsss-cram patchify", overwrite)
+    with guard:
+        tmp = guard.build
         mask_dirs = [d for d, on in ((MASKS_SUBDIR, keep_masks), (STRONG_MASKS_SUBDIR, strong_masks)) if on]
         for d in mask_dirs:
             (tmp / d).mkdir()
@@ -121,10 +126,5 @@ def patchify(
         if not paths:
             raise DatasetError(f"{dataset.root}: no patch held enough tissue; lower --min-frac or the patch size.")
         write_classes_file(tmp, classes)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        guard.commit()
     return PatchifyResult(out_dir, paths, np.asarray(labels, np.uint8), skipped)

@@ -108,7 +108,9 @@ def load_mask(sample: PixelSample, classes: ClassSpec, shape: tuple[int, int] | 
     """The uint8 (H, W) mask of ``sample`` in ``0..K`` (+255), background-mask applied; checked against ``classes``."""
     from ..io.outputs import read_index_png
 
-    mask = np.asarray(read_index_png(sample.mask, classes))
+    # by colour when the palette holds class colours (a reordered palette maps right); a folder whose
+    # classes.txt orders the classes otherwise is remapped by index below instead
+    mask = np.asarray(read_index_png(sample.mask, classes if sample.remap is None else None))
     if mask.ndim != 2:
         raise DatasetError(f"{sample.mask}: a mask must be a single-channel index or palette PNG.")
     if shape is not None and mask.shape != tuple(shape):

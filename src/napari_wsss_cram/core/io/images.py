@@ -7,8 +7,12 @@ data built on the same region reads. PNG/JPEG are decoded whole at open (they ar
 a truncated file is thus caught at once).
 
 Pixel conversions are explicit and identical for every path that reads pixels:
-RGB is kept, RGBA drops alpha, grayscale is converted to RGB with a warning, 16-bit is scaled to 8-bit
-(full range, ``v / 257``), float is read as ``0..1``. Everything returned is ``uint8 (h, w, 3)``.
+RGB is kept; alpha (RGBA, gray+alpha, TIFF ExtraSamples) is blended onto white, so transparent is background;
+more than 3 channels without alpha are refused unless the RGB channels are named; the EXIF orientation of a
+JPEG/PNG is applied (as viewers show it); grayscale is converted to RGB with a warning, 16-bit is scaled to
+8-bit (full range, ``v / 257``), float is read as ``0..1``. Everything returned is ``uint8 (h, w, 3)``. A TIFF
+holding more than one image (series) is read as its first, with a warning; a stated µm/px below 0.05 is
+ignored with a warning naming the file.
 
 Pixel size (µm/px, ``mpp``) comes from OME ``PhysicalSizeX``, Aperio ``MPP =`` in the SVS ImageDescription,
 or the TIFF resolution tags (only when in centimetres/inches and plausible for microscopy, < 50 µm/px,
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
@@ -36,6 +41,7 @@ TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 #: µm per unit of the OME ``PhysicalSizeXUnit`` values we accept.
 _OME_UNITS_UM = {"µm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6, "Å": 1e-4}
 _MAX_PLAUSIBLE_MPP = 50.0
+_MIN_PLAUSIBLE_MPP = 0.05  # below any optical scan (100x oil is ~0.1 µm/px); as core.validate.RANGES["mpp"]
 
 #: Images up to this many pixels are returned as in-memory arrays by ``napari_data`` when single-level.
 _SMALL_IMAGE_PIXELS = 64_000_000
@@ -49,14 +55,27 @@ def _describe(path: Path) -> str:
     return f"'{path}'"
 
 
-def to_rgb_uint8(block: np.ndarray, *, source: str = "image", float_max: float = 1.0) -> np.ndarray:
+def to_rgb_uint8(block: np.ndarray, *, source: str = "image", float_max: float = 1.0, alpha: bool = False,
+                 channels: tuple[int, int, int] | None = None) -> np.ndarray:
     """Convert a (h, w), (h, w, 1..4) block of uint8/uint16/float/bool to ``uint8 (h, w, 3)``.
 
     Float data is read as ``0..float_max`` (1 for the usual 0..1 images; :func:`float_range_max` tells an
     ImageJ/MATLAB 0..255 export). No warning here: the grayscale warning is issued once per image by
-    ``ImageSource``.
+    ``ImageSource``. ``alpha``: the last of 2 or 4 channels is opacity, and what is transparent is blended onto
+    white (background: slide scanners leave unscanned areas transparent). ``channels``: the RGB channels of an
+    image with more than 3 (a multiplexed or fluorescence stack is refused without them: its first three
+    channels are not an H&E colour image).
     """
     a = np.asarray(block)
+    if channels is not None and a.ndim == 3:
+        if max(channels) >= a.shape[2]:
+            raise ImageReadError(f"{source}: RGB channels {channels} asked for, but it has {a.shape[2]} channels.")
+        a, alpha = a[:, :, list(channels)], False
+    elif a.ndim == 3 and a.shape[2] > 3 and not (alpha and a.shape[2] == 4):
+        raise ImageReadError(f"{source} has {a.shape[2]} channels and no alpha; it is not an RGB image. Name "
+                             "its red, green and blue channels (predict --channels R,G,B, counted from 0) or save it as RGB.")
+    if alpha and a.ndim == 3 and a.shape[2] in (2, 4):
+        a = _blend_on_white(a)
     if a.dtype == np.uint8:
         pass
     elif a.dtype == np.bool_:
@@ -81,6 +100,14 @@ def to_rgb_uint8(block: np.ndarray, *, source: str = "image", float_max: float =
     if channels >= 3:
         return np.ascontiguousarray(a[:, :, :3])
     raise ImageReadError(f"{source}: unsupported channel count {channels}.")
+
+
+def _blend_on_white(a: np.ndarray) -> np.ndarray:
+    """Colour (or grey) with opacity as its last channel, blended onto white, in the input's dtype."""
+    top = 1.0 if a.dtype.kind == "f" else float(np.iinfo(a.dtype).max) if a.dtype.kind in "iu" else 1.0
+    colour, opacity = a[:, :, :-1].astype(np.float32), a[:, :, -1:].astype(np.float32) / top
+    blended = colour * opacity + top * (1.0 - opacity)
+    return (blended if a.dtype.kind == "f" else np.round(blended)).astype(a.dtype)
 
 
 def float_range_max(values: np.ndarray, source: str) -> float:
@@ -216,14 +243,31 @@ class ImageSource:
         self.format = fmt
         #: full-scale value of float pixel data (see :func:`float_range_max`)
         self.float_max = float(float_max)
+        #: the last channel is opacity (blended onto white); the RGB channels of a >3-channel image (None: 0-2)
+        self.alpha = False
+        self.channels: tuple[int, int, int] | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def open(cls, path: str | os.PathLike, reader: str = "auto") -> ImageSource:
+    def open(cls, path: str | os.PathLike, reader: str = "auto",
+             channels: tuple[int, int, int] | None = None) -> ImageSource:
         """Open an image or slide; raise ``ImageReadError`` (naming the file) when it cannot be read.
 
-        ``reader`` (one of :data:`READERS`) picks the library for slides; see the README's table.
+        ``reader`` (one of :data:`READERS`) picks the library for slides; see the README's table. ``channels``:
+        the red, green and blue channels of an image with more than 3 (refused without them).
         """
+        _REJECTED.values = []
+        source = cls._open(path, reader, channels)
+        for value in _REJECTED.values:
+            if source.mpp is None:
+                warnings.warn(f"{Path(path).name} states {value:g} µm per pixel, below any microscope's "
+                              f"{_MIN_PLAUSIBLE_MPP:g}; ignoring it (the image has no pixel size: pass --scale, or "
+                              "--mpp with the right value).", stacklevel=2)
+                break
+        return source
+
+    @classmethod
+    def _open(cls, path: str | os.PathLike, reader: str, channels: tuple[int, int, int] | None) -> ImageSource:
         if reader not in READERS:
             raise ImageReadError(f"Unknown reader '{reader}'; use one of {', '.join(READERS)}.")
         p = Path(path)
@@ -256,6 +300,9 @@ class ImageSource:
             source = cls._open_tiff(p)
         else:
             source = cls._open_pillow(p)
+        # the pixels of a >3-channel image without named RGB channels are refused when read (to_rgb_uint8);
+        # opening it stays possible, for its shape and metadata (the package's own probability maps too)
+        source.channels = tuple(int(c) for c in channels) if channels is not None else None
         h, w = source.shape
         if h == 0 or w == 0:
             source.close()
@@ -280,10 +327,17 @@ class ImageSource:
                 if img.format == "PNG":
                     check_png_pixel_data(path, img)
                 img.load()
-                mode = img.mode
                 mpp = _mpp_from_dpi(img.info.get("dpi"))
+                # as image viewers show it: a phone or camera JPEG stores its pixels sideways plus a flag
+                if img.getexif().get(0x0112, 1) not in (1, None):
+                    from PIL import ImageOps
+
+                    img = ImageOps.exif_transpose(img)
+                mode = img.mode
                 if mode in ("P", "PA"):
                     img = img.convert("RGBA" if "transparency" in img.info or mode == "PA" else "RGB")
+                elif mode == "L" and "transparency" in img.info:
+                    img = img.convert("LA")
                 elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
                     img = img.convert("RGB")
                 elif mode == "1":
@@ -300,7 +354,8 @@ class ImageSource:
             raise ImageReadError(f"Cannot decode {_describe(path)} (truncated or corrupt?): {err}.") from None
         grayscale = arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (1, 2))
         float_max = float_range_max(arr, _describe(path)) if arr.dtype.kind == "f" else 1.0
-        rgb = to_rgb_uint8(arr, source=str(path), float_max=float_max)
+        has_alpha = "A" in img.mode  # RGBA, LA: transparent pixels are background (white)
+        rgb = to_rgb_uint8(arr, source=str(path), float_max=float_max, alpha=has_alpha)
         return cls(path, [_ArrayLevel(rgb)], mpp, grayscale=grayscale, fmt="pillow")
 
     @classmethod
@@ -331,6 +386,10 @@ class ImageSource:
             mpp = _tiff_mpp(tif)
             grayscale = levels[0].samples < 3
             source = cls(path, levels, mpp, grayscale=grayscale, handle=tif, fmt="tiff")
+            extra = tuple(getattr(series.keyframe, "extrasamples", ()) or ())
+            # ExtraSamples 1/2 = associated/unassociated alpha: transparent is background (white)
+            source.alpha = levels[0].samples in (2, 4) and bool(extra) and int(extra[-1]) in (1, 2)
+            _note_other_series(tif, path)
             # Decode one tile now so a truncated or corrupt file fails at open, not deep in a worker.
             lvl = levels[-1]
             corner = source._read_raw(len(levels) - 1, 0, min(lvl.shape[0], 16), 0, min(lvl.shape[1], 16))
@@ -466,7 +525,8 @@ class ImageSource:
             except Exception as err:
                 raise ImageReadError(f"Cannot read pixels of {self.name} at level {level}, region "
                                      f"y={y0}:{y1} x={x0}:{x1} (truncated or corrupt file?): {err}.") from None
-            out[y0 - y: y1 - y, x0 - x: x1 - x] = to_rgb_uint8(block, source=self.name, float_max=self.float_max)
+            out[y0 - y: y1 - y, x0 - x: x1 - x] = to_rgb_uint8(block, source=self.name, float_max=self.float_max,
+                                                               alpha=self.alpha, channels=self.channels)
         return out
 
     def read_level(self, level: int = 0) -> np.ndarray:
@@ -637,10 +697,31 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- pixel size
+_REJECTED = threading.local()  # µm/px values a file stated but _plausible refused, for a warning naming the file
+
+
 def _plausible(mpp: float | None) -> float | None:
-    if mpp is None or not np.isfinite(mpp) or mpp <= 0 or mpp >= _MAX_PLAUSIBLE_MPP:
+    if mpp is None or not np.isfinite(mpp) or mpp <= 0:
+        return None
+    if not _MIN_PLAUSIBLE_MPP <= mpp < _MAX_PLAUSIBLE_MPP:
+        if mpp < _MIN_PLAUSIBLE_MPP:  # 0.0001 µm/px made the engine up-sample the image 1000x, silently
+            _REJECTED.values = [*getattr(_REJECTED, "values", []), float(mpp)]
         return None
     return float(mpp)
+
+
+def _note_other_series(tif: Any, path: Path) -> None:
+    """Warn when a TIFF holds more images than the one read (series[0]): a second scan, an OME series or a
+    stack of pages. An SVS file's label, macro and thumbnail are expected, and not reported."""
+    others = [s for s in tif.series[1:]
+              if (getattr(s, "name", "") or "").lower() not in ("thumbnail", "label", "macro", "overview")]
+    pages = int(getattr(tif.series[0], "keyframe", None) is not None and len(tif.series[0].pages) or 1)
+    if others:
+        warnings.warn(f"{path.name} holds {len(others) + 1} images (series); only the first "
+                      f"({'x'.join(map(str, tif.series[0].shape))}) is read. Save each one as its own file.",
+                      stacklevel=3)
+    elif pages > 1 and len(tif.series[0].levels) == 1 and len(tif.series[0].shape) > 3:
+        warnings.warn(f"{path.name} holds a stack of {pages} pages; only the first is read.", stacklevel=3)
 
 
 def _mpp_from_dpi(dpi: Sequence[float] | None) -> float | None:

@@ -166,6 +166,8 @@ def read_index_png(path: str | os.PathLike, classes: ClassSpec | None = None) ->
     try:
         with Image.open(p) as img:
             img.load()
+            if img.mode == "P" and classes is not None:
+                return _palette_to_index(np.array(img, dtype=np.uint8), img.getpalette() or [], classes, p)
             if img.mode in ("P", "L"):
                 return np.array(img, dtype=np.uint8)
             if img.mode in ("I", "I;16", "I;16B", "I;16L"):
@@ -180,6 +182,30 @@ def read_index_png(path: str | os.PathLike, classes: ClassSpec | None = None) ->
         raise ImageReadError(f"Mask '{p}' is not a readable PNG.") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageReadError(f"Cannot decode mask '{p}' (truncated or corrupt?): {err}.") from None
+
+
+def _palette_to_index(indices: np.ndarray, palette: list[int], classes: ClassSpec, path: Path) -> np.ndarray:
+    """A palette mask as the user sees it: by colour. When the colours its pixels use are class colours, each
+    pixel takes the class of its colour, whatever the palette's order (an editor that reorders or compacts the
+    palette used to turn tumor into stroma silently). A palette of no class colour (grey levels, an editor's
+    default) keeps the indices; one that mixes class colours and others is refused."""
+    used = np.unique(indices)
+    colours = {int(i): tuple(palette[3 * int(i): 3 * int(i) + 3]) for i in used if 3 * int(i) + 3 <= len(palette)}
+    by_colour = {tuple(c): i for i, c in enumerate(classes.all_colors)}
+    known = {i: by_colour[c] for i, c in colours.items() if c in by_colour}
+    if not known:
+        return indices
+    if all(known.get(int(i)) == int(i) for i in used if int(i) != IGNORE_INDEX):
+        return indices  # the class palette itself: the indices are the classes
+    unknown = sorted(int(i) for i in used if int(i) not in known and int(i) != IGNORE_INDEX)
+    if unknown:
+        raise ImageReadError(
+            f"Mask '{path}' mixes class colours with other colours (palette entries {unknown[:5]}); repaint them "
+            f"with the class colours of {', '.join(classes.all_names)}, or save the mask as class indices.")
+    table = np.full(256, IGNORE_INDEX, np.uint8)
+    for i, cls_index in known.items():
+        table[i] = cls_index
+    return table[indices]
 
 
 def _rgb_to_index(rgb: np.ndarray, classes: ClassSpec, path: Path) -> np.ndarray:

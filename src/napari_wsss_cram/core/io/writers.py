@@ -189,9 +189,13 @@ def recover_interrupted_outputs(out_dir: str | os.PathLike) -> list[str]:
     if not out_dir.is_dir():
         return removed
     for marker in sorted(out_dir.glob(".*.renaming")):
-        for name in marker.read_text(encoding="utf-8").split():
+        # exactly: one name per line (names may hold spaces), and only the outputs of the marker's own stem,
+        # so that a damaged or foreign marker can never delete another input's finished result
+        stem = marker.name[1:-len(".renaming")]
+        own = {p.name for p in output_paths(out_dir, stem, FORMATS).values()}
+        for name in marker.read_text(encoding="utf-8").split("\n"):
             target = out_dir / name
-            if target.parent == out_dir and target.is_file():
+            if name in own and target.parent == out_dir and target.is_file():
                 target.unlink()
                 removed.append(name)
         marker.unlink()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 
@@ -70,6 +71,17 @@ class ModelConfig:
     mpp: float | None = None        # µm/pixel of the training patches at train_scale, if known
 
     def __post_init__(self) -> None:
+        from ..errors import WsssCramError
+        from ..validate import MODEL_RANGES, check_all_finite, check_table
+
+        try:  # one check for every number (core.validate), first: NaN, None and out-of-range values named
+            check_all_finite(self)
+            check_table(self, MODEL_RANGES)
+            for name in ("alpha", "beta", "attention_dim", "attention_heads"):
+                if getattr(self, name) is None:
+                    raise WsssCramError(f"{name} must be a number, got None.")
+        except WsssCramError as err:
+            raise ValueError(str(err)) from None
         if self.backbone not in BACKBONES:
             raise ValueError(f"Unknown backbone '{self.backbone}'; choose one of {', '.join(BACKBONES)}.")
         if self.output_stride not in (8, 16):
@@ -87,6 +99,8 @@ class ModelConfig:
         self.aspp_rates = tuple(int(r) for r in self.aspp_rates)
         self.mean = tuple(float(v) for v in self.mean)
         self.std = tuple(float(v) for v in self.std)
+        if not all(math.isfinite(v) for v in (*self.mean, *self.std)) or not all(v > 0 for v in self.std):
+            raise ValueError(f"mean and std must be finite and std positive, got {self.mean}, {self.std}.")
 
     def to_dict(self) -> dict:
         """Plain, JSON-compatible dict (tuples become lists)."""
