@@ -59,6 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..core.progress import drive
     from ..core.recipe import train_recipe_steps
+    from ..core.run_files import is_single_stage_run
     from ..core.train import load_config, train
     from ..core.train_config import TrainConfig
 
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
 
     reporter = _Reporter()
     try:
-        if args.stage is None and not config.stage2:
+        if args.stage is None and not config.stage2 and not (config.resume and is_single_stage_run(config.out)):
             path = drive(train_recipe_steps(config), reporter)
         else:
             path = train(config, callback=reporter)

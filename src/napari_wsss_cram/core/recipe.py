@@ -121,8 +121,11 @@ def train_recipe_steps(config: TrainConfig, cancel: CancelToken | None = None
     if not config.resume and held:
         raise DatasetError(f"{out} already holds a run ({held[0]}); pass --resume to continue it, or choose "
                            "another --out.")
+    from .io.guard import check_output_folder
     from .io.outputs import ensure_writable_folder
 
+    # the one output guard, before anything is written: never inside the training data
+    check_output_folder(out, [config.data, config.val, config.pixel_labels], "run folder (--out)")
     ensure_writable_folder(out, "run folder (--out)")
     main_rank = int(os.environ.get("RANK", "0")) == 0
     if main_rank and not config.resume:  # `train --resume --out OUT` alone continues with these settings

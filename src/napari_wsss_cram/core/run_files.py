@@ -45,3 +45,10 @@ def is_resumable(out: str | os.PathLike) -> bool:
     if not out.is_dir() or (out / FINAL).is_file():
         return False
     return (out / RECIPE_LOG).is_file() or any((d / RESUME).is_file() for d in out.iterdir() if d.is_dir())
+
+
+def is_single_stage_run(out: str | os.PathLike) -> bool:
+    """Whether ``out`` holds one training stage run alone (``train --stage 1|2``, or a run of an earlier version)
+    rather than a recipe: ``--resume`` then continues that stage."""
+    out = Path(out)
+    return (out / RESUME).is_file() and not (out / RECIPE_LOG).is_file()

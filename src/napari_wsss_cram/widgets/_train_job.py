@@ -126,11 +126,14 @@ def train_job(config, cancel: CancelToken) -> Generator[Progress, None, str | No
     """Run the whole training recipe (a segmentation round alone for a stage-2 config), forwarding its Progress
     events; return the checkpoint to use (the recipe's final.pt)."""
     from ..core.recipe import train_recipe_steps
+    from ..core.run_files import is_single_stage_run
     from ..core.train import train_steps
     from ._common import leave_gui_a_core
 
     with leave_gui_a_core():  # also undoes the trainer's torch.set_num_threads(config.threads)
-        steps = train_steps(config, cancel=cancel) if config.stage2 else train_recipe_steps(config, cancel)
+        # a stage-2 config, or Resume of a folder holding one stage alone, trains that stage; else the recipe
+        single = config.stage2 or (config.resume and is_single_stage_run(config.out))
+        steps = train_steps(config, cancel=cancel) if single else train_recipe_steps(config, cancel)
         result = yield from steps
     return None if result is None else str(result)
 
