@@ -258,3 +258,14 @@ def test_a_full_disk_during_patchify_is_a_message_and_keeps_the_earlier_set(tmp_
     err = capsys.readouterr().err
     assert "the disk is full" in err and "Traceback" not in err
     assert snapshot(out) == earlier  # the earlier set is whole; no build folder is left
+
+
+def test_export_model_never_writes_its_package_onto_the_checkpoint_it_exports(tmp_path, checkpoint, capsys):
+    package = tmp_path / "shared_model.zip"  # a lab's exported package, given back as the checkpoint to export
+    package.write_bytes(checkpoint.read_bytes())
+    before = package.read_bytes()
+    for overwrite in ([], ["--overwrite"]):
+        assert main(["export-model", str(package), "--out", str(package), "--author", "A Person",
+                     "--license", "MIT", *overwrite]) == 2
+        assert "input" in capsys.readouterr().err
+    assert package.read_bytes() == before

@@ -29,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
     from ..core.progress import drive
     from ..core.zoo.export import check_export_request, check_package, export_model, require_bioimageio
 
-    check_export_request(args.out, args.author, args.license, args.overwrite)  # before the extra's import
+    # before the extra's import
+    check_export_request(args.out, args.author, args.license, args.overwrite, args.checkpoint)
     require_bioimageio()
 
     def show(event) -> None:

@@ -113,7 +113,7 @@ class ModelExporter(QObject):
             return False
         try:
             require_bioimageio()
-            check_export_request(out, authors, license, overwrite)
+            check_export_request(out, authors, license, overwrite, checkpoint)
         except Exception as err:  # shown in the dock, never raised into the event loop
             self._show_error(err)
             return False

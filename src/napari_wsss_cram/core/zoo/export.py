@@ -65,10 +65,12 @@ def require_bioimageio() -> None:
 
 
 def check_export_request(out: str | os.PathLike, authors: Sequence[str], license: str | None,
-                         overwrite: bool = False) -> Path:
+                         overwrite: bool = False, checkpoint: str | os.PathLike | None = None) -> Path:
     """Refuse, before any work, what the export cannot do: no author, no licence (never guessed), an output
-    that is not a ``.zip`` or exists (without ``overwrite``). Returns the output path."""
-    from ..io.outputs import ensure_can_write, ensure_writable_folder
+    that is not a ``.zip``, exists (without ``overwrite``) or is the ``checkpoint`` exported (the one output
+    guard: never onto an input, ``--overwrite`` or not). Returns the output path."""
+    from ..io.guard import check_output_file
+    from ..io.outputs import ensure_writable_folder
 
     if not [a for a in authors if str(a).strip()]:
         raise WsssCramError("Who made this model? Pass --author 'Name' (repeat it for several authors; "
@@ -79,7 +81,7 @@ def check_export_request(out: str | os.PathLike, authors: Sequence[str], license
     out = Path(out)
     if out.suffix.lower() != ".zip":
         raise WsssCramError(f"The model package '{out}' must end in .zip (a bioimage.io package is a zip).")
-    ensure_can_write(out, overwrite)
+    check_output_file(out, [checkpoint], overwrite, "model package")
     ensure_writable_folder(out.resolve().parent, "folder of the model package")
     _check_license(license.strip())
     return out
@@ -155,7 +157,7 @@ def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike, authors:
 
     t0 = time.perf_counter()
     require_bioimageio()
-    out = check_export_request(out, authors, license, overwrite)
+    out = check_export_request(out, authors, license, overwrite, checkpoint)
     steps = ("load", "trace", "test tensors", "description", "package")
 
     def step(i: int) -> Progress:
