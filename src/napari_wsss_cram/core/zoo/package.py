@@ -31,7 +31,7 @@ def rdf_name(path: str | os.PathLike) -> str | None:
     try:
         with zipfile.ZipFile(path) as archive:
             names = set(archive.namelist())
-    except (OSError, zipfile.BadZipFile):
+    except Exception:  # any damage (bad entries, undecodable names): not a package; torch.load names the damage
         return None
     return next((name for name in RDF_NAMES if name in names), None)
 
