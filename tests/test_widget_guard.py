@@ -72,7 +72,7 @@ def test_dock_export_never_writes_onto_an_image_open_in_the_viewer(make_napari_v
     Image.fromarray(he_like_image(64, seed=3)).save(folder / "patch_labels.png")
     before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
     viewer = make_napari_viewer()
-    viewer.open(str(folder / "patch.png"), plugin=PLUGIN)
+    viewer.open(str(folder / "patch.png"))  # a plain PNG: napari's own reader
     viewer.open(str(folder / "patch_labels.png"), plugin=PLUGIN)
     widget = _dock(viewer, tiny_checkpoint, crf=False)
     widget.image_combo.setCurrentText("patch")
