@@ -81,7 +81,9 @@ def test_segment_dock_exports_its_model_and_loads_the_package_back(make_napari_v
     dock.crf_check.setChecked(False)
     dock.run()
     qtbot.waitUntil(lambda: dock.worker is None, timeout=60_000)
-    assert dock.outcome == "done" and any(layer.name.startswith("labels") for layer in viewer.layers)
+    assert dock.outcome == "done", dock.message.text()
+    # the result layers are added one per event-loop turn after the worker ends
+    qtbot.waitUntil(lambda: any(layer.name.startswith("labels") for layer in viewer.layers), timeout=10_000)
 
 
 def test_the_form_reads_authors_and_refuses_nothing_silently(qtbot, tmp_path):
