@@ -78,6 +78,8 @@ STAGE2_ROWS: dict[str, tuple[str, str, str, dict, int]] = {
     "stage2_oeem": ("stage 2 + OEEM pixel weighting of the cross-entropy", "default", "none",
                     {"ce_weighting": "oeem"}, 0),
     "stage2_par": ("stage 2 on PAR-refined pseudo-labels (colour affinities)", "default", "par", {}, 0),
+    "stage2_stain": ("stage 2 on stain-prior pseudo-labels (hematoxylin density decides tumor/stroma)", "default",
+                     "stain", {}, 0),
     "stage3": ("stage 3: a self-training round on stage 2's pseudo-labels", "stage2", "none", {}, 0),
     "stage3_oeem": ("stage 3 + OEEM on stage 2 + OEEM's pseudo-labels", "stage2_oeem", "none",
                     {"ce_weighting": "oeem"}, 0),

@@ -11,6 +11,8 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..core.pseudo_labels import PSEUDO_LABEL_REFINEMENTS
+
     parser.add_argument("checkpoint", metavar="CHECKPOINT",
                         help="a checkpoint (or run folder) from `wsss-cram train`: the joint model, or a segmentation "
                              "round's (segmentation source only)")
@@ -22,9 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", choices=("segmentation", "maps"), default="segmentation",
                         help="segmentation: the segmentation branch restricted to each patch's classes and tissue "
                              "(default); maps: the paper's reliable labels of the activation maps (alpha/beta + CRF)")
-    parser.add_argument("--refine", choices=("none", "par"), default="none",
+    parser.add_argument("--refine", choices=PSEUDO_LABEL_REFINEMENTS, default="none",
                         help="segmentation source: par refines the probabilities by colour affinities (pixel-adaptive "
-                             "refinement) before the arg-max (default: none)")
+                             "refinement) before the arg-max; stain decides tumor against stroma in patches labelled "
+                             "with both by their hematoxylin density (default: none)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
 
 

@@ -27,12 +27,16 @@ import time
 from collections.abc import Generator
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .classes import IGNORE_INDEX
 from .crf import CRFParams, dense_crf, dense_crf_isolated, dense_crf_torch, ignore_interrupts, resolve_backend
 from .progress import CancelToken, Progress
+
+if TYPE_CHECKING:
+    from .stain_prior import StainPrior
 
 _DEFAULT_CRF = CRFParams()
 
@@ -251,7 +255,8 @@ class PseudoLabeller:
 PSEUDO_LABEL_SOURCES = ("segmentation", "maps")
 
 
-PSEUDO_LABEL_REFINEMENTS = ("none", "par")
+#: "par": colour affinities (core/par.py); "stain": the hematoxylin prior on tumor/stroma crops (core/stain_prior.py)
+PSEUDO_LABEL_REFINEMENTS = ("none", "par", "stain")
 
 
 def segmentation_pseudo_label(probs: np.ndarray, image: np.ndarray, labels, tissue_threshold: float | None = 200,
@@ -276,17 +281,51 @@ def segmentation_pseudo_label(probs: np.ndarray, image: np.ndarray, labels, tiss
     if not labels.any():  # no class present: nothing to restrict to, keep the model's own answer
         presence = None
     restricted = restrict_to_tissue(p, white, presence, 0.5)
-    if refine == "par":
+    if refine == "par":  # "stain" is applied per crop by make_pseudo_labels, after the arg-max
         from .par import pixel_adaptive_refine
 
         rgb = torch.from_numpy(np.ascontiguousarray(image[..., :3])).permute(2, 0, 1)[None].float()
         restricted = restrict_to_tissue(pixel_adaptive_refine(rgb, restricted), white, None)
-    elif refine != "none":
+    elif refine not in PSEUDO_LABEL_REFINEMENTS:
         raise ValueError(f"refine must be one of {', '.join(PSEUDO_LABEL_REFINEMENTS)}, got '{refine}'.")
     restricted = restricted[0].numpy()
     label = restricted.argmax(axis=0).astype(np.uint8)
     label[restricted.max(axis=0) < min_confidence] = IGNORE_INDEX
     return label
+
+
+def _tissue_mask(rgb: np.ndarray, tissue_threshold: float | None) -> np.ndarray:
+    """bool (H, W): the patch's tissue, by the same near-white rule as its labels."""
+    import torch
+
+    from .tissue import near_white_mask
+
+    if tissue_threshold is None:
+        return np.ones(rgb.shape[:2], bool)
+    rgb_t = torch.from_numpy(np.ascontiguousarray(rgb[..., :3])).float()[None]
+    return ~near_white_mask(rgb_t, tissue_threshold)[0].numpy()
+
+
+def _fit_stain_prior(index, tissue_threshold: float | None, cancel: CancelToken | None
+                     ) -> Generator[Progress, None, StainPrior]:
+    """Fit the stain prior on the tissue of the patches labelled with both classes of its pair."""
+    from .data.patches import load_patch_rgb
+    from .stain_prior import fit_stain_prior, hematoxylin_density, pair_indices
+
+    dense, sparse = pair_indices(list(index.classes.names))
+    both = [i for i in range(len(index)) if index.labels[i][dense] and index.labels[i][sparse]]
+    if not both:
+        raise ValueError(f"refine 'stain' needs patches labelled with both {index.classes.names[dense]} and "
+                         f"{index.classes.names[sparse]}; {index.root} has none. Use refine 'none'.")
+    densities = []
+    for n, i in enumerate(both):
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        rgb = load_patch_rgb(index.paths[i])
+        tissue = _tissue_mask(rgb, tissue_threshold)
+        densities.append(hematoxylin_density(rgb, tissue)[tissue])
+        yield Progress("stain prior", n + 1, len(both), {"image": index.paths[i].name})
+    return fit_stain_prior(densities, dense, sparse)
 
 
 def make_pseudo_labels(checkpoint: str | Path, patches: str | Path, out_dir: str | Path, scale: float | None = None,
@@ -301,7 +340,9 @@ def make_pseudo_labels(checkpoint: str | Path, patches: str | Path, out_dir: str
     the next self-training round), restricted to each patch's image-level
     classes and its tissue (:func:`segmentation_pseudo_label`); ``"maps"``: the paper's reliable labels of the
     activation maps (alpha/beta + CRF agreement, :func:`reliable_pseudo_labels`). ``refine`` (segmentation
-    source): ``"par"`` refines the probabilities by colour affinities first (:func:`segmentation_pseudo_label`)."""
+    source): ``"par"`` refines the probabilities by colour affinities first (:func:`segmentation_pseudo_label`);
+    ``"stain"`` decides tumor against stroma in crops labelled with both by the hematoxylin density
+    (:mod:`.stain_prior`, fitted first on those crops' tissue)."""
     import contextlib
 
     import torch
@@ -313,6 +354,7 @@ def make_pseudo_labels(checkpoint: str | Path, patches: str | Path, out_dir: str
     from .errors import CheckpointError, OutputExistsError
     from .io.guard import OutputSet, copy_new
     from .io.outputs import write_index_png
+    from .stain_prior import apply_stain_prior, hematoxylin_density
     from .validate import check_number
 
     out_dir = Path(out_dir)
@@ -344,6 +386,11 @@ def make_pseudo_labels(checkpoint: str | Path, patches: str | Path, out_dir: str
     # the CRF worker pool is needed only for the maps' reliable labels
     labeller = (PseudoLabeller(crf_workers, model.config.__dict__, model.config.use_crf, dev) if source == "maps"
                 else None)
+    stain = None
+    if refine == "stain":
+        if source != "segmentation":
+            raise ValueError("refine 'stain' applies to the segmentation source's pseudo-labels, not to the maps'.")
+        stain = yield from _fit_stain_prior(index, model.config.tissue_threshold, cancel)
     with contextlib.ExitStack() as stack:
         if labeller is not None:
             stack.callback(labeller.close)
@@ -367,6 +414,9 @@ def make_pseudo_labels(checkpoint: str | Path, patches: str | Path, out_dir: str
                                        torch.from_numpy(np.asarray(index.labels[i]))[None])[0].cpu().numpy()
             if label.shape != (h, w):
                 label = np.asarray(Image.fromarray(label).resize((w, h), Image.NEAREST))
+            if stain is not None and stain.applies_to(index.labels[i]):
+                density = hematoxylin_density(rgb, _tissue_mask(rgb, model.config.tissue_threshold))
+                label = apply_stain_prior(label, density, stain, IGNORE_INDEX, background=info.classes.background_index)
             name = path.stem + ".png"
             write_index_png(tmp / "mask" / name, label, info.classes)
             copy_new(path, tmp / "img" / path.name)  # never onto an existing path (a link to another input)

@@ -90,7 +90,8 @@ class TrainConfig:
     pixel_weight: float = 1.0        # loss weight of pixel-labelled vs pseudo-labelled samples
     # the recipe (`wsss-cram train` without --stage; core/recipe.py): segmentation rounds after the joint model
     # (0 = the joint model only; 1 = + stage 2; 2 = + a self-training round, "stage 3"), each stage's share of
-    # the wall-clock budget (empty = equal), and how the next round's pseudo-labels are refined ("none", "par")
+    # the wall-clock budget (empty = equal), and how the next round's pseudo-labels are refined ("none", "par",
+    # "stain": core/stain_prior.py)
     rounds: int = 1
     stage_shares: list[float] = field(default_factory=list)
     pseudo_refine: str = "none"
@@ -129,8 +130,11 @@ class TrainConfig:
         self.stage_shares = [float(v) for v in shares]
         if any(not math.isfinite(v) or v <= 0 for v in self.stage_shares):
             raise DatasetError(f"stage_shares must be positive numbers, got {self.stage_shares}.")
-        if self.pseudo_refine not in ("none", "par"):
-            raise DatasetError(f"pseudo_refine must be 'none' or 'par', got '{self.pseudo_refine}'.")
+        from .pseudo_labels import PSEUDO_LABEL_REFINEMENTS
+
+        if self.pseudo_refine not in PSEUDO_LABEL_REFINEMENTS:
+            raise DatasetError(f"pseudo_refine must be one of {', '.join(PSEUDO_LABEL_REFINEMENTS)}, "
+                               f"got '{self.pseudo_refine}'.")
         if self.optimizer not in ("sgd", "adam"):
             raise DatasetError(f"optimizer must be 'sgd' or 'adam', got '{self.optimizer}'.")
         from .validate import TRAIN_RANGES, check_all_finite, check_table
