@@ -260,17 +260,21 @@ def run_fold(args, fold: str) -> dict:
     out = Path(args.out) / fold
     out.mkdir(parents=True, exist_ok=True)
     patch_dir = out / "patches"
-    cut = patchify(train_index, patch_dir, min_frac=0.05, size=(150, 300), overlap=args.overlap, seed=args.seed,
-                   keep_masks=True, overwrite=True)
-    _log(fold, f"patchify: images {','.join(train_names)} -> {len(cut.paths)} crops; scoring "
+    previous = out / "fold.json"
+    if previous.is_file() and patch_dir.is_dir():
+        # rows added to a finished run train on the crops its rows trained on (cut once, by the same seed)
+        n_crops = len(list(patch_dir.glob("*.png")))
+    else:
+        n_crops = len(patchify(train_index, patch_dir, min_frac=0.05, size=(150, 300), overlap=args.overlap,
+                               seed=args.seed, keep_masks=True, overwrite=True).paths)
+    _log(fold, f"patchify: images {','.join(train_names)} -> {n_crops} crops; scoring "
                f"{','.join(test_names)}")
     result: dict = {"fold": fold, "train_images": train_names, "test_images": test_names,
-                    "crops": len(cut.paths), "rows": {}}
-    previous = out / "fold.json"
+                    "crops": n_crops, "rows": {}}
     if previous.is_file():
         # rows added to a finished run (same crops, same scored images): keep the rows already there
         old = json.loads(previous.read_text(encoding="utf-8"))
-        if old.get("test_images") == test_names and old.get("crops") == len(cut.paths):
+        if old.get("test_images") == test_names and old.get("crops") == n_crops:
             result = {**old, "rows": dict(old["rows"])}
     rows = args.rows
     if "constant" in rows:
