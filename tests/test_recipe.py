@@ -105,3 +105,16 @@ def test_the_budget_is_split_between_stages_as_the_shares_say():
 def test_a_folder_without_a_model_is_refused_clearly(tmp_path):
     with pytest.raises(CheckpointError, match="folder without a model"):
         resolve_checkpoint_path(tmp_path)
+
+
+def test_the_stain_prior_is_refused_before_training_when_the_classes_lack_its_pair(few_patches, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    for path in sorted(few_patches.glob("*.png"))[:4]:  # the same crops, renamed into two other classes
+        shutil.copy2(path, other / path.name)
+    run = tmp_path / "run"
+    config = load_config("sample", data=str(other), out=str(run), steps=2, classes="epithelium,fat,lymph",
+                         pseudo_refine="stain")
+    with pytest.raises(DatasetError, match="pseudo_refine 'stain' separates tumor from stroma.*epithelium, fat"):
+        drive(train_recipe_steps(config))
+    assert not (run / "joint").exists()  # nothing trained

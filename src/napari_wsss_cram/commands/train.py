@@ -17,6 +17,8 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..core.pseudo_labels import PSEUDO_LABEL_REFINEMENTS
+
     parser.add_argument("data", nargs="?", metavar="DATA_DIR",
                         help="patch folder (<id>-[t, s, n].png), CSV 'path,<classes>' or class sub-folders")
     parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder (config, metrics, checkpoints)")
@@ -50,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "model on --pseudo DIR (default: the whole recipe, ending in RUN_DIR/final.pt)")
     parser.add_argument("--rounds", type=int,
                         help="segmentation rounds of the recipe after the joint model (0-5; preset's default)")
+    parser.add_argument("--pseudo-refine", choices=PSEUDO_LABEL_REFINEMENTS,
+                        help="how the recipe refines each round's pseudo-labels: stain decides tumor against stroma "
+                             "in patches labelled with both by their hematoxylin density (preset's default)")
     parser.add_argument("--stage2", action="store_true", help=argparse.SUPPRESS)  # the old spelling of --stage 2
     parser.add_argument("--pseudo", metavar="DIR", help="stage 2: folder from `wsss-cram pseudo-labels`")
     parser.add_argument("--pixel-labels", metavar="IMG_MASK_DIR", help="stage 2: extra pixel-labelled images")
@@ -77,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         weights=args.weights, workers=args.workers, crf_workers=args.crf_workers, threads=args.threads,
         seed=args.seed, pseudo=args.pseudo, pixel_labels=args.pixel_labels, pixel_weight=args.pixel_weight,
         resume=True if args.resume else None, stage2=True if args.stage2 or args.stage == 2 else None,
-        rounds=args.rounds, amp=False if args.no_amp else None)
+        rounds=args.rounds, pseudo_refine=args.pseudo_refine, amp=False if args.no_amp else None)
     if args.stage == 1 and config.stage2:
         config = config.updated(stage2=False)  # --stage 1 over a run whose config.toml says stage 2
     if not config.stage2 and not config.data:

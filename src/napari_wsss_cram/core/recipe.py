@@ -97,6 +97,20 @@ def _wait_for_pseudo_labels(out: Path, name: str, cancel: CancelToken | None, ti
         time.sleep(1.0)
 
 
+def _check_stain_prior_applies(config: TrainConfig) -> None:
+    """Before an hour of training: the stain prior needs the tumor/stroma pair among the classes."""
+    from .data.patches import discover_patches
+    from .stain_prior import DEFAULT_PAIR, pair_indices
+
+    classes = discover_patches(config.data, config.classes).classes
+    try:
+        pair_indices(list(classes.names))
+    except ValueError:
+        raise DatasetError(f"pseudo_refine 'stain' separates {DEFAULT_PAIR[0]} from {DEFAULT_PAIR[1]}, but the classes "
+                           f"of {config.data} are {', '.join(classes.names)}: set pseudo_refine = \"none\" (or "
+                           "--pseudo-refine none).") from None
+
+
 def train_recipe_steps(config: TrainConfig, cancel: CancelToken | None = None
                        ) -> Generator[Progress, None, Path]:
     """Run the whole recipe (see the module docstring); yields every stage's Progress, with
@@ -126,6 +140,8 @@ def train_recipe_steps(config: TrainConfig, cancel: CancelToken | None = None
 
     # the one output guard, before anything is written: never inside the training data
     check_output_folder(out, [config.data, config.val, config.pixel_labels], "run folder (--out)")
+    if config.rounds and config.pseudo_refine == "stain":
+        _check_stain_prior_applies(config)
     ensure_writable_folder(out, "run folder (--out)")
     main_rank = int(os.environ.get("RANK", "0")) == 0
     if main_rank and not config.resume:  # `train --resume --out OUT` alone continues with these settings
