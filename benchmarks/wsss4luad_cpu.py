@@ -80,6 +80,9 @@ STAGE2_ROWS: dict[str, tuple[str, str, str, dict, int]] = {
     "stage2_par": ("stage 2 on PAR-refined pseudo-labels (colour affinities)", "default", "par", {}, 0),
     "stage2_stain": ("stage 2 on stain-prior pseudo-labels (hematoxylin density decides tumor/stroma)", "default",
                      "stain", {}, 0),
+    "stage2_stain_seed1": ("stage 2 on stain-prior pseudo-labels, seed 1", "default", "stain", {}, 1),
+    "stage2_stain_balanced": ("stage 2 on stain-prior pseudo-labels + class-balanced cross-entropy", "default",
+                              "stain", {"ce_weighting": "balanced"}, 0),
     "stage3": ("stage 3: a self-training round on stage 2's pseudo-labels", "stage2", "none", {}, 0),
     "stage3_oeem": ("stage 3 + OEEM on stage 2 + OEEM's pseudo-labels", "stage2_oeem", "none",
                     {"ce_weighting": "oeem"}, 0),
@@ -355,9 +358,11 @@ def rescore_fold(args, fold: str) -> dict:
 
 TITLES = {"constant": "constant stroma", **{k: v[0] for k, v in ROWS.items()},
           **{k: v[0] for k, v in RESCORE.items()}, **{k: v[0] for k, v in STAGE2_ROWS.items()}}
+#: the table's row order (every key of ROWS, RESCORE and STAGE2_ROWS; test_benchmark checks none is missing)
 ORDER = ["constant", "cam", "cam_gated", "cam_tta", "paper", "constrained_only", "default_gated", "default_model_bg",
          "default_control", "torch_crf", "stain", "mosaic", "default", "default_tta", "default_crf", "stage2",
-         "stage2_seed1", "stage2_tta", "stage2_crf", "stage2_mosaic", "stage2_oeem", "stage2_par", "stage3",
+         "stage2_seed1", "stage2_tta", "stage2_crf", "stage2_mosaic", "stage2_oeem", "stage2_par", "stage2_stain", "stage2_stain_seed1",
+         "stage2_stain_balanced", "stage3",
          "stage3_oeem", "stage3_par_oeem"]
 
 

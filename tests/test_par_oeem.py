@@ -83,3 +83,22 @@ def test_pixel_weighted_ce_weights_images_and_skips_unlabelled_ones():
     assert logits.grad[1].abs().sum() == 0
     with pytest.raises(ValueError, match="weighting"):
         pixel_weighted_ce(logits, target, weighting="focal")
+
+
+def test_balanced_weighting_lifts_a_rare_class_and_is_uniform_when_classes_are_even():
+    target = torch.zeros(2, 10, 10, dtype=torch.long)
+    target[:, :, 5:] = 1
+    target[1, :2, :2] = 2                                # 4 of 200 labelled pixels: the rare class
+    target[0, 0, :] = 255                                # unlabelled pixels do not count
+    logits = torch.zeros(2, 3, 10, 10)
+    logits[:, 0] = 2.0                                   # the model says class 0 everywhere
+    predicted = target.clamp(max=1)                      # right on classes 0 and 1, wrong only on the rare class
+    wrong_on_rare = 5.0 * torch.nn.functional.one_hot(predicted, 3).permute(0, 3, 1, 2).float()
+    uniform = pixel_weighted_ce(wrong_on_rare, target)
+    balanced = pixel_weighted_ce(wrong_on_rare, target, weighting="balanced")
+    assert balanced > 2.5 * uniform                      # the rare class's error counts ~sqrt(48) times more
+    even = torch.zeros(1, 10, 10, dtype=torch.long)
+    even[:, :, 5:] = 1
+    assert torch.isclose(pixel_weighted_ce(logits[:1], even, weighting="balanced"), pixel_weighted_ce(logits[:1], even))
+    with pytest.raises(ValueError, match="balanced"):
+        pixel_weighted_ce(logits, target, weighting="sqrt")

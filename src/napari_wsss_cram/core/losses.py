@@ -44,6 +44,10 @@ def confident_ce(seg_logits: torch.Tensor, pseudo: torch.Tensor, ignore_index: i
     return loss / valid
 
 
+#: how stage 2 weights the labelled pixels of its cross-entropy (``ModelConfig.ce_weighting``)
+CE_WEIGHTINGS = ("uniform", "oeem", "balanced")
+
+
 def pixel_weighted_ce(seg_logits: torch.Tensor, target: torch.Tensor, image_weight: torch.Tensor | None = None,
                       weighting: str = "uniform", ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Cross-entropy on labelled pixels, averaged per image, then over images weighted by ``image_weight`` (B,).
@@ -51,6 +55,9 @@ def pixel_weighted_ce(seg_logits: torch.Tensor, target: torch.Tensor, image_weig
     ``weighting="oeem"`` (online easy-example mining, Li et al. 2022): within each image the labelled pixels
     are weighted by softmax(-loss) rescaled to mean 1, so the pixels whose pseudo-label the model contradicts
     most (the likely wrong ones) count least; the weights are not differentiated through.
+    ``weighting="balanced"``: each labelled pixel is weighted by 1/sqrt of its class's share of the batch's
+    labelled pixels (mean weight 1), so a rare class (normal lung: ~5% of the pseudo-labels) is not drowned by
+    the common ones.
     """
     ce = F.cross_entropy(seg_logits.float(), target.long(), ignore_index=ignore_index, reduction="none")
     valid = (target != ignore_index).flatten(1)
@@ -61,8 +68,16 @@ def pixel_weighted_ce(seg_logits: torch.Tensor, target: torch.Tensor, image_weig
             scores = (-ce).masked_fill(~valid, float("-inf"))
             weights = torch.softmax(scores, dim=1).nan_to_num(0.0) * counts[:, None].clamp_min(1)
         ce = ce * weights
+    elif weighting == "balanced":
+        with torch.no_grad():
+            labelled = target.flatten(1)[valid].long()
+            freq = torch.bincount(labelled, minlength=seg_logits.shape[1]).float() / max(1, labelled.numel())
+            class_weight = freq.clamp_min(1e-8).rsqrt() * (freq > 0)
+            weights = class_weight[target.flatten(1).long().clamp(max=seg_logits.shape[1] - 1)] * valid
+            weights = weights / (weights.sum() / valid.sum().clamp_min(1)).clamp_min(1e-8)
+        ce = ce * weights
     elif weighting != "uniform":
-        raise ValueError(f"weighting must be 'uniform' or 'oeem', got '{weighting}'.")
+        raise ValueError(f"weighting must be one of {', '.join(CE_WEIGHTINGS)}, got '{weighting}'.")
     per_image = (ce * valid).sum(1) / counts.clamp_min(1)
     if image_weight is None:
         image_weight = torch.ones_like(per_image)

@@ -62,7 +62,8 @@ class ModelConfig:
     constrained_top: float = 0.05
     constrained_share: float = 0.3
     # Stage 2: how the labelled pixels of one image share its cross-entropy: "uniform", or "oeem" (online
-    # easy-example mining: softmax(-loss) weights, mean 1; the pixels the model contradicts most count least)
+    # easy-example mining: softmax(-loss) weights, mean 1; the pixels the model contradicts most count least), or
+    # "balanced" (1/sqrt of each class's share of the batch's labelled pixels, mean 1)
     ce_weighting: str = "uniform"
     # Input convention
     mean: tuple[float, float, float] = IMAGENET_MEAN
@@ -90,8 +91,8 @@ class ModelConfig:
             raise ValueError(f"stage must be 1 or 2, got {self.stage}.")
         if not 0.0 <= self.alpha <= self.beta <= 1.0:
             raise ValueError(f"Need 0 <= alpha <= beta <= 1, got alpha={self.alpha}, beta={self.beta}.")
-        if self.ce_weighting not in ("uniform", "oeem"):
-            raise ValueError(f"ce_weighting must be 'uniform' or 'oeem', got '{self.ce_weighting}'.")
+        if self.ce_weighting not in ("uniform", "oeem", "balanced"):
+            raise ValueError(f"ce_weighting must be 'uniform', 'oeem' or 'balanced', got '{self.ce_weighting}'.")
         if self.attention_dim % self.attention_heads:
             raise ValueError("attention_dim must be divisible by attention_heads.")
         if isinstance(self.crf, dict):
