@@ -33,9 +33,11 @@ def few_patches(sample_data_dir, tmp_path_factory):
 @pytest.mark.slow
 def test_one_command_trains_the_whole_recipe_and_predict_uses_its_final_model(few_patches, tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", str(few_patches), "--out", str(run), "--config", "sample", "--rounds", "2", *FAST]) == 0
+    assert main(["train", str(few_patches), "--out", str(run), "--config", "sample", "--rounds", "2",
+                 "--pseudo-refine", "stain", *FAST]) == 0
     captured = capsys.readouterr()
     assert captured.out.strip().splitlines()[-1] == str(run / "final.pt")
+    assert 'pseudo_refine = "stain"' in (run / "config.toml").read_text()
     for heading in ("stage 1/3: the joint model", "stage 2/3: pseudo-labels for segmentation round 1",
                     "stage 3/3: segmentation round 2"):
         assert heading in captured.err
