@@ -81,6 +81,7 @@ STAGE2_ROWS: dict[str, tuple[str, str, str, dict, int]] = {
     "stage2_stain": ("stage 2 on stain-prior pseudo-labels (hematoxylin density decides tumor/stroma)", "default",
                      "stain", {}, 0),
     "stage2_stain_seed1": ("stage 2 on stain-prior pseudo-labels, seed 1", "default", "stain", {}, 1),
+    "stage2_stain_seed2": ("stage 2 on stain-prior pseudo-labels, seed 2", "default", "stain", {}, 2),
     "stage2_stain_balanced": ("stage 2 on stain-prior pseudo-labels + class-balanced cross-entropy", "default",
                               "stain", {"ce_weighting": "balanced"}, 0),
     "stage3": ("stage 3: a self-training round on stage 2's pseudo-labels", "stage2", "none", {}, 0),
@@ -361,7 +362,7 @@ TITLES = {"constant": "constant stroma", **{k: v[0] for k, v in ROWS.items()},
 #: the table's row order (every key of ROWS, RESCORE and STAGE2_ROWS; test_benchmark checks none is missing)
 ORDER = ["constant", "cam", "cam_gated", "cam_tta", "paper", "constrained_only", "default_gated", "default_model_bg",
          "default_control", "torch_crf", "stain", "mosaic", "default", "default_tta", "default_crf", "stage2",
-         "stage2_seed1", "stage2_tta", "stage2_crf", "stage2_mosaic", "stage2_oeem", "stage2_par", "stage2_stain", "stage2_stain_seed1",
+         "stage2_seed1", "stage2_tta", "stage2_crf", "stage2_mosaic", "stage2_oeem", "stage2_par", "stage2_stain", "stage2_stain_seed1", "stage2_stain_seed2",
          "stage2_stain_balanced", "stage3",
          "stage3_oeem", "stage3_par_oeem"]
 
