@@ -80,7 +80,11 @@ def test_make_pseudo_labels_with_the_stain_prior_puts_tumor_where_nuclei_are_den
         Image.fromarray(_tissue_patch(seed=seed)).save(patches / f"p{seed}-[1, 1, 0].png")
     Image.fromarray(_tissue_patch(seed=5)).save(patches / "s-[0, 1, 0].png")
     plain = drive(make_pseudo_labels(DEMO_MODEL, patches, tmp_path / "plain", device="cpu"))
-    stain = drive(make_pseudo_labels(DEMO_MODEL, patches, tmp_path / "stain", device="cpu", refine="stain"))
+    events = []
+    stain = drive(make_pseudo_labels(DEMO_MODEL, patches, tmp_path / "stain", device="cpu", refine="stain"),
+                  events.append)
+    # one steady bar: the two tumor+stroma patches of the fit pass, then the three patches
+    assert [(e.done, e.total) for e in events] == [(1, 5), (2, 5), (3, 5), (4, 5), (5, 5)]
     for seed in range(2):
         label = np.asarray(Image.open(stain / "mask" / f"p{seed}-[1, 1, 0].png"))
         tumor, stroma = label == 0, label == 1
@@ -92,3 +96,9 @@ def test_make_pseudo_labels_with_the_stain_prior_puts_tumor_where_nuclei_are_den
     single = "s-[0, 1, 0].png"
     assert np.array_equal(np.asarray(Image.open(stain / "mask" / single)),
                           np.asarray(Image.open(plain / "mask" / single)))
+
+
+def test_the_stain_prior_is_refused_for_the_maps_source(tmp_path):
+    with pytest.raises(ValueError, match="refine 'stain' applies to the segmentation source"):
+        drive(make_pseudo_labels(DEMO_MODEL, tmp_path / "patches", tmp_path / "out", source="maps", refine="stain"))
+    assert not (tmp_path / "out").exists()

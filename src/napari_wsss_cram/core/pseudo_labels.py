@@ -308,7 +308,8 @@ def _tissue_mask(rgb: np.ndarray, tissue_threshold: float | None) -> np.ndarray:
 
 def _fit_stain_prior(index, tissue_threshold: float | None, cancel: CancelToken | None
                      ) -> Generator[Progress, None, StainPrior]:
-    """Fit the stain prior on the tissue of the patches labelled with both classes of its pair."""
+    """Fit the stain prior on the tissue of the patches labelled with both classes of its pair. Progress counts
+    these patches first and then every patch, as one "pseudo-labels" bar (the docks show one steady total)."""
     from .data.patches import load_patch_rgb
     from .stain_prior import fit_stain_prior, hematoxylin_density, pair_indices
 
@@ -324,7 +325,8 @@ def _fit_stain_prior(index, tissue_threshold: float | None, cancel: CancelToken 
         rgb = load_patch_rgb(index.paths[i])
         tissue = _tissue_mask(rgb, tissue_threshold)
         densities.append(hematoxylin_density(rgb, tissue)[tissue])
-        yield Progress("stain prior", n + 1, len(both), {"image": index.paths[i].name})
+        yield Progress("pseudo-labels", n + 1, len(both) + len(index), {"image": index.paths[i].name,
+                                                                      "step": "fitting the stain prior"})
     return fit_stain_prior(densities, dense, sparse)
 
 
@@ -368,6 +370,8 @@ def make_pseudo_labels(checkpoint: str | Path, patches: str | Path, out_dir: str
         raise ValueError(f"source must be one of {', '.join(PSEUDO_LABEL_SOURCES)}, got '{source}'.")
     if refine not in PSEUDO_LABEL_REFINEMENTS:
         raise ValueError(f"refine must be one of {', '.join(PSEUDO_LABEL_REFINEMENTS)}, got '{refine}'.")
+    if refine != "none" and source != "segmentation":
+        raise ValueError(f"refine '{refine}' applies to the segmentation source's pseudo-labels, not to the maps'.")
     dev = resolve_device(device)
     model, info = load_checkpoint(checkpoint, map_location="cpu")
     if source == "maps" and not model.has_pseudo_branch:
@@ -388,9 +392,9 @@ def make_pseudo_labels(checkpoint: str | Path, patches: str | Path, out_dir: str
                 else None)
     stain = None
     if refine == "stain":
-        if source != "segmentation":
-            raise ValueError("refine 'stain' applies to the segmentation source's pseudo-labels, not to the maps'.")
         stain = yield from _fit_stain_prior(index, model.config.tissue_threshold, cancel)
+    # the fit pass's patches come first on the progress bar
+    done_before = sum(1 for labels in index.labels if stain is not None and stain.applies_to(labels))
     with contextlib.ExitStack() as stack:
         if labeller is not None:
             stack.callback(labeller.close)
@@ -420,7 +424,7 @@ def make_pseudo_labels(checkpoint: str | Path, patches: str | Path, out_dir: str
             name = path.stem + ".png"
             write_index_png(tmp / "mask" / name, label, info.classes)
             copy_new(path, tmp / "img" / path.name)  # never onto an existing path (a link to another input)
-            yield Progress("pseudo-labels", i + 1, len(index), {"image": path.name})
+            yield Progress("pseudo-labels", done_before + i + 1, done_before + len(index), {"image": path.name})
         write_classes_file(tmp, info.classes)
         guard.commit()
     return out_dir
