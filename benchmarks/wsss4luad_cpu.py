@@ -143,7 +143,7 @@ def constant_cm(test_index, class_name: str = "stroma") -> ConfusionMatrix:
 def pseudo_label_counts(pseudo_dir: Path, patch_dir: Path, classes: ClassSpec) -> np.ndarray:
     """Joint counts (K+1, K+2): rows truth 0..K, columns pseudo-label 0..K then 255, over the training crops."""
     from napari_wsss_cram.core.data.patchify import MASKS_SUBDIR
-    from napari_wsss_cram.core.io.outputs import read_index_png
+    from napari_wsss_cram.core.io.png import read_index_png
 
     n = classes.num_outputs
     joint = np.zeros((n, n + 1), np.int64)

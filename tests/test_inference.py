@@ -11,7 +11,7 @@ from napari_wsss_cram.core.classes import WSSS4LUAD
 from napari_wsss_cram.core.errors import ImageReadError, OutOfMemoryError, WsssCramError
 from napari_wsss_cram.core.inference import PredictSettings, predict_array, predict_path, predict_source
 from napari_wsss_cram.core.io.images import ImageSource
-from napari_wsss_cram.core.io.outputs import write_pyramidal_ome_tiff
+from napari_wsss_cram.core.io.ometiff import write_pyramidal_ome_tiff
 from napari_wsss_cram.core.progress import Cancelled, CancelToken, drive
 from napari_wsss_cram.core.tiling import Geometry, tile_starts
 

@@ -19,7 +19,7 @@ from napari_wsss_cram.core.data.mosaic import (
 )
 from napari_wsss_cram.core.data.patches import PatchDataset, discover_patches
 from napari_wsss_cram.core.data.pixel import PixelDataset, discover_pixel_dataset
-from napari_wsss_cram.core.io.outputs import write_index_png
+from napari_wsss_cram.core.io.png import write_index_png
 from napari_wsss_cram.core.progress import drive
 from napari_wsss_cram.core.train import train_steps
 from napari_wsss_cram.core.train_config import TrainConfig

@@ -12,7 +12,7 @@ import torch
 from napari_wsss_cram.cli import main
 from napari_wsss_cram.core.checkpoint import load_checkpoint, resolve_checkpoint_path
 from napari_wsss_cram.core.errors import CheckpointError, DatasetError
-from napari_wsss_cram.core.io.outputs import read_index_png
+from napari_wsss_cram.core.io.png import read_index_png
 from napari_wsss_cram.core.progress import Cancelled, CancelToken, drive
 from napari_wsss_cram.core.recipe import is_resumable, stage_minutes, train_recipe_steps
 from napari_wsss_cram.core.train_config import load_config

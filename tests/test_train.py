@@ -256,7 +256,7 @@ def test_corrected_masks_are_strong_labels_in_joint_training(tmp_path):
     from napari_wsss_cram.core.classes import IGNORE_INDEX, WSSS4LUAD
     from napari_wsss_cram.core.data.augment import AugmentConfig
     from napari_wsss_cram.core.data.patches import PatchDataset
-    from napari_wsss_cram.core.io.outputs import write_index_png
+    from napari_wsss_cram.core.io.png import write_index_png
     from napari_wsss_cram.core.train import merge_strong_labels
 
     root = tmp_path / "corrected"

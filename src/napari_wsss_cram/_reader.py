@@ -60,7 +60,7 @@ def _palette_mask(path: Path) -> Any | None:
                 return None
     except (OSError, Image.DecompressionBombError):
         return None  # ImageSource gives the proper error below, naming the file
-    from .core.io.outputs import read_index_png
+    from .core.io.png import read_index_png
 
     return read_index_png(path)
 
@@ -81,7 +81,7 @@ def _placement_kwargs(path: Path) -> dict:
     back over that slide: in µm when the slide states its µm/px, else in its level-0 pixels. Empty otherwise."""
     if not path.name.lower().endswith((".tif", ".tiff")):
         return {}
-    from .core.io.outputs import read_placement
+    from .core.io.ometiff import read_placement
 
     placed = read_placement(path)
     if placed is None:
@@ -166,7 +166,7 @@ def read_layer(path: str | os.PathLike) -> LayerData:
         if mask is not None:
             meta = {"path": str(p), "mpp": None}
             return mask, _labels_kwargs(name, meta, None), "labels"
-    from .core.io.outputs import is_labels_tiff
+    from .core.io.ometiff import is_labels_tiff
 
     maybe_labels = is_labels_tiff(p) or "mask" in p.name.lower()
     with warnings.catch_warnings():

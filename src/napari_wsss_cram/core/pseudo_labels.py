@@ -312,7 +312,7 @@ def make_pseudo_labels(checkpoint: str | Path, patches: str | Path, out_dir: str
     from .device import resolve_device
     from .errors import CheckpointError, OutputExistsError
     from .io.guard import OutputSet, copy_new
-    from .io.outputs import write_index_png
+    from .io.png import write_index_png
     from .validate import check_number
 
     out_dir = Path(out_dir)

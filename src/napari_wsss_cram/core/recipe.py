@@ -121,8 +121,7 @@ def train_recipe_steps(config: TrainConfig, cancel: CancelToken | None = None
     if not config.resume and held:
         raise DatasetError(f"{out} already holds a run ({held[0]}); pass --resume to continue it, or choose "
                            "another --out.")
-    from .io.guard import check_output_folder
-    from .io.outputs import ensure_writable_folder
+    from .io.guard import check_output_folder, ensure_writable_folder
 
     # the one output guard, before anything is written: never inside the training data
     check_output_folder(out, [config.data, config.val, config.pixel_labels], "run folder (--out)")

@@ -485,7 +485,8 @@ def make_slide(path: str | Path, size: int = 4096, seed: int = 0, mask_path: str
         texture_period = None if size <= 8192 else 1024
     import tempfile
 
-    from .io.outputs import atomic_path, write_pyramidal_ome_tiff
+    from .io.atomic import atomic_path
+    from .io.ometiff import write_pyramidal_ome_tiff
 
     path = Path(path)
     mask_path = Path(mask_path) if mask_path is not None else path.with_name(

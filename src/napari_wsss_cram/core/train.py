@@ -447,8 +447,7 @@ class Trainer:
             else torch.device("cuda", self.dist.local_rank)
         run_dir = self.run_dir
         if self.dist.main:
-            from .io.guard import check_output_folder
-            from .io.outputs import ensure_writable_folder
+            from .io.guard import check_output_folder, ensure_writable_folder
 
             check_output_folder(run_dir, [config.data, config.val, config.pseudo, config.pixel_labels],
                                 "run folder (--out)")  # the one output guard: never inside the training data
