@@ -9,6 +9,7 @@ import pytest
 import tifffile
 from PIL import Image
 
+from napari_wsss_cram._reader import image_layer_data
 from napari_wsss_cram.core.errors import ImageReadError
 from napari_wsss_cram.core.io.images import GrayscaleImageWarning, ImageSource, read_rgb
 
@@ -69,7 +70,7 @@ def test_pyramidal_ome_tiff_levels_regions_and_mpp(tmp_path, rgb):
         # outside the image is white padding
         edge = src.read_region(-5, 400, 20, 20)
         assert (edge[:5] == 255).all() and np.array_equal(edge[5:, :10], rgb[:15, 400:410])
-        data = src.napari_data()
+        data = image_layer_data(src)
         assert isinstance(data, list) and [d.shape for d in data] == [(300, 410, 3), (150, 205, 3)]
         assert np.array_equal(np.asarray(data[1][5:9, 7:11]), rgb[::2, ::2][5:9, 7:11])
 
@@ -177,7 +178,7 @@ def test_tiff_levels_and_regions_match_tifffile_pages(tmp_path, rgb, case):
                 assert np.array_equal(src.read_region(y, x, rh, rw, level), ref[y:y + rh, x:x + rw])
             edge = src.read_region(h - 5, w - 7, 20, 20, level)
             assert np.array_equal(edge[:5, :7], ref[h - 5:, w - 7:]) and (edge[5:] == 255).all()
-        data = src.napari_data()
+        data = image_layer_data(src)
         levels = data if isinstance(data, list) else [data]
         for level, ref in enumerate(expected):
             assert np.array_equal(np.asarray(levels[level]), ref)

@@ -24,6 +24,9 @@ from .core.io.formats import image_stem, image_suffix
 
 LayerData = tuple[Any, dict, str]
 
+#: Single-level images up to this many pixels go to napari as in-memory arrays; larger ones lazily.
+SMALL_IMAGE_PIXELS = 64_000_000
+
 
 def napari_get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerData]] | None:
     """Return the reader for supported file names (one path or a list of them), else None."""
@@ -192,7 +195,7 @@ def read_layer(path: str | os.PathLike) -> LayerData:
         kwargs["multiscale"] = len(levels) > 1
         kwargs.update(placed)
         return data, kwargs, "labels"
-    data = source.napari_data()
+    data = image_layer_data(source)
     kwargs = {"name": name, "rgb": True, "multiscale": isinstance(data, list), "metadata": meta}
     if scale is not None:
         kwargs.update(scale=scale, units=("µm", "µm"))
@@ -200,3 +203,17 @@ def read_layer(path: str | os.PathLike) -> LayerData:
     if source.n_levels == 1 and not isinstance(data, list):
         source.close()  # everything is in memory
     return data, kwargs, "image"
+
+
+def image_layer_data(source: Any) -> list[Any] | Any:
+    """Data for a napari ``Image`` layer with ``rgb=True`` from an open ``ImageSource``.
+
+    A pyramid gives a list of lazy dask arrays ``(h, w, 3) uint8``, one per level, whose chunks are read
+    through ``read_region`` (so the same RGB conversion applies). A single small level is returned in memory;
+    a single large TIFF or slide level lazily.
+    """
+    if source.n_levels == 1:
+        h, w = source.shape
+        if source.format not in ("tiff", "openslide") or h * w <= SMALL_IMAGE_PIXELS:
+            return source.read_level(0)
+    return [source.lazy_level(i) for i in range(source.n_levels)]
