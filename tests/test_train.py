@@ -17,16 +17,9 @@ from napari_wsss_cram.core.errors import DatasetError, OutOfMemoryError, Trainin
 from napari_wsss_cram.core.model.config import ModelConfig
 from napari_wsss_cram.core.progress import Cancelled, CancelToken
 from napari_wsss_cram.core.pseudo_labels import PseudoLabeller
-from napari_wsss_cram.core.train import (
-    RESUME,
-    _atomic_torch_save,
-    _is_oom,
-    _oom_error,
-    load_config,
-    resolve_device,
-    train,
-)
+from napari_wsss_cram.core.train import RESUME, load_config, resolve_device, train
 from napari_wsss_cram.core.train_config import PRESETS_DIR, TrainConfig, dumps_toml
+from napari_wsss_cram.core.train_runtime import atomic_torch_save, is_oom, oom_error
 from test_data import make_pixel_set
 
 try:
@@ -151,7 +144,7 @@ def test_cancel_leaves_usable_checkpoint_and_resume_is_bit_for_bit(tiny_data, tm
 
 def test_resume_state_is_written_atomically(tmp_path, monkeypatch):
     path = tmp_path / RESUME
-    _atomic_torch_save({"step": 1}, path)
+    atomic_torch_save({"step": 1}, path)
 
     def broken_save(obj, f, *a, **k):
         with open(f, "wb") as fh:
@@ -160,17 +153,17 @@ def test_resume_state_is_written_atomically(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(TrainingError, match="Cannot write the checkpoint.*previous checkpoint is untouched"):
-        _atomic_torch_save({"step": 2}, path)
+        atomic_torch_save({"step": 2}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == [RESUME]
 
 
 def test_out_of_memory_says_what_to_lower():
-    err = _oom_error(TrainConfig(batch_size=8, crop=513), RuntimeError("CUDA out of memory. Tried to allocate"))
+    err = oom_error(TrainConfig(batch_size=8, crop=513), RuntimeError("CUDA out of memory. Tried to allocate"))
     assert isinstance(err, OutOfMemoryError)
     assert "--batch-size" in str(err) and "--crop" in str(err) and "513" in str(err)
-    assert _is_oom(RuntimeError("CUDA out of memory")) and not _is_oom(RuntimeError("shape mismatch"))
+    assert is_oom(RuntimeError("CUDA out of memory")) and not is_oom(RuntimeError("shape mismatch"))
 
 
 def test_pseudo_labeller_pool_matches_in_process():
@@ -257,7 +250,7 @@ def test_corrected_masks_are_strong_labels_in_joint_training(tmp_path):
     from napari_wsss_cram.core.data.augment import AugmentConfig
     from napari_wsss_cram.core.data.patches import PatchDataset
     from napari_wsss_cram.core.io.png import write_index_png
-    from napari_wsss_cram.core.train import merge_strong_labels
+    from napari_wsss_cram.core.pseudo_labels import merge_strong_labels
 
     root = tmp_path / "corrected"
     (root / "img").mkdir(parents=True)

@@ -29,10 +29,8 @@ from pathlib import Path
 from .errors import DatasetError
 from .io.atomic import atomic_path
 from .progress import CancelToken, Progress
-from .run_files import FINAL, JOINT, LAST, RECIPE_LOG, is_resumable  # noqa: F401
+from .run_files import CONFIG, FINAL, JOINT, LAST, RECIPE_LOG, is_resumable  # noqa: F401
 from .train_config import TrainConfig, dumps_toml
-
-CONFIG = "config.toml"
 
 
 def stage_names(rounds: int) -> list[str]:
