@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 
 import numpy as np
 import pytest
@@ -218,7 +219,7 @@ def test_pseudo_labels_then_stage2_through_cli(tiny_data, tmp_path, capsys):
     assert info.model_config.stage == 2 and not model.has_pseudo_branch
 
 
-def test_cli_train_end_to_end_on_synthetic_patches(tiny_data, tmp_path, capsys):
+def test_cli_train_end_to_end_on_synthetic_patches(tiny_data, tmp_path, capsys, caplog):
     out = tmp_path / "cli"
     rc = main(["train", str(tiny_data["patches"]), "--out", str(out), "--val", str(tiny_data["val"]),
                "--config", "sample", "--stage", "1", "--backbone", "resnet18", "--steps", "3", "--batch-size", "4",
@@ -228,9 +229,21 @@ def test_cli_train_end_to_end_on_synthetic_patches(tiny_data, tmp_path, capsys):
     printed = captured.out.strip().splitlines()[-1]
     assert printed == str(out / "best.pt")
     assert "starting from resnet18: " in captured.err  # which weights the run starts from
-    # --resume alone continues with the run's own config.toml; a finished run has nothing left to do
-    rc = main(["train", str(tiny_data["patches"]), "--out", str(out), "--resume", "--steps", "3"])
+    # the three steps ran (logged: the first, every log_every, the last) and the checkpoints hold the last
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert [int(r["step"]) for r in rows if r["kind"] == "train"] == [1, 3]
+    assert [int(r["step"]) for r in rows if r["kind"] == "val"][-1] == 3  # validated at the end (best.pt)
+    assert load_checkpoint(out / "last.pt")[1].extra["step"] == 3
+    assert load_checkpoint(out / "best.pt")[1].extra["step"] == 3
+    last_bytes = (out / "last.pt").read_bytes()
+    # --resume alone continues with the run's own config.toml; a finished run has nothing left to do, and says so
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="napari_wsss_cram.core.train"):
+        rc = main(["train", str(tiny_data["patches"]), "--out", str(out), "--resume", "--steps", "3"])
     assert rc == 0
+    assert "already finished (step 3 of 3); nothing left to train" in caplog.text
+    assert (out / "last.pt").read_bytes() == last_bytes  # nothing was trained or rewritten
+    assert [int(r["step"]) for r in csv.DictReader(open(out / "metrics.csv")) if r["kind"] == "train"] == [1, 3]
 
 
 def test_cli_train_few_steps_on_the_sample_data(sample_data_dir, tmp_path, capsys):
@@ -238,7 +251,14 @@ def test_cli_train_few_steps_on_the_sample_data(sample_data_dir, tmp_path, capsy
                "--config", "sample", "--stage", "1", "--steps", "2", "--batch-size", "4", "--crop", "64", "--device", "cpu",
                "--workers", "0", "--crf-workers", "0", "--threads", "1"])
     assert rc == 0
-    assert capsys.readouterr().out.strip().splitlines()[-1].endswith("last.pt")
+    last = tmp_path / "run" / "last.pt"
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(last)
+    # the two steps ran (one metrics row each) and the checkpoint is the model after the second
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    assert [(r["kind"], int(r["step"])) for r in rows] == [("train", 1), ("train", 2)]
+    model, info = load_checkpoint(last)
+    assert info.extra["step"] == 2 and info.model_config.stage == 1
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())
 
 
 def test_corrected_masks_are_strong_labels_in_joint_training(tmp_path):

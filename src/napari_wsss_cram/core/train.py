@@ -452,6 +452,9 @@ class Trainer:
         config, budget, per_epoch = self.config, self.budget, self.steps_per_epoch
         self.t_start, self.start_step = time.perf_counter(), self.step
         self.epoch = self.step // per_epoch
+        if self.config.resume and budget.done(self.step) and self.dist.main:
+            log.warning("%s: the run already finished (step %d of %d); nothing left to train. Raise --steps, "
+                        "--epochs or --minutes to continue it.", self.run_dir, self.step, budget.total_steps)
         try:
             while not budget.done(self.step):
                 skip = self.step - self.epoch * per_epoch
