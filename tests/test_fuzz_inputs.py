@@ -197,7 +197,10 @@ def test_geojson_file_bytes_give_labels_or_a_clear_error(data):
 
     path = _write(".geojson", data)
     try:
-        geojson_to_labels(path, (8, 8), WSSS4LUAD)
+        labels = geojson_to_labels(path, (8, 8), WSSS4LUAD)
+        # a successful read is a class label map of the asked shape (background where no polygon is)
+        assert labels.shape == (8, 8) and labels.dtype == np.uint8
+        assert set(np.unique(labels)) <= set(range(WSSS4LUAD.background_index + 1))
         _record("GeoJSON file", "imported")
     except WsssCramError as err:
         assert path.name in str(err)

@@ -137,7 +137,9 @@ def test_real_wsss4luad_patch(wsss4luad_dir):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         img = read_rgb(wsss4luad_dir / "2.validation" / "img" / "00.png")
-    assert img.ndim == 3 and img.shape[2] == 3 and img.dtype == np.uint8
+    with Image.open(wsss4luad_dir / "2.validation" / "img" / "00.png") as ref:
+        expected = np.asarray(ref.convert("RGB"))  # an RGB PNG: the reader must give its pixels unchanged
+    assert img.dtype == np.uint8 and np.array_equal(img, expected)
 
 
 # ----------------------------------------------------------------- tifffile's zarr store (aszarr + zarr 3)
