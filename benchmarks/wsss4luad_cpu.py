@@ -227,7 +227,7 @@ def _train(config, fold: str, title: str) -> tuple[Path, float, int]:
     steps = [0]
 
     def callback(event) -> None:
-        if event.stage == "train":
+        if event.phase == "train":
             steps[0] = event.done
 
     t0 = time.perf_counter()

@@ -98,7 +98,7 @@ def test_tiled_equals_whole_image():
     assert np.abs(whole.cam.astype(int) - tiled.cam).max() <= 3
     assert (whole.labels == tiled.labels).mean() > 0.998
     assert events[0].done == 0 and events[-1].done == events[-1].total == tiled.info["tiles"]
-    assert all(e.stage == "predict" for e in events)
+    assert all(e.phase == "predict" for e in events)
     assert sum(whole.class_pixels.values()) == 150 * 205
 
 

@@ -89,9 +89,9 @@ def test_train_events_run_folder_and_checkpoints(tiny_data, tmp_path):
     events = []
     config = tiny_config(tiny_data, tmp_path / "run", val=str(tiny_data["val"]), crf_workers=1, joint_warmup_steps=2)
     best = train(config, callback=events.append)
-    stages = [e.stage for e in events]
-    assert stages[0] == "data" and "tumor" in events[0].info["summary"]
-    train_events = [e for e in events if e.stage == "train"]
+    phases = [e.phase for e in events]
+    assert phases[0] == "data" and "tumor" in events[0].info["summary"]
+    train_events = [e for e in events if e.phase == "train"]
     assert [e.done for e in train_events] == [1, 2, 3, 4] and all(e.total == 4 for e in train_events)
     info = train_events[-1].info
     assert set(info) >= {"epoch", "losses", "lr", "eta"} and {"total", "cls", "ce"} <= set(info["losses"])
@@ -99,7 +99,7 @@ def test_train_events_run_folder_and_checkpoints(tiny_data, tmp_path):
     # warm-up: classification only, no pseudo-labels; then the joint terms and the label coverage appear
     assert all("ce" not in e.info["losses"] and not e.info["pseudo"] for e in train_events[:2])
     assert all(0.0 <= e.info["pseudo"]["confident"] <= 1.0 for e in train_events[2:])
-    val = [e for e in events if e.stage == "val"]
+    val = [e for e in events if e.phase == "val"]
     assert len(val) == 1 and 0.0 <= val[0].info["mIoU"] <= 1.0 and set(val[0].info["per_class"]) == {
         "tumor", "stroma", "normal"}
     run = tmp_path / "run"
@@ -124,7 +124,7 @@ def test_cancel_leaves_usable_checkpoint_and_resume_is_bit_for_bit(tiny_data, tm
     token = CancelToken()
 
     def stop_after_two(event):
-        if event.stage == "train" and event.done == 2:
+        if event.phase == "train" and event.done == 2:
             token.cancel()
 
     with pytest.raises(Cancelled):

@@ -80,7 +80,7 @@ def test_ablation_overriding_the_checkpoint_schedule(sample_data_dir, tmp_path):
                  trainer_class=CheckpointOnlyAtTheEnd)
     assert CheckpointOnlyAtTheEnd.saved == [3]  # the default would have saved after every step
     assert best == run / "last.pt" and load_checkpoint(best)[1].extra["step"] == 3
-    assert [e.done for e in events if e.stage == "train"] == [1, 2, 3]  # log_step still ran every step
+    assert [e.done for e in events if e.phase == "train"] == [1, 2, 3]  # log_step still ran every step
 
 
 def test_each_stage_has_its_trainer_and_a_wrong_one_is_refused(sample_data_dir, tmp_path):
@@ -105,7 +105,7 @@ def test_ablation_overriding_pseudo_labels_runs_in_place_of_the_default(sample_d
     assert best.name == "last.pt" and best.is_file()
     assert [step for step, _ in AllIgnorePseudoLabels.calls] == [0, 1]  # once per step, after a 0-step warm-up
     assert all(shape[:2] == (2, 4) for _, shape in AllIgnorePseudoLabels.calls)  # (B, K+1, h, w) maps
-    train_events = [e for e in events if e.stage == "train"]
+    train_events = [e for e in events if e.phase == "train"]
     assert [e.done for e in train_events] == [1, 2]
     # the trainer used the override's labels: nothing confident, and the seg terms were computed on them
     assert all(e.info["pseudo"]["confident"] == 0.0 for e in train_events)
@@ -116,7 +116,7 @@ def test_ablation_adding_a_loss_term_is_logged(sample_data_dir, tmp_path):
     events = []
     run = tmp_path / "run"
     drive(train_steps(_fast_config(sample_data_dir, run), trainer_class=ExtraTerm), events.append)
-    train_events = [e for e in events if e.stage == "train"]
+    train_events = [e for e in events if e.phase == "train"]
     assert len(train_events) == 2 and all(e.info["losses"]["extra"] > 0 for e in train_events)
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [float(r["loss_extra"]) > 0 for r in rows] == [True, True]

@@ -753,7 +753,7 @@ def test_batch_segments_a_folder_with_one_summary_and_cancels(make_napari_viewer
     widget.crf_check.setChecked(False)
     formats = []
     assert widget.run_batch([str(folder)], str(tmp_path / "out"))
-    widget.worker.yielded.connect(lambda e: formats.append((e.stage, e.done, e.total)))
+    widget.worker.yielded.connect(lambda e: formats.append((e.phase, e.done, e.total)))
     qtbot.waitUntil(lambda: not widget.busy, timeout=60_000)
     rows = list(csv.DictReader(open(tmp_path / "out" / "predict_summary.csv")))
     assert [r["image"] for r in rows] == ["broken", "img0", "img1"]

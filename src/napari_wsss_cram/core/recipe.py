@@ -176,4 +176,4 @@ def _run_stage(config: TrainConfig, cancel: CancelToken | None, recipe: dict, tr
             event = next(events)
         except StopIteration as stop:
             return stop.value
-        yield Progress(event.stage, event.done, event.total, {**event.info, "recipe": recipe})
+        yield Progress(event.phase, event.done, event.total, {**event.info, "recipe": recipe})

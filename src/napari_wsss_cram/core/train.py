@@ -3,7 +3,7 @@
 API (both Qt-free):
 
 - :func:`train_steps` ``(config, cancel=None, trainer_class=Trainer)`` is a **generator**: it yields
-  :class:`Progress` events (``stage="data"`` once with the dataset summary, ``"train"`` every step with
+  :class:`Progress` events (``phase="data"`` once with the dataset summary, ``"train"`` every step with
   ``info={"epoch", "losses", "lr", "eta"}``, ``"val"`` after each validation with ``info={"mIoU", "per_class"}``)
   and *returns* the path of the best (or last) checkpoint. napari's ``thread_worker`` drives it directly.
 - :func:`train` ``(config, callback=None, cancel=None, trainer_class=Trainer)`` is the blocking form: it drives

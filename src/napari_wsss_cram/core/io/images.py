@@ -30,7 +30,7 @@ import numpy as np
 
 from ..errors import ImageReadError
 from .formats import OPENSLIDE_INSTALL, OPENSLIDE_SUFFIXES, READERS, SLIDE_SUFFIXES  # noqa: F401
-from .levels import ArrayLevel, Level, OpenSlideLevel, TiffLevel
+from .levels import ArrayLevel, LevelReader, OpenSlideLevel, TiffLevel
 from .pixel_size import MIN_PLAUSIBLE_MPP, REJECTED_MPP, mpp_from_dpi, plausible_mpp, tiff_mpp
 from .pixels import float_range_max, to_rgb_uint8
 from .png import check_png_pixel_data
@@ -53,7 +53,7 @@ class ImageSource:
     image are padded with white (255), which the tissue mask treats as background.
     """
 
-    def __init__(self, path: Path | None, levels: list[Level], mpp: float | None,
+    def __init__(self, path: Path | None, levels: list[LevelReader], mpp: float | None,
                  grayscale: bool = False, handle: Any = None, fmt: str = "array", float_max: float = 1.0) -> None:
         self._path = path
         self._levels = levels
@@ -322,7 +322,7 @@ class ImageSource:
         return best
 
     # ------------------------------------------------------------------ reading
-    def _check_level(self, level: int) -> Level:
+    def _check_level(self, level: int) -> LevelReader:
         if not 0 <= level < len(self._levels):
             raise ImageReadError(f"{self.name}: level {level} does not exist (it has {len(self._levels)}).")
         return self._levels[level]

@@ -106,4 +106,4 @@ class OpenSlideLevel:
         return ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
 
 
-Level = ArrayLevel | TiffLevel | OpenSlideLevel
+LevelReader = ArrayLevel | TiffLevel | OpenSlideLevel
