@@ -318,7 +318,6 @@ class Trainer:
         device = self.device
         self.net = DistributedDataParallel(
             self.model, device_ids=[device.index] if device.type == "cuda" else None,
-            # the seg head is unused with joint training off (ablation rows) or during the warm-up
             find_unused_parameters=self.unused_parameters())
 
     def unused_parameters(self) -> bool:
@@ -331,7 +330,7 @@ class Trainer:
         config = self.config
         if self.dist.main:
             self.metrics = MetricsLog(self.run_dir / METRICS, self.model.classes,
-                                       self.step if config.resume else None)
+                                      self.step if config.resume else None)
             if not config.resume:
                 (self.run_dir / CONFIG).write_text(dumps_toml(config.to_dict()), encoding="utf-8")
 
