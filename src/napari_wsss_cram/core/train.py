@@ -577,11 +577,9 @@ class Trainer:
 
 def trainer_for(config: TrainConfig) -> type[Trainer]:
     """The Trainer class of a config's stage: :class:`Trainer` (stage 1) or ``Stage2Trainer``."""
-    if config.stage2:
-        from .train_stage2 import Stage2Trainer
+    from .train_stage2 import Stage2Trainer  # a subclass of Trainer: imported here, not at the top
 
-        return Stage2Trainer
-    return Trainer
+    return Stage2Trainer if config.stage2 else Trainer
 
 
 def train_steps(config: TrainConfig, cancel: CancelToken | None = None,
