@@ -42,11 +42,11 @@ def main() -> None:
     t0 = time.perf_counter()
 
     def show(event):
-        if event.stage == "val":
+        if event.phase == "val":
             print(f"  sample preset step {event.done}: val mIoU {event.info['mIoU']:.4f} "
                   f"{ {k: round(v, 3) if v is not None else None for k, v in event.info['per_class'].items()} } "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
-        elif event.stage == "train" and event.done % 100 == 0:
+        elif event.phase == "train" and event.done % 100 == 0:
             print(f"  step {event.done}: {event.info['losses']} crf wait {event.info['crf_wait_seconds']:.1f} s",
                   flush=True)
 

@@ -6,7 +6,10 @@ longest and the 95th-percentile gap while the worker computes (up to its last pr
 (including the result layers, which the dock adds one per event-loop turn, each turn timed), then the max and
 p95 over all runs.
 The target (issue 9) is < 100 ms. ``--crf-backend pydensecrf`` measures the C++ reference in the worker thread
-(it holds the GIL), for comparison; ``--no-crf`` the run without the CRF.
+(it holds the GIL), for comparison; ``--no-crf`` the run without the CRF; ``--synthetic`` a synthetic 512x512
+patch (``core.sample.make_patch``) in place of the real image, where ``../shared`` is absent. The GUI tests
+(``tests/test_widget_responsiveness.py``) only check that the loop keeps turning while the model computes;
+this script holds the figures.
 
 Usage (from the repository root; Qt needs a display: xvfb-run, or QT_QPA_PLATFORM=offscreen)::
 
@@ -81,14 +84,22 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--crf-backend", default=None, help="override the dock's CRF backend (auto = torch)")
     parser.add_argument("--no-crf", action="store_true")
+    parser.add_argument("--synthetic", action="store_true", help="a synthetic 512x512 patch, not --image")
     args = parser.parse_args()
-    if not args.image.is_file():
-        raise SystemExit(f"{args.image} is missing (the WSSS4LUAD sample lives in ../shared/data).")
+    if not args.synthetic and not args.image.is_file():
+        raise SystemExit(f"{args.image} is missing (the WSSS4LUAD sample lives in ../shared/data); or pass "
+                         "--synthetic.")
     os.environ.setdefault("WSSS_CRAM_SETTINGS_FILE", str(Path(tempfile.mkdtemp()) / "settings.ini"))
     import napari
     from PIL import Image
 
-    rgb = np.asarray(Image.open(args.image).convert("RGB"))
+    if args.synthetic:
+        from napari_wsss_cram.core.sample import make_patch
+
+        rgb = make_patch(0, 512)[0]
+        args.image = Path("synthetic-512.png")
+    else:
+        rgb = np.asarray(Image.open(args.image).convert("RGB"))
     viewer = napari.Viewer(show=False)
     viewer.add_image(rgb, name="06", rgb=True)
     _, widget = viewer.window.add_plugin_dock_widget("napari-wsss-cram", "Segment")

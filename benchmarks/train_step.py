@@ -72,7 +72,7 @@ def main() -> None:
             times, waits = [], []
 
             def on_event(event, times=times, waits=waits):
-                if event.stage == "train":
+                if event.phase == "train":
                     times.append(event.info["step_seconds"])
                     waits.append(event.info["crf_wait_seconds"])
 

@@ -149,7 +149,7 @@ def constant_cm(test_index, class_name: str = "stroma") -> ConfusionMatrix:
 def pseudo_label_counts(pseudo_dir: Path, patch_dir: Path, classes: ClassSpec) -> np.ndarray:
     """Joint counts (K+1, K+2): rows truth 0..K, columns pseudo-label 0..K then 255, over the training crops."""
     from napari_wsss_cram.core.data.patchify import MASKS_SUBDIR
-    from napari_wsss_cram.core.io.outputs import read_index_png
+    from napari_wsss_cram.core.io.png import read_index_png
 
     n = classes.num_outputs
     joint = np.zeros((n, n + 1), np.int64)
@@ -233,7 +233,7 @@ def _train(config, fold: str, title: str) -> tuple[Path, float, int]:
     steps = [0]
 
     def callback(event) -> None:
-        if event.stage == "train":
+        if event.phase == "train":
             steps[0] = event.done
 
     t0 = time.perf_counter()

@@ -21,7 +21,7 @@ from napari_wsss_cram.core.data import (
     parse_patch_name,
 )
 from napari_wsss_cram.core.errors import DatasetError, ImageReadError
-from napari_wsss_cram.core.io.outputs import write_index_png
+from napari_wsss_cram.core.io.png import write_index_png
 
 #: flat colours of the synthetic classes (tumor purple, stroma pink, normal orange, background white)
 COLORS = np.array([(90, 40, 140), (230, 140, 190), (200, 120, 60), (250, 250, 250)], np.float32)

@@ -8,7 +8,7 @@ from PIL import Image
 
 from napari_wsss_cram.cli import main
 from napari_wsss_cram.core.classes import WSSS4LUAD
-from napari_wsss_cram.core.io.outputs import read_index_png
+from napari_wsss_cram.core.io.png import read_index_png
 from widget_helpers import he_like_image, make_tiny_checkpoint
 
 

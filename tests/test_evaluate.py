@@ -14,7 +14,7 @@ from napari_wsss_cram.core.checkpoint import save_checkpoint
 from napari_wsss_cram.core.classes import WSSS4LUAD
 from napari_wsss_cram.core.data import discover_pixel_dataset
 from napari_wsss_cram.core.evaluate import evaluate_model
-from napari_wsss_cram.core.io.outputs import write_index_png
+from napari_wsss_cram.core.io.png import write_index_png
 from napari_wsss_cram.core.model.config import ModelConfig
 from napari_wsss_cram.core.model.cram import CRAMNet
 from napari_wsss_cram.core.progress import drive

@@ -180,7 +180,7 @@ FEATURE = st.fixed_dictionaries({
 @given(document=st.one_of(JSON_ANY, st.fixed_dictionaries({"type": st.just("FeatureCollection"),
                                                            "features": st.lists(FEATURE, max_size=4)})))
 def test_geojson_importer_gives_labels_or_a_clear_error(document):
-    from napari_wsss_cram.core.io.outputs import geojson_to_labels
+    from napari_wsss_cram.core.io.qupath import geojson_to_labels
 
     try:
         labels = geojson_to_labels(document, (24, 32), WSSS4LUAD)
@@ -193,11 +193,14 @@ def test_geojson_importer_gives_labels_or_a_clear_error(document):
 @FUZZ
 @given(data=st.binary(max_size=200))
 def test_geojson_file_bytes_give_labels_or_a_clear_error(data):
-    from napari_wsss_cram.core.io.outputs import geojson_to_labels
+    from napari_wsss_cram.core.io.qupath import geojson_to_labels
 
     path = _write(".geojson", data)
     try:
-        geojson_to_labels(path, (8, 8), WSSS4LUAD)
+        labels = geojson_to_labels(path, (8, 8), WSSS4LUAD)
+        # a successful read is a class label map of the asked shape (background where no polygon is)
+        assert labels.shape == (8, 8) and labels.dtype == np.uint8
+        assert set(np.unique(labels)) <= set(range(WSSS4LUAD.background_index + 1))
         _record("GeoJSON file", "imported")
     except WsssCramError as err:
         assert path.name in str(err)

@@ -23,8 +23,9 @@ from napari_wsss_cram.core.classes import WSSS4LUAD
 from napari_wsss_cram.core.data.patches import discover_patches
 from napari_wsss_cram.core.data.pixel import discover_pixel_dataset, load_mask
 from napari_wsss_cram.core.errors import CheckpointError, DatasetError, ImageReadError
+from napari_wsss_cram.core.io.guard import folder_lock
 from napari_wsss_cram.core.io.images import ImageSource, read_rgb
-from napari_wsss_cram.core.io.outputs import folder_lock, write_index_png
+from napari_wsss_cram.core.io.png import write_index_png
 from napari_wsss_cram.core.model.config import ModelConfig
 from napari_wsss_cram.core.model.cram import CRAMNet
 
@@ -551,14 +552,14 @@ def test_a_damaged_tiff_says_so_without_internal_error_names(tmp_path):
 def test_a_full_disk_while_writing_outputs_is_said_plainly(tmp_path, checkpoint, capsys, monkeypatch):
     import errno
 
-    from napari_wsss_cram.core.io import outputs
+    from napari_wsss_cram.core.io import qupath
 
     _he_patch(tmp_path / "p.png")
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(outputs, "write_geojson", full)
+    monkeypatch.setattr(qupath, "write_geojson", full)
     out = tmp_path / "out"
     assert main(["predict", str(checkpoint), str(tmp_path / "p.png"), "--out", str(out), "--scale", "1"]) == 2
     assert "Cannot write the outputs of p into" in capsys.readouterr().err

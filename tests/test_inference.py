@@ -11,7 +11,7 @@ from napari_wsss_cram.core.classes import WSSS4LUAD
 from napari_wsss_cram.core.errors import ImageReadError, OutOfMemoryError, WsssCramError
 from napari_wsss_cram.core.inference import PredictSettings, predict_array, predict_path, predict_source
 from napari_wsss_cram.core.io.images import ImageSource
-from napari_wsss_cram.core.io.outputs import write_pyramidal_ome_tiff
+from napari_wsss_cram.core.io.ometiff import write_pyramidal_ome_tiff
 from napari_wsss_cram.core.progress import Cancelled, CancelToken, drive
 from napari_wsss_cram.core.tiling import Geometry, tile_starts
 
@@ -98,7 +98,7 @@ def test_tiled_equals_whole_image():
     assert np.abs(whole.cam.astype(int) - tiled.cam).max() <= 3
     assert (whole.labels == tiled.labels).mean() > 0.998
     assert events[0].done == 0 and events[-1].done == events[-1].total == tiled.info["tiles"]
-    assert all(e.stage == "predict" for e in events)
+    assert all(e.phase == "predict" for e in events)
     assert sum(whole.class_pixels.values()) == 150 * 205
 
 

@@ -11,7 +11,8 @@ import pytest
 from napari_wsss_cram.core.errors import OutputExistsError
 from napari_wsss_cram.core.inference import PredictSettings, predict_array
 from napari_wsss_cram.core.io.images import ImageSource
-from napari_wsss_cram.core.io.outputs import geojson_to_labels, read_index_png
+from napari_wsss_cram.core.io.png import read_index_png
+from napari_wsss_cram.core.io.qupath import geojson_to_labels
 from napari_wsss_cram.core.io.writers import write_outputs
 from napari_wsss_cram.core.progress import Cancelled, CancelToken, drive
 from test_inference import ColorNet, colour_blocks
@@ -99,7 +100,7 @@ def test_field_of_view_ome_tiff_keeps_its_position(tmp_path, level):
 
     from napari_wsss_cram._reader import read_layer
     from napari_wsss_cram.core.inference import predict_source
-    from napari_wsss_cram.core.io.outputs import write_pyramidal_ome_tiff
+    from napari_wsss_cram.core.io.ometiff import write_pyramidal_ome_tiff
 
     img, truth = colour_blocks(512, 384, 64)
     slide = tmp_path / "slide.ome.tif"

@@ -9,6 +9,7 @@ import pytest
 import tifffile
 from PIL import Image
 
+from napari_wsss_cram._reader import image_layer_data
 from napari_wsss_cram.core.errors import ImageReadError
 from napari_wsss_cram.core.io.images import GrayscaleImageWarning, ImageSource, read_rgb
 
@@ -69,7 +70,7 @@ def test_pyramidal_ome_tiff_levels_regions_and_mpp(tmp_path, rgb):
         # outside the image is white padding
         edge = src.read_region(-5, 400, 20, 20)
         assert (edge[:5] == 255).all() and np.array_equal(edge[5:, :10], rgb[:15, 400:410])
-        data = src.napari_data()
+        data = image_layer_data(src)
         assert isinstance(data, list) and [d.shape for d in data] == [(300, 410, 3), (150, 205, 3)]
         assert np.array_equal(np.asarray(data[1][5:9, 7:11]), rgb[::2, ::2][5:9, 7:11])
 
@@ -136,7 +137,9 @@ def test_real_wsss4luad_patch(wsss4luad_dir):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         img = read_rgb(wsss4luad_dir / "2.validation" / "img" / "00.png")
-    assert img.ndim == 3 and img.shape[2] == 3 and img.dtype == np.uint8
+    with Image.open(wsss4luad_dir / "2.validation" / "img" / "00.png") as ref:
+        expected = np.asarray(ref.convert("RGB"))  # an RGB PNG: the reader must give its pixels unchanged
+    assert img.dtype == np.uint8 and np.array_equal(img, expected)
 
 
 # ----------------------------------------------------------------- tifffile's zarr store (aszarr + zarr 3)
@@ -177,7 +180,7 @@ def test_tiff_levels_and_regions_match_tifffile_pages(tmp_path, rgb, case):
                 assert np.array_equal(src.read_region(y, x, rh, rw, level), ref[y:y + rh, x:x + rw])
             edge = src.read_region(h - 5, w - 7, 20, 20, level)
             assert np.array_equal(edge[:5, :7], ref[h - 5:, w - 7:]) and (edge[5:] == 255).all()
-        data = src.napari_data()
+        data = image_layer_data(src)
         levels = data if isinstance(data, list) else [data]
         for level, ref in enumerate(expected):
             assert np.array_equal(np.asarray(levels[level]), ref)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tifffile
 
+from napari_wsss_cram._reader import image_layer_data
 from napari_wsss_cram.core.errors import ImageReadError
 from napari_wsss_cram.core.io.images import OPENSLIDE_INSTALL, ImageSource
 
@@ -69,7 +70,7 @@ def test_openslide_and_tifffile_give_the_same_slide(tmp_path, he_rgb, kind):
                 y, x = int(rng.integers(-20, h - 1)), int(rng.integers(-20, w - 1))
                 rh, rw = int(rng.integers(1, 300)), int(rng.integers(1, 300))
                 assert np.array_equal(osl.read_region(y, x, rh, rw, level), tf.read_region(y, x, rh, rw, level))
-        lazy = osl.napari_data()
+        lazy = image_layer_data(osl)
         assert isinstance(lazy, list) and np.array_equal(np.asarray(lazy[1]), tf.read_level(1))
     # "auto" keeps SVS and TIFF on tifffile
     with ImageSource.open(path) as auto:

@@ -10,19 +10,14 @@ import tifffile
 from PIL import Image
 
 from napari_wsss_cram.core.classes import WSSS4LUAD
+from napari_wsss_cram.core.composition import composition
 from napari_wsss_cram.core.errors import OutputExistsError
+from napari_wsss_cram.core.io.atomic import atomic_path
+from napari_wsss_cram.core.io.guard import ensure_can_write
 from napari_wsss_cram.core.io.images import ImageSource
-from napari_wsss_cram.core.io.outputs import (
-    atomic_path,
-    composition,
-    ensure_can_write,
-    geojson_to_labels,
-    labels_to_geojson,
-    read_index_png,
-    write_geojson,
-    write_index_png,
-    write_pyramidal_ome_tiff,
-)
+from napari_wsss_cram.core.io.ometiff import write_pyramidal_ome_tiff
+from napari_wsss_cram.core.io.png import read_index_png, write_index_png
+from napari_wsss_cram.core.io.qupath import geojson_to_labels, labels_to_geojson, write_geojson
 from napari_wsss_cram.core.metrics import ConfusionMatrix
 from napari_wsss_cram.core.placement import Placement
 

@@ -19,7 +19,7 @@ from napari_wsss_cram.core.data.mosaic import (
 )
 from napari_wsss_cram.core.data.patches import PatchDataset, discover_patches
 from napari_wsss_cram.core.data.pixel import PixelDataset, discover_pixel_dataset
-from napari_wsss_cram.core.io.outputs import write_index_png
+from napari_wsss_cram.core.io.png import write_index_png
 from napari_wsss_cram.core.progress import drive
 from napari_wsss_cram.core.train import train_steps
 from napari_wsss_cram.core.train_config import TrainConfig
@@ -144,7 +144,7 @@ def test_trainer_mixes_mosaics_in_both_stages(tmp_path, sample_data_dir):
     events = []
     drive(train_steps(TrainConfig(**{**common, "out": str(run1), "data": str(sample_data_dir / "patches"),
                                      "joint_warmup_steps": 0})), events.append)
-    summary = next(e for e in events if e.stage == "data").info["summary"]
+    summary = next(e for e in events if e.phase == "data").info["summary"]
     assert "mosaics: 100% of items" in summary and (run1 / "last.pt").is_file()
 
     # stage 2: cells from a pixel-labelled folder (here the sample's validation masks stand in for pseudo-labels)
@@ -153,9 +153,9 @@ def test_trainer_mixes_mosaics_in_both_stages(tmp_path, sample_data_dir):
     drive(train_steps(TrainConfig(**{**common, "out": str(run2), "stage2": True,
                                      "pseudo": str(sample_data_dir / "validation"), "mosaic_purity": 0.8})),
           events.append)
-    summary = next(e for e in events if e.stage == "data").info["summary"]
+    summary = next(e for e in events if e.phase == "data").info["summary"]
     assert "mosaics: 100% of items" in summary and (run2 / "last.pt").is_file()
-    assert any(e.stage == "train" for e in events)
+    assert any(e.phase == "train" for e in events)
 
 
 def test_pixel_dataset_wrapped_gives_stage2_records(tmp_path, sample_data_dir):

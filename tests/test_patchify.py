@@ -11,7 +11,7 @@ from napari_wsss_cram.core.classes import WSSS4LUAD, class_spec_from_names
 from napari_wsss_cram.core.data import discover_patches, discover_pixel_dataset
 from napari_wsss_cram.core.data.patchify import MASKS_SUBDIR, _positions, patch_labels, patchify
 from napari_wsss_cram.core.errors import OutputExistsError
-from napari_wsss_cram.core.io.outputs import read_index_png, write_index_png
+from napari_wsss_cram.core.io.png import read_index_png, write_index_png
 from test_data import make_pixel_set
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from napari_wsss_cram.core.classes import WSSS4LUAD
-from napari_wsss_cram.core.io.outputs import geojson_to_labels, labels_to_geojson
+from napari_wsss_cram.core.io.qupath import geojson_to_labels, labels_to_geojson
 from napari_wsss_cram.core.placement import Placement
 
 

@@ -12,8 +12,13 @@ import pytest
 from napari_wsss_cram.cli import main
 from napari_wsss_cram.core.classes import WSSS4LUAD
 from napari_wsss_cram.core.errors import WsssCramError
-from napari_wsss_cram.core.io.outputs import geojson_to_labels, labels_to_geojson, read_index_png
-from napari_wsss_cram.core.io.qupath import parse_class_map, qupath_to_labels
+from napari_wsss_cram.core.io.png import read_index_png
+from napari_wsss_cram.core.io.qupath import (
+    geojson_to_labels,
+    labels_to_geojson,
+    parse_class_map,
+    qupath_to_labels,
+)
 from napari_wsss_cram.core.placement import Placement
 from widget_helpers import he_like_image, make_tiny_checkpoint
 

@@ -10,7 +10,8 @@ from PIL import Image
 from napari_wsss_cram import _sample_data
 from napari_wsss_cram._reader import napari_get_reader
 from napari_wsss_cram.core.classes import WSSS4LUAD
-from napari_wsss_cram.core.io.outputs import write_index_png, write_pyramidal_ome_tiff
+from napari_wsss_cram.core.io.ometiff import write_pyramidal_ome_tiff
+from napari_wsss_cram.core.io.png import write_index_png
 
 PLUGIN = "napari-wsss-cram"
 
@@ -41,7 +42,7 @@ def test_a_plain_png_opens_without_choose_reader(make_napari_viewer, tmp_path):
     so dropping a PNG opens it at once; the plugin keeps the label exports and masks among PNGs."""
     from napari.plugins import _npe2
 
-    from napari_wsss_cram.core.io.outputs import write_index_png
+    from napari_wsss_cram.core.io.png import write_index_png
 
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 80, 3), np.uint8)).save(tmp_path / "patch.png")
     assert PLUGIN not in _npe2.get_readers(str(tmp_path / "patch.png"))

@@ -12,7 +12,7 @@ import torch
 from napari_wsss_cram.cli import main
 from napari_wsss_cram.core.checkpoint import load_checkpoint, resolve_checkpoint_path
 from napari_wsss_cram.core.errors import CheckpointError, DatasetError
-from napari_wsss_cram.core.io.outputs import read_index_png
+from napari_wsss_cram.core.io.png import read_index_png
 from napari_wsss_cram.core.progress import Cancelled, CancelToken, drive
 from napari_wsss_cram.core.recipe import is_resumable, stage_minutes, train_recipe_steps
 from napari_wsss_cram.core.train_config import load_config
@@ -76,7 +76,7 @@ def test_a_stopped_recipe_resumes_after_its_finished_stages(few_patches, tmp_pat
     cancel = CancelToken()
 
     def stop_in_round1(event) -> None:
-        if event.stage == "train" and event.info["recipe"]["name"] == "round1":
+        if event.phase == "train" and event.info["recipe"]["name"] == "round1":
             cancel.cancel()
 
     with pytest.raises(Cancelled):
@@ -89,7 +89,7 @@ def test_a_stopped_recipe_resumes_after_its_finished_stages(few_patches, tmp_pat
     final = drive(train_recipe_steps(config.updated(resume=True)), events.append)
     assert final == run / "final.pt" and final.is_file()
     assert (run / "joint" / "last.pt").stat().st_mtime_ns == joint_mtime  # the joint model was not retrained
-    assert {e.info["recipe"]["name"] for e in events if e.stage == "train"} == {"round1"}
+    assert {e.info["recipe"]["name"] for e in events if e.phase == "train"} == {"round1"}
 
 
 def test_the_budget_is_split_between_stages_as_the_shares_say():

@@ -83,7 +83,7 @@ def test_rule_falls_back_to_the_recorded_scale_range_then_one():
 
 def test_predict_defaults_match_evaluate_at_the_rule(tmp_path, scale_checkpoint, capsys):
     from napari_wsss_cram.core.evaluate import predict_labels
-    from napari_wsss_cram.core.io.outputs import read_index_png, write_index_png
+    from napari_wsss_cram.core.io.png import read_index_png, write_index_png
 
     rgb = _png(tmp_path / "img.png")
     assert main(["predict", str(scale_checkpoint), str(tmp_path / "img.png"), "--out", str(tmp_path / "out"),
@@ -109,7 +109,8 @@ def test_predict_defaults_match_evaluate_at_the_rule(tmp_path, scale_checkpoint,
 def test_predict_defaults_use_the_training_mpp_or_fall_back_with_a_note(tmp_path, mpp_checkpoint, capsys):
     from napari_wsss_cram.core.evaluate import predict_labels
     from napari_wsss_cram.core.inference import PredictSettings, predict_array
-    from napari_wsss_cram.core.io.outputs import read_index_png, write_pyramidal_ome_tiff
+    from napari_wsss_cram.core.io.ometiff import write_pyramidal_ome_tiff
+    from napari_wsss_cram.core.io.png import read_index_png
     from napari_wsss_cram.core.progress import drive
 
     model, info = load_checkpoint(mpp_checkpoint)

@@ -14,7 +14,7 @@ from PIL import Image
 from napari_wsss_cram.cli import main
 from napari_wsss_cram.core.classes import WSSS4LUAD
 from napari_wsss_cram.core.io.images import ImageSource, read_rgb
-from napari_wsss_cram.core.io.outputs import read_index_png
+from napari_wsss_cram.core.io.png import read_index_png
 from napari_wsss_cram.core.sample import (
     TissueLayout,
     image_labels,

@@ -24,7 +24,7 @@ from napari_wsss_cram.core.crf import CRFParams, dense_crf
 from napari_wsss_cram.core.errors import ImageReadError, WsssCramError
 from napari_wsss_cram.core.inference import PredictSettings
 from napari_wsss_cram.core.io.images import ImageSource, read_rgb
-from napari_wsss_cram.core.io.outputs import read_index_png
+from napari_wsss_cram.core.io.png import read_index_png
 from napari_wsss_cram.core.model.config import ModelConfig
 from napari_wsss_cram.core.train_config import TrainConfig
 from napari_wsss_cram.core.validate import MODEL_RANGES, RANGES, TRAIN_RANGES

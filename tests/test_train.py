@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 
 import numpy as np
 import pytest
@@ -17,16 +18,9 @@ from napari_wsss_cram.core.errors import DatasetError, OutOfMemoryError, Trainin
 from napari_wsss_cram.core.model.config import ModelConfig
 from napari_wsss_cram.core.progress import Cancelled, CancelToken
 from napari_wsss_cram.core.pseudo_labels import PseudoLabeller
-from napari_wsss_cram.core.train import (
-    RESUME,
-    _atomic_torch_save,
-    _is_oom,
-    _oom_error,
-    load_config,
-    resolve_device,
-    train,
-)
+from napari_wsss_cram.core.train import RESUME, load_config, resolve_device, train
 from napari_wsss_cram.core.train_config import PRESETS_DIR, TrainConfig, dumps_toml
+from napari_wsss_cram.core.train_runtime import atomic_torch_save, is_oom, oom_error
 from test_data import make_pixel_set
 
 try:
@@ -95,9 +89,9 @@ def test_train_events_run_folder_and_checkpoints(tiny_data, tmp_path):
     events = []
     config = tiny_config(tiny_data, tmp_path / "run", val=str(tiny_data["val"]), crf_workers=1, joint_warmup_steps=2)
     best = train(config, callback=events.append)
-    stages = [e.stage for e in events]
-    assert stages[0] == "data" and "tumor" in events[0].info["summary"]
-    train_events = [e for e in events if e.stage == "train"]
+    phases = [e.phase for e in events]
+    assert phases[0] == "data" and "tumor" in events[0].info["summary"]
+    train_events = [e for e in events if e.phase == "train"]
     assert [e.done for e in train_events] == [1, 2, 3, 4] and all(e.total == 4 for e in train_events)
     info = train_events[-1].info
     assert set(info) >= {"epoch", "losses", "lr", "eta"} and {"total", "cls", "ce"} <= set(info["losses"])
@@ -105,7 +99,7 @@ def test_train_events_run_folder_and_checkpoints(tiny_data, tmp_path):
     # warm-up: classification only, no pseudo-labels; then the joint terms and the label coverage appear
     assert all("ce" not in e.info["losses"] and not e.info["pseudo"] for e in train_events[:2])
     assert all(0.0 <= e.info["pseudo"]["confident"] <= 1.0 for e in train_events[2:])
-    val = [e for e in events if e.stage == "val"]
+    val = [e for e in events if e.phase == "val"]
     assert len(val) == 1 and 0.0 <= val[0].info["mIoU"] <= 1.0 and set(val[0].info["per_class"]) == {
         "tumor", "stroma", "normal"}
     run = tmp_path / "run"
@@ -130,7 +124,7 @@ def test_cancel_leaves_usable_checkpoint_and_resume_is_bit_for_bit(tiny_data, tm
     token = CancelToken()
 
     def stop_after_two(event):
-        if event.stage == "train" and event.done == 2:
+        if event.phase == "train" and event.done == 2:
             token.cancel()
 
     with pytest.raises(Cancelled):
@@ -151,7 +145,7 @@ def test_cancel_leaves_usable_checkpoint_and_resume_is_bit_for_bit(tiny_data, tm
 
 def test_resume_state_is_written_atomically(tmp_path, monkeypatch):
     path = tmp_path / RESUME
-    _atomic_torch_save({"step": 1}, path)
+    atomic_torch_save({"step": 1}, path)
 
     def broken_save(obj, f, *a, **k):
         with open(f, "wb") as fh:
@@ -160,17 +154,17 @@ def test_resume_state_is_written_atomically(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(TrainingError, match="Cannot write the checkpoint.*previous checkpoint is untouched"):
-        _atomic_torch_save({"step": 2}, path)
+        atomic_torch_save({"step": 2}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == [RESUME]
 
 
 def test_out_of_memory_says_what_to_lower():
-    err = _oom_error(TrainConfig(batch_size=8, crop=513), RuntimeError("CUDA out of memory. Tried to allocate"))
+    err = oom_error(TrainConfig(batch_size=8, crop=513), RuntimeError("CUDA out of memory. Tried to allocate"))
     assert isinstance(err, OutOfMemoryError)
     assert "--batch-size" in str(err) and "--crop" in str(err) and "513" in str(err)
-    assert _is_oom(RuntimeError("CUDA out of memory")) and not _is_oom(RuntimeError("shape mismatch"))
+    assert is_oom(RuntimeError("CUDA out of memory")) and not is_oom(RuntimeError("shape mismatch"))
 
 
 def test_pseudo_labeller_pool_matches_in_process():
@@ -225,7 +219,7 @@ def test_pseudo_labels_then_stage2_through_cli(tiny_data, tmp_path, capsys):
     assert info.model_config.stage == 2 and not model.has_pseudo_branch
 
 
-def test_cli_train_end_to_end_on_synthetic_patches(tiny_data, tmp_path, capsys):
+def test_cli_train_end_to_end_on_synthetic_patches(tiny_data, tmp_path, capsys, caplog):
     out = tmp_path / "cli"
     rc = main(["train", str(tiny_data["patches"]), "--out", str(out), "--val", str(tiny_data["val"]),
                "--config", "sample", "--stage", "1", "--backbone", "resnet18", "--steps", "3", "--batch-size", "4",
@@ -235,9 +229,21 @@ def test_cli_train_end_to_end_on_synthetic_patches(tiny_data, tmp_path, capsys):
     printed = captured.out.strip().splitlines()[-1]
     assert printed == str(out / "best.pt")
     assert "starting from resnet18: " in captured.err  # which weights the run starts from
-    # --resume alone continues with the run's own config.toml; a finished run has nothing left to do
-    rc = main(["train", str(tiny_data["patches"]), "--out", str(out), "--resume", "--steps", "3"])
+    # the three steps ran (logged: the first, every log_every, the last) and the checkpoints hold the last
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert [int(r["step"]) for r in rows if r["kind"] == "train"] == [1, 3]
+    assert [int(r["step"]) for r in rows if r["kind"] == "val"][-1] == 3  # validated at the end (best.pt)
+    assert load_checkpoint(out / "last.pt")[1].extra["step"] == 3
+    assert load_checkpoint(out / "best.pt")[1].extra["step"] == 3
+    last_bytes = (out / "last.pt").read_bytes()
+    # --resume alone continues with the run's own config.toml; a finished run has nothing left to do, and says so
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="napari_wsss_cram.core.train"):
+        rc = main(["train", str(tiny_data["patches"]), "--out", str(out), "--resume", "--steps", "3"])
     assert rc == 0
+    assert "already finished (step 3 of 3); nothing left to train" in caplog.text
+    assert (out / "last.pt").read_bytes() == last_bytes  # nothing was trained or rewritten
+    assert [int(r["step"]) for r in csv.DictReader(open(out / "metrics.csv")) if r["kind"] == "train"] == [1, 3]
 
 
 def test_cli_train_few_steps_on_the_sample_data(sample_data_dir, tmp_path, capsys):
@@ -245,7 +251,14 @@ def test_cli_train_few_steps_on_the_sample_data(sample_data_dir, tmp_path, capsy
                "--config", "sample", "--stage", "1", "--steps", "2", "--batch-size", "4", "--crop", "64", "--device", "cpu",
                "--workers", "0", "--crf-workers", "0", "--threads", "1"])
     assert rc == 0
-    assert capsys.readouterr().out.strip().splitlines()[-1].endswith("last.pt")
+    last = tmp_path / "run" / "last.pt"
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(last)
+    # the two steps ran (one metrics row each) and the checkpoint is the model after the second
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    assert [(r["kind"], int(r["step"])) for r in rows] == [("train", 1), ("train", 2)]
+    model, info = load_checkpoint(last)
+    assert info.extra["step"] == 2 and info.model_config.stage == 1
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())
 
 
 def test_corrected_masks_are_strong_labels_in_joint_training(tmp_path):
@@ -256,8 +269,8 @@ def test_corrected_masks_are_strong_labels_in_joint_training(tmp_path):
     from napari_wsss_cram.core.classes import IGNORE_INDEX, WSSS4LUAD
     from napari_wsss_cram.core.data.augment import AugmentConfig
     from napari_wsss_cram.core.data.patches import PatchDataset
-    from napari_wsss_cram.core.io.outputs import write_index_png
-    from napari_wsss_cram.core.train import merge_strong_labels
+    from napari_wsss_cram.core.io.png import write_index_png
+    from napari_wsss_cram.core.pseudo_labels import merge_strong_labels
 
     root = tmp_path / "corrected"
     (root / "img").mkdir(parents=True)

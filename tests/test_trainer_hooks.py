@@ -57,6 +57,47 @@ class ExtraTerm(Trainer):
         return loss + 1e-3 * extra, terms
 
 
+class CheckpointOnlyAtTheEnd(Trainer):
+    """Ablation of the schedule between steps: ``last.pt`` only when the run ends, whatever checkpoint_every."""
+
+    saved: list[int] = []
+
+    def checkpoint_due(self) -> bool:
+        return self.finished
+
+    def save_last(self) -> None:
+        type(self).saved.append(self.step)
+        super().save_last()
+
+
+def test_ablation_overriding_the_checkpoint_schedule(sample_data_dir, tmp_path):
+    from napari_wsss_cram.core.checkpoint import load_checkpoint
+
+    CheckpointOnlyAtTheEnd.saved = []
+    run = tmp_path / "run"
+    events = []
+    best = train(_fast_config(sample_data_dir, run, steps=3, checkpoint_every=1), events.append,
+                 trainer_class=CheckpointOnlyAtTheEnd)
+    assert CheckpointOnlyAtTheEnd.saved == [3]  # the default would have saved after every step
+    assert best == run / "last.pt" and load_checkpoint(best)[1].extra["step"] == 3
+    assert [e.done for e in events if e.phase == "train"] == [1, 2, 3]  # log_step still ran every step
+
+
+def test_each_stage_has_its_trainer_and_a_wrong_one_is_refused(sample_data_dir, tmp_path):
+    from napari_wsss_cram.core.errors import TrainingError
+    from napari_wsss_cram.core.train import trainer_for
+    from napari_wsss_cram.core.train_stage2 import Stage2Trainer
+
+    stage1 = _fast_config(sample_data_dir, tmp_path / "a")
+    stage2 = _fast_config(sample_data_dir, tmp_path / "b", stage2=True, pseudo=str(tmp_path))
+    assert trainer_for(stage1) is Trainer and trainer_for(stage2) is Stage2Trainer
+    assert issubclass(Stage2Trainer, Trainer) and Stage2Trainer.stage == 2
+    with pytest.raises(TrainingError, match="subclass Stage2Trainer"):
+        Trainer(stage2)
+    with pytest.raises(TrainingError, match="subclass Trainer"):
+        Stage2Trainer(stage1)
+
+
 def test_ablation_overriding_pseudo_labels_runs_in_place_of_the_default(sample_data_dir, tmp_path):
     AllIgnorePseudoLabels.calls = []
     events = []
@@ -64,7 +105,7 @@ def test_ablation_overriding_pseudo_labels_runs_in_place_of_the_default(sample_d
     assert best.name == "last.pt" and best.is_file()
     assert [step for step, _ in AllIgnorePseudoLabels.calls] == [0, 1]  # once per step, after a 0-step warm-up
     assert all(shape[:2] == (2, 4) for _, shape in AllIgnorePseudoLabels.calls)  # (B, K+1, h, w) maps
-    train_events = [e for e in events if e.stage == "train"]
+    train_events = [e for e in events if e.phase == "train"]
     assert [e.done for e in train_events] == [1, 2]
     # the trainer used the override's labels: nothing confident, and the seg terms were computed on them
     assert all(e.info["pseudo"]["confident"] == 0.0 for e in train_events)
@@ -75,7 +116,7 @@ def test_ablation_adding_a_loss_term_is_logged(sample_data_dir, tmp_path):
     events = []
     run = tmp_path / "run"
     drive(train_steps(_fast_config(sample_data_dir, run), trainer_class=ExtraTerm), events.append)
-    train_events = [e for e in events if e.stage == "train"]
+    train_events = [e for e in events if e.phase == "train"]
     assert len(train_events) == 2 and all(e.info["losses"]["extra"] > 0 for e in train_events)
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [float(r["loss_extra"]) > 0 for r in rows] == [True, True]

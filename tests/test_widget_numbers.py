@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from napari_wsss_cram.core.classes import WSSS4LUAD
-from napari_wsss_cram.core.io.outputs import TSR_COLUMN, composition, composition_csv, tumor_stroma_ratio
+from napari_wsss_cram.core.composition import TSR_COLUMN, composition, composition_csv, tumor_stroma_ratio
 from test_widget_segment import _field_of_view_dock, _run_and_wait, _segment_dock
 from widget_helpers import make_tiny_checkpoint
 
@@ -66,7 +66,7 @@ def test_batch_summary_names_the_tsr_and_says_the_dock_number(tmp_path, tiny_che
     from napari_wsss_cram.core.batch import SUMMARY_NAME, predict_batch
     from napari_wsss_cram.core.checkpoint import load_checkpoint
     from napari_wsss_cram.core.inference import PredictSettings
-    from napari_wsss_cram.core.io.outputs import read_index_png
+    from napari_wsss_cram.core.io.png import read_index_png
     from napari_wsss_cram.core.progress import drive
     from widget_helpers import he_like_image
 

@@ -1,7 +1,8 @@
-"""The GUI stays responsive while the Segment dock runs a CPU inference (QTimer tick test).
+"""The GUI stays responsive while the Segment dock runs a CPU inference (QTimer tick tests).
 
-Prints the longest event-loop stall; the target is < 100 ms. The assertion only guards against a frozen GUI
-(the run must not block the loop for a whole second): timing figures on a shared 2-core machine vary.
+The tests check what does not depend on the machine's speed: the event loop keeps turning while the model
+computes. The stall figures against the 100 ms target (longest and p95 gap between ticks) are printed by
+``benchmarks/napari_stall.py`` (real WSSS4LUAD image, or ``--synthetic``), not asserted here.
 """
 
 from __future__ import annotations
@@ -22,42 +23,47 @@ def _isolated_settings(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("crf", [False, True], ids=["no-crf", "crf"])
-def test_event_loop_keeps_ticking_during_inference(make_napari_viewer, qtbot, tmp_path, crf):
+def test_event_loop_keeps_ticking_while_the_model_computes(make_napari_viewer, qtbot, tmp_path, monkeypatch, crf):
+    """The dock's compute never runs on the GUI thread: with a slow model (each forward takes 250 ms more), a
+    10 ms timer on the GUI thread keeps ticking *inside* every model call. Had the call run on the GUI thread,
+    no tick could fall inside it, however fast the machine."""
+    from napari_wsss_cram.core.model.cram import CRAMNet
+
     checkpoint = make_tiny_checkpoint(tmp_path / "tiny.pt")
     viewer = make_napari_viewer()
     viewer.add_image(he_like_image(512), name="patch", rgb=True)
     _, widget = viewer.window.add_plugin_dock_widget("napari-wsss-cram", "Segment")
     assert widget.set_checkpoint(checkpoint)
-    widget.tile_spin.setValue(128)
+    widget.tile_spin.setValue(256)
     widget.overlap_spin.setValue(32)
     widget.resolution_value.setValue(1.0)
     widget.crf_check.setChecked(crf)
 
+    calls: list[tuple[float, float]] = []  # (start, end) of each model call
+
+    def slowed(inference):
+        def slow(self, x):
+            start = time.perf_counter()
+            time.sleep(0.25)
+            out = inference(self, x)
+            calls.append((start, time.perf_counter()))
+            return out
+        return slow
+
+    for name in ("predict", "predict_with_presence"):  # the engine calls one of them per batch of tiles
+        monkeypatch.setattr(CRAMNet, name, slowed(getattr(CRAMNet, name)))
     ticks: list[float] = []
     timer = QTimer()
     timer.setInterval(10)
     timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
     timer.start()
-    t0 = time.perf_counter()
     widget.run()
-    progress_times: list[float] = []
-    widget.worker.yielded.connect(lambda _: progress_times.append(time.perf_counter()))
     qtbot.waitUntil(lambda: not widget.busy, timeout=120_000)
-    run_seconds = time.perf_counter() - t0
     timer.stop()
     assert "labels: patch" in viewer.layers, widget.message.text()
-    # While the worker computes (up to its last progress event) vs. overall (adding the 4 result layers on the
-    # GUI thread is napari's own cost: ~0.2-0.3 s per layer with software OpenGL).
-    inference_end = progress_times[-1]
-    during = [b - a for a, b in zip(ticks, ticks[1:], strict=False) if b <= inference_end]
-    overall = [b - a for a, b in zip(ticks, ticks[1:], strict=False)]
-    stall_ms, overall_ms = 1000 * max(during), 1000 * max(overall)
-    print(f"\nGUI responsiveness ({'CRF' if crf else 'no CRF'}): run {run_seconds:.2f} s on 512x512 px, "
-          f"{len(ticks)} ticks of 10 ms; max event-loop stall during inference {stall_ms:.0f} ms "
-          f"(p95 {1000 * sorted(during)[int(0.95 * len(during))]:.0f} ms); including result-layer creation "
-          f"{overall_ms:.0f} ms")
-    assert len(during) > 5
-    assert stall_ms < 1000
+    assert calls, "the slow model was never called"
+    inside = [sum(start < tick < end for tick in ticks) for start, end in calls]
+    assert min(inside) >= 2, f"ticks inside each model call: {inside}"  # the figures: benchmarks/napari_stall.py
 
 
 @pytest.mark.parametrize("backend", ["torch", "pydensecrf"])

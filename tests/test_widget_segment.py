@@ -163,7 +163,8 @@ def test_rerun_keeps_edited_labels(make_napari_viewer, qtbot, tiny_checkpoint):
 def test_export_writes_valid_png_ometiff_geojson(make_napari_viewer, qtbot, tiny_checkpoint, tmp_path):
     import tifffile
 
-    from napari_wsss_cram.core.io.outputs import geojson_to_labels, read_index_png
+    from napari_wsss_cram.core.io.png import read_index_png
+    from napari_wsss_cram.core.io.qupath import geojson_to_labels
 
     viewer = make_napari_viewer()
     widget = _segment_dock(viewer, tiny_checkpoint)
@@ -292,7 +293,7 @@ def test_dock_opens_at_once_and_loads_its_model_in_the_background(make_napari_vi
 
 def test_pyramidal_slide_file_field_of_view_overlays_exactly(make_napari_viewer, qtbot, tiny_checkpoint,
                                                              tmp_path):
-    from napari_wsss_cram.core.io.outputs import write_pyramidal_ome_tiff
+    from napari_wsss_cram.core.io.ometiff import write_pyramidal_ome_tiff
 
     path = tmp_path / "slide.ome.tif"
     write_pyramidal_ome_tiff(path, he_like_image(512), mpp=0.5, tile=64, n_levels=3)
@@ -686,7 +687,7 @@ def test_results_sit_with_their_image_not_over_other_images(make_napari_viewer, 
 def test_pixel_size_of_a_png_gives_areas_in_mm2(make_napari_viewer, qtbot, tiny_checkpoint, tmp_path):
     from PIL import Image
 
-    from napari_wsss_cram.core.io.outputs import write_pyramidal_ome_tiff
+    from napari_wsss_cram.core.io.ometiff import write_pyramidal_ome_tiff
 
     Image.fromarray(he_like_image(96)).save(tmp_path / "patch.png")
     viewer = make_napari_viewer()
@@ -752,7 +753,7 @@ def test_batch_segments_a_folder_with_one_summary_and_cancels(make_napari_viewer
     widget.crf_check.setChecked(False)
     formats = []
     assert widget.run_batch([str(folder)], str(tmp_path / "out"))
-    widget.worker.yielded.connect(lambda e: formats.append((e.stage, e.done, e.total)))
+    widget.worker.yielded.connect(lambda e: formats.append((e.phase, e.done, e.total)))
     qtbot.waitUntil(lambda: not widget.busy, timeout=60_000)
     rows = list(csv.DictReader(open(tmp_path / "out" / "predict_summary.csv")))
     assert [r["image"] for r in rows] == ["broken", "img0", "img1"]
@@ -778,7 +779,7 @@ def test_field_of_view_correction_becomes_a_training_example(make_napari_viewer,
     """Issue 12: a corrected field-of-view result on a slide is saved with the image crop under it."""
     from PIL import Image
 
-    from napari_wsss_cram.core.io.outputs import read_index_png
+    from napari_wsss_cram.core.io.png import read_index_png
     from napari_wsss_cram.widgets._train_job import add_corrected_example
 
     viewer = make_napari_viewer()

@@ -32,7 +32,7 @@ def patch_folder(tmp_path):
 
 @pytest.fixture
 def val_folder(tmp_path):
-    from napari_wsss_cram.core.io.outputs import write_index_png
+    from napari_wsss_cram.core.io.png import write_index_png
 
     folder = tmp_path / "val"
     (folder / "img").mkdir(parents=True)

@@ -11,7 +11,8 @@ import tifffile
 from napari_wsss_cram._writer import export_labels, write_labels
 from napari_wsss_cram.core.classes import WSSS4LUAD, ClassSpec
 from napari_wsss_cram.core.errors import WsssCramError
-from napari_wsss_cram.core.io.outputs import geojson_to_labels, read_index_png
+from napari_wsss_cram.core.io.png import read_index_png
+from napari_wsss_cram.core.io.qupath import geojson_to_labels
 from napari_wsss_cram.core.placement import Placement
 
 

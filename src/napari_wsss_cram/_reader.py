@@ -24,6 +24,9 @@ from .core.io.formats import image_stem, image_suffix
 
 LayerData = tuple[Any, dict, str]
 
+#: Single-level images up to this many pixels go to napari as in-memory arrays; larger ones lazily.
+SMALL_IMAGE_PIXELS = 64_000_000
+
 
 def napari_get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerData]] | None:
     """Return the reader for supported file names (one path or a list of them), else None."""
@@ -60,7 +63,7 @@ def _palette_mask(path: Path) -> Any | None:
                 return None
     except (OSError, Image.DecompressionBombError):
         return None  # ImageSource gives the proper error below, naming the file
-    from .core.io.outputs import read_index_png
+    from .core.io.png import read_index_png
 
     return read_index_png(path)
 
@@ -81,7 +84,7 @@ def _placement_kwargs(path: Path) -> dict:
     back over that slide: in µm when the slide states its µm/px, else in its level-0 pixels. Empty otherwise."""
     if not path.name.lower().endswith((".tif", ".tiff")):
         return {}
-    from .core.io.outputs import read_placement
+    from .core.io.ometiff import read_placement
 
     placed = read_placement(path)
     if placed is None:
@@ -166,7 +169,7 @@ def read_layer(path: str | os.PathLike) -> LayerData:
         if mask is not None:
             meta = {"path": str(p), "mpp": None}
             return mask, _labels_kwargs(name, meta, None), "labels"
-    from .core.io.outputs import is_labels_tiff
+    from .core.io.ometiff import is_labels_tiff
 
     maybe_labels = is_labels_tiff(p) or "mask" in p.name.lower()
     with warnings.catch_warnings():
@@ -192,7 +195,7 @@ def read_layer(path: str | os.PathLike) -> LayerData:
         kwargs["multiscale"] = len(levels) > 1
         kwargs.update(placed)
         return data, kwargs, "labels"
-    data = source.napari_data()
+    data = image_layer_data(source)
     kwargs = {"name": name, "rgb": True, "multiscale": isinstance(data, list), "metadata": meta}
     if scale is not None:
         kwargs.update(scale=scale, units=("µm", "µm"))
@@ -200,3 +203,17 @@ def read_layer(path: str | os.PathLike) -> LayerData:
     if source.n_levels == 1 and not isinstance(data, list):
         source.close()  # everything is in memory
     return data, kwargs, "image"
+
+
+def image_layer_data(source: Any) -> list[Any] | Any:
+    """Data for a napari ``Image`` layer with ``rgb=True`` from an open ``ImageSource``.
+
+    A pyramid gives a list of lazy dask arrays ``(h, w, 3) uint8``, one per level, whose chunks are read
+    through ``read_region`` (so the same RGB conversion applies). A single small level is returned in memory;
+    a single large TIFF or slide level lazily.
+    """
+    if source.n_levels == 1:
+        h, w = source.shape
+        if source.format not in ("tiff", "openslide") or h * w <= SMALL_IMAGE_PIXELS:
+            return source.read_level(0)
+    return [source.lazy_level(i) for i in range(source.n_levels)]

@@ -41,7 +41,10 @@ def export_labels(path: str | Path, labels: np.ndarray, classes: ClassSpec, mpp:
     coordinates are full-resolution (level-0) pixels, and an OME-TIFF records the position (a field of view
     re-opens where it was taken).
     """
-    from .core.io import outputs
+    from .core.io.guard import ensure_can_write
+    from .core.io.ometiff import write_pyramidal_ome_tiff
+    from .core.io.png import write_index_png
+    from .core.io.qupath import write_geojson
 
     path = Path(path)
     labels = np.asarray(labels)
@@ -52,14 +55,14 @@ def export_labels(path: str | Path, labels: np.ndarray, classes: ClassSpec, mpp:
             f"Cannot save {path.name}: label value {int(labels.max())} is not a class of "
             f"{', '.join(classes.all_names)}. Paint only with the class values 0..{classes.background_index}.")
     labels = labels.astype(np.uint8, copy=False)
-    outputs.ensure_can_write(path, overwrite)
+    ensure_can_write(path, overwrite)
     fmt = format_of(path)
     if fmt == "png":
-        outputs.write_index_png(path, labels, classes)
+        write_index_png(path, labels, classes)
     elif fmt == "ome-tiff":
-        outputs.write_pyramidal_ome_tiff(path, labels, mpp=mpp, placement=placement)
+        write_pyramidal_ome_tiff(path, labels, mpp=mpp, placement=placement)
     else:
-        outputs.write_geojson(path, labels, classes, placement=placement)
+        write_geojson(path, labels, classes, placement=placement)
     return str(path)
 
 
@@ -72,7 +75,8 @@ def export_files(paths: list[Path], labels: np.ndarray, classes: ClassSpec, tabl
     Existing files are replaced: callers ask first. A generator, so the dock runs it in a worker thread
     (tracing GeoJSON polygons of a big slide takes a while).
     """
-    from .core.io.outputs import atomic_path, composition_csv
+    from .core.composition import composition_csv
+    from .core.io.atomic import atomic_path
 
     written: list[str] = []
     total = len(paths)

@@ -66,8 +66,9 @@ def run_headless(args: argparse.Namespace) -> int:
 
     from ..core.checkpoint import default_resolution
     from ..core.inference import PredictSettings, predict_array
+    from ..core.io.atomic import atomic_path
     from ..core.io.images import read_rgb
-    from ..core.io.outputs import atomic_path, write_index_png
+    from ..core.io.png import write_index_png
     from ..core.progress import drive
 
     model, info = _load_model(args.checkpoint)

@@ -30,8 +30,8 @@ def run(args: argparse.Namespace) -> int:
     from ..core.data.pixel import discover_pixel_dataset
     from ..core.device import resolve_device
     from ..core.evaluate import evaluate_model
-    from ..core.io.guard import check_output_file
-    from ..core.io.outputs import atomic_path, ensure_writable_folder
+    from ..core.io.atomic import atomic_path
+    from ..core.io.guard import check_output_file, ensure_writable_folder
     from ..core.progress import drive
 
     if args.json:

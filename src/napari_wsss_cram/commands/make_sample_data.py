@@ -33,9 +33,9 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise WsssCramError(f"--out '{out}' exists and is not a folder.")
 
-    def report(stage: str, done: int, total: int) -> None:
+    def report(phase: str, done: int, total: int) -> None:
         if sys.stderr.isatty():
-            print(f"\r{stage}: {done}/{total}   ", end="", file=sys.stderr, flush=True)
+            print(f"\r{phase}: {done}/{total}   ", end="", file=sys.stderr, flush=True)
 
     if args.slide_only:
         check_sample_folder(out)  # never replaces a file it did not write

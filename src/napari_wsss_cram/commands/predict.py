@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overlap", type=int, default=64, help="tile overlap in model pixels (default 64)")
     parser.add_argument("--batch", type=int, default=None, help="tiles per batch (default 4 on CPU, 16 on CUDA)")
     parser.add_argument("--crf", action=argparse.BooleanOptionalAction, default=False,
-                        help="refine tiles with the dense CRF (default off)")
+                        help="refine the labels with the dense CRF (default off)")
     parser.add_argument("--crf-params", default=None, metavar="K=V,...",
                         help="CRF settings, e.g. bilateral_sxy=80,bilateral_srgb=13,iterations=10,backend=torch "
                              "(backend: auto = torch, torch, or pydensecrf, the C++ reference)")

@@ -112,18 +112,18 @@ class _Reporter:
         from tqdm import tqdm
 
         recipe = event.info.get("recipe")
-        if recipe is not None and (recipe["index"], event.stage == "pseudo-labels") != self.recipe_stage:
+        if recipe is not None and (recipe["index"], event.phase == "pseudo-labels") != self.recipe_stage:
             # a new stage of the recipe: a fresh bar under a heading
             self.close()
-            self.recipe_stage = (recipe["index"], event.stage == "pseudo-labels")
-            doing = "pseudo-labels for " if event.stage == "pseudo-labels" else ""
+            self.recipe_stage = (recipe["index"], event.phase == "pseudo-labels")
+            doing = "pseudo-labels for " if event.phase == "pseudo-labels" else ""
             print(f"== stage {recipe['index'] + 1}/{recipe['stages']}: {doing}{recipe['title']}", file=sys.stderr)
-        if event.stage == "pseudo-labels":
+        if event.phase == "pseudo-labels":
             if self.bar is None:
                 self.bar = tqdm(total=event.total, desc="pseudo-labels", unit="patch", dynamic_ncols=True,
                                 file=sys.stderr)
             self.bar.update(event.done - self.bar.n)
-        elif event.stage == "data":
+        elif event.phase == "data":
             print(event.info.get("summary", ""), file=sys.stderr)
             minutes = event.info.get("minutes")
             length = f"{event.total} steps" if event.total < 10 ** 9 else "no step limit"
@@ -133,7 +133,7 @@ class _Reporter:
                   f"({event.info.get('steps_per_epoch')} per epoch)", file=sys.stderr)
             if event.info.get("weights"):
                 print(f"starting from {event.info['weights']}", file=sys.stderr)
-        elif event.stage == "train":
+        elif event.phase == "train":
             if self.bar is None:
                 self.bar = tqdm(total=event.total, initial=event.done - 1, desc="train", unit="step",
                                 dynamic_ncols=True, file=sys.stderr)
@@ -143,7 +143,7 @@ class _Reporter:
             losses = event.info.get("losses", {})
             self.bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()} | {"lr": f"{event.info['lr']:.2g}",
                                                                                    "ep": event.info.get("epoch")})
-        elif event.stage == "val":
+        elif event.phase == "val":
             per_class = ", ".join(f"{k} {'n/a' if v is None else f'{v:.3f}'}"
                                   for k, v in event.info.get("per_class", {}).items())
             msg = f"step {event.done}: val mIoU {event.info['mIoU']:.4f} ({per_class})"

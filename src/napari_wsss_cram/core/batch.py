@@ -121,8 +121,7 @@ def check_batch_inputs(paths: list[Path], out_dir: Path, formats: tuple[str, ...
     collide, outputs that would replace an input, an output folder that is (or is inside) an input folder
     (``given``: the files and folders as the user named them), a folder that cannot be written. Returns the
     output stems."""
-    from .io.guard import check_output_folder
-    from .io.outputs import ensure_writable_folder
+    from .io.guard import check_output_folder, ensure_writable_folder
     from .io.writers import check_outputs_spare_inputs
 
     stems = [stem_of(p) for p in paths]
@@ -142,7 +141,7 @@ def check_batch_outputs(paths: list[Path], stems: list[str], out_dir: Path, form
                         overwrite: bool, where: str = "output folder") -> Path:
     """The checks inside the folder's lock, before any work: no output (nor the run summary) exists unless
     ``overwrite``, and the summary replaces no input. Returns the summary path."""
-    from .io.outputs import ensure_can_write
+    from .io.guard import ensure_can_write
     from .io.writers import check_outputs_free
 
     for stem in stems:
@@ -165,7 +164,7 @@ def predict_batch(model: Any, info: Any, inputs: list[str | Path], out_dir: str 
     runs. Returns (rows, summary path).
     """
     from .io.atomic import atomic_path
-    from .io.outputs import folder_lock
+    from .io.guard import folder_lock
     from .io.writers import recover_interrupted_outputs
 
     out_dir = Path(out_dir)

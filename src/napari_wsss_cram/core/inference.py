@@ -85,7 +85,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 #: Smallest image side (output pixels) the engine accepts: below it there is nothing to segment.
 MIN_SIDE = 8
-#: Long side (level-0 pixels per thumbnail pixel chosen so that) of the tissue thumbnail.
+#: Longest side, in its own pixels, of the tissue thumbnail that decides which tiles are skipped (each of
+#: its pixels covers long side / THUMBNAIL_SIDE level-0 pixels, at least 1).
 THUMBNAIL_SIDE = 1024
 #: All output formats, and the default set of the CLI.
 FORMATS = ("png", "ome-tiff", "geojson", "probs")
@@ -942,9 +943,9 @@ def refine_crf(run: PredictionRun, source: Any, runner: TileRunner, cancel: Canc
 
     Why not on each tile: the CRF propagates a decision over its whole bilateral range (80 model pixels), and a
     tile's CRF knows only that tile, so two neighbours often settle an ambiguous region differently; their
-    near one-hot results then meet in a straight line in the middle of the overlap (bug 10: class boundaries
-    along tile borders, 279 class changes across one border column of a 640x640 field where the median column
-    has 8). On the assembled map every window sees the same blended unaries, and each keeps only its core with
+    near one-hot results then meet in a straight line in the middle of the overlap (class boundaries along
+    tile borders: 279 class changes across one border column of a 640x640 field where the median column has
+    8). On the assembled map every window sees the same blended unaries, and each keeps only its core with
     :func:`crf_margin` of context around it, so windows agree where they meet. The kernels are the same
     physical size (distances divided by work pixels per output pixel); the tissue mask still decides background.
     """

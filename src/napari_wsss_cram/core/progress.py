@@ -21,12 +21,19 @@ class Cancelled(Exception):
 
 @dataclass
 class Progress:
-    """One progress report: ``done`` of ``total`` units of ``stage``; ``info`` holds extras (losses, eta...)."""
+    """One progress report: ``done`` of ``total`` units of ``phase`` (what the work is doing now: ``"train"``,
+    ``"val"``, ``"predict"``, ``"file"``...); ``info`` holds extras (losses, eta...). "Stage" is kept for the
+    training stages (stage 1, stage 2)."""
 
-    stage: str
+    phase: str
     done: int
     total: int
     info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def stage(self) -> str:
+        """The former name of :attr:`phase`, read by docks not yet moved to it; new code reads ``phase``."""
+        return self.phase
 
     @property
     def fraction(self) -> float:

@@ -36,6 +36,8 @@ from .crf import CRFParams, dense_crf, dense_crf_isolated, dense_crf_torch, igno
 from .progress import CancelToken, Progress
 
 if TYPE_CHECKING:
+    import torch
+
     from .stain_prior import StainPrior
 
 _DEFAULT_CRF = CRFParams()
@@ -160,6 +162,18 @@ def batch_pseudo_labels(cams, images: np.ndarray, labels, alpha: float = 0.3, be
                      for c, im, lab in zip(cams, images, labels, strict=True)])
 
 
+def merge_strong_labels(pseudo: torch.Tensor, strong: torch.Tensor) -> torch.Tensor:
+    """Pixel labels (e.g. from corrected masks) win over the reliable pseudo-labels where they are set.
+
+    ``strong`` (B, H, W) is IGNORE_INDEX where a patch has no pixel mask: those pixels keep the pseudo-label.
+    This is how corrected masks are mixed in as strong labels during joint training (WSSS-CRAM3).
+    """
+    import torch
+
+    strong = strong.to(pseudo.device, torch.int64)
+    return torch.where(strong != IGNORE_INDEX, strong, pseudo)
+
+
 # ----------------------------------------------------------------------------------------------- worker pool
 
 def _rule_settings(model_config: dict, use_crf: bool) -> dict:
@@ -241,6 +255,26 @@ class PseudoLabeller:
         t0 = time.perf_counter()
         out = reliable_pseudo_labels_batch(maps, images, labels, **_rule_settings(self.model_config, self.use_crf))
         self.seconds += time.perf_counter() - t0
+        return out
+
+    def label_resized(self, cam, images_u8, labels, size: int):
+        """The reliable pseudo-labels of one training step, (B, H, W) int64 on the device of ``cam``: maps and
+        images resized to ``size`` for the CRF (its cost is linear in pixels), the labels brought back to the
+        input size (nearest). With the torch CRF backend all of it runs on that device, in the step."""
+        import torch
+        import torch.nn.functional as F
+
+        b, h, w, _ = images_u8.shape
+        with torch.no_grad():
+            maps = F.interpolate(cam.detach().float(), size=(size, size), mode="bilinear", align_corners=False)
+            maps = maps.clamp_min(0)
+            imgs = images_u8.to(cam.device, non_blocking=True)
+            if size != h or size != w:
+                imgs = F.interpolate(imgs.permute(0, 3, 1, 2).float(), size=(size, size), mode="area")
+                imgs = imgs.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+            out = self.label(maps, imgs.contiguous(), labels.to(cam.device)).long()
+            if size != h or size != w:
+                out = F.interpolate(out[:, None].float(), size=(h, w), mode="nearest")[:, 0].long()
         return out
 
     def close(self) -> None:
@@ -355,7 +389,7 @@ def make_pseudo_labels(checkpoint: str | Path, patches: str | Path, out_dir: str
     from .device import resolve_device
     from .errors import CheckpointError, OutputExistsError
     from .io.guard import OutputSet, copy_new
-    from .io.outputs import write_index_png
+    from .io.png import write_index_png
     from .stain_prior import apply_stain_prior, hematoxylin_density
     from .validate import check_number
 

@@ -29,10 +29,8 @@ from pathlib import Path
 from .errors import DatasetError
 from .io.atomic import atomic_path
 from .progress import CancelToken, Progress
-from .run_files import FINAL, JOINT, LAST, RECIPE_LOG, is_resumable  # noqa: F401
+from .run_files import CONFIG, FINAL, JOINT, LAST, RECIPE_LOG, is_resumable  # noqa: F401
 from .train_config import TrainConfig, dumps_toml
-
-CONFIG = "config.toml"
 
 
 def stage_names(rounds: int) -> list[str]:
@@ -135,8 +133,7 @@ def train_recipe_steps(config: TrainConfig, cancel: CancelToken | None = None
     if not config.resume and held:
         raise DatasetError(f"{out} already holds a run ({held[0]}); pass --resume to continue it, or choose "
                            "another --out.")
-    from .io.guard import check_output_folder
-    from .io.outputs import ensure_writable_folder
+    from .io.guard import check_output_folder, ensure_writable_folder
 
     # the one output guard, before anything is written: never inside the training data
     check_output_folder(out, [config.data, config.val, config.pixel_labels], "run folder (--out)")
@@ -195,4 +192,4 @@ def _run_stage(config: TrainConfig, cancel: CancelToken | None, recipe: dict, tr
             event = next(events)
         except StopIteration as stop:
             return stop.value
-        yield Progress(event.stage, event.done, event.total, {**event.info, "recipe": recipe})
+        yield Progress(event.phase, event.done, event.total, {**event.info, "recipe": recipe})

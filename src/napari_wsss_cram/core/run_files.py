@@ -4,15 +4,19 @@ seconds."""
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
+from .classes import ClassSpec
 from .errors import CheckpointError
 
 #: the models of a run folder, in the order a run folder given as a checkpoint is resolved: the recipe's final
 #: model, the best by validation mIoU, the latest
 FINAL, BEST, LAST = "final.pt", "best.pt", "last.pt"
 RESUME = "resume.pt"  # model + optimiser + scheduler + scaler + RNG + step, for --resume
+METRICS = "metrics.csv"  # one row per logged step and per validation (MetricsLog)
+CONFIG = "config.toml"  # the run's whole TrainConfig, written when it starts
 RECIPE_LOG = "recipe.json"  # the recipe's finished stages (core/recipe.py)
 JOINT = "joint"  # the recipe's first stage; then round1, round2, ...
 
@@ -52,3 +56,47 @@ def is_single_stage_run(out: str | os.PathLike) -> bool:
     rather than a recipe: ``--resume`` then continues that stage."""
     out = Path(out)
     return (out / RESUME).is_file() and not (out / RECIPE_LOG).is_file()
+
+
+class MetricsLog:
+    """``metrics.csv``: one row per logged step (losses, lr) and per validation (mIoU, per-class IoU).
+
+    The loss columns are those of the first logged step (the loss terms depend on the method switches); a
+    resumed run keeps the file's header and drops rows after the step it resumes from.
+    """
+
+    def __init__(self, path: Path, classes: ClassSpec, resume_step: int | None) -> None:
+        self.path = path
+        self.classes = classes
+        self.columns: list[str] | None = None
+        rows: list[dict] = []
+        if resume_step is not None and path.is_file():
+            with open(path, newline="") as fh:
+                reader = csv.DictReader(fh)
+                self.columns = list(reader.fieldnames or []) or None
+                rows = [r for r in reader if int(r["step"]) <= resume_step]
+        if self.columns is not None:
+            self._rewrite(rows)
+
+    def _rewrite(self, rows: list[dict]) -> None:
+        with open(self.path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, self.columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def write(self, row: dict) -> None:
+        if self.columns is None:
+            losses = [k for k in row if k.startswith("loss_")]
+            self.columns = (["kind", "step", "epoch", "lr", "seconds"] + losses
+                            + ["pseudo_confident", "pseudo_foreground", "mIoU"]
+                            + [f"iou_{n}" for n in self.classes.names])
+            self._rewrite([])
+        new = [k for k in row if k.startswith("loss_") and k not in self.columns]
+        if new:  # a loss term that starts later (after the joint warm-up): widen the header, keep the rows
+            with open(self.path, newline="") as fh:
+                rows = list(csv.DictReader(fh))
+            at = self.columns.index("pseudo_confident")
+            self.columns = self.columns[:at] + new + self.columns[at:]
+            self._rewrite(rows)
+        with open(self.path, "a", newline="") as fh:
+            csv.DictWriter(fh, self.columns, extrasaction="ignore").writerow(row)

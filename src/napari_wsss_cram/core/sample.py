@@ -83,7 +83,7 @@ def value_noise(y0: int, x0: int, h: int, w: int, scale: float, salt: int) -> np
     """Smooth value noise in [0, 1] with features of ``scale`` px, a pure function of global position.
 
     Separable smoothstep interpolation of hashed lattice values: two gathers (O(h w)). Dense interpolation
-    matrices cost O(h w^2 / scale^2) and made the 4096 px sample slide take a minute (issue 12).
+    matrices cost O(h w^2 / scale^2), a minute for the 4096 px sample slide that napari users wait for.
     """
     iy, fy = _interp_weights(y0, h, scale)
     ix, fx = _interp_weights(x0, w, scale)
@@ -485,7 +485,8 @@ def make_slide(path: str | Path, size: int = 4096, seed: int = 0, mask_path: str
         texture_period = None if size <= 8192 else 1024
     import tempfile
 
-    from .io.outputs import atomic_path, write_pyramidal_ome_tiff
+    from .io.atomic import atomic_path
+    from .io.ometiff import write_pyramidal_ome_tiff
 
     path = Path(path)
     mask_path = Path(mask_path) if mask_path is not None else path.with_name(

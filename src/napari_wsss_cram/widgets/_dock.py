@@ -104,7 +104,7 @@ class WorkerDock(QWidget):
     def _on_event(self, event) -> None:
         if self._closed:
             return
-        if event.stage == "warning":
+        if event.phase == "warning":
             self.on_warning(common.dock_wording(event.info["message"], self.FIELDS))
         else:
             self.on_progress(event)

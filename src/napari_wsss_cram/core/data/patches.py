@@ -360,7 +360,7 @@ class PatchDataset:
         rgb = load_patch_rgb(self.index.paths[i])
         mask = None
         if self.strong_masks[i] is not None:
-            from ..io.outputs import read_index_png
+            from ..io.png import read_index_png
 
             mask = read_index_png(self.strong_masks[i])
             if mask.shape != rgb.shape[:2]:

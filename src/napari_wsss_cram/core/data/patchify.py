@@ -116,7 +116,7 @@ def patchify(
                     name = f"{sample.name}-{y}-{x}-[{', '.join(map(str, flags))}].png"
                     Image.fromarray(np.ascontiguousarray(rgb[y:y + side, x:x + side])).save(tmp / name)
                     for d in mask_dirs:
-                        from ..io.outputs import write_index_png
+                        from ..io.png import write_index_png
 
                         write_index_png(tmp / d / name, np.ascontiguousarray(m), classes)
                     paths.append(out_dir / name)

@@ -1,7 +1,7 @@
 """Pixel-labelled image sets: ``img/`` + ``mask/`` (+ ``background-mask/``), as in WSSS4LUAD validation.
 
 Masks are palette or plain index PNGs (class ``k`` = value ``k``, background = ``K``, 255 = unlabelled), read with
-the one mask reader ``core.io.outputs.read_index_png``. A ``background-mask/`` image (1 = not tissue) marks those
+the one mask reader ``core.io.png.read_index_png``. A ``background-mask/`` image (1 = not tissue) marks those
 pixels as background, which the metric then leaves out, as the challenge does.
 """
 
@@ -106,7 +106,7 @@ def _class_remap(folder: ClassSpec, wanted: ClassSpec, root: Path) -> tuple[int,
 
 def load_mask(sample: PixelSample, classes: ClassSpec, shape: tuple[int, int] | None = None) -> np.ndarray:
     """The uint8 (H, W) mask of ``sample`` in ``0..K`` (+255), background-mask applied; checked against ``classes``."""
-    from ..io.outputs import read_index_png
+    from ..io.png import read_index_png
 
     # by colour when the palette holds class colours (a reordered palette maps right); a folder whose
     # classes.txt orders the classes otherwise is remapped by index below instead

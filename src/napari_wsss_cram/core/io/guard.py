@@ -15,18 +15,106 @@ set is built in a hidden folder inside ``--out``, then moved into place file by 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from ..errors import OutputExistsError, WsssCramError
 
 MANIFEST_NAME = ".wsss-cram-outputs.txt"
+LOCK_NAME = ".wsss-cram.lock"
 BUILD_PREFIX = ".wsss-cram-build-"
 #: hidden names of the package's own bookkeeping inside an output folder (never "foreign" files)
-OWN_HIDDEN = (MANIFEST_NAME, ".wsss-cram.lock", BUILD_PREFIX, ".wsss-cram-write-test.")
+OWN_HIDDEN = (MANIFEST_NAME, LOCK_NAME, BUILD_PREFIX, ".wsss-cram-write-test.")
+
+
+def ensure_can_write(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Raise ``OutputExistsError`` when ``path`` exists and ``overwrite`` is False; return it as a Path."""
+    p = Path(path)
+    if p.is_dir():  # first: --overwrite would not help
+        raise OutputExistsError(f"Output '{p}' is a folder; choose a file name.")
+    if p.exists() and not overwrite:
+        raise OutputExistsError(f"Output '{p}' already exists; delete it, choose another output folder, "
+                                "or pass --overwrite.")
+    return p
+
+
+def ensure_writable_folder(folder: str | os.PathLike, what: str = "output folder") -> Path:
+    """Create ``folder`` if needed and prove it takes a file; raise ``WsssCramError`` naming it otherwise (a
+    read-only place, an existing file in the way, a full disk) before any long work starts."""
+    p = Path(folder)
+    if p.exists() and not p.is_dir():
+        raise WsssCramError(f"The {what} '{p}' is an existing file, not a folder; choose a folder.")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".wsss-cram-write-test.", dir=p)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        reason = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err)).lower()
+        raise WsssCramError(f"Cannot write into the {what} '{p}': {reason}. Choose a folder you can write to.") \
+            from None
+    return p
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, what: str = "wsss-cram run") -> Iterator[Path]:
+    """Hold an exclusive lock on ``folder`` for a run that writes into it; raise ``WsssCramError`` at once when
+    another run holds it (two runs into one folder would each keep only their own rows of a shared summary).
+
+    An OS file lock (``flock`` / ``msvcrt``): it is released when the process ends, even by ``kill -9``, so a
+    crashed run never leaves the folder locked.
+    """
+    folder = ensure_writable_folder(folder)
+    path = folder / LOCK_NAME
+    fh = None
+    try:
+        for _ in range(5):  # a run that just ended may remove the file we opened: then lock the new one
+            fh = open(path, "a+")
+            try:
+                if os.name == "nt":  # pragma: no cover - Windows
+                    import msvcrt
+
+                    msvcrt.locking(fh.fileno(), msvcrt.LK_NBLCK, 1)
+                else:
+                    import fcntl
+
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                fh.seek(0)
+                holder = fh.read().strip()
+                fh.close()  # not ours: never removed below
+                raise WsssCramError(f"Another {what} is writing into '{folder}'{f' ({holder})' if holder else ''}; "
+                                    "wait for it to finish, or choose another output folder.") from None
+            if _same_file(fh, path):
+                break
+            fh.close()
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{what}, process {os.getpid()}")
+        fh.flush()
+        yield path
+    finally:
+        if fh is not None and not fh.closed:
+            # removed while still held (a run that opened it meanwhile sees another file and retries), so a
+            # finished run leaves no lock file behind in the user's folder
+            with contextlib.suppress(OSError):
+                if _same_file(fh, path):
+                    path.unlink()
+            fh.close()
+
+
+def _same_file(fh: Any, path: Path) -> bool:
+    """True when the open file ``fh`` is still the file at ``path`` (not removed or replaced since)."""
+    try:
+        a, b = os.fstat(fh.fileno()), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _resolved(path: str | os.PathLike) -> Path:
@@ -75,8 +163,6 @@ def check_spares_inputs(paths: Iterable[str | os.PathLike], inputs: Iterable[str
 def check_output_file(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], overwrite: bool,
                       what: str = "output") -> Path:
     """One output file: not a folder, not an input nor inside one, and not existing unless ``overwrite``."""
-    from .outputs import ensure_can_write
-
     p = Path(path)
     check_spares_inputs([p], inputs)
     return ensure_can_write(p, overwrite)
@@ -162,8 +248,6 @@ class OutputSet:
         return sorted(present)
 
     def __enter__(self) -> OutputSet:
-        from .outputs import folder_lock
-
         self._stack.enter_context(folder_lock(self.out_dir, self.what))
         for stale in self.out_dir.glob(f"{BUILD_PREFIX}*"):  # left by a killed run; we hold the lock
             shutil.rmtree(stale, ignore_errors=True)

@@ -2,11 +2,11 @@
 ``openslide`` extra, vendor slides (MRXS, NDPI, SCN, BIF, DICOM... through OpenSlide), one interface.
 
 ``ImageSource.open(path)`` never loads a whole TIFF: pyramid levels come from ``series[0].levels`` and are
-read lazily, decoding only the tiles (or strips) a region overlaps, and napari gets lazy (dask) multiscale
-data built on the same region reads. PNG/JPEG are decoded whole at open (they are patch-sized formats;
+read lazily, decoding only the tiles (or strips) a region overlaps (:mod:`.levels`), and ``lazy_level`` gives
+lazy (dask) arrays built on the same region reads. PNG/JPEG are decoded whole at open (they are patch-sized formats;
 a truncated file is thus caught at once).
 
-Pixel conversions are explicit and identical for every path that reads pixels:
+Pixel conversions (:mod:`.pixels`) are explicit and identical for every path that reads pixels:
 RGB is kept; alpha (RGBA, gray+alpha, TIFF ExtraSamples) is blended onto white, so transparent is background;
 more than 3 channels without alpha are refused unless the RGB channels are named; the EXIF orientation of a
 JPEG/PNG is applied (as viewers show it); grayscale is converted to RGB with a warning, 16-bit is scaled to
@@ -14,19 +14,15 @@ JPEG/PNG is applied (as viewers show it); grayscale is converted to RGB with a w
 holding more than one image (series) is read as its first, with a warning; a stated µm/px below 0.05 is
 ignored with a warning naming the file.
 
-Pixel size (µm/px, ``mpp``) comes from OME ``PhysicalSizeX``, Aperio ``MPP =`` in the SVS ImageDescription,
-or the TIFF resolution tags (only when in centimetres/inches and plausible for microscopy, < 50 µm/px,
-so the ubiquitous "72 dpi" default is not mistaken for a pixel size).
+Pixel size (µm/px, ``mpp``, :mod:`.pixel_size`) comes from OME ``PhysicalSizeX``, Aperio ``MPP =`` in the SVS
+ImageDescription, or the TIFF resolution tags (only when in centimetres/inches and plausible for microscopy,
+< 50 µm/px, so the ubiquitous "72 dpi" default is not mistaken for a pixel size).
 """
 
 from __future__ import annotations
 
 import os
-import re
-import threading
 import warnings
-import xml.etree.ElementTree as ET
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,17 +30,12 @@ import numpy as np
 
 from ..errors import ImageReadError
 from .formats import OPENSLIDE_INSTALL, OPENSLIDE_SUFFIXES, READERS, SLIDE_SUFFIXES  # noqa: F401
+from .levels import ArrayLevel, LevelReader, OpenSlideLevel, TiffLevel
+from .pixel_size import MIN_PLAUSIBLE_MPP, REJECTED_MPP, mpp_from_dpi, plausible_mpp, tiff_mpp
+from .pixels import float_range_max, to_rgb_uint8
+from .png import check_png_pixel_data
 
 TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-
-
-#: µm per unit of the OME ``PhysicalSizeXUnit`` values we accept.
-_OME_UNITS_UM = {"µm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6, "Å": 1e-4}
-_MAX_PLAUSIBLE_MPP = 50.0
-_MIN_PLAUSIBLE_MPP = 0.05  # below any optical scan (100x oil is ~0.1 µm/px); as core.validate.RANGES["mpp"]
-
-#: Images up to this many pixels are returned as in-memory arrays by ``napari_data`` when single-level.
-_SMALL_IMAGE_PIXELS = 64_000_000
 
 
 class GrayscaleImageWarning(UserWarning):
@@ -55,177 +46,6 @@ def _describe(path: Path) -> str:
     return f"'{path}'"
 
 
-def to_rgb_uint8(block: np.ndarray, *, source: str = "image", float_max: float = 1.0, alpha: bool = False,
-                 channels: tuple[int, int, int] | None = None) -> np.ndarray:
-    """Convert a (h, w), (h, w, 1..4) block of uint8/uint16/float/bool to ``uint8 (h, w, 3)``.
-
-    Float data is read as ``0..float_max`` (1 for the usual 0..1 images; :func:`float_range_max` tells an
-    ImageJ/MATLAB 0..255 export). No warning here: the grayscale warning is issued once per image by
-    ``ImageSource``. ``alpha``: the last of 2 or 4 channels is opacity, and what is transparent is blended onto
-    white (background: slide scanners leave unscanned areas transparent). ``channels``: the RGB channels of an
-    image with more than 3 (a multiplexed or fluorescence stack is refused without them: its first three
-    channels are not an H&E colour image).
-    """
-    a = np.asarray(block)
-    if channels is not None and a.ndim == 3:
-        if max(channels) >= a.shape[2]:
-            raise ImageReadError(f"{source}: RGB channels {channels} asked for, but it has {a.shape[2]} channels.")
-        a, alpha = a[:, :, list(channels)], False
-    elif a.ndim == 3 and a.shape[2] > 3 and not (alpha and a.shape[2] == 4):
-        raise ImageReadError(f"{source} has {a.shape[2]} channels and no alpha; it is not an RGB image. Name "
-                             "its red, green and blue channels (predict --channels R,G,B, counted from 0) or save it as RGB.")
-    if alpha and a.ndim == 3 and a.shape[2] in (2, 4):
-        a = _blend_on_white(a)
-    if a.dtype == np.uint8:
-        pass
-    elif a.dtype == np.bool_:
-        a = a.astype(np.uint8) * 255
-    elif a.dtype == np.uint16:
-        # Full 16-bit range to 8 bits, rounded; fixed scaling keeps tiles of one image consistent.
-        a = ((a.astype(np.uint32) + 128) // 257).astype(np.uint8)
-    elif a.dtype.kind == "f":
-        a = np.clip(np.nan_to_num(a.astype(np.float32)) * (255.0 / float_max) + 0.5, 0, 255).astype(np.uint8)
-    elif a.dtype.kind in "iu" and a.dtype.itemsize <= 4:
-        # 32-bit integer data (e.g. Pillow mode "I" PNGs holding 16-bit values): treat as 16-bit.
-        a = ((np.clip(a, 0, 65535).astype(np.uint32) + 128) // 257).astype(np.uint8)
-    else:
-        raise ImageReadError(f"{source}: unsupported pixel type {a.dtype}; convert it to 8-bit RGB.")
-    if a.ndim == 2:
-        return np.repeat(a[:, :, None], 3, axis=2)
-    if a.ndim != 3:
-        raise ImageReadError(f"{source}: expected a 2-D image, got shape {a.shape}.")
-    channels = a.shape[2]
-    if channels == 1 or channels == 2:  # gray or gray+alpha
-        return np.repeat(a[:, :, :1], 3, axis=2)
-    if channels >= 3:
-        return np.ascontiguousarray(a[:, :, :3])
-    raise ImageReadError(f"{source}: unsupported channel count {channels}.")
-
-
-def _blend_on_white(a: np.ndarray) -> np.ndarray:
-    """Colour (or grey) with opacity as its last channel, blended onto white, in the input's dtype."""
-    top = 1.0 if a.dtype.kind == "f" else float(np.iinfo(a.dtype).max) if a.dtype.kind in "iu" else 1.0
-    colour, opacity = a[:, :, :-1].astype(np.float32), a[:, :, -1:].astype(np.float32) / top
-    blended = colour * opacity + top * (1.0 - opacity)
-    return (blended if a.dtype.kind == "f" else np.round(blended)).astype(a.dtype)
-
-
-def float_range_max(values: np.ndarray, source: str) -> float:
-    """The full-scale value of a float image from a sample of its pixels: 1 (0..1 data), 255 (an 8-bit image
-    saved as float, as ImageJ and MATLAB do) or 65535; raises ``ImageReadError`` when no value is finite."""
-    finite = np.asarray(values, dtype=np.float64)
-    finite = finite[np.isfinite(finite)]
-    if finite.size == 0:
-        raise ImageReadError(f"{source} holds no finite pixel values (all NaN or infinite); re-export the image.")
-    top = float(finite.max())
-    if top <= 1.0 + 1e-3:
-        return 1.0
-    if top <= 255.0 + 0.5:
-        return 255.0
-    if top <= 65535.0 + 0.5:
-        return 65535.0
-    raise ImageReadError(f"{source} holds float values up to {top:g}, beyond any image range (0..1, 0..255, "
-                         "0..65535); convert it to 8-bit RGB.")
-
-
-class _ArrayLevel:
-    """An in-memory level, already ``uint8 (H, W, 3)``."""
-
-    def __init__(self, array: np.ndarray) -> None:
-        self.array = array
-        self.shape = (int(array.shape[0]), int(array.shape[1]))
-        self.samples = int(array.shape[2])
-        self.dtype = array.dtype
-
-    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        return self.array[y0:y1, x0:x1]
-
-
-class _TiffLevel:
-    """One pyramid level of a TIFF series, read lazily through tifffile's zarr store (``aszarr``, zarr 3): a
-    region read decodes only the tiles (or strips) it overlaps.
-
-    The series' axes are mapped to ``(Y, X, S)``: other axes (a Z stack, time, separate OME channels) are read
-    at index 0, as the project segments one 2-D RGB image per file.
-    """
-
-    def __init__(self, series: Any, level: int, fill: float, maxworkers: int) -> None:
-        import zarr
-
-        series_level = series.levels[level]
-        kf = series_level.keyframe
-        if kf.imagedepth > 1:
-            raise ValueError("volumetric (3-D) TIFF pages are not supported")
-        # zarr reads a tile the file does not list as missing (fill value), so a damaged table of tiles would
-        # silently give white pixels: check it against the file (cheap, no pixel data is read)
-        page = series_level.pages[0]
-        expected = int(np.prod(kf.chunked))
-        offsets = np.asarray(page.dataoffsets, np.int64)
-        counts = np.asarray(page.databytecounts, np.int64)
-        if len(offsets) < expected or len(counts) < expected:
-            raise ValueError(f"level {level} lists {min(len(offsets), len(counts))} of its {expected} tiles/strips")
-        end = int((offsets[:expected] + counts[:expected]).max(initial=0))
-        size = int(kf.parent.filehandle.size)
-        if end > size:
-            raise ValueError(f"level {level}'s pixel data ends at byte {end}, past the end of the file ({size})")
-        # Missing (sparse) tiles read as ``fill`` (white): for slides they are unscanned background.
-        self.store = series.aszarr(level=level, fillvalue=fill, maxworkers=maxworkers)
-        self.array = zarr.open(self.store, mode="r")
-        axes = series_level.axes
-        if self.array.ndim != len(axes) or "Y" not in axes or "X" not in axes:
-            raise ValueError(f"unsupported TIFF layout (axes {axes!r}, shape {self.array.shape})")
-        self.axes = axes
-        shape = dict(zip(axes, self.array.shape, strict=True))
-        chunks = dict(zip(axes, self.array.chunks, strict=True))
-        self.shape = (int(shape["Y"]), int(shape["X"]))
-        self.samples = int(shape.get("S", 1))
-        self.dtype = np.dtype(self.array.dtype)
-        self.chunk = (int(chunks["Y"]), int(chunks["X"]))
-        kept = [a for a in axes if a in "YXS"]
-        # where Y, X (and S) end up after indexing, to put them in (h, w, samples) order
-        self._order = [kept.index(a) for a in "YXS" if a in kept]
-
-    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        index = tuple(slice(y0, y1) if a == "Y" else slice(x0, x1) if a == "X" else slice(None) if a == "S"
-                      else 0 for a in self.axes)
-        block = np.asarray(self.array[index]).transpose(self._order)
-        return block if block.ndim == 3 else block[:, :, None]
-
-    def close(self) -> None:
-        self.store.close()
-
-
-class _OpenSlideLevel:
-    """One level of a slide read through OpenSlide (vendor formats, or SVS when chosen). OpenSlide is
-    thread-safe, returns premultiplied RGBA and leaves unscanned areas transparent: those become white."""
-
-    def __init__(self, slide: Any, level: int) -> None:
-        self.slide = slide
-        self.level = level
-        w, h = slide.level_dimensions[level]
-        self.shape = (int(h), int(w))
-        self.samples = 3
-        self.dtype = np.dtype(np.uint8)
-        self.downsample = float(slide.level_downsamples[level])
-        props = slide.properties
-        tile = (props.get(f"openslide.level[{level}].tile-height"), props.get(f"openslide.level[{level}].tile-width"))
-        self.chunk = (int(tile[0]), int(tile[1])) if all(tile) else (512, 512)
-
-    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        # OpenSlide takes the location in level-0 pixels; exact for the integer downsamples slides use
-        location = (int(round(x0 * self.downsample)), int(round(y0 * self.downsample)))
-        rgba = np.asarray(self.slide.read_region(location, self.level, (x1 - x0, y1 - y0)))
-        alpha = rgba[..., 3:4].astype(np.uint16)
-        if bool((alpha == 255).all()):
-            return np.ascontiguousarray(rgba[..., :3])
-        # openslide-python un-premultiplies; blend what is not opaque onto white (background)
-        rgb = rgba[..., :3].astype(np.uint16)
-        return ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
-
-
-_Level = _ArrayLevel | _TiffLevel | _OpenSlideLevel
-
-
 class ImageSource:
     """A readable image or (pyramidal) slide. Use ``ImageSource.open(path)``; close it or use ``with``.
 
@@ -233,7 +53,7 @@ class ImageSource:
     image are padded with white (255), which the tissue mask treats as background.
     """
 
-    def __init__(self, path: Path | None, levels: list[_Level], mpp: float | None,
+    def __init__(self, path: Path | None, levels: list[LevelReader], mpp: float | None,
                  grayscale: bool = False, handle: Any = None, fmt: str = "array", float_max: float = 1.0) -> None:
         self._path = path
         self._levels = levels
@@ -256,12 +76,12 @@ class ImageSource:
         ``reader`` (one of :data:`READERS`) picks the library for slides; see the README's table. ``channels``:
         the red, green and blue channels of an image with more than 3 (refused without them).
         """
-        _REJECTED.values = []
+        REJECTED_MPP.values = []
         source = cls._open(path, reader, channels)
-        for value in _REJECTED.values:
+        for value in REJECTED_MPP.values:
             if source.mpp is None:
                 warnings.warn(f"{Path(path).name} states {value:g} µm per pixel, below any microscope's "
-                              f"{_MIN_PLAUSIBLE_MPP:g}; ignoring it (the image has no pixel size: pass --scale, or "
+                              f"{MIN_PLAUSIBLE_MPP:g}; ignoring it (the image has no pixel size: pass --scale, or "
                               "--mpp with the right value).", stacklevel=2)
                 break
         return source
@@ -316,7 +136,7 @@ class ImageSource:
     def from_array(cls, rgb: np.ndarray, mpp: float | None = None) -> ImageSource:
         """Wrap an in-memory image (any layout ``to_rgb_uint8`` accepts) as a one-level source."""
         arr = to_rgb_uint8(rgb, source="array")
-        return cls(None, [_ArrayLevel(arr)], mpp, fmt="array")
+        return cls(None, [ArrayLevel(arr)], mpp, fmt="array")
 
     @classmethod
     def _open_pillow(cls, path: Path) -> ImageSource:
@@ -327,7 +147,7 @@ class ImageSource:
                 if img.format == "PNG":
                     check_png_pixel_data(path, img)
                 img.load()
-                mpp = _mpp_from_dpi(img.info.get("dpi"))
+                mpp = mpp_from_dpi(img.info.get("dpi"))
                 # as image viewers show it: a phone or camera JPEG stores its pixels sideways plus a flag
                 if img.getexif().get(0x0112, 1) not in (1, None):
                     from PIL import ImageOps
@@ -356,7 +176,7 @@ class ImageSource:
         float_max = float_range_max(arr, _describe(path)) if arr.dtype.kind == "f" else 1.0
         has_alpha = "A" in img.mode  # RGBA, LA: transparent pixels are background (white)
         rgb = to_rgb_uint8(arr, source=str(path), float_max=float_max, alpha=has_alpha)
-        return cls(path, [_ArrayLevel(rgb)], mpp, grayscale=grayscale, fmt="pillow")
+        return cls(path, [ArrayLevel(rgb)], mpp, grayscale=grayscale, fmt="pillow")
 
     @classmethod
     def _open_tiff(cls, path: Path) -> ImageSource:
@@ -382,8 +202,8 @@ class ImageSource:
             fill = np.iinfo(dtype).max if dtype.kind in "iu" else 1
             # decode a region's tiles in parallel threads (zarr fetches them concurrently)
             workers = max(1, min(4, os.cpu_count() or 1))
-            levels = [_TiffLevel(series, i, fill, workers) for i in range(len(series.levels))]
-            mpp = _tiff_mpp(tif)
+            levels = [TiffLevel(series, i, fill, workers) for i in range(len(series.levels))]
+            mpp = tiff_mpp(tif)
             grayscale = levels[0].samples < 3
             source = cls(path, levels, mpp, grayscale=grayscale, handle=tif, fmt="tiff")
             extra = tuple(getattr(series.keyframe, "extrasamples", ()) or ())
@@ -433,11 +253,11 @@ class ImageSource:
         slide = None
         try:
             slide = openslide.OpenSlide(str(path))
-            levels = [_OpenSlideLevel(slide, i) for i in range(slide.level_count)]
+            levels = [OpenSlideLevel(slide, i) for i in range(slide.level_count)]
             props = slide.properties
             mpp = None
             try:
-                mpp = _plausible(float(props[openslide.PROPERTY_NAME_MPP_X]))
+                mpp = plausible_mpp(float(props[openslide.PROPERTY_NAME_MPP_X]))
             except (KeyError, ValueError):
                 pass
             source = cls(path, levels, mpp, handle=slide, fmt="openslide")
@@ -488,7 +308,7 @@ class ImageSource:
         """Use ``mpp`` (µm/px at level 0) when the file states none: the user knows it (WSSS4LUAD PNGs are
         ~0.25 µm/px). A pixel size the file states is kept."""
         if self._mpp is None and mpp:
-            self._mpp = _plausible(float(mpp))
+            self._mpp = plausible_mpp(float(mpp))
 
     def level_mpp(self, level: int) -> float | None:
         return None if self._mpp is None else self._mpp * self.level_downsamples[level]
@@ -502,7 +322,7 @@ class ImageSource:
         return best
 
     # ------------------------------------------------------------------ reading
-    def _check_level(self, level: int) -> _Level:
+    def _check_level(self, level: int) -> LevelReader:
         if not 0 <= level < len(self._levels):
             raise ImageReadError(f"{self.name}: level {level} does not exist (it has {len(self._levels)}).")
         return self._levels[level]
@@ -533,19 +353,6 @@ class ImageSource:
         """Read a whole level as ``uint8 (h, w, 3)``; only for levels that fit in memory."""
         h, w = self._check_level(level).shape
         return self.read_region(0, 0, h, w, level)
-
-    def napari_data(self) -> list[Any] | np.ndarray:
-        """Data for a napari ``Image`` layer with ``rgb=True``.
-
-        A pyramid gives a list of lazy dask arrays ``(h, w, 3) uint8``, one per level, whose chunks are
-        read through ``read_region`` (so the same RGB conversion applies). A single small level is
-        returned in memory; a single large TIFF level lazily.
-        """
-        if self.n_levels == 1:
-            h, w = self.shape
-            if self.format not in ("tiff", "openslide") or h * w <= _SMALL_IMAGE_PIXELS:
-                return self.read_level(0)
-        return [self.lazy_level(i) for i in range(self.n_levels)]
 
     @property
     def samples(self) -> int:
@@ -600,7 +407,7 @@ class ImageSource:
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
         for lv in self._levels:
-            if isinstance(lv, _TiffLevel):
+            if isinstance(lv, TiffLevel):
                 lv.close()
         if self._handle is not None:
             self._handle.close()
@@ -624,63 +431,6 @@ def _chunk_sizes(n: int, chunk: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
-def _png_raw_size(width: int, height: int, bit_depth: int, color_type: int, interlace: int) -> int:
-    """Bytes of a PNG's decompressed IDAT stream: each row's filter byte plus its packed samples (per Adam7
-    pass when interlaced)."""
-    channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}.get(color_type, 4)
-
-    def rows(w: int, h: int) -> int:
-        return 0 if w == 0 or h == 0 else h * (1 + (w * channels * bit_depth + 7) // 8)
-
-    if not interlace:
-        return rows(width, height)
-    passes = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
-    return sum(rows(-(-(width - x0) // dx), -(-(height - y0) // dy)) for x0, y0, dx, dy in passes)
-
-
-def check_png_pixel_data(path: Path, img: Any) -> None:
-    """Raise ``ImageReadError`` when a PNG's compressed pixel data is shorter than its header's size says.
-
-    Pillow decodes such a file without complaint when the end marker is present, filling the missing rows
-    with black (which would be segmented), and a tiny file that claims a huge size decodes for minutes. The
-    zlib stream is inflated here in bounded pieces, output discarded: cheap for patch-sized images.
-    """
-    import struct
-    import zlib
-
-    data = Path(path).read_bytes()
-    pos, chunks = 8, []
-    while pos + 8 <= len(data):
-        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
-        if kind == b"IDAT":
-            chunks.append(data[pos + 8:pos + 8 + length])
-        elif kind == b"IEND":
-            break
-        pos += 12 + length
-    if len(data) < 29:
-        raise ImageReadError(f"{_describe(path)} is too short to be a PNG (truncated?).")
-    width, height, bit_depth, color_type, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
-    expected = _png_raw_size(width, height, bit_depth, color_type, interlace)
-    inflater = zlib.decompressobj()
-    produced = 0
-    try:
-        for chunk in chunks:
-            piece = inflater.decompress(chunk, 1 << 24)
-            produced += len(piece)
-            while inflater.unconsumed_tail and produced < expected:
-                piece = inflater.decompress(inflater.unconsumed_tail, 1 << 24)
-                produced += len(piece)
-            if produced >= expected:
-                break
-    except zlib.error as err:
-        raise ImageReadError(f"Cannot decode {_describe(path)}: its pixel data is corrupt ({err}).") from None
-    if produced < expected:
-        rows = max(1, expected // max(1, height))
-        raise ImageReadError(
-            f"{_describe(path)} is truncated: its header says {width}x{height} px but its pixel data stops after "
-            f"about {produced // rows} of {height} rows. Re-export or re-copy the file.")
-
-
 def dicom_file_of(folder: Path) -> Path | None:
     """The first ``.dcm`` file of a folder (a DICOM slide: OpenSlide opens it from any of its files), or None."""
     try:
@@ -694,20 +444,6 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
     """Read a whole (small) image as ``uint8 (H, W, 3)``; raises ``ImageReadError``."""
     with ImageSource.open(path) as src:
         return src.read_level(0)
-
-
-# ---------------------------------------------------------------------- pixel size
-_REJECTED = threading.local()  # µm/px values a file stated but _plausible refused, for a warning naming the file
-
-
-def _plausible(mpp: float | None) -> float | None:
-    if mpp is None or not np.isfinite(mpp) or mpp <= 0:
-        return None
-    if not _MIN_PLAUSIBLE_MPP <= mpp < _MAX_PLAUSIBLE_MPP:
-        if mpp < _MIN_PLAUSIBLE_MPP:  # 0.0001 µm/px made the engine up-sample the image 1000x, silently
-            _REJECTED.values = [*getattr(_REJECTED, "values", []), float(mpp)]
-        return None
-    return float(mpp)
 
 
 def _note_other_series(tif: Any, path: Path) -> None:
@@ -724,63 +460,3 @@ def _note_other_series(tif: Any, path: Path) -> None:
         warnings.warn(f"{path.name} holds a stack of {pages} pages; only the first is read.", stacklevel=3)
 
 
-def _mpp_from_dpi(dpi: Sequence[float] | None) -> float | None:
-    if not dpi:
-        return None
-    try:
-        return _plausible(25400.0 / float(dpi[0]))
-    except (TypeError, ValueError, ZeroDivisionError):
-        return None
-
-
-def _tiff_mpp(tif: Any) -> float | None:
-    """µm/px of level 0 from OME, Aperio SVS or resolution tags, in that order of trust."""
-    if tif.is_ome and tif.ome_metadata:
-        mpp = _ome_mpp(tif.ome_metadata)
-        if mpp is not None:
-            return mpp
-    page = tif.pages.first
-    description = page.description or ""
-    match = re.search(r"\bMPP\s*=\s*([0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?)", description)
-    if match:
-        mpp = _plausible(float(match.group(1)))
-        if mpp is not None:
-            return mpp
-    return _resolution_mpp(page)
-
-
-def _ome_mpp(xml: str) -> float | None:
-    try:
-        root = ET.fromstring(xml)
-    except ET.ParseError:
-        return None
-    for el in root.iter():
-        if el.tag.endswith("}Pixels") or el.tag == "Pixels":
-            value = el.get("PhysicalSizeX")
-            if value is None:
-                return None
-            unit = el.get("PhysicalSizeXUnit", "µm")
-            factor = _OME_UNITS_UM.get(unit)
-            try:
-                return None if factor is None else _plausible(float(value) * factor)
-            except ValueError:
-                return None
-    return None
-
-
-def _resolution_mpp(page: Any) -> float | None:
-    tags = page.tags
-    xres = tags.get("XResolution")
-    unit_tag = tags.get("ResolutionUnit")
-    if xres is None or unit_tag is None:
-        return None
-    unit = int(unit_tag.value)
-    um_per_unit = {2: 25400.0, 3: 10000.0}.get(unit)  # 2 inch, 3 centimetre; 1 "none" is meaningless
-    if um_per_unit is None:
-        return None
-    value = xres.value
-    try:
-        pixels_per_unit = value[0] / value[1] if isinstance(value, tuple) else float(value)
-        return _plausible(um_per_unit / pixels_per_unit)
-    except (ZeroDivisionError, TypeError, ValueError):
-        return None

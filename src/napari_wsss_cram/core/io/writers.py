@@ -1,7 +1,7 @@
 """The output set of one prediction: PNG, OME-TIFF, GeoJSON, probability OME-TIFF and composition JSON.
 
-``core/io/outputs.py`` holds the single-file formats (one writer or reader per format, no knowledge of the
-engine); this module composes them into the files one input produces, with the guarantees a run needs: names
+``core/io/png.py``, ``ometiff.py`` and ``qupath.py`` hold the single-file formats (one module per format, no
+knowledge of the engine); this module composes them into the files one input produces, with the guarantees a run needs: names
 derived from the input, nothing overwritten unasked, everything written under temporary names and renamed
 together at the end (a cancelled, failed or killed run leaves nothing under the final names, see
 :func:`recover_interrupted_outputs`), and the summary row of the run CSV. Kept apart from the engine
@@ -27,9 +27,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .. import composition as tissue_composition
 from ..errors import OutputExistsError, WsssCramError
 from ..progress import CancelToken
-from . import outputs as io_out
+from . import atomic, guard, ometiff, png, qupath
 
 if TYPE_CHECKING:
     from ..inference import Prediction
@@ -71,7 +72,7 @@ def check_outputs_free(out_dir: str | os.PathLike, stem: str, formats: Iterable[
     would turn the H&E images into label masks, ``--overwrite`` or not)."""
     check_outputs_spare_inputs(out_dir, stem, formats, inputs)
     for path in output_paths(out_dir, stem, formats).values():
-        io_out.ensure_can_write(path, overwrite)
+        guard.ensure_can_write(path, overwrite)
 
 
 def check_outputs_spare_inputs(out_dir: str | os.PathLike, stem: str, formats: Iterable[str],
@@ -93,10 +94,10 @@ def write_outputs(prediction: Prediction, out_dir: str | os.PathLike, stem: str,
     out_dir.mkdir(parents=True, exist_ok=True)
     finals = output_paths(out_dir, stem, formats)
     for path in finals.values():
-        io_out.ensure_can_write(path, overwrite)
+        guard.ensure_can_write(path, overwrite)
     classes = prediction.classes
     tag = uuid.uuid4().hex[:8]
-    temps = {key: io_out.temp_path(path, tag) for key, path in finals.items()}
+    temps = {key: atomic.temp_path(path, tag) for key, path in finals.items()}
     timings: dict[str, float] = {}
     skipped: list[str] = []
     labels = prediction.labels
@@ -105,7 +106,7 @@ def write_outputs(prediction: Prediction, out_dir: str | os.PathLike, stem: str,
     try:
         if "ome-tiff" in formats:
             t0 = time.perf_counter()
-            io_out.write_pyramidal_ome_tiff(temps["ome-tiff"], labels, mpp=prediction.mpp, labels=True,
+            ometiff.write_pyramidal_ome_tiff(temps["ome-tiff"], labels, mpp=prediction.mpp, labels=True,
                                             progress=_cancel_hook(cancel), placement=placement)
             timings["ome-tiff"] = time.perf_counter() - t0
         if "probs" in formats:
@@ -114,7 +115,7 @@ def write_outputs(prediction: Prediction, out_dir: str | os.PathLike, stem: str,
                                     f"{finals['probs'].name}.")
             probs = prediction.probs
             t0 = time.perf_counter()
-            io_out.write_pyramidal_ome_tiff(
+            ometiff.write_pyramidal_ome_tiff(
                 temps["probs"], lambda y, x, h, w: np.moveaxis(np.asarray(probs[:, y:y + h, x:x + w]), 0, -1),
                 mpp=prediction.mpp, shape=(height, width, probs.shape[0]), labels=False,
                 channel_names=list(classes.all_names), progress=_cancel_hook(cancel), placement=placement)
@@ -130,24 +131,24 @@ def write_outputs(prediction: Prediction, out_dir: str | os.PathLike, stem: str,
                             "the labels).", stem, height, width)
             else:
                 t0 = time.perf_counter()
-                io_out.write_index_png(temps["png"], np.asarray(labels), classes)
+                png.write_index_png(temps["png"], np.asarray(labels), classes)
                 timings["png"] = time.perf_counter() - t0
         if "geojson" in formats:
             t0 = time.perf_counter()
             small, factor = _geojson_labels(labels)
-            io_out.write_geojson(temps["geojson"], small, classes,
+            qupath.write_geojson(temps["geojson"], small, classes,
                                  placement=dataclasses.replace(placement, downsample=placement.downsample * factor))
             timings["geojson"] = time.perf_counter() - t0
         counts = np.zeros(256, np.int64)
         counts[: classes.num_outputs] = [prediction.class_pixels[n] for n in classes.all_names]
-        comp = io_out.composition(None, classes, mpp=prediction.mpp, counts=counts)
+        comp = tissue_composition.composition(None, classes, mpp=prediction.mpp, counts=counts)
         comp.update({"image": stem, "shape": [height, width], "level": prediction.level,
                      "prediction": {k: v for k, v in prediction.info.items()
                                     if isinstance(v, (int, float, str, bool, type(None)))}})
         if skipped:
             comp["skipped_outputs"] = skipped
         temps["composition"].write_text(json.dumps(comp, indent=2))
-        temps["composition-csv"].write_text(io_out.composition_csv(comp), encoding="utf-8")
+        temps["composition-csv"].write_text(tissue_composition.composition_csv(comp), encoding="utf-8")
         if cancel is not None:
             cancel.raise_if_cancelled()
         for final in finals.values():
@@ -182,7 +183,7 @@ def _renaming_marker(out_dir: Path, stem: str) -> Path:
 def recover_interrupted_outputs(out_dir: str | os.PathLike) -> list[str]:
     """Clean what killed runs left in ``out_dir``: hidden ``.partial`` temporaries, and the outputs of a set
     whose renaming into place was cut short (they are an incomplete set; the input is simply predicted again).
-    Call it only while holding the folder's lock (``io.outputs.folder_lock``): then no other run is writing.
+    Call it only while holding the folder's lock (``io.guard.folder_lock``): then no other run is writing.
     Returns what was removed (file names), for a note to the user."""
     out_dir = Path(out_dir)
     removed: list[str] = []
@@ -252,7 +253,7 @@ def summary_row(prediction: Prediction, stem: str, comp: dict, finals: dict[str,
         row[f"pixels_{name}"] = value
     if "tsr_stroma_fraction" in comp:  # the dock's TSR, named by what it is (empty: no tumor, undefined)
         fraction = comp["tsr_stroma_fraction"]
-        row[io_out.TSR_COLUMN] = None if fraction is None else round(100 * fraction, 2)
+        row[tissue_composition.TSR_COLUMN] = None if fraction is None else round(100 * fraction, 2)
         row["tsr_category"] = comp["tsr_category"]
     row["outputs"] = ";".join(p.name for p in finals.values())
     row["skipped_outputs"] = ";".join(comp.get("skipped_outputs", []))

@@ -69,8 +69,7 @@ def check_export_request(out: str | os.PathLike, authors: Sequence[str], license
     """Refuse, before any work, what the export cannot do: no author, no licence (never guessed), an output
     that is not a ``.zip``, exists (without ``overwrite``) or is the ``checkpoint`` exported (the one output
     guard: never onto an input, ``--overwrite`` or not). Returns the output path."""
-    from ..io.guard import check_output_file
-    from ..io.outputs import ensure_writable_folder
+    from ..io.guard import check_output_file, ensure_writable_folder
 
     if not [a for a in authors if str(a).strip()]:
         raise WsssCramError("Who made this model? Pass --author 'Name' (repeat it for several authors; "
