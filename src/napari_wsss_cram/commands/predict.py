@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import logging
 import os
 import sys
@@ -31,7 +30,9 @@ from ..core.batch import (  # noqa: F401 (the names this command has always offe
     stem_of,
     summary_csv,
 )
+from ..core.inference.settings import BATCH_PER_DEVICE, PredictSettings
 from ..core.io.formats import READERS
+from ..core.io.writers import DEFAULT_FORMATS, FORMATS
 
 log = logging.getLogger(__name__)
 
@@ -50,23 +51,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     res.add_argument("--mpp", nargs="?", const="model", default=None, metavar="UM_PER_PX",
                      help="instead of --scale, process at this µm/px (default when given without a value: "
                           "the model's training µm/px), reading the closest pyramid level")
-    parser.add_argument("--tile", type=int, default=512, help="tile size in model pixels (default 512)")
-    parser.add_argument("--overlap", type=int, default=64, help="tile overlap in model pixels (default 64)")
-    parser.add_argument("--batch", type=int, default=None, help="tiles per batch (default 4 on CPU, 16 on CUDA)")
-    parser.add_argument("--crf", action=argparse.BooleanOptionalAction, default=False,
-                        help="refine tiles with the dense CRF (default off)")
+    # Defaults are None = "the dataclass's" (PredictSettings, CRFParams): each value is written once, there.
+    parser.add_argument("--tile", type=int, default=None,
+                        help=f"tile size in model pixels (default {PredictSettings.tile})")
+    parser.add_argument("--overlap", type=int, default=None,
+                        help=f"tile overlap in model pixels (default {PredictSettings.overlap})")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="tiles per batch (default by device: "
+                             + ", ".join(f"{n} on {d.upper()}" for d, n in BATCH_PER_DEVICE.items()) + ")")
+    parser.add_argument("--crf", action=argparse.BooleanOptionalAction, default=None,
+                        help="refine the labels with the dense CRF (default off: after the recipe's stage 2 it "
+                             "did not help on WSSS4LUAD, at several times the cost; see the README)")
     parser.add_argument("--crf-params", default=None, metavar="K=V,...",
                         help="CRF settings, e.g. bilateral_sxy=80,bilateral_srgb=13,iterations=10,backend=torch "
                              "(backend: auto = torch, torch, or pydensecrf, the C++ reference)")
-    parser.add_argument("--format", default="png,ome-tiff,geojson",
-                        help="comma-separated outputs among png,ome-tiff,geojson,probs (default png,ome-tiff,"
-                             "geojson; the composition JSON is always written)")
-    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    parser.add_argument("--output-level", type=int, default=0,
-                        help="pyramid level the outputs are written at (default 0, full resolution)")
-    parser.add_argument("--tissue-threshold", type=int, default=200,
+    parser.add_argument("--format", default=None,
+                        help=f"comma-separated outputs among {','.join(FORMATS)} (default {','.join(DEFAULT_FORMATS)}; "
+                             "the composition JSON is always written)")
+    parser.add_argument("--device", default=None,
+                        help=f"auto, cpu, cuda or cuda:N (default {PredictSettings.device})")
+    parser.add_argument("--output-level", type=int, default=None,
+                        help=f"pyramid level the outputs are written at (default {PredictSettings.output_level}, "
+                             "full resolution)")
+    parser.add_argument("--tissue-threshold", type=int, default=None,
                         help="gray level above which low-res pixels are background; tiles without tissue "
-                             "are skipped (default 200)")
+                             f"are skipped (default {PredictSettings.tissue_threshold})")
     parser.add_argument("--no-tissue-mask", action="store_true",
                         help="run the model on every tile, and let its background channel decide background")
     parser.add_argument("--background", choices=("tissue", "model"), default=None,
@@ -186,29 +195,26 @@ def resolution_from_args(args: argparse.Namespace, info: Any):
         raise WsssCramError(f"--mpp needs a number of µm per pixel, got '{args.mpp}'.") from None
 
 
-def settings_from_args(args: argparse.Namespace, info: Any, device_type: str):
-    """PredictSettings from the command line (no --scale/--mpp = the checkpoint's default resolution)."""
-    from ..core.checkpoint import default_resolution
-    from ..core.inference import PredictSettings
+def settings_from_args(args: argparse.Namespace, info: Any):
+    """(PredictSettings, fallback) from the command line through the one builder
+    (``core.inference.build_predict_settings``): a flag left out keeps the dataclass default, no --scale/--mpp
+    the checkpoint's default resolution (``fallback``: the training scale for images that state no µm/px)."""
+    from ..core.inference import build_predict_settings
 
-    resolution = resolution_from_args(args, info)
-    # with a µm/px, scale is unused by the engine; it holds the training scale for images without µm/px
-    scale = resolution.scale if resolution.scale is not None else default_resolution(info, False).scale
-    batch = args.batch if args.batch is not None else (16 if device_type == "cuda" else 4)  # 0 is refused
-    settings = PredictSettings(
-        scale=scale, mpp=resolution.mpp, tile=args.tile, overlap=args.overlap, batch=batch, crf=args.crf,
-        crf_params=_parse_crf_params(args.crf_params), device=args.device, amp=not args.no_amp,
-        output_level=args.output_level,
-        tissue_threshold=None if args.no_tissue_mask else args.tissue_threshold,
-        with_probs="probs" in args.formats, work_dir=args.work_dir)
-    if args.background is not None:
-        settings.background = args.background
-    if args.gate is not None:
-        settings.gate_classes = args.gate
+    given = {"tile": args.tile, "overlap": args.overlap, "batch": args.batch, "crf": args.crf,
+             "device": args.device, "output_level": args.output_level, "work_dir": args.work_dir,
+             "tissue_threshold": args.tissue_threshold, "background": args.background, "gate_classes": args.gate}
+    fields = {k: v for k, v in given.items() if v is not None}
+    if args.crf_params:
+        fields["crf_params"] = _parse_crf_params(args.crf_params)
+    if args.no_tissue_mask:
+        fields["tissue_threshold"] = None
+    if args.no_amp:
+        fields["amp"] = False
     if args.tta:
-        settings.tta_scales, settings.tta_flip = TTA_SCALES, True
-    settings.validate()
-    return settings
+        fields["tta_scales"], fields["tta_flip"] = TTA_SCALES, True
+    explicit = None if args.scale is None and args.mpp is None else resolution_from_args(args, info)
+    return build_predict_settings(info, explicit, with_probs="probs" in args.formats, **fields)
 
 
 def _gather_rows(rows: list[dict], world: int) -> list[dict] | None:
@@ -230,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
     from ..core.io.writers import parse_formats, recover_interrupted_outputs
 
     rank, world = _dist_env()
-    args.formats = parse_formats(args.format)
+    args.formats = parse_formats(args.format) if args.format is not None else DEFAULT_FORMATS
     _parse_crf_params(args.crf_params)  # refused before any work (the full settings need the checkpoint)
     out_dir = Path(args.out)
     inputs = collect_inputs(args.inputs)
@@ -267,11 +273,10 @@ def _run_locked(args: argparse.Namespace, inputs: list[Path], out_dir: Path, sum
     try:
         device = resolve_device(args.device)
         model, info = load_checkpoint(args.checkpoint, map_location=device)
-        settings = settings_from_args(args, info, device.type)
-        settings.device = str(device)
-        fallback = None
-        if settings.mpp is not None and args.mpp is None:  # the default µm/px: images without one fall back
-            fallback = dataclasses.replace(settings, mpp=None)  # settings.scale is the training scale
+        settings, fallback = settings_from_args(args, info)
+        for s in (settings, fallback):  # the device this rank resolved (cuda:N under torchrun)
+            if s is not None:
+                s.device = str(device)
         if rank == 0:
             print(f"Predicting {len(inputs)} input(s) at {resolution_from_args(args, info).describe()}.",
                   file=sys.stderr)

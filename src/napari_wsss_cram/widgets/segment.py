@@ -25,9 +25,10 @@ from qtpy.QtWidgets import (
 from ..core.errors import WsssCramError
 from . import _common as common
 from . import layers as result_layers
+from ._common import spin
 from ._dock import WorkerDock
 from ._export_model import ModelExporter
-from ._panels import AdvancedPanel, ExportPanel, spin
+from ._panels import AdvancedPanel, ExportPanel
 
 BUNDLED = "Bundled demo model (synthetic data)"
 CHECKPOINT = "Checkpoint file…"
@@ -70,6 +71,12 @@ def _note_plain_image(layer) -> None:
     if isinstance(meta, dict) and "mpp" not in meta and path and \
             image_suffix(path) in (".png", ".jpg", ".jpeg", ".bmp"):
         meta["mpp"] = None
+
+
+def _states_no_mpp(layer) -> bool:
+    """True when the layer is known to lack a µm/px (its reader said so: ``metadata["mpp"]`` is None)."""
+    meta = getattr(layer, "metadata", None)
+    return isinstance(meta, dict) and "mpp" in meta and not meta["mpp"]
 
 
 class SegmentWidget(WorkerDock):
@@ -126,12 +133,10 @@ class SegmentWidget(WorkerDock):
                                          "resolution it was trained at")
         self._resolution_mode = SCALE
         self._resolution_chosen = False  # True once the user sets it (then image changes keep it)
-        self.tile_spin = spin(QSpinBox, 64, 4096, 512, 64)
         self.level_spin = spin(QSpinBox, 0, 0, 0)
         self.level_spin.setToolTip("Pyramid level of the labels (slides: a coarser level keeps them paintable)")
         self.region_combo = QComboBox()
         self.region_combo.addItems(["Whole image", "Current field of view"])
-        self.tile_spin.setSuffix(" px")
         for widget, tip in [
                 (self.image_combo, "The RGB H&E image layer to segment"),
                 (self.model_combo, "The bundled demo model was trained on synthetic patches only; choose a "
@@ -142,8 +147,6 @@ class SegmentWidget(WorkerDock):
                 (self.resolution_value, "scale: the image is resampled by this factor before the model sees it "
                                         "(×); µm/px: it is resampled to this pixel size. Picking a model sets "
                                         "the resolution it was trained at"),
-                (self.tile_spin, "The image is processed in tiles of this size (pixels at the model's "
-                                 "resolution); larger tiles need more memory"),
                 (self.region_combo, "Whole image, or only what the canvas shows now (for slides)")]:
             widget.setToolTip(tip)
         for label, widget in [("Image", self.image_combo), ("Pixel size", self.pixel_size),
@@ -155,13 +158,12 @@ class SegmentWidget(WorkerDock):
         res_row.addWidget(self.resolution_combo)
         res_row.addWidget(self.resolution_value)
         form.addRow("Resolution", res_row)
-        form.addRow("Tile size", self.tile_spin)
         form.addRow("Output level", self.level_spin)
         form.addRow("Region", self.region_combo)
 
-        advanced = AdvancedPanel()
-        for name in ("crf_check", "crf_spins", "crf_iterations", "overlap_spin", "alpha_spin", "beta_spin",
-                     "pseudo_check", "tissue_check", "gate_check"):
+        self.advanced = advanced = AdvancedPanel()
+        for name in ("crf_check", "crf_spins", "crf_iterations", "tile_spin", "overlap_spin", "alpha_spin",
+                     "beta_spin", "pseudo_check", "background_combo", "gate_check"):
             setattr(self, name, getattr(advanced, name))
 
         self.run_button = QPushButton("Run")
@@ -441,9 +443,7 @@ class SegmentWidget(WorkerDock):
         from ..core.checkpoint import default_resolution  # imports torch: only once a model is loaded
 
         layer = self.image_layer()
-        meta = getattr(layer, "metadata", None)
-        has_mpp = not (isinstance(meta, dict) and "mpp" in meta and not meta["mpp"])
-        resolution = default_resolution(self.info, image_has_mpp=has_mpp)
+        resolution = default_resolution(self.info, image_has_mpp=not _states_no_mpp(layer))
         self._show_resolution(MPP if resolution.mpp is not None else SCALE,
                               resolution.mpp if resolution.mpp is not None else resolution.scale)
         self.resolution_combo.setToolTip(f"Default for this model: {resolution.describe()}")
@@ -524,22 +524,26 @@ class SegmentWidget(WorkerDock):
                                           len(shapes) - 1))
 
     def predict_settings(self):
-        from ..core.crf import CRFParams
-        from ..core.inference import PredictSettings, resolve_device
+        """The PredictSettings of a Run on the chosen image (see :meth:`build_settings`)."""
+        return self.build_settings()[0]
 
-        crf = CRFParams(**{k: s.value() for k, s in self.crf_spins.items()}, iterations=self.crf_iterations.value())
-        use_mpp = self.resolution_combo.currentText() == MPP
-        value = self.resolution_value.value()
-        # Cancel takes effect between batches: on CPU one tile per batch keeps it within about a second, at no
-        # cost in throughput (a CPU gains nothing from batching).
-        on_cpu = resolve_device(self.device_combo.currentText()).type == "cpu"
-        return PredictSettings(
-            batch=1 if on_cpu else 4, **({"mpp": value} if use_mpp else {"scale": value}),
-            output_level=self.level_spin.value(), tile=self.tile_spin.value(), overlap=self.overlap_spin.value(),
-            crf=self.crf_check.isChecked(), crf_params=crf, crf_isolated=True,  # pydensecrf: never block the GUI
-            background="tissue" if self.tissue_check.isChecked() else "model",
-            gate_classes=self.gate_check.isChecked(),
-            device=self.device_combo.currentText(), with_cam=True)
+    def build_settings(self, batch: bool = False):
+        """(PredictSettings, fallback) through the one builder (``core.inference.build_predict_settings``, as
+        ``wsss-cram predict``): the forms' values, the device, and the resolution row when the user set it (else
+        the model's default for this image; for a batch, for images that state their µm/px, with ``fallback``
+        for those that do not)."""
+        from ..core.checkpoint import Resolution
+        from ..core.crf import CRFParams
+        from ..core.inference import build_predict_settings
+
+        chosen = None
+        if self._resolution_chosen:
+            value = self.resolution_value.value()
+            chosen = Resolution(mpp=value) if self.resolution_combo.currentText() == MPP else Resolution(scale=value)
+        return build_predict_settings(
+            self.info, chosen, image_has_mpp=batch or not _states_no_mpp(self.image_layer()), gui=True,
+            **self.advanced.predict_form.values(), crf_params=CRFParams(**self.advanced.crf_form.values()),
+            output_level=self.level_spin.value(), device=self.device_combo.currentText(), with_cam=not batch)
 
     def region(self, layer) -> tuple[int, int, int, int] | None:
         """(y, x, h, w) of the current field of view in pixels of the output level, or None (whole image)."""
@@ -559,7 +563,6 @@ class SegmentWidget(WorkerDock):
         layer = self.image_layer()
         try:
             region, settings = self.region(layer), self.predict_settings()
-            settings.validate()
         except Exception as err:  # shown in the dock, never raised into the event loop
             self.show_error(err)
             return
@@ -593,8 +596,7 @@ class SegmentWidget(WorkerDock):
             self.show_error("Choose a folder of images and an output folder for the batch.")
             return False
         try:
-            settings = self.predict_settings()
-            settings.validate()
+            settings, fallback = self.build_settings(batch=True)
         except Exception as err:  # shown in the dock, never raised into the event loop
             self.show_error(err)
             return False
@@ -609,7 +611,7 @@ class SegmentWidget(WorkerDock):
         self.progress_bar.setFormat("starting…")
         overwrite = self.batch_overwrite.isChecked()
         self.start_job(lambda cancel: batch_job(self.model, self.info, inputs, out_dir, settings, formats or
-                                                ("png",), overwrite, cancel))
+                                                ("png",), overwrite, cancel, fallback=fallback))
         return True
 
     def cancel(self) -> None:
@@ -777,7 +779,7 @@ class SegmentWidget(WorkerDock):
                 "region": self.region_combo, "tile": self.tile_spin,
                 "overlap": self.overlap_spin, "alpha": self.alpha_spin, "beta": self.beta_spin,
                 "crf": self.crf_check, "pseudo": self.pseudo_check, "checkpoint": self.checkpoint_row,
-                "tissue_background": self.tissue_check, "gate_classes": self.gate_check,
+                "background": self.background_combo, "gate_classes": self.gate_check,
                 "export_dir": self.export_panel.export_dir, "level": self.level_spin,
                 "crf_iterations": self.crf_iterations, "batch_in": self.batch_in, "batch_out": self.batch_out,
                 **self.crf_spins}

@@ -51,8 +51,7 @@ from .pipeline import assemble, predict_array, predict_path, predict_source, pre
 from .plan import PredictionRun, allocate_outputs, plan_tiles
 from .refine import CRF_WINDOW, crf_margin, refine_crf, scaled_crf_params
 from .settings import (
-    DEFAULT_FORMATS,
-    FORMATS,
+    BATCH_PER_DEVICE,
     IMAGENET_MEAN,
     IMAGENET_STD,
     MAX_MPP,
@@ -65,12 +64,13 @@ from .settings import (
     THUMBNAIL_SIDE,
     Prediction,
     PredictSettings,
+    build_predict_settings,
     remove_stale_stores,
 )
 from .tiles import TileJob, TileResult, TileRunner, run_tiles
 
 __all__ = [
-    "CRF_WINDOW", "DEFAULT_FORMATS", "FORMATS", "IMAGENET_MEAN", "IMAGENET_STD", "MAX_MPP", "MAX_SCALE", "MIN_MPP",
+    "BATCH_PER_DEVICE", "build_predict_settings", "CRF_WINDOW", "IMAGENET_MEAN", "IMAGENET_STD", "MAX_MPP", "MAX_SCALE", "MIN_MPP",
     "MIN_SCALE", "MIN_SIDE", "STORE_OWNER", "STORE_PREFIX", "THUMBNAIL_SIDE", "Prediction", "PredictSettings",
     "PredictionRun", "TileJob", "TileResult", "TileRunner", "allocate_outputs", "assemble", "crf_margin",
     "plan_tiles", "predict_array", "predict_path", "predict_source", "prediction_pseudo_labels", "refine_crf",

@@ -12,31 +12,36 @@ from typing import Any
 from ..classes import ClassSpec
 from ..crf import CRFParams
 from ..errors import WsssCramError
+from ..fields import setting
+from ..model.config import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 (re-exported: the engine's default)
 from ..placement import Placement
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from ..tissue import GATE_THRESHOLD, TISSUE_THRESHOLD
 
 #: Smallest image side (output pixels) the engine accepts: below it there is nothing to segment.
 MIN_SIDE = 8
 #: Long side (level-0 pixels per thumbnail pixel chosen so that) of the tissue thumbnail.
 THUMBNAIL_SIDE = 1024
-#: All output formats, and the default set of the CLI.
-FORMATS = ("png", "ome-tiff", "geojson", "probs")
-DEFAULT_FORMATS = ("png", "ome-tiff", "geojson")
+#: Tiles per batch when ``PredictSettings.batch`` is None, by device type. CPU: one tile per batch keeps Cancel
+#: within about a second, at no cost in throughput (a CPU gains nothing from batching); GPUs fill up with more.
+BATCH_PER_DEVICE = {"cpu": 1, "mps": 4, "cuda": 16}
 
 
 @dataclass
 class PredictSettings:
     """How to run the engine. ``tile``/``overlap`` are in work pixels (what the model sees)."""
 
-    scale: float = 1.0
-    mpp: float | None = None
-    tile: int = 512
-    overlap: int = 64
-    batch: int = 4
-    crf: bool = False
-    crf_params: CRFParams = field(default_factory=CRFParams)
+    scale: float = setting(1.0, "resample the image by this factor before the model (1 = as stored)")
+    mpp: float | None = setting(None, "instead of scale, process at this µm/px")
+    tile: int = setting(512, "The image is processed in tiles of this size (pixels at the model's resolution); "
+                        "larger tiles need more memory", label="Tile size", step=64, suffix=" px", dock=True)
+    overlap: int = setting(64, "Tiles overlap by this many pixels and are blended, which hides tile seams",
+                           label="Tile overlap", step=16, suffix=" px", low=0, high=4096, dock=True)
+    # None: by device (BATCH_PER_DEVICE), resolved where the device is known (TileRunner)
+    batch: int | None = setting(None, "tiles per batch (default: by device, BATCH_PER_DEVICE)")
+    crf: bool = setting(False, "A dense CRF snaps class boundaries to colour edges of the H&E image (several "
+                        "times slower; off by default: after the recipe's stage 2 it did not help, README)",
+                        label="Refine labels with a dense CRF", dock=True)
+    crf_params: CRFParams = setting(help="the CRF's kernels (CRFParams)", factory=CRFParams)
     # run a pydensecrf CRF in a helper process (GUI callers: the worker thread then never holds the GIL for a
     # whole tile); the torch backend releases the GIL by itself and ignores this
     crf_isolated: bool = False
@@ -44,16 +49,19 @@ class PredictSettings:
     amp: bool = True
     channels_last: bool = True
     output_level: int = 0
-    tissue_threshold: int | None = 200
+    tissue_threshold: int | None = TISSUE_THRESHOLD
     # "tissue": background is where the tissue mask says (near-white), every tissue pixel takes the arg-max
     # over the tissue classes; "model": the model's background channel competes with the classes (the paper).
-    background: str = "tissue"
+    background: str = setting("tissue", "tissue: background = no tissue (near-white), every stained pixel gets "
+                              "a tissue class; model: the model's background channel competes with the tissue "
+                              "classes (the paper)", label="Background", choices=("tissue", "model"), dock=True)
     # zero the classes the image-level classifier calls absent in a tile (presence < gate_threshold). Off by
     # default: on real WSSS4LUAD images a CPU-trained classifier, which saw normal lung in few crops, put whole
-    # normal-only images at presence 0.03-0.07, and gating then erased the class (benchmarks/README.md). The
-    # threshold is low because gating out a present class loses it outright.
-    gate_classes: bool = False
-    gate_threshold: float = 0.3
+    # normal-only images at presence 0.03-0.07, and gating then erased the class (benchmarks/README.md).
+    gate_classes: bool = setting(False, "The image-level classifier decides per tile which classes are present; "
+                                 "absent ones are never painted there",
+                                 label="Drop classes the model finds absent in a tile", dock=True)
+    gate_threshold: float = GATE_THRESHOLD
     # test-time augmentation: the model at each of these scales (and mirrored), averaged; costs len x (2 x) time
     tta_scales: tuple[float, ...] = (1.0,)
     tta_flip: bool = False
@@ -70,8 +78,9 @@ class PredictSettings:
         from ..validate import check_fields, check_number
 
         for name in ("scale", "tile", "overlap", "batch"):  # types first: the range checks below compare them
-            check_number(getattr(self, name), name, -math.inf, math.inf, integer=name != "scale",
-                         label=f"--{name}")
+            if getattr(self, name) is not None or name != "batch":
+                check_number(getattr(self, name), name, -math.inf, math.inf, integer=name != "scale",
+                             label=f"--{name}")
         if self.mpp is not None:
             check_number(self.mpp, "mpp", -math.inf, math.inf, label="--mpp")
         if self.mpp is None and not (self.scale > 0 and math.isfinite(self.scale)):
@@ -90,7 +99,7 @@ class PredictSettings:
         if not 0 <= self.overlap <= self.tile // 2:
             raise WsssCramError(f"--overlap must be between 0 and half the tile ({self.tile // 2}), "
                                 f"got {self.overlap}.")
-        if self.batch < 1:
+        if self.batch is not None and self.batch < 1:
             raise WsssCramError(f"--batch must be at least 1, got {self.batch}.")
         if not self.tta_scales or not all(0.25 <= float(v) <= 4.0 for v in self.tta_scales):
             raise WsssCramError(f"test-time scales must lie between 0.25 and 4, got {self.tta_scales}.")
@@ -101,7 +110,8 @@ class PredictSettings:
             raise WsssCramError(f"background must be 'tissue' or 'model', got '{self.background}'.")
         if not isinstance(self.crf_params, CRFParams):
             raise WsssCramError(f"crf_params must be CRFParams, got {type(self.crf_params).__name__}.")
-        check_fields(self, ["tile", "batch", "output_level", "gate_threshold", "stream_threshold_mp"])
+        check_fields(self, ["tile", "batch", "output_level", "gate_threshold", "stream_threshold_mp"],
+                     optional=("batch",))
         if self.tissue_threshold is not None:  # a negative threshold made every pixel background, silently
             check_number(self.tissue_threshold, "tissue_threshold", label="--tissue-threshold")
 
@@ -188,3 +198,32 @@ class Prediction:
             self.store_dir = None
 
 
+
+
+def build_predict_settings(info: Any, resolution: Any = None, *, image_has_mpp: bool = True, gui: bool = False,
+                           **fields: Any) -> tuple[PredictSettings, PredictSettings | None]:
+    """THE builder of predict settings: ``wsss-cram predict``, the Segment dock (one image and its batch),
+    ``demo`` and ``evaluate`` call it, so the same checkpoint, image and untouched settings give the same labels.
+
+    ``resolution``: a :class:`~napari_wsss_cram.core.checkpoint.Resolution` the user chose, or None for the
+    checkpoint's default (``default_resolution(info, image_has_mpp)``). With a µm/px, ``scale`` holds the training
+    scale (what images that state no µm/px are processed at). ``gui``: a pydensecrf CRF runs in a helper process
+    (the GUI thread never waits on the GIL). ``fields``: any other :class:`PredictSettings` field; one left out
+    keeps the dataclass default (``batch``: by device, ``BATCH_PER_DEVICE``).
+
+    Returns ``(settings, fallback)``: ``fallback`` is the same at the training scale, for images that state no
+    µm/px, when the µm/px is the model's default rather than the user's (None otherwise).
+    """
+    import dataclasses
+
+    from ..checkpoint import default_resolution
+
+    chosen = resolution
+    if resolution is None:
+        resolution = default_resolution(info, image_has_mpp=image_has_mpp)
+    scale = resolution.scale if resolution.scale is not None else default_resolution(info, False).scale
+    if isinstance(fields.get("crf_params"), dict):
+        fields["crf_params"] = CRFParams.from_dict(fields["crf_params"])
+    settings = PredictSettings(scale=float(scale), mpp=resolution.mpp, crf_isolated=gui, **fields)
+    fallback = dataclasses.replace(settings, mpp=None) if settings.mpp is not None and chosen is None else None
+    return settings, fallback

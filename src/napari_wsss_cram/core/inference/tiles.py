@@ -19,7 +19,7 @@ from ..tiling import (
 )
 from ..tissue import near_white_mask, restrict_to_tissue
 from .plan import PredictionRun, Taps, _read_footprint
-from .settings import PredictSettings
+from .settings import BATCH_PER_DEVICE, PredictSettings
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class TileRunner:
         self.device = device
         self.cancel: CancelToken | None = None  # set by run_tiles: the tile CRF checks it between iterations
         self.cuda = device.type == "cuda"
-        self.batch = settings.batch
+        self.batch = settings.batch or BATCH_PER_DEVICE.get(device.type, BATCH_PER_DEVICE["cuda"])
         self.amp = settings.amp and self.cuda
         self.channels_last = settings.channels_last and self.cuda
         # the CRF on each tile (a single-tile image); a tiled image gets it on the assembled map (refine_crf)
