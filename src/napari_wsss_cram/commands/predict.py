@@ -14,7 +14,6 @@ rank); each rank writes its own files and rank 0 writes the summary.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import sys
@@ -107,13 +106,8 @@ def _channels(text: str) -> tuple[int, int, int]:
     return values  # type: ignore[return-value]
 
 
-def predict_many(model: Any, info: Any, inputs: list[Path], out_dir: Path, settings: Any,
-                 formats: tuple[str, ...], overwrite: bool, rank: int = 0, world: int = 1,
-                 show_progress: bool = False, fallback: Any = None, reader: str = "auto",
-                 channels: tuple[int, int, int] | None = None) -> list[dict]:
-    """:func:`core.batch.iter_predict_many` with a tqdm bar per input on stderr (``show_progress``)."""
-    from ..core.progress import drive
-
+def _progress_printer(rank: int, show_progress: bool):
+    """The CLI's view of a batch's events: notes and failed inputs on stderr, a tqdm bar per input (a tty)."""
     bar = None
 
     def on_progress(event) -> None:
@@ -136,12 +130,11 @@ def predict_many(model: Any, info: Any, inputs: list[Path], out_dir: Path, setti
             bar.n = event.done
             bar.refresh()
 
-    try:
-        return drive(iter_predict_many(model, info, inputs, out_dir, settings, formats, overwrite, rank, world,
-                                       fallback=fallback, reader=reader, channels=channels), on_progress)
-    finally:
+    def close() -> None:
         if bar is not None:
             bar.close()
+
+    return on_progress, close
 
 
 def _dist_env() -> tuple[int, int]:
@@ -231,37 +224,14 @@ def _gather_rows(rows: list[dict], world: int) -> list[dict] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..core.batch import check_batch_inputs, check_batch_outputs
-    from ..core.io.outputs import folder_lock
-    from ..core.io.writers import parse_formats, recover_interrupted_outputs
+    from ..core.batch import predict_batch
+    from ..core.io.writers import parse_formats
+    from ..core.progress import drive
 
     rank, world = _dist_env()
     args.formats = parse_formats(args.format) if args.format is not None else DEFAULT_FORMATS
     _parse_crf_params(args.crf_params)  # refused before any work (the full settings need the checkpoint)
     out_dir = Path(args.out)
-    inputs = collect_inputs(args.inputs)
-    # first of all, before anything is written there (not even the lock)
-    stems = check_batch_inputs(inputs, out_dir, args.formats, where="--out folder",
-                               given=[*args.inputs, args.checkpoint])
-    with contextlib.ExitStack() as stack:
-        if rank == 0:  # one run per folder: the other ranks of this run write beside rank 0, never alone
-            stack.enter_context(folder_lock(out_dir, "wsss-cram predict"))
-            removed = recover_interrupted_outputs(out_dir)
-            if removed:
-                print(f"note: removed what an interrupted run left in {out_dir}: {', '.join(removed)}",
-                      file=sys.stderr)
-        # Refuse before any work (every rank checks everything, so all ranks fail alike).
-        summary_path = check_batch_outputs(inputs, stems, out_dir, args.formats, args.overwrite,
-                                           where="--out folder")
-        return _run_locked(args, inputs, out_dir, summary_path, rank, world)
-
-
-def _run_locked(args: argparse.Namespace, inputs: list[Path], out_dir: Path, summary_path: Path, rank: int,
-                world: int) -> int:
-    from ..core.checkpoint import load_checkpoint
-    from ..core.inference import resolve_device
-    from ..core.io.outputs import atomic_path
-
     initialized_here = False
     if world > 1:
         import torch.distributed as dist
@@ -270,7 +240,12 @@ def _run_locked(args: argparse.Namespace, inputs: list[Path], out_dir: Path, sum
             # gloo is enough: ranks only exchange their summary rows; each rank uses its own device.
             dist.init_process_group("gloo")
             initialized_here = True
-    try:
+
+    def load() -> tuple:
+        """The checkpoint and the settings, once every check of inputs and outputs passed."""
+        from ..core.checkpoint import load_checkpoint
+        from ..core.inference import resolve_device
+
         device = resolve_device(args.device)
         model, info = load_checkpoint(args.checkpoint, map_location=device)
         settings, fallback = settings_from_args(args, info)
@@ -278,29 +253,26 @@ def _run_locked(args: argparse.Namespace, inputs: list[Path], out_dir: Path, sum
             if s is not None:
                 s.device = str(device)
         if rank == 0:
-            print(f"Predicting {len(inputs)} input(s) at {resolution_from_args(args, info).describe()}.",
-                  file=sys.stderr)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        rows = predict_many(model, info, inputs, out_dir, settings, args.formats, args.overwrite, rank, world,
-                            show_progress=sys.stderr.isatty(), fallback=fallback,
-                            reader=getattr(args, "reader", "auto"), channels=getattr(args, "channels", None))
-        all_rows = _gather_rows(rows, world)
-        failed = 0
-        if all_rows is not None:
-            order = {str(p): i for i, p in enumerate(inputs)}
-            all_rows.sort(key=lambda r: order.get(r.get("input", ""), 0))
-            with atomic_path(summary_path) as tmp:
-                tmp.write_text(summary_csv(all_rows))
-            failed = sum(1 for r in all_rows if r.get("status") != "ok")
-            print(f"Predicted {len(all_rows) - failed} of {len(all_rows)} input(s) into {out_dir} "
+            print(f"Predicting at {resolution_from_args(args, info).describe()}.", file=sys.stderr)
+        return model, info, settings, fallback
+
+    on_progress, close = _progress_printer(rank, sys.stderr.isatty())
+    try:
+        rows, summary_path = drive(predict_batch(
+            None, None, list(args.inputs), out_dir, None, args.formats, args.overwrite, rank=rank, world=world,
+            gather=lambda mine: _gather_rows(mine, world), given=[args.checkpoint], where="--out folder",
+            load=load, reader=getattr(args, "reader", None) or "auto", channels=getattr(args, "channels", None)),
+            on_progress)
+        failed = sum(1 for r in rows if r.get("status") != "ok")
+        if rank == 0:
+            print(f"Predicted {len(rows) - failed} of {len(rows)} input(s) into {out_dir} "
                   f"(summary: {summary_path.name}).")
-        else:
-            failed = sum(1 for r in rows if r.get("status") != "ok")
         if initialized_here:
             # Every rank waits for the others before leaving the group: a rank that tears gloo down while a peer's
             # gather is still in flight aborts in C++ ("terminate called without an active exception").
             dist.barrier()
     finally:
+        close()
         if initialized_here:
             import torch.distributed as dist
 
