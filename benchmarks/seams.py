@@ -44,9 +44,9 @@ def main() -> None:
     import torch
 
     from napari_wsss_cram._sample_data import sample_slide_path
-    from napari_wsss_cram.core import inference
     from napari_wsss_cram.core.checkpoint import load_checkpoint
     from napari_wsss_cram.core.inference import PredictSettings, plan_tiles, predict_source
+    from napari_wsss_cram.core.inference import plan as inference_plan
     from napari_wsss_cram.core.io.images import ImageSource
     from napari_wsss_cram.core.progress import drive
     from napari_wsss_cram.core.tiling import seam_profile
@@ -68,7 +68,7 @@ def main() -> None:
         for label, per_tile in (("before (CRF per tile)", True), ("after (CRF on the assembled map)", False)):
             if args.only and (args.only == "before") != per_tile:
                 continue
-            inference._CRF_PER_TILE = per_tile
+            inference_plan._CRF_PER_TILE = per_tile
             t0 = time.perf_counter()
             pred = drive(predict_source(model, info, source, settings, region))
             seconds = time.perf_counter() - t0
@@ -79,7 +79,7 @@ def main() -> None:
                 print(f"  {name:7s} border max {s['border_max']:5.0f}   elsewhere max {s['other_max']:5.0f}   "
                       f"median {s['median']:5.1f}   border max / median {s['ratio']:5.1f}")
             pred.cleanup()
-        inference._CRF_PER_TILE = False
+        inference_plan._CRF_PER_TILE = False
         h, w = (region[2], region[3]) if region else source.level_shapes[args.level]
         if not args.no_reference and max(h, w) * args.scale <= 4096:
             # One tile over the whole region: what the statistic gives on this slide with no tile border at all.

@@ -310,14 +310,14 @@ def test_predict_flags_give_settings_that_segment_or_a_clear_error(small_checkpo
             from napari_wsss_cram.core.device import resolve_device
 
             resolve_device(args.device)
-            settings_ = settings_from_args(args, info, "cpu")
+            settings_, _ = settings_from_args(args, info)
         except WsssCramError:
             _record("CLI flags", "refused with a message")
             return
         settings_.device = "cpu"
         settings_.tile = min(settings_.tile, 256)  # drawn sizes up to the limits; the run itself kept small
         settings_.overlap = min(settings_.overlap, settings_.tile // 2)
-        settings_.batch = min(settings_.batch, 4)
+        settings_.batch = min(settings_.batch or 4, 4)
         settings_.crf_params.iterations = min(settings_.crf_params.iterations, 3)
         try:
             prediction = drive(predict_array(model, info, image, settings_, mpp=0.5))

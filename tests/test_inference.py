@@ -294,7 +294,7 @@ def ambiguous_gradient(n: int = 192) -> np.ndarray:
 def test_crf_leaves_no_seams_along_tile_borders(monkeypatch):
     """Bug 10: a CRF on each tile settles an ambiguous region per tile, and the near one-hot results meet in a
     straight line along the tile border; the CRF on the assembled map leaves no trace of the tiles."""
-    from napari_wsss_cram.core import inference
+    from napari_wsss_cram.core.inference import plan as inference_plan
     from napari_wsss_cram.core.inference import plan_tiles
     from napari_wsss_cram.core.tiling import seam_profile
 
@@ -305,11 +305,11 @@ def test_crf_leaves_no_seams_along_tile_borders(monkeypatch):
     whole = run(predict_array(RedGreenNet(), None, img, PredictSettings(
         scale=1.0, tile=512, overlap=16, crf=True, tissue_threshold=None)))
     assert whole.info["tiles"] == 1 and whole.info["crf_on"] == "tiles"
-    monkeypatch.setattr(inference, "_CRF_PER_TILE", True)  # the behaviour before the fix: the cause reproduced
+    monkeypatch.setattr(inference_plan, "_CRF_PER_TILE", True)  # the behaviour before the fix: the cause reproduced
     per_tile = run(predict_array(RedGreenNet(), None, img, settings)).labels
     before = seam_profile(per_tile, *borders)
     assert max(p["border_max"] for p in before.values()) > 5 * max(p["other_max"] for p in before.values())
-    monkeypatch.setattr(inference, "_CRF_PER_TILE", False)
+    monkeypatch.setattr(inference_plan, "_CRF_PER_TILE", False)
     fixed = run(predict_array(RedGreenNet(), None, img, settings))
     assert fixed.info["crf_on"] == "assembled map" and fixed.info["tiles"] == 25
     after = seam_profile(fixed.labels, *borders)

@@ -121,13 +121,13 @@ def test_output_rule_flags_reach_the_engine(checkpoint, tmp_path):
     _, info = load_checkpoint(checkpoint)
     default_args = parser.parse_args([str(checkpoint), "x.png", "--out", str(tmp_path)])
     default_args.formats = ("png",)
-    defaults = settings_from_args(default_args, info, "cpu")
+    defaults, _ = settings_from_args(default_args, info)
     assert (defaults.background, defaults.gate_classes, defaults.tta_scales) == (
         PredictSettings.background, PredictSettings.gate_classes, PredictSettings.tta_scales)
     args = parser.parse_args([str(checkpoint), "x.png", "--out", str(tmp_path), "--background", "model",
                               "--no-gate", "--tta"])
     args.formats = ("png",)
-    paper = settings_from_args(args, info, "cpu")
+    paper, _ = settings_from_args(args, info)
     assert paper.background == "model" and paper.gate_classes is False
     assert paper.tta_scales == TTA_SCALES and paper.tta_flip
     inputs = make_inputs(tmp_path / "in", 1)

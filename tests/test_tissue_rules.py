@@ -164,7 +164,8 @@ def test_test_time_augmentation_runs_each_scale_and_flip_and_keeps_the_answer():
     img = _pale_tissue_image()
     net = CountingNet()
     labels = np.asarray(drive(predict_array(net, None, img, PredictSettings(
-        scale=1.0, device="cpu", tile=128, overlap=0, gate_classes=False, tta_scales=(0.75, 1.0), tta_flip=True))).labels)
+        scale=1.0, device="cpu", tile=128, overlap=0, batch=4, gate_classes=False, tta_scales=(0.75, 1.0),
+        tta_flip=True))).labels)
     small, full = sorted(set(net.sizes))
     assert len(net.sizes) == 4 and small[1] == round(0.75 * full[1])
     assert (labels[:, :60] == STROMA).all() and (labels[:, 70:] == BACKGROUND).all()

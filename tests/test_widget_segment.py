@@ -346,13 +346,13 @@ def test_output_rules_default_from_the_engine_and_reach_it(make_napari_viewer, q
     settings = widget.predict_settings()
     assert settings.background == PredictSettings.background == "tissue"
     assert settings.gate_classes == PredictSettings.gate_classes
-    widget.tissue_check.setChecked(False)
+    widget.background_combo.setCurrentText("model")
     widget.gate_check.setChecked(False)
     settings = widget.predict_settings()
     assert settings.background == "model" and settings.gate_classes is False
     qtbot.wait(800)  # saved (debounced) as they change
     _, second = make_napari_viewer().window.add_plugin_dock_widget(PLUGIN, "Segment")
-    assert not second.tissue_check.isChecked() and not second.gate_check.isChecked()
+    assert second.background_combo.currentText() == "model" and not second.gate_check.isChecked()
 
 
 # ----- issue 12: bugs found by a pathologist's day in the dock -----------------------------------------------------

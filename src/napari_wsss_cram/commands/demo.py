@@ -18,8 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model checkpoint to use instead of the bundled demo model")
     parser.add_argument("--image", type=Path, default=None,
                         help="image to segment instead of the bundled sample patch")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
-    parser.add_argument("--no-crf", dest="crf", action="store_false", help="skip the CRF refinement")
+    parser.add_argument("--device", default=None, help="auto, cpu, cuda or mps (default: auto)")
+    parser.add_argument("--crf", action=argparse.BooleanOptionalAction, default=None,
+                        help="refine the labels with the dense CRF (default off, as `predict` and the dock)")
 
 
 def _has_display() -> bool:
@@ -64,8 +65,7 @@ def run_headless(args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
 
-    from ..core.checkpoint import default_resolution
-    from ..core.inference import PredictSettings, predict_array
+    from ..core.inference import build_predict_settings, predict_array
     from ..core.io.atomic import atomic_path
     from ..core.io.images import read_rgb
     from ..core.io.png import write_index_png
@@ -76,13 +76,13 @@ def run_headless(args: argparse.Namespace) -> int:
         name, rgb = args.image.stem, read_rgb(args.image)
     else:
         name, rgb = sample_image()
-    # The checkpoint's default resolution; the image is read without its µm/px, so its training scale.
-    resolution = default_resolution(info, image_has_mpp=False)
-    settings = PredictSettings(scale=float(resolution.scale), crf=args.crf, device=args.device, with_cam=True)
+    # The one builder (as `predict` and the dock): the image is read without its µm/px, so the training scale.
+    given = {k: v for k, v in (("crf", args.crf), ("device", args.device)) if v is not None}
+    settings, _ = build_predict_settings(info, image_has_mpp=False, with_cam=True, **given)
     which = "the bundled demo model (trained on synthetic sample data only)" if args.checkpoint is None \
         else str(info.path)
     print(f"Segmenting {name} ({rgb.shape[1]}x{rgb.shape[0]} px) with {which}, classes "
-          f"{', '.join(info.classes.names)}, at {resolution.describe()}…")
+          f"{', '.join(info.classes.names)}, at scale {settings.scale:g}x…")
     prediction = drive(predict_array(model, info, rgb, settings))
     classes, out = info.classes, Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

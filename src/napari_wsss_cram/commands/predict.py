@@ -14,8 +14,6 @@ rank); each rank writes its own files and rank 0 writes the summary.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import logging
 import os
 import sys
@@ -31,7 +29,9 @@ from ..core.batch import (  # noqa: F401 (the names this command has always offe
     stem_of,
     summary_csv,
 )
+from ..core.inference.settings import BATCH_PER_DEVICE, PredictSettings
 from ..core.io.formats import READERS
+from ..core.io.writers import DEFAULT_FORMATS, FORMATS
 
 log = logging.getLogger(__name__)
 
@@ -50,23 +50,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     res.add_argument("--mpp", nargs="?", const="model", default=None, metavar="UM_PER_PX",
                      help="instead of --scale, process at this µm/px (default when given without a value: "
                           "the model's training µm/px), reading the closest pyramid level")
-    parser.add_argument("--tile", type=int, default=512, help="tile size in model pixels (default 512)")
-    parser.add_argument("--overlap", type=int, default=64, help="tile overlap in model pixels (default 64)")
-    parser.add_argument("--batch", type=int, default=None, help="tiles per batch (default 4 on CPU, 16 on CUDA)")
-    parser.add_argument("--crf", action=argparse.BooleanOptionalAction, default=False,
-                        help="refine the labels with the dense CRF (default off)")
+    # Defaults are None = "the dataclass's" (PredictSettings, CRFParams): each value is written once, there.
+    parser.add_argument("--tile", type=int, default=None,
+                        help=f"tile size in model pixels (default {PredictSettings.tile})")
+    parser.add_argument("--overlap", type=int, default=None,
+                        help=f"tile overlap in model pixels (default {PredictSettings.overlap})")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="tiles per batch (default by device: "
+                             + ", ".join(f"{n} on {d.upper()}" for d, n in BATCH_PER_DEVICE.items()) + ")")
+    parser.add_argument("--crf", action=argparse.BooleanOptionalAction, default=None,
+                        help="refine the labels with the dense CRF (default off: after the recipe's stage 2 it "
+                             "did not help on WSSS4LUAD, at several times the cost; see the README)")
     parser.add_argument("--crf-params", default=None, metavar="K=V,...",
                         help="CRF settings, e.g. bilateral_sxy=80,bilateral_srgb=13,iterations=10,backend=torch "
                              "(backend: auto = torch, torch, or pydensecrf, the C++ reference)")
-    parser.add_argument("--format", default="png,ome-tiff,geojson",
-                        help="comma-separated outputs among png,ome-tiff,geojson,probs (default png,ome-tiff,"
-                             "geojson; the composition JSON is always written)")
-    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    parser.add_argument("--output-level", type=int, default=0,
-                        help="pyramid level the outputs are written at (default 0, full resolution)")
-    parser.add_argument("--tissue-threshold", type=int, default=200,
+    parser.add_argument("--format", default=None,
+                        help=f"comma-separated outputs among {','.join(FORMATS)} (default {','.join(DEFAULT_FORMATS)}; "
+                             "the composition JSON is always written)")
+    parser.add_argument("--device", default=None,
+                        help=f"auto, cpu, cuda or cuda:N (default {PredictSettings.device})")
+    parser.add_argument("--output-level", type=int, default=None,
+                        help=f"pyramid level the outputs are written at (default {PredictSettings.output_level}, "
+                             "full resolution)")
+    parser.add_argument("--tissue-threshold", type=int, default=None,
                         help="gray level above which low-res pixels are background; tiles without tissue "
-                             "are skipped (default 200)")
+                             f"are skipped (default {PredictSettings.tissue_threshold})")
     parser.add_argument("--no-tissue-mask", action="store_true",
                         help="run the model on every tile, and let its background channel decide background")
     parser.add_argument("--background", choices=("tissue", "model"), default=None,
@@ -98,13 +106,8 @@ def _channels(text: str) -> tuple[int, int, int]:
     return values  # type: ignore[return-value]
 
 
-def predict_many(model: Any, info: Any, inputs: list[Path], out_dir: Path, settings: Any,
-                 formats: tuple[str, ...], overwrite: bool, rank: int = 0, world: int = 1,
-                 show_progress: bool = False, fallback: Any = None, reader: str = "auto",
-                 channels: tuple[int, int, int] | None = None) -> list[dict]:
-    """:func:`core.batch.iter_predict_many` with a tqdm bar per input on stderr (``show_progress``)."""
-    from ..core.progress import drive
-
+def _progress_printer(rank: int, show_progress: bool):
+    """The CLI's view of a batch's events: notes and failed inputs on stderr, a tqdm bar per input (a tty)."""
     bar = None
 
     def on_progress(event) -> None:
@@ -127,12 +130,11 @@ def predict_many(model: Any, info: Any, inputs: list[Path], out_dir: Path, setti
             bar.n = event.done
             bar.refresh()
 
-    try:
-        return drive(iter_predict_many(model, info, inputs, out_dir, settings, formats, overwrite, rank, world,
-                                       fallback=fallback, reader=reader, channels=channels), on_progress)
-    finally:
+    def close() -> None:
         if bar is not None:
             bar.close()
+
+    return on_progress, close
 
 
 def _dist_env() -> tuple[int, int]:
@@ -186,29 +188,26 @@ def resolution_from_args(args: argparse.Namespace, info: Any):
         raise WsssCramError(f"--mpp needs a number of µm per pixel, got '{args.mpp}'.") from None
 
 
-def settings_from_args(args: argparse.Namespace, info: Any, device_type: str):
-    """PredictSettings from the command line (no --scale/--mpp = the checkpoint's default resolution)."""
-    from ..core.checkpoint import default_resolution
-    from ..core.inference import PredictSettings
+def settings_from_args(args: argparse.Namespace, info: Any):
+    """(PredictSettings, fallback) from the command line through the one builder
+    (``core.inference.build_predict_settings``): a flag left out keeps the dataclass default, no --scale/--mpp
+    the checkpoint's default resolution (``fallback``: the training scale for images that state no µm/px)."""
+    from ..core.inference import build_predict_settings
 
-    resolution = resolution_from_args(args, info)
-    # with a µm/px, scale is unused by the engine; it holds the training scale for images without µm/px
-    scale = resolution.scale if resolution.scale is not None else default_resolution(info, False).scale
-    batch = args.batch if args.batch is not None else (16 if device_type == "cuda" else 4)  # 0 is refused
-    settings = PredictSettings(
-        scale=scale, mpp=resolution.mpp, tile=args.tile, overlap=args.overlap, batch=batch, crf=args.crf,
-        crf_params=_parse_crf_params(args.crf_params), device=args.device, amp=not args.no_amp,
-        output_level=args.output_level,
-        tissue_threshold=None if args.no_tissue_mask else args.tissue_threshold,
-        with_probs="probs" in args.formats, work_dir=args.work_dir)
-    if args.background is not None:
-        settings.background = args.background
-    if args.gate is not None:
-        settings.gate_classes = args.gate
+    given = {"tile": args.tile, "overlap": args.overlap, "batch": args.batch, "crf": args.crf,
+             "device": args.device, "output_level": args.output_level, "work_dir": args.work_dir,
+             "tissue_threshold": args.tissue_threshold, "background": args.background, "gate_classes": args.gate}
+    fields = {k: v for k, v in given.items() if v is not None}
+    if args.crf_params:
+        fields["crf_params"] = _parse_crf_params(args.crf_params)
+    if args.no_tissue_mask:
+        fields["tissue_threshold"] = None
+    if args.no_amp:
+        fields["amp"] = False
     if args.tta:
-        settings.tta_scales, settings.tta_flip = TTA_SCALES, True
-    settings.validate()
-    return settings
+        fields["tta_scales"], fields["tta_flip"] = TTA_SCALES, True
+    explicit = None if args.scale is None and args.mpp is None else resolution_from_args(args, info)
+    return build_predict_settings(info, explicit, with_probs="probs" in args.formats, **fields)
 
 
 def _gather_rows(rows: list[dict], world: int) -> list[dict] | None:
@@ -225,37 +224,14 @@ def _gather_rows(rows: list[dict], world: int) -> list[dict] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..core.batch import check_batch_inputs, check_batch_outputs
-    from ..core.io.outputs import folder_lock
-    from ..core.io.writers import parse_formats, recover_interrupted_outputs
+    from ..core.batch import predict_batch
+    from ..core.io.writers import parse_formats
+    from ..core.progress import drive
 
     rank, world = _dist_env()
-    args.formats = parse_formats(args.format)
+    args.formats = parse_formats(args.format) if args.format is not None else DEFAULT_FORMATS
     _parse_crf_params(args.crf_params)  # refused before any work (the full settings need the checkpoint)
     out_dir = Path(args.out)
-    inputs = collect_inputs(args.inputs)
-    # first of all, before anything is written there (not even the lock)
-    stems = check_batch_inputs(inputs, out_dir, args.formats, where="--out folder",
-                               given=[*args.inputs, args.checkpoint])
-    with contextlib.ExitStack() as stack:
-        if rank == 0:  # one run per folder: the other ranks of this run write beside rank 0, never alone
-            stack.enter_context(folder_lock(out_dir, "wsss-cram predict"))
-            removed = recover_interrupted_outputs(out_dir)
-            if removed:
-                print(f"note: removed what an interrupted run left in {out_dir}: {', '.join(removed)}",
-                      file=sys.stderr)
-        # Refuse before any work (every rank checks everything, so all ranks fail alike).
-        summary_path = check_batch_outputs(inputs, stems, out_dir, args.formats, args.overwrite,
-                                           where="--out folder")
-        return _run_locked(args, inputs, out_dir, summary_path, rank, world)
-
-
-def _run_locked(args: argparse.Namespace, inputs: list[Path], out_dir: Path, summary_path: Path, rank: int,
-                world: int) -> int:
-    from ..core.checkpoint import load_checkpoint
-    from ..core.inference import resolve_device
-    from ..core.io.outputs import atomic_path
-
     initialized_here = False
     if world > 1:
         import torch.distributed as dist
@@ -264,38 +240,39 @@ def _run_locked(args: argparse.Namespace, inputs: list[Path], out_dir: Path, sum
             # gloo is enough: ranks only exchange their summary rows; each rank uses its own device.
             dist.init_process_group("gloo")
             initialized_here = True
-    try:
+
+    def load() -> tuple:
+        """The checkpoint and the settings, once every check of inputs and outputs passed."""
+        from ..core.checkpoint import load_checkpoint
+        from ..core.inference import resolve_device
+
         device = resolve_device(args.device)
         model, info = load_checkpoint(args.checkpoint, map_location=device)
-        settings = settings_from_args(args, info, device.type)
-        settings.device = str(device)
-        fallback = None
-        if settings.mpp is not None and args.mpp is None:  # the default µm/px: images without one fall back
-            fallback = dataclasses.replace(settings, mpp=None)  # settings.scale is the training scale
+        settings, fallback = settings_from_args(args, info)
+        for s in (settings, fallback):  # the device this rank resolved (cuda:N under torchrun)
+            if s is not None:
+                s.device = str(device)
         if rank == 0:
-            print(f"Predicting {len(inputs)} input(s) at {resolution_from_args(args, info).describe()}.",
-                  file=sys.stderr)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        rows = predict_many(model, info, inputs, out_dir, settings, args.formats, args.overwrite, rank, world,
-                            show_progress=sys.stderr.isatty(), fallback=fallback,
-                            reader=getattr(args, "reader", "auto"), channels=getattr(args, "channels", None))
-        all_rows = _gather_rows(rows, world)
-        failed = 0
-        if all_rows is not None:
-            order = {str(p): i for i, p in enumerate(inputs)}
-            all_rows.sort(key=lambda r: order.get(r.get("input", ""), 0))
-            with atomic_path(summary_path) as tmp:
-                tmp.write_text(summary_csv(all_rows))
-            failed = sum(1 for r in all_rows if r.get("status") != "ok")
-            print(f"Predicted {len(all_rows) - failed} of {len(all_rows)} input(s) into {out_dir} "
+            print(f"Predicting at {resolution_from_args(args, info).describe()}.", file=sys.stderr)
+        return model, info, settings, fallback
+
+    on_progress, close = _progress_printer(rank, sys.stderr.isatty())
+    try:
+        rows, summary_path = drive(predict_batch(
+            None, None, list(args.inputs), out_dir, None, args.formats, args.overwrite, rank=rank, world=world,
+            gather=lambda mine: _gather_rows(mine, world), given=[args.checkpoint], where="--out folder",
+            load=load, reader=getattr(args, "reader", None) or "auto", channels=getattr(args, "channels", None)),
+            on_progress)
+        failed = sum(1 for r in rows if r.get("status") != "ok")
+        if rank == 0:
+            print(f"Predicted {len(rows) - failed} of {len(rows)} input(s) into {out_dir} "
                   f"(summary: {summary_path.name}).")
-        else:
-            failed = sum(1 for r in rows if r.get("status") != "ok")
         if initialized_here:
             # Every rank waits for the others before leaving the group: a rank that tears gloo down while a peer's
             # gather is still in flight aborts in C++ ("terminate called without an active exception").
             dist.barrier()
     finally:
+        close()
         if initialized_here:
             import torch.distributed as dist
 

@@ -61,11 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pixel-weight", type=float, help="stage 2: loss weight of pixel-labelled samples")
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..core.progress import drive
-    from ..core.recipe import train_recipe_steps
-    from ..core.run_files import is_single_stage_run
-    from ..core.train import load_config, train
+def config_from_args(args: argparse.Namespace):
+    """The TrainConfig of a command line: the preset (or TrainConfig's defaults), then the flags given (a flag left
+    out is None: the preset's value stands)."""
+    from ..core.train import load_config
     from ..core.train_config import TrainConfig
 
     config_file = args.config
@@ -85,6 +84,16 @@ def run(args: argparse.Namespace) -> int:
         rounds=args.rounds, pseudo_refine=args.pseudo_refine, amp=False if args.no_amp else None)
     if args.stage == 1 and config.stage2:
         config = config.updated(stage2=False)  # --stage 1 over a run whose config.toml says stage 2
+    return config
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..core.progress import drive
+    from ..core.recipe import train_recipe_steps
+    from ..core.run_files import is_single_stage_run
+    from ..core.train import train
+
+    config = config_from_args(args)
     if not config.stage2 and not config.data:
         raise SystemExit("wsss-cram train: DATA_DIR is required (or --stage 2 --pseudo DIR).")
 

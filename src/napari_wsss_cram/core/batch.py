@@ -8,7 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
@@ -155,29 +155,51 @@ def check_batch_outputs(paths: list[Path], stems: list[str], out_dir: Path, form
 
 def predict_batch(model: Any, info: Any, inputs: list[str | Path], out_dir: str | Path, settings: Any,
                   formats: tuple[str, ...], overwrite: bool = False, cancel: CancelToken | None = None,
-                  fallback: Any = None, reader: str = "auto") -> Generator[Progress, None, tuple[list[dict], Path]]:
-    """Segment files and folders of images into ``out_dir`` with one ``predict_summary.csv`` (one process: the
-    Segment dock's batch mode; ``wsss-cram predict`` does the same, spread over ranks under torchrun).
+                  fallback: Any = None, reader: str = "auto", channels: tuple[int, int, int] | None = None, *,
+                  rank: int = 0, world: int = 1, gather: Callable[[list[dict]], list[dict] | None] | None = None,
+                  given: list[str | Path] | None = None, where: str = "output folder",
+                  load: Callable[[], tuple] | None = None) -> Generator[Progress, None, tuple[list[dict], Path]]:
+    """Segment files and folders of images into ``out_dir`` with one ``predict_summary.csv``: the one flow of
+    ``wsss-cram predict`` (spread over ranks under torchrun) and the Segment dock's batch mode.
 
-    ``fallback``: settings for images that state no µm/px (see :func:`iter_predict_many`). Everything is checked
-    before any work (:func:`check_batch_inputs`, :func:`check_batch_outputs`); the folder is locked while it
-    runs. Returns (rows, summary path).
+    Everything is checked before any work (:func:`check_batch_inputs`, then inside the folder's lock, which rank 0
+    holds, :func:`check_batch_outputs`); what an interrupted run left is removed first (a note says so).
+    ``fallback``: settings for images that state no µm/px (see :func:`iter_predict_many`). ``load``: called once
+    the checks passed, returns ``(model, info, settings, fallback)`` in place of the arguments (the CLI loads its
+    checkpoint only then). ``gather``: this rank's rows -> all ranks' rows on rank 0 (None elsewhere); rank 0 writes
+    the summary. Returns (the rows: all of them on rank 0, this rank's elsewhere; the summary path).
     """
+    import contextlib
+
     from .io.atomic import atomic_path
     from .io.guard import folder_lock
     from .io.writers import recover_interrupted_outputs
 
     out_dir = Path(out_dir)
     paths = collect_inputs([str(p) for p in inputs])
-    stems = check_batch_inputs(paths, out_dir, formats, given=list(inputs))
-    with folder_lock(out_dir, "wsss-cram predict"):
-        recover_interrupted_outputs(out_dir)
-        summary_path = check_batch_outputs(paths, stems, out_dir, formats, overwrite)
-        rows = yield from iter_predict_many(model, info, paths, out_dir, settings, formats, overwrite,
-                                            fallback=fallback, cancel=cancel, reader=reader)
-        with atomic_path(summary_path) as tmp:
-            tmp.write_text(summary_csv(rows))
-    return rows, summary_path
+    # first of all, before anything is written there (not even the lock)
+    stems = check_batch_inputs(paths, out_dir, formats, where=where, given=[*inputs, *(given or ())])
+    with contextlib.ExitStack() as stack:
+        if rank == 0:  # one run per folder: the other ranks of this run write beside rank 0, never alone
+            stack.enter_context(folder_lock(out_dir, "wsss-cram predict"))
+            removed = recover_interrupted_outputs(out_dir)
+            if removed:
+                yield Progress("warning", 0, 0, {"message": f"removed what an interrupted run left in {out_dir}: "
+                                                            f"{', '.join(removed)}"})
+        # every rank checks everything, so all ranks fail alike
+        summary_path = check_batch_outputs(paths, stems, out_dir, formats, overwrite, where=where)
+        if load is not None:
+            model, info, settings, fallback = load()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        rows = yield from iter_predict_many(model, info, paths, out_dir, settings, formats, overwrite, rank, world,
+                                            fallback=fallback, cancel=cancel, reader=reader, channels=channels)
+        all_rows = gather(rows) if gather is not None else rows
+        if all_rows is not None:
+            order = {str(p): i for i, p in enumerate(paths)}
+            all_rows.sort(key=lambda r: order.get(r.get("input", ""), 0))
+            with atomic_path(summary_path) as tmp:
+                tmp.write_text(summary_csv(all_rows))
+    return (rows if all_rows is None else all_rows), summary_path
 
 
 def summary_csv(rows: list[dict]) -> str:

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import DependencyError, WsssCramError
+from .fields import setting
 from .progress import CancelToken
 
 log = logging.getLogger(__name__)
@@ -59,13 +60,18 @@ class CRFParams:
     """Dense-CRF settings (DSRG defaults). Distances in pixels of the image given to :func:`dense_crf`;
     ``backend``: "auto" (torch on CUDA, pydensecrf on the CPU), "torch" or "pydensecrf" (the C++ reference)."""
 
-    gaussian_sxy: float = 3.0
-    gaussian_compat: float = 3.0
-    bilateral_sxy: float = 80.0
-    bilateral_srgb: float = 13.0
-    bilateral_compat: float = 10.0
-    iterations: int = 10
-    backend: str = "auto"
+    gaussian_sxy: float = setting(3.0, "Smoothness kernel width (px): larger = smoother, blob-like regions",
+                                  step=1.0, dock=True)
+    gaussian_compat: float = setting(3.0, "Weight of the smoothness kernel", step=1.0, dock=True)
+    bilateral_sxy: float = setting(80.0, "Appearance kernel width (px): how far similar colours pull a pixel's "
+                                   "label", step=1.0, dock=True)
+    bilateral_srgb: float = setting(13.0, "Appearance kernel colour tolerance: smaller = boundaries follow finer "
+                                    "colour changes", step=1.0, dock=True)
+    bilateral_compat: float = setting(10.0, "Weight of the appearance kernel", step=1.0, dock=True)
+    iterations: int = setting(10, "Mean-field iterations of the CRF (10 is plenty)", label="CRF iterations",
+                              dock=True)
+    backend: str = setting("auto", "auto = torch on CUDA, pydensecrf on the CPU; torch; or pydensecrf (the C++ "
+                           "reference)", choices=BACKENDS)
 
     def __post_init__(self) -> None:
         from .validate import check_fields

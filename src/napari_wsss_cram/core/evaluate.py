@@ -23,9 +23,11 @@ def predict_labels(model, rgb: np.ndarray, scale: float = 1.0, crf: bool = False
                    device: torch.device | str = "cpu") -> np.ndarray:
     """Label map (H, W) uint8 of one in-memory image, predicted by the inference engine at ``scale``
     (the training rescale), as ``wsss-cram predict`` would (tiling, tissue prior, optional CRF)."""
-    from .inference import PredictSettings, predict_array
+    from .checkpoint import Resolution
+    from .inference import build_predict_settings, predict_array
 
-    settings = PredictSettings(scale=scale, crf=crf, device=str(device), with_probs=False, with_cam=False)
+    settings, _ = build_predict_settings(None, Resolution(scale=scale), crf=crf, device=str(device),
+                                         with_probs=False, with_cam=False)
     prediction = drive(predict_array(model, None, rgb, settings))
     labels = np.asarray(prediction.labels, dtype=np.uint8)
     prediction.cleanup()

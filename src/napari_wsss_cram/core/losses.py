@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from .classes import IGNORE_INDEX
 from .model.config import ModelConfig
 from .model.cram import to_rgb255
-from .tissue import near_white_mask
+from .tissue import TISSUE_THRESHOLD, near_white_mask
 
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -85,7 +85,7 @@ def pixel_weighted_ce(seg_logits: torch.Tensor, target: torch.Tensor, image_weig
     return (per_image * image_weight).sum() / image_weight.sum().clamp_min(1e-6)
 
 
-def background_prior_loss(cam: torch.Tensor, image: torch.Tensor, threshold: float = 200.0) -> torch.Tensor:
+def background_prior_loss(cam: torch.Tensor, image: torch.Tensor, threshold: float = TISSUE_THRESHOLD) -> torch.Tensor:
     """Squared error between the background map ``cam[:, -1]`` (B, h, w) and the share of near-white pixels
     (gray > ``threshold``) of ``image`` (B, 3, H, W, RGB 0..255) under each map pixel."""
     with torch.no_grad():
@@ -114,7 +114,7 @@ def map_presence_loss(cam: torch.Tensor, labels: torch.Tensor, top: float = 0.1)
 
 
 def label_constrained_loss(seg_logits: torch.Tensor, labels: torch.Tensor, image: torch.Tensor,
-                           threshold: float = 200.0, top: float = 0.05, share: float = 0.3) -> torch.Tensor:
+                           threshold: float = TISSUE_THRESHOLD, top: float = 0.05, share: float = 0.3) -> torch.Tensor:
     """Image-level labels as constraints on the segmentation branch's softmax S (B, K+1, H, W), per crop:
 
     - *allowed mass*: on tissue pixels, -log of the probability summed over the crop's present classes, so

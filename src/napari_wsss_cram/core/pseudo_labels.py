@@ -33,7 +33,9 @@ import numpy as np
 
 from .classes import IGNORE_INDEX
 from .crf import CRFParams, dense_crf, dense_crf_isolated, dense_crf_torch, ignore_interrupts, resolve_backend
+from .model.config import ModelConfig
 from .progress import CancelToken, Progress
+from .tissue import GRAY_WEIGHTS, TISSUE_THRESHOLD
 
 if TYPE_CHECKING:
     import torch
@@ -43,16 +45,16 @@ if TYPE_CHECKING:
 _DEFAULT_CRF = CRFParams()
 
 
-def tissue_background(image: np.ndarray, threshold: int | None = 200) -> np.ndarray:
+def tissue_background(image: np.ndarray, threshold: int | None = TISSUE_THRESHOLD) -> np.ndarray:
     """Boolean (H, W): True where the pixel is near-white (gray > threshold), i.e. not tissue."""
     if threshold is None:
         return np.zeros(image.shape[:2], dtype=bool)
-    gray = image[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    gray = image[..., :3].astype(np.float32) @ np.array(GRAY_WEIGHTS, dtype=np.float32)
     return gray > threshold
 
 
-def reliable_pseudo_labels_batch(maps, images, labels, alpha: float = 0.3, beta: float = 0.9,
-                                 crf: CRFParams | None = _DEFAULT_CRF, tissue_threshold: int | None = 200,
+def reliable_pseudo_labels_batch(maps, images, labels, alpha: float = ModelConfig.alpha, beta: float = ModelConfig.beta,
+                                 crf: CRFParams | None = _DEFAULT_CRF, tissue_threshold: int | None = TISSUE_THRESHOLD,
                                  background_needs_white: bool = True, crf_isolated: bool = False):
     """The rules above for a batch, in torch on the device of ``maps``: maps (B, K+1, h, w) (any size, resized
     bilinearly to the images), images uint8 RGB (B, H, W, 3), labels (B, K) 0/1 -> uint8 (B, H, W) tensor.
@@ -86,7 +88,7 @@ def reliable_pseudo_labels_batch(maps, images, labels, alpha: float = 0.3, beta:
         if tissue_threshold is None:
             background = torch.zeros((b, *size), dtype=torch.bool, device=dev)
         else:  # near-white: gray > threshold, the weights of tissue_background()
-            gray = images.float() @ torch.tensor([0.299, 0.587, 0.114], device=dev)
+            gray = images.float() @ torch.tensor(GRAY_WEIGHTS, device=dev)
             background = gray > tissue_threshold
         maps[:, :k] = maps[:, :k].masked_fill(background[:, None], 0.0)
         maps[:, k] = maps[:, k].masked_fill(background, 1.0)
@@ -118,8 +120,8 @@ def reliable_pseudo_labels_batch(maps, images, labels, alpha: float = 0.3, beta:
         return pseudo
 
 
-def reliable_pseudo_labels(maps, image: np.ndarray, labels, alpha: float = 0.3, beta: float = 0.9,
-                           crf: CRFParams | None = _DEFAULT_CRF, tissue_threshold: int | None = 200,
+def reliable_pseudo_labels(maps, image: np.ndarray, labels, alpha: float = ModelConfig.alpha, beta: float = ModelConfig.beta,
+                           crf: CRFParams | None = _DEFAULT_CRF, tissue_threshold: int | None = TISSUE_THRESHOLD,
                            background_needs_white: bool = True, crf_isolated: bool = False) -> np.ndarray:
     """Pseudo-label (H, W) uint8 in 0..K with 255 = unreliable, from maps (K+1, h, w) and RGB image.
 
@@ -148,8 +150,8 @@ def reliable_pseudo_labels(maps, image: np.ndarray, labels, alpha: float = 0.3, 
     return out[0].numpy()
 
 
-def batch_pseudo_labels(cams, images: np.ndarray, labels, alpha: float = 0.3, beta: float = 0.9,
-                        crf: CRFParams | None = _DEFAULT_CRF, tissue_threshold: int | None = 200,
+def batch_pseudo_labels(cams, images: np.ndarray, labels, alpha: float = ModelConfig.alpha, beta: float = ModelConfig.beta,
+                        crf: CRFParams | None = _DEFAULT_CRF, tissue_threshold: int | None = TISSUE_THRESHOLD,
                         background_needs_white: bool = True) -> np.ndarray:
     """:func:`reliable_pseudo_labels` for a batch: cams (B, K+1, h, w), images uint8 (B, H, W, 3),
     labels (B, K) -> uint8 (B, H, W)."""
@@ -293,7 +295,7 @@ PSEUDO_LABEL_SOURCES = ("segmentation", "maps")
 PSEUDO_LABEL_REFINEMENTS = ("none", "par", "stain")
 
 
-def segmentation_pseudo_label(probs: np.ndarray, image: np.ndarray, labels, tissue_threshold: float | None = 200,
+def segmentation_pseudo_label(probs: np.ndarray, image: np.ndarray, labels, tissue_threshold: float | None = TISSUE_THRESHOLD,
                               min_confidence: float = 0.5, refine: str = "none") -> np.ndarray:
     """Pseudo-label (H, W) uint8 from the segmentation branch's probabilities (K+1, H, W) of a training patch:
     restricted to the patch's image-level classes and to its tissue (near-white is background), the arg-max

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .tissue import GRAY_WEIGHTS
+
 #: Smallest weight of the blending window: pixels seen only by the edge of one tile (image borders) still count.
 WINDOW_FLOOR = 1e-3
 
@@ -116,7 +118,7 @@ def tissue_thumbnail(read_block: Callable[[int, int, int, int], np.ndarray], hei
         for x in range(0, width, block):
             h, w = min(block, height - y), min(block, width - x)
             rgb = read_block(y, x, h, w)
-            gray = rgb[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+            gray = rgb[..., :3].astype(np.float32) @ np.array(GRAY_WEIGHTS, np.float32)
             ph, pw = -(-h // factor) * factor, -(-w // factor) * factor
             if (ph, pw) != (h, w):
                 gray = np.pad(gray, ((0, ph - h), (0, pw - w)), mode="edge")

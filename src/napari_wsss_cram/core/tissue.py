@@ -10,6 +10,12 @@ from typing import Any
 
 #: gray-level weights (ITU-R BT.601), as for the tissue thumbnail and the pseudo-labels' tissue prior
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)
+#: gray level above which a pixel is glass or air, not tissue (the engine's mask, the pseudo-labels' prior, the
+#: losses' background prior, the mosaic's white fill): one value everywhere
+TISSUE_THRESHOLD = 200
+#: the engine's class gate: a class whose image-level presence in a tile is below this is zeroed there. Low,
+#: because gating out a present class loses it outright (see ``PredictSettings.gate_classes``)
+GATE_THRESHOLD = 0.3
 
 
 def near_white_mask(rgb: Any, threshold: float, cleanup: int = 5) -> Any:
@@ -28,7 +34,8 @@ def near_white_mask(rgb: Any, threshold: float, cleanup: int = 5) -> Any:
     return white[:, 0] > 0.5
 
 
-def restrict_to_tissue(probs: Any, white: Any | None, presence: Any | None, gate_threshold: float = 0.5) -> Any:
+def restrict_to_tissue(probs: Any, white: Any | None, presence: Any | None,
+                       gate_threshold: float = GATE_THRESHOLD) -> Any:
     """Background is "not tissue": probabilities (B, K+1, H, W) -> the same, with background exactly where
     ``white`` (B, H, W) is true and, on tissue, the tissue classes renormalised among themselves.
 

@@ -357,6 +357,8 @@ def set_widget_value(widget, value) -> None:
             widget.setValue(int(float(value)))
         elif isinstance(widget, QDoubleSpinBox):
             widget.setValue(float(value))
+        elif hasattr(widget, "setValue"):  # magicgui's integer box (superqt's QLargeIntSpinBox): keep its type
+            widget.setValue(type(widget.value())(float(value)))
     except (TypeError, ValueError):
         log.warning("Ignoring an unreadable saved setting %r", value)
 

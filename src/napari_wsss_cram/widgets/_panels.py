@@ -10,7 +10,6 @@ from qtpy.QtGui import QColor, QIcon, QPixmap
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
-    QDoubleSpinBox,
     QFormLayout,
     QGridLayout,
     QGroupBox,
@@ -19,7 +18,6 @@ from qtpy.QtWidgets import (
     QLabel,
     QLineEdit,
     QPushButton,
-    QSpinBox,
     QTableWidget,
     QTableWidgetItem,
     QWidget,
@@ -31,64 +29,43 @@ from ..core.errors import WsssCramError
 from ..core.placement import Placement
 from . import _common as common
 from . import layers as result_layers
-from ._common import spin
 
 
 class AdvancedPanel(QCollapsible):
-    """Output rules (tissue-mask background, class gating), CRF refinement and its parameters (DSRG defaults),
-    tile overlap, and the alpha/beta pseudo-label view."""
+    """Output rules, tiles, CRF refinement and its parameters, and the alpha/beta pseudo-label view: three magicgui
+    forms generated from the settings dataclasses (``PredictSettings``, ``CRFParams``, ``ModelConfig``'s
+    alpha/beta), so their defaults, bounds and help have one owner each."""
 
     def __init__(self):
+        from ..core.crf import CRFParams
+        from ..core.inference import PredictSettings
+        from ..core.model.config import ModelConfig
+        from ._forms import SettingsForm
+
         super().__init__("Advanced")
         body = QWidget()
         form = QFormLayout(body)
-        self.crf_check = QCheckBox("Refine labels with a dense CRF")
-        self.crf_check.setChecked(True)
-        self.crf_spins = {name: spin(QDoubleSpinBox, 0.1, 500.0, value, 1.0, 1) for name, value in
-                          [("gaussian_sxy", 3.0), ("gaussian_compat", 3.0), ("bilateral_sxy", 80.0),
-                           ("bilateral_srgb", 13.0), ("bilateral_compat", 10.0)]}
-        self.crf_iterations = spin(QSpinBox, 1, 50, 10)
-        self.overlap_spin = spin(QSpinBox, 0, 512, 64, 16)
-        self.overlap_spin.setSuffix(" px")
-        self.alpha_spin = spin(QDoubleSpinBox, 0.0, 1.0, 0.3, 0.05, 2)
-        self.beta_spin = spin(QDoubleSpinBox, 0.0, 1.0, 0.9, 0.05, 2)
+        self.predict_form = SettingsForm(PredictSettings)
+        self.crf_form = SettingsForm(CRFParams)
+        self.pseudo_form = SettingsForm(ModelConfig, ("alpha", "beta"))
+        # the dock's names of the generated widgets (its settings persist by them; tests drive them)
+        self.tile_spin = self.predict_form.native_of("tile")
+        self.overlap_spin = self.predict_form.native_of("overlap")
+        self.crf_check = self.predict_form.native_of("crf")
+        self.gate_check = self.predict_form.native_of("gate_classes")
+        self.background_combo = self.predict_form.native_of("background")
+        self.crf_spins = {name: self.crf_form.native_of(name) for name in self.crf_form.names
+                          if name != "iterations"}
+        self.crf_iterations = self.crf_form.native_of("iterations")
+        self.alpha_spin = self.pseudo_form.native_of("alpha")
+        self.beta_spin = self.pseudo_form.native_of("beta")
         self.pseudo_check = QCheckBox("Show reliable pseudo-labels (alpha/beta)")
-        self.crf_check.setToolTip("A dense CRF snaps class boundaries to colour edges of the H&E image "
-                                  "(slower; the parameters below tune it)")
-        tips = {"gaussian_sxy": "Smoothness kernel width (px): larger = smoother, blob-like regions",
-                "gaussian_compat": "Weight of the smoothness kernel",
-                "bilateral_sxy": "Appearance kernel width (px): how far similar colours pull a pixel's label",
-                "bilateral_srgb": "Appearance kernel colour tolerance: smaller = boundaries follow finer "
-                                  "colour changes",
-                "bilateral_compat": "Weight of the appearance kernel"}
-        for name, box in self.crf_spins.items():
-            box.setToolTip(tips[name])
-        self.crf_iterations.setToolTip("Mean-field iterations of the CRF (10 is plenty)")
-        self.overlap_spin.setToolTip("Tiles overlap by this many pixels and are blended, which hides tile seams")
-        self.alpha_spin.setToolTip("alpha: where every class activation is below alpha (on near-white glass), the "
-                                   "pseudo-label is background")
-        self.beta_spin.setToolTip("beta: a pixel is a reliable pseudo-label only where its class activation is "
-                                  "above beta; between alpha and beta it is left unlabelled (255)")
         self.pseudo_check.setToolTip("Add a hidden layer with the reliable pseudo-labels training would use")
-        from ..core.inference import PredictSettings  # defaults have one owner: the engine's settings
-
-        self.tissue_check = QCheckBox("Background = no tissue (near-white), not a class")
-        self.tissue_check.setToolTip("Every stained pixel gets a tissue class; glass and air spaces are background. "
-                                     "Off: the model's background channel competes with the tissue classes.")
-        self.tissue_check.setChecked(PredictSettings.background == "tissue")
-        self.gate_check = QCheckBox("Drop classes the model finds absent in a tile")
-        self.gate_check.setToolTip("The image-level classifier decides per tile which classes are present; "
-                                   "absent ones are never painted there.")
-        self.gate_check.setChecked(PredictSettings.gate_classes)
-        form.addRow(self.tissue_check)
-        form.addRow(self.gate_check)
-        form.addRow(self.crf_check)
-        for name, box in self.crf_spins.items():
-            form.addRow(name.replace("_", " "), box)
-        for label, widget in [("CRF iterations", self.crf_iterations), ("Tile overlap", self.overlap_spin),
-                              ("alpha (background <)", self.alpha_spin), ("beta (confident >)", self.beta_spin)]:
-            form.addRow(label, widget)
+        for item in (self.predict_form, self.crf_form, self.pseudo_form):
+            form.addRow(item.native)
         form.addRow(self.pseudo_check)
+        self.crf_check.toggled.connect(self.crf_form.native.setEnabled)
+        self.crf_form.native.setEnabled(self.crf_check.isChecked())
         self.addWidget(body)
 
 

@@ -100,13 +100,11 @@ def tissue_only_maps(maps: np.ndarray, labels, background_index: int) -> np.ndar
 
 
 def batch_job(model, info, inputs: list[str], out_dir: str, settings, formats: tuple[str, ...], overwrite: bool,
-              cancel: CancelToken) -> Generator[Progress, None, tuple]:
+              cancel: CancelToken, fallback=None) -> Generator[Progress, None, tuple]:
     """Segment files/folders into ``out_dir`` with one summary CSV through the core's batch (as ``wsss-cram
-    predict`` does); images that state no µm/px fall back to the model's training scale."""
+    predict`` does); ``fallback`` (from ``build_predict_settings``): the settings of images that state no µm/px."""
     from ..core.batch import predict_batch
 
-    settings = dataclasses.replace(settings, with_cam=False)
-    fallback = dataclasses.replace(settings, mpp=None) if settings.mpp is not None else None
     with leave_gui_a_core():
         return (yield from predict_batch(model, info, inputs, out_dir, settings, formats, overwrite=overwrite,
                                          cancel=cancel, fallback=fallback))

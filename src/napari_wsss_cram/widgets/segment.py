@@ -7,11 +7,9 @@ from pathlib import Path
 
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
-    QCheckBox,
     QComboBox,
     QDoubleSpinBox,
     QFormLayout,
-    QGroupBox,
     QHBoxLayout,
     QLabel,
     QProgressBar,
@@ -22,20 +20,18 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..core.errors import WsssCramError
 from . import _common as common
 from . import layers as result_layers
+from ._common import spin
 from ._dock import WorkerDock
 from ._export_model import ModelExporter
-from ._panels import AdvancedPanel, ExportPanel, spin
+from ._panels import AdvancedPanel, ExportPanel
+from ._segment_parts import BUNDLED, CHECKPOINT, MPP, SCALE, BatchPanel, ModelPicker, ResolutionRow
 
-BUNDLED = "Bundled demo model (synthetic data)"
-CHECKPOINT = "Checkpoint file…"
+__all__ = ["BUNDLED", "CHECKPOINT", "MPP", "SCALE", "SegmentWidget", "progress_text"]
+
 #: Longest side of labels the dock computes by default (they are painted in memory).
 MAX_PAINTABLE_SIDE = 8192
-SCALE, MPP = "scale", "µm/px"
-#: Unit suffix of the resolution value, per resolution mode.
-RESOLUTION_SUFFIX = {SCALE: " ×", MPP: " µm/px"}
 #: The CLI flags core messages name -> the control of this dock that sets the same thing.
 FIELDS = {"mpp": "Resolution in µm/px", "scale": "Resolution as a scale", "tile": "Tile size",
           "overlap": "Tile overlap", "output-level": "Output level", "level": "Output level", "device": "Device",
@@ -52,14 +48,6 @@ def progress_text(done: int, total: int, seconds: float) -> str:
     return text
 
 
-def _numbered_load(load, number: int, path) -> tuple:
-    """``(number, load(path))``, or ``(number, the exception)``: which choice of model a result answers."""
-    try:
-        return number, load(path)
-    except Exception as err:  # shown in the dock, never raised into the event loop
-        return number, err
-
-
 def _note_plain_image(layer) -> None:
     """A PNG/JPEG opened by napari's own reader (the plugin leaves plain images to it) states no µm/px: say so in
     its metadata as the plugin's reader does, so the pixel size can be entered and the resolution is a scale."""
@@ -72,6 +60,12 @@ def _note_plain_image(layer) -> None:
         meta["mpp"] = None
 
 
+def _states_no_mpp(layer) -> bool:
+    """True when the layer is known to lack a µm/px (its reader said so: ``metadata["mpp"]`` is None)."""
+    meta = getattr(layer, "metadata", None)
+    return isinstance(meta, dict) and "mpp" in meta and not meta["mpp"]
+
+
 class SegmentWidget(WorkerDock):
     """Segment H&E tissue with a WSSS-CRAM checkpoint and correct/export the resulting labels."""
 
@@ -80,17 +74,13 @@ class SegmentWidget(WorkerDock):
 
     def __init__(self, napari_viewer):
         super().__init__(napari_viewer)
-        self.model = self.info = self._model_problem = None
-        self._loading = 0  # the number of the model load in flight (0: none); a newer choice supersedes it
-        self._model_path: str | None = None  # the checkpoint file loaded or loading (None: the bundled model)
-        self._load_worker = None
+        self._model_problem: str | None = None
         self._pbar = self._adding = self._run_layer = None
         self._warnings: list[str] = []
         self._started = 0.0
         self.last_result: dict | None = None
         self._qupath_source = self._qupath_worker = None  # the image a QuPath import goes onto, its reader
         self._startup_note: str | None = None  # said instead of "Ready." until the user picks a model
-        self._opening = True
         self._batch = False  # the running job is a batch (files) rather than one image
         self._file = (0, 0, "")  # batch: (index, count, name) of the image being segmented
         form = QFormLayout()
@@ -100,68 +90,36 @@ class SegmentWidget(WorkerDock):
         self.pixel_size.setSpecialValueText("not stated")
         self.pixel_size.setToolTip("Pixel size of the image. Files that state it fill it in; for a PNG/JPEG enter it "
                                    "(WSSS4LUAD: about 0.25 µm/px) to get areas in mm²")
-        self.model_combo = QComboBox()
-        self.model_combo.addItems([BUNDLED, CHECKPOINT])
-        self.checkpoint_row = common.PathRow("model checkpoint (.pt) or exported package (.zip)", folder=False,
-                                             file_filter="*.pt *.pth *.zip")
-        self.classes_label = QLabel()
-        self.model_card = QLabel()  # what the model was trained on and how well it scored
-        self.model_card.setWordWrap(True)
-        self.model_card.setStyleSheet("color: #a0a4ab; font-size: 11px;")
-        self.export_model_button = QPushButton("Export model…")
-        self.export_model_button.setToolTip("Write the loaded model as a bioimage.io model package (.zip) for QuPath "
-                                            "and the model zoo")
+        self.picker = ModelPicker(lambda: self._closed, self._validate, self._model_failed, self._model_loaded)
+        self.model_combo, self.checkpoint_row = self.picker.combo, self.picker.checkpoint_row
+        self.classes_label, self.model_card = self.picker.classes_label, self.picker.card
+        self.export_model_button = self.picker.export_button
         self.exporter = ModelExporter(self)
         self.device_combo = QComboBox()
         self.device_combo.addItems(common.BASIC_DEVICES)  # GPUs are added once torch is imported (off the GUI)
-        self.resolution_combo = QComboBox()
-        self.resolution_combo.addItems([SCALE, MPP])
-        self.resolution_combo.setItemData(0, "Resample the image by this factor before the model sees it",
-                                          Qt.ToolTipRole)
-        self.resolution_combo.setItemData(1, "Resample the image to this pixel size (needs an image that states "
-                                             "its µm/px)", Qt.ToolTipRole)
-        self.resolution_value = spin(QDoubleSpinBox, 0.05, 20.0, 1.0, 0.1, 3)  # set from the model when picked
-        self.resolution_value.setSuffix(RESOLUTION_SUFFIX[SCALE])
-        self.resolution_combo.setToolTip("How the image is resampled for the model; a loaded model sets the "
-                                         "resolution it was trained at")
-        self._resolution_mode = SCALE
-        self._resolution_chosen = False  # True once the user sets it (then image changes keep it)
-        self.tile_spin = spin(QSpinBox, 64, 4096, 512, 64)
+        self.resolution = ResolutionRow(lambda: (self.info, self.image_mpp()),
+                                        lambda text: common.show_message(self.message, text, error=True))
+        self.resolution_combo, self.resolution_value = self.resolution.combo, self.resolution.value
         self.level_spin = spin(QSpinBox, 0, 0, 0)
         self.level_spin.setToolTip("Pyramid level of the labels (slides: a coarser level keeps them paintable)")
         self.region_combo = QComboBox()
         self.region_combo.addItems(["Whole image", "Current field of view"])
-        self.tile_spin.setSuffix(" px")
         for widget, tip in [
                 (self.image_combo, "The RGB H&E image layer to segment"),
-                (self.model_combo, "The bundled demo model was trained on synthetic patches only; choose a "
-                                   "checkpoint trained on real tissue for real slides"),
-                (self.checkpoint_row, "A WSSS-CRAM checkpoint (.pt) written by training, or a model package "
-                                      "(.zip) exported from one"),
                 (self.device_combo, "Where the model runs: auto picks a GPU when there is one"),
-                (self.resolution_value, "scale: the image is resampled by this factor before the model sees it "
-                                        "(×); µm/px: it is resampled to this pixel size. Picking a model sets "
-                                        "the resolution it was trained at"),
-                (self.tile_spin, "The image is processed in tiles of this size (pixels at the model's "
-                                 "resolution); larger tiles need more memory"),
                 (self.region_combo, "Whole image, or only what the canvas shows now (for slides)")]:
             widget.setToolTip(tip)
-        for label, widget in [("Image", self.image_combo), ("Pixel size", self.pixel_size),
-                              ("Model", self.model_combo), ("", self.checkpoint_row),
-                              ("Classes", self.classes_label), ("", self.model_card),
-                              ("", self.export_model_button), ("Device", self.device_combo)]:
-            form.addRow(label, widget)
-        res_row = QHBoxLayout()
-        res_row.addWidget(self.resolution_combo)
-        res_row.addWidget(self.resolution_value)
-        form.addRow("Resolution", res_row)
-        form.addRow("Tile size", self.tile_spin)
+        form.addRow("Image", self.image_combo)
+        form.addRow("Pixel size", self.pixel_size)
+        form.addRow(self.picker)
+        form.addRow("Device", self.device_combo)
+        form.addRow("Resolution", self.resolution)
         form.addRow("Output level", self.level_spin)
         form.addRow("Region", self.region_combo)
 
-        advanced = AdvancedPanel()
-        for name in ("crf_check", "crf_spins", "crf_iterations", "overlap_spin", "alpha_spin", "beta_spin",
-                     "pseudo_check", "tissue_check", "gate_check"):
+        self.advanced = advanced = AdvancedPanel()
+        for name in ("crf_check", "crf_spins", "crf_iterations", "tile_spin", "overlap_spin", "alpha_spin",
+                     "beta_spin", "pseudo_check", "background_combo", "gate_check"):
             setattr(self, name, getattr(advanced, name))
 
         self.run_button = QPushButton("Run")
@@ -186,21 +144,9 @@ class SegmentWidget(WorkerDock):
         view_form = QFormLayout()
         view_form.addRow("Activation map", activation_row)
 
-        batch_box = QGroupBox("Batch: a folder of images")
-        batch_form = QFormLayout(batch_box)
-        self.batch_in = common.PathRow("folder of images (PNG, JPEG, TIFF, SVS)")
-        self.batch_in.setToolTip("Every image in this folder is segmented with the settings above")
-        self.batch_out = common.PathRow("output folder (labels, GeoJSON, composition, summary CSV)")
-        self.batch_out.setToolTip("Per image: the checked export formats + composition; for the run: "
-                                  "predict_summary.csv (as `wsss-cram predict` writes)")
-        self.batch_overwrite = QCheckBox("Replace existing outputs")
-        self.batch_overwrite.setToolTip("Without it, a run that would replace a file stops before any work")
-        self.batch_button = QPushButton("Segment folder")
-        self.batch_button.setToolTip("Segment every image of the folder in the background; Cancel stops it")
-        batch_form.addRow("Images", self.batch_in)
-        batch_form.addRow("Output", self.batch_out)
-        batch_form.addRow(self.batch_overwrite)
-        batch_form.addRow(self.batch_button)
+        batch_box = self.batch_panel = BatchPanel()
+        self.batch_in, self.batch_out = batch_box.inputs, batch_box.output
+        self.batch_overwrite, self.batch_button = batch_box.overwrite, batch_box.button
 
         self.export_panel = ExportPanel(self.viewer, self.message,
                                         lambda: self.info.classes if self.info is not None else None)
@@ -237,34 +183,20 @@ class SegmentWidget(WorkerDock):
         self._connect()
         self._refresh_layer_choices()
         # the resolution is not restored: it always starts from the model's default (the one resolution rule)
-        stale = self._forget_missing_checkpoint()
+        stale = self.picker.forget_missing_checkpoint()
         if stale:
             self._startup_note = (f"The checkpoint used last time, {stale}, no longer exists: using the bundled "
                                   "demo model. Choose 'Checkpoint file…' to pick another.")
-        self._load_selected_model()
-        self._opening = False
-
-    def _forget_missing_checkpoint(self) -> str | None:
-        """A remembered checkpoint file that is gone (moved, a deleted run): start from the bundled model instead
-        of an error, and say so. Returns the missing path, or None."""
-        path = self.checkpoint_row.text().strip()
-        if self.model_combo.currentText() != CHECKPOINT or not path or Path(path).is_file():
-            return None
-        self.model_combo.blockSignals(True)
-        self.model_combo.setCurrentText(BUNDLED)
-        self.model_combo.blockSignals(False)
-        return path
+        self.picker.load()
 
     # ----- wiring -----------------------------------------------------------------------------------------
     def _connect(self) -> None:
         self.follow_layers(self._refresh_layer_choices)
         self.image_combo.currentIndexChanged.connect(self._image_changed)
         self.pixel_size.valueChanged.connect(self._pixel_size_edited)
-        self.resolution_combo.currentTextChanged.connect(self._resolution_mode_changed)
-        self.resolution_value.valueChanged.connect(self._resolution_edited)
         self.tile_spin.valueChanged.connect(lambda tile: self.overlap_spin.setMaximum(tile // 2))
-        self.model_combo.currentIndexChanged.connect(self._load_selected_model)
-        self.checkpoint_row.edit.editingFinished.connect(self._checkpoint_edited)
+        self.picker.connect()
+        self.model_combo.currentIndexChanged.connect(self._model_chosen)
         self.checkpoint_row.edit.textChanged.connect(lambda _: self._validate())
         self.run_button.clicked.connect(self.run)
         self.batch_button.clicked.connect(lambda: self.run_batch())
@@ -299,7 +231,7 @@ class SegmentWidget(WorkerDock):
         _note_plain_image(self.image_layer())
         self._show_pixel_size()
         # a default chosen before this image was known may not suit it (a model's µm/px on a PNG without one)
-        if not self._resolution_chosen:
+        if not self.resolution.chosen:
             self.set_default_resolution()
         self._validate()
 
@@ -328,7 +260,7 @@ class SegmentWidget(WorkerDock):
         # the results already on this image get the pixel size too: areas in mm² at once, not after a re-run
         result_layers.set_results_mpp(self.viewer, layer.name, float(value) or None)
         self.export_panel.update_composition()
-        if not self._resolution_chosen:  # the model's µm/px default may now apply
+        if not self.resolution.chosen:  # the model's µm/px default may now apply
             self.set_default_resolution()
         self._validate()
 
@@ -337,126 +269,52 @@ class SegmentWidget(WorkerDock):
         return self.viewer.layers[name] if name in self.viewer.layers else None
 
     # ----- model ------------------------------------------------------------------------------------------
+    @property
+    def model(self):
+        return self.picker.model
+
+    @property
+    def info(self):
+        return self.picker.info
+
     def set_checkpoint(self, path: str | Path) -> bool:
         """Select and load a checkpoint file now (used by the Train dock's "Use this model", which has torch
         imported already); True when it loaded."""
-        self.model_combo.blockSignals(True)
-        self.model_combo.setCurrentText(CHECKPOINT)
-        self.model_combo.blockSignals(False)
-        self.checkpoint_row.setText(str(path))
-        return self._load_selected_model(wait=True)
-
-    def _checkpoint_edited(self) -> None:
-        """The checkpoint field lost focus or got Enter: load it only if it names another file (a reload would
-        reset the resolution the user set meanwhile)."""
-        if self.checkpoint_row.text() != self._model_path:
-            self._load_selected_model()
+        self._startup_note = None  # a model chosen
+        return self.picker.choose_checkpoint(path)
 
     @property
     def loading_model(self) -> bool:
         """True while the chosen model loads in a worker thread (Run is disabled until it is ready)."""
-        return bool(self._loading)
+        return self.picker.loading
 
-    def _load_selected_model(self, *_args, wait: bool = False) -> bool:
-        """Load the chosen model: in a worker thread (the dock opens at once, napari never freezes on the torch
-        import), or now when ``wait``. Returns True when a model is loaded by the time it returns."""
-        from ..core.resources import demo_model_path
-        from ._segment_job import load_model
+    def _model_chosen(self, *_args) -> None:
+        self._startup_note = None  # the user chose a model: the note about the last one is moot
 
-        if not self._opening:
-            self._startup_note = None  # the user chose a model
-        use_file = self.model_combo.currentText() == CHECKPOINT
-        self.checkpoint_row.setVisible(use_file)
-        self.model = self.info = self._model_problem = None
-        self._loading += 1
-        number = self._loading
-        path = self.checkpoint_row.text() if use_file else demo_model_path()
-        self._model_path = str(path) if use_file else None
-        if not path:
-            return self._model_failed(number, WsssCramError("Choose a checkpoint file (.pt) to segment with."))
-        if not use_file and not Path(path).is_file():
-            return self._model_failed(number, WsssCramError(
-                f"The bundled demo model {path} is missing: train it with `wsss-cram train sample_data/patches "
-                "--config sample` or choose a checkpoint file."))
-        if wait:
-            return self._model_result(_numbered_load(load_model, number, path))
-        self.classes_label.setText("")
-        self.model_card.setText(f"loading model {Path(path).name}…")
-        self._validate()
-        self._load_worker = common.in_background(_numbered_load, self._model_result, self.show_error, load_model,
-                                                 number, path)
-        return False
-
-    def _model_result(self, result: tuple) -> bool:
-        """(load number, loaded model or the exception that stopped it) -> the dock shows it; True if loaded."""
-        number, loaded = result
-        if isinstance(loaded, BaseException):
-            return self._model_failed(number, loaded)
-        return self._model_loaded(number, loaded)
-
-    def _model_failed(self, number: int, err: BaseException) -> bool:
-        if number != self._loading or self._closed:  # a newer choice is loading, or the dock is gone
-            return False
-        self._loading = 0
-        self.classes_label.setText("")
-        self.model_card.setText("")
+    def _model_failed(self, err: BaseException, explicit: bool) -> None:
         self._model_problem = common.user_message(err, FIELDS)
-        if self.model_combo.currentText() == CHECKPOINT and self.checkpoint_row.text():
-            self._validate(error=common.notify_error(err, FIELDS))  # an explicit choice: say what is wrong now
+        if explicit:  # an explicit choice: say what is wrong now
+            self._validate(error=common.notify_error(err, FIELDS))
         else:
             self._validate()
-        return False
 
-    def _model_loaded(self, number: int, loaded: tuple) -> bool:
-        if number != self._loading or self._closed:
-            return False
-        self._loading = 0
-        self.model, self.info, devices = loaded
+    def _model_loaded(self, devices) -> None:
+        self._model_problem = None
         common.offer_devices(self.device_combo, devices, self.SETTINGS)
         self.activation_combo.blockSignals(True)
         self.activation_combo.clear()
         self.activation_combo.addItems(list(self.info.classes.names))
         self.activation_combo.blockSignals(False)
-        self._resolution_chosen = False  # a (re)chosen model starts at its default resolution
+        self.resolution.chosen = False  # a (re)chosen model starts at its default resolution
         self.set_default_resolution()
-        from ..core.checkpoint import model_card
-
-        card = model_card(self.info)
-        # the dock shows what it was trained on, how well it scored and its warnings; the tooltip holds it all
-        shown = [(f'<span style="color:#f39800">{text}</span>' if kind == "warning" else text)
-                 for kind, text in card if kind in ("data", "validation", "warning", "note")]
-        self.model_card.setText(" · ".join(shown))
-        self.model_card.setToolTip("\n".join(text for _, text in card))
-        self.classes_label.setText(" ".join(
-            f'<span style="color: rgb{tuple(color)}">■</span> {name}'
-            for name, color in zip(self.info.classes.names, self.info.classes.colors, strict=True)))
         self._validate()
-        return True
 
     def set_default_resolution(self) -> None:
         """Set the resolution row from the model's default (``core.checkpoint.default_resolution``); an image
         layer known to lack a µm/px gets the training scale."""
         if self.info is None:  # no model yet (it loads in the background): nothing to default to
             return
-        from ..core.checkpoint import default_resolution  # imports torch: only once a model is loaded
-
-        layer = self.image_layer()
-        meta = getattr(layer, "metadata", None)
-        has_mpp = not (isinstance(meta, dict) and "mpp" in meta and not meta["mpp"])
-        resolution = default_resolution(self.info, image_has_mpp=has_mpp)
-        self._show_resolution(MPP if resolution.mpp is not None else SCALE,
-                              resolution.mpp if resolution.mpp is not None else resolution.scale)
-        self.resolution_combo.setToolTip(f"Default for this model: {resolution.describe()}")
-
-    def _show_resolution(self, mode: str, value: float) -> None:
-        self._resolution_mode = mode
-        self.resolution_combo.blockSignals(True)
-        self.resolution_combo.setCurrentText(mode)
-        self.resolution_combo.blockSignals(False)
-        self.resolution_value.setSuffix(RESOLUTION_SUFFIX[mode])
-        self.resolution_value.blockSignals(True)  # not a choice of the user's
-        self.resolution_value.setValue(value)
-        self.resolution_value.blockSignals(False)
+        self.resolution.set_default(self.info, image_has_mpp=not _states_no_mpp(self.image_layer()))
 
     def image_mpp(self) -> float | None:
         """µm/px of the chosen image layer's level 0, when its file states it."""
@@ -464,30 +322,6 @@ class SegmentWidget(WorkerDock):
         mpp = meta.get("mpp") if isinstance(meta, dict) else None
         return float(mpp) if mpp else None
 
-    def _resolution_edited(self, *_args) -> None:
-        self._resolution_chosen = True
-
-    def _resolution_mode_changed(self, mode: str) -> None:
-        """Switching scale <-> µm/px converts the value (through the image's µm/px, else the model's default in
-        that unit) instead of keeping the number: 2.5x is not 2.5 µm/px."""
-        from ..core.checkpoint import Resolution, default_resolution
-
-        old, value = self._resolution_mode, self.resolution_value.value()
-        if mode == old:
-            return
-        current = Resolution(mpp=value) if old == MPP else Resolution(scale=value)
-        image_mpp = self.image_mpp()
-        new = current.to_mpp(image_mpp) if mode == MPP else current.to_scale(image_mpp)
-        if new is None and self.info is not None:
-            default = default_resolution(self.info, image_has_mpp=mode == MPP)
-            new = default.mpp if mode == MPP else default.scale
-        if new is None:  # µm/px asked for, but neither the image nor the model states one
-            self._show_resolution(old, value)
-            common.show_message(self.message, "Neither this image nor the model states a pixel size (µm/px): "
-                                              "choose the resolution as a scale.", error=True)
-            return
-        self._resolution_chosen = True
-        self._show_resolution(mode, round(new, 3))
     # ----- validation -------------------------------------------------------------------------------------
     def _validate(self, *_args, error: str | None = None, quiet: bool = False) -> bool:
         """Enable Run only when an RGB image and a model are chosen; say what is missing otherwise."""
@@ -502,7 +336,7 @@ class SegmentWidget(WorkerDock):
         loading = problem is None and self.model is None and self.loading_model
         if problem is None and self.model is None:
             problem = "Loading the model…" if loading else (self._model_problem or "Choose a model checkpoint.")
-        if (problem is None and self._resolution_mode == MPP and self.image_mpp() is None
+        if (problem is None and self.resolution.mode == MPP and self.image_mpp() is None
                 and isinstance(layer.metadata, dict) and "mpp" in layer.metadata):
             problem = (f"'{layer.name}' does not state its pixel size (µm/px): choose the resolution as a "
                        "scale (the model's training scale is the default).")
@@ -524,22 +358,21 @@ class SegmentWidget(WorkerDock):
                                           len(shapes) - 1))
 
     def predict_settings(self):
-        from ..core.crf import CRFParams
-        from ..core.inference import PredictSettings, resolve_device
+        """The PredictSettings of a Run on the chosen image (see :meth:`build_settings`)."""
+        return self.build_settings()[0]
 
-        crf = CRFParams(**{k: s.value() for k, s in self.crf_spins.items()}, iterations=self.crf_iterations.value())
-        use_mpp = self.resolution_combo.currentText() == MPP
-        value = self.resolution_value.value()
-        # Cancel takes effect between batches: on CPU one tile per batch keeps it within about a second, at no
-        # cost in throughput (a CPU gains nothing from batching).
-        on_cpu = resolve_device(self.device_combo.currentText()).type == "cpu"
-        return PredictSettings(
-            batch=1 if on_cpu else 4, **({"mpp": value} if use_mpp else {"scale": value}),
-            output_level=self.level_spin.value(), tile=self.tile_spin.value(), overlap=self.overlap_spin.value(),
-            crf=self.crf_check.isChecked(), crf_params=crf, crf_isolated=True,  # pydensecrf: never block the GUI
-            background="tissue" if self.tissue_check.isChecked() else "model",
-            gate_classes=self.gate_check.isChecked(),
-            device=self.device_combo.currentText(), with_cam=True)
+    def build_settings(self, batch: bool = False):
+        """(PredictSettings, fallback) through the one builder (``core.inference.build_predict_settings``, as
+        ``wsss-cram predict``): the forms' values, the device, and the resolution row when the user set it (else
+        the model's default for this image; for a batch, for images that state their µm/px, with ``fallback``
+        for those that do not)."""
+        from ..core.crf import CRFParams
+        from ..core.inference import build_predict_settings
+
+        return build_predict_settings(
+            self.info, self.resolution.resolution(), image_has_mpp=batch or not _states_no_mpp(self.image_layer()), gui=True,
+            **self.advanced.predict_form.values(), crf_params=CRFParams(**self.advanced.crf_form.values()),
+            output_level=self.level_spin.value(), device=self.device_combo.currentText(), with_cam=not batch)
 
     def region(self, layer) -> tuple[int, int, int, int] | None:
         """(y, x, h, w) of the current field of view in pixels of the output level, or None (whole image)."""
@@ -559,7 +392,6 @@ class SegmentWidget(WorkerDock):
         layer = self.image_layer()
         try:
             region, settings = self.region(layer), self.predict_settings()
-            settings.validate()
         except Exception as err:  # shown in the dock, never raised into the event loop
             self.show_error(err)
             return
@@ -593,8 +425,7 @@ class SegmentWidget(WorkerDock):
             self.show_error("Choose a folder of images and an output folder for the batch.")
             return False
         try:
-            settings = self.predict_settings()
-            settings.validate()
+            settings, fallback = self.build_settings(batch=True)
         except Exception as err:  # shown in the dock, never raised into the event loop
             self.show_error(err)
             return False
@@ -609,7 +440,7 @@ class SegmentWidget(WorkerDock):
         self.progress_bar.setFormat("starting…")
         overwrite = self.batch_overwrite.isChecked()
         self.start_job(lambda cancel: batch_job(self.model, self.info, inputs, out_dir, settings, formats or
-                                                ("png",), overwrite, cancel))
+                                                ("png",), overwrite, cancel, fallback=fallback))
         return True
 
     def cancel(self) -> None:
@@ -777,7 +608,7 @@ class SegmentWidget(WorkerDock):
                 "region": self.region_combo, "tile": self.tile_spin,
                 "overlap": self.overlap_spin, "alpha": self.alpha_spin, "beta": self.beta_spin,
                 "crf": self.crf_check, "pseudo": self.pseudo_check, "checkpoint": self.checkpoint_row,
-                "tissue_background": self.tissue_check, "gate_classes": self.gate_check,
+                "background": self.background_combo, "gate_classes": self.gate_check,
                 "export_dir": self.export_panel.export_dir, "level": self.level_spin,
                 "crf_iterations": self.crf_iterations, "batch_in": self.batch_in, "batch_out": self.batch_out,
                 **self.crf_spins}

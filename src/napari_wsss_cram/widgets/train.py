@@ -21,6 +21,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..core.errors import WsssCramError
+from ..core.model.config import BACKBONES, ModelConfig
 from . import _common as common
 from ._common import spin
 from ._dock import WorkerDock
@@ -97,7 +98,7 @@ class TrainWidget(WorkerDock):
         self.preset_combo.addItems(list(PRESETS))
         self.preset_combo.setCurrentText("cpu-small")
         self.backbone_combo = QComboBox()
-        self.backbone_combo.addItems(["resnet18", "resnet34", "resnet50", "resnet101"])
+        self.backbone_combo.addItems(list(BACKBONES))
         self.weights_combo = QComboBox()
         self.weights_combo.addItems(list(WEIGHTS))
         self.weights_row = common.PathRow("backbone weights file (.pth, torchvision keys)", folder=False,
@@ -224,7 +225,7 @@ class TrainWidget(WorkerDock):
         except Exception as err:  # shown in the dock, never raised into the event loop
             self.show_error(err)
             return
-        self.backbone_combo.setCurrentText(str(config.model.get("backbone", "resnet50")))
+        self.backbone_combo.setCurrentText(str(config.model.get("backbone", ModelConfig.backbone)))
         self.weights_combo.setCurrentText(weights_label(config.weights))
         if weights_label(config.weights) == "file…":
             self.weights_row.setText(str(config.weights))

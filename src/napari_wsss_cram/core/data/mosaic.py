@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from ..classes import ClassSpec
-from ..tissue import GRAY_WEIGHTS
+from ..tissue import GRAY_WEIGHTS, TISSUE_THRESHOLD
 
 #: gray level above which a pixel is glass (as the pseudo-labels' tissue prior and the engine's default)
-WHITE_THRESHOLD = 200.0
+WHITE_THRESHOLD = float(TISSUE_THRESHOLD)
 #: a cell must be at least this share tissue
 MIN_TISSUE = 0.5
 

@@ -5,7 +5,7 @@ knowledge of the engine); this module composes them into the files one input pro
 derived from the input, nothing overwritten unasked, everything written under temporary names and renamed
 together at the end (a cancelled, failed or killed run leaves nothing under the final names, see
 :func:`recover_interrupted_outputs`), and the summary row of the run CSV. Kept apart from the engine
-(``core/inference.py``), which only computes a :class:`~napari_wsss_cram.core.inference.Prediction`.
+(``core/inference/``), which only computes a :class:`~napari_wsss_cram.core.inference.Prediction`.
 
 ``write_outputs(prediction, out_dir, stem, formats, overwrite=False, cancel=None)``
     writes ``STEM.png``, ``STEM.ome.tif``, ``STEM.geojson``, ``STEM_probs.ome.tif``, ``STEM_composition.json`` and ``.csv``.

@@ -7,7 +7,10 @@ import warnings
 from dataclasses import asdict, dataclass, field, fields
 
 from ..crf import CRFParams
+from ..fields import setting
+from ..tissue import TISSUE_THRESHOLD
 
+#: the input normalisation of ImageNet-pretrained backbones (the engine's default for models that state none)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
@@ -39,9 +42,12 @@ class ModelConfig:
     aspp_rates: tuple[int, ...] = (6, 12, 18)
     aspp_channels: int = 256
     # Reliable pseudo-labels
-    alpha: float = 0.3             # foreground max below alpha -> background
-    beta: float = 0.9              # foreground max above beta -> that class
-    tissue_threshold: int = 200    # gray level above which a pixel is glass/air (background prior)
+    alpha: float = setting(0.3, "alpha: where every class activation is below alpha (on near-white glass), the "
+                           "pseudo-label is background", label="alpha (background <)", step=0.05)
+    beta: float = setting(0.9, "beta: a pixel is a reliable pseudo-label only where its class activation is above "
+                          "beta; between alpha and beta it is left unlabelled (255)", label="beta (confident >)",
+                          step=0.05)
+    tissue_threshold: int = TISSUE_THRESHOLD    # gray level above which a pixel is glass/air (background prior)
     background_needs_white: bool = True  # alpha rule gives background only on near-white pixels
     crf: CRFParams = field(default_factory=CRFParams)
     # Losses: L = L_cls + background_prior_weight * L_bg + lambda_seg * (L_ce + energy_weight * L_energy)
