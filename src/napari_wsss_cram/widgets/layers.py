@@ -401,16 +401,23 @@ def level0_shape_of(layer) -> tuple[int, int]:
 
 def qupath_layer_data(geojson, source_layer, classes: ClassSpec, class_map=None, name: str | None = None):
     """QuPath annotations as napari Labels layer data placed on ``source_layer`` (or, with None, on level-0
-    pixels of their own extent) -> ((data, kwargs, "labels"), QuPathImport).
+    pixels of their own extent) -> ((data, kwargs, "labels"), QuPathImport), read on the calling thread.
 
     The labels are level 0 of the image, or the power-of-two level that keeps them paintable (<= 8192 px);
     their metadata is a result layer's (classes, µm/px, level-0 scale/offset), so the dock paints, measures and
-    exports them like a segmentation, and marked edited so that a Run never overwrites them.
+    exports them like a segmentation, and marked edited so that a Run never overwrites them. The GUI reads in
+    a worker (``_qupath_job.import_job``, then :func:`qupath_layer_from_import`).
     """
     from ..core.io.qupath import features_extent, qupath_to_level_labels
 
     shape = level0_shape_of(source_layer) if source_layer is not None else features_extent(geojson)
     imported, d = qupath_to_level_labels(geojson, shape, classes, class_map=class_map)
+    return qupath_layer_from_import(imported, d, source_layer, classes, name), imported
+
+
+def qupath_layer_from_import(imported, d: int, source_layer, classes: ClassSpec, name: str | None = None):
+    """Labels layer data ``(data, kwargs, "labels")`` of rasterised annotations (a ``QuPathImport`` at
+    downsample ``d``) placed on ``source_layer`` (None: level-0 pixels of their own extent)."""
     # label pixel u covers level-0 pixels u*d .. (u+1)*d: its centre is level-0 pixel (u + 0.5) d - 0.5
     pred_scale, pred_translate = float(d), (d - 1) / 2
     if source_layer is not None:
@@ -429,7 +436,7 @@ def qupath_layer_data(geojson, source_layer, classes: ClassSpec, class_map=None,
               "colormap": labels_colormap(classes), "features": class_features(classes)}
     if units is not None:
         kwargs["units"] = units
-    return (imported.labels, kwargs, "labels"), imported
+    return imported.labels, kwargs, "labels"
 
 
 def add_qupath_layer(viewer, layer_data, source_layer=None):
