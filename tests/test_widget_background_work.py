@@ -107,3 +107,87 @@ def test_dropped_geojson_import_can_be_cancelled(make_napari_viewer, qtbot, tmp_
     qtbot.wait(200)
     assert "qupath: slide" not in viewer.layers
     assert not _reader._RUNNING
+
+
+def _fake_result(size: int = 120):
+    """Labels with a tumor block, a stroma block and glass; maps high over the tumor block."""
+    labels = np.full((size, size), WSSS4LUAD.background_index, np.uint8)
+    labels[10:70, 10:70] = 0
+    labels[10:70, 75:115] = 1
+    maps = np.zeros((3, size, size), np.uint8)
+    maps[0, 10:70, 10:70] = 230
+    maps[1, 10:70, 75:115] = 200
+    return labels, maps
+
+
+def _heat_inside(viewer, layers, yx0, yx1) -> float | None:
+    """Mean colour change (0-255) inside the data box ``yx0``..``yx1`` on the canvas when the activation map is
+    shown vs hidden; None where the canvas renders nothing (Qt's offscreen platform has no OpenGL)."""
+    [activation] = layers["activations"]
+    shots = []
+    for visible in (False, True):
+        activation.visible = visible
+        shots.append(viewer.screenshot(canvas_only=True, flash=False).astype(float)[..., :3])
+    if shots[0].max() < 200:  # the grey image is not on it
+        return None
+    h, w = shots[0].shape[:2]
+    zoom, center = viewer.camera.zoom, np.asarray(viewer.camera.center)[-2:]
+    (y0, x0), (y1, x1) = (((np.asarray(yx) - center) * zoom + np.array([h, w]) / 2).astype(int) for yx in (yx0, yx1))
+    return float(np.abs(shots[1] - shots[0])[y0:y1, x0:x1].mean())
+
+
+def test_activation_map_reads_through_the_labels(make_napari_viewer, qtbot):
+    """Item 4: while a map is shown the labels are class-coloured outlines, so the heat shows inside them
+    (filled labels at 0.6 opacity hid most of it); filled again when the map is hidden or while painting."""
+    from napari_wsss_cram.widgets.layers import add_result_layers
+
+    viewer = make_napari_viewer(show=True)
+    image = viewer.add_image(np.full((120, 120, 3), 235, np.uint8), name="patch", rgb=True)
+    labels, maps = _fake_result()
+    shown = add_result_layers(viewer, image, labels, maps, WSSS4LUAD)
+    layer, [activation] = shown["labels"], shown["activations"]
+    assert layer.contour > 0  # the map is visible after a run: outlines
+    viewer.reset_view()
+    qtbot.wait(50)
+    heat = _heat_inside(viewer, shown, (20, 20), (60, 60))  # the tumor block's interior, away from its outline
+    assert layer.contour > 0
+    layer.mode = "paint"  # filled while painting: what the labels always looked like before, over the map
+    filled = _heat_inside(viewer, shown, (20, 20), (60, 60))
+    assert layer.contour == 0
+    layer.mode = "pan_zoom"
+    if heat is not None:  # a canvas that renders (Xvfb with GLX; not Qt's offscreen platform)
+        print(f"\nheat seen inside the tumor labels: {heat:.0f} (outlined) vs {filled:.0f} (filled at 0.6)")
+        assert heat > 2 * filled
+    # hidden map: filled labels; painting: filled; back to panning: outlines
+    activation.visible = False
+    assert layer.contour == 0
+    activation.visible = True
+    assert layer.contour > 0
+    layer.mode = "paint"
+    assert layer.contour == 0
+    layer.mode = "pan_zoom"
+    assert layer.contour > 0
+
+
+def test_rerun_updates_the_same_result_layers(make_napari_viewer):
+    """Item 12: the result layers are made once per image; a re-run (also of another size, e.g. another field
+    of view) sets their data, so no layer is created on the GUI thread again."""
+    from napari_wsss_cram.widgets.layers import add_pseudo_label_layer, add_result_layers
+
+    viewer = make_napari_viewer()
+    image = viewer.add_image(np.full((120, 120, 3), 235, np.uint8), name="patch", rgb=True)
+    labels, maps = _fake_result()
+    first = add_result_layers(viewer, image, labels, maps, WSSS4LUAD)
+    pseudo = add_pseudo_label_layer(viewer, image, labels, WSSS4LUAD)
+    inserted: list[str] = []
+    viewer.layers.events.inserted.connect(lambda event: inserted.append(event.value.name))
+    small_labels, small_maps = labels[:60, :80].copy(), maps[:, :60, :80].copy()  # a field of view
+    again = add_result_layers(viewer, image, small_labels, small_maps, WSSS4LUAD, translate=(5.0, 7.0))
+    pseudo_again = add_pseudo_label_layer(viewer, image, small_labels, WSSS4LUAD, translate=(5.0, 7.0))
+    assert inserted == []
+    assert again["labels"] is first["labels"] and again["activations"][0] is first["activations"][0]
+    assert pseudo_again is pseudo
+    np.testing.assert_array_equal(again["labels"].data, small_labels)
+    np.testing.assert_array_equal(again["activations"][0].data, small_maps[0])
+    np.testing.assert_array_equal(pseudo.data, small_labels)
+    np.testing.assert_allclose(pseudo.translate, (5.0, 7.0))

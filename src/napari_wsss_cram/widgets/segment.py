@@ -669,7 +669,7 @@ class SegmentWidget(WorkerDock):
         def steps():
             shown = yield from result_layers.iter_result_layers(
                 self.viewer, layer, result["labels"], result["activations"], classes, result["scale"],
-                result["translate"], result["mpp"])
+                result["translate"], result["mpp"], labels_fingerprint=result.get("fingerprint"))
             if result.get("pseudo") is not None:
                 yield result_layers.add_pseudo_label_layer(self.viewer, layer, result["pseudo"], classes,
                                                            result["scale"], result["translate"])
