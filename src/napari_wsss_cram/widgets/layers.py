@@ -92,9 +92,14 @@ def show_activation(layer, class_name: str) -> None:
     names = list(meta["classes"])
     if class_name not in names:
         raise ValueError(f"{class_name!r} is not one of {names}")
-    layer.data = meta["maps"][names.index(class_name)]
+    data = meta["maps"][names.index(class_name)]
+    # the dock calls this at each opacity step too: setting the same data again re-slices the layer (~0.1 s)
+    if layer.data is not data:
+        layer.data = data
     meta["class"] = class_name
-    layer.name = activation_layer_name(meta["source"], class_name)
+    name = activation_layer_name(meta["source"], class_name)
+    if layer.name != name:
+        layer.name = name
 
 
 def fingerprint(labels: np.ndarray) -> str:
@@ -268,6 +273,7 @@ def iter_result_layers(viewer, source_layer, labels: np.ndarray, activations: np
         existing.data = labels
         result["labels"] = existing
         outline_labels_under_maps(viewer, name)
+        yield existing  # what the caller does next (the dock's message, tab, map) gets a turn of its own
         return result
     # A new layer: napari suffixes a duplicate name (" [1]"), so an edited layer is never replaced. The colormap
     # is given here, not set afterwards (that would map and upload the whole texture a second time).
@@ -279,6 +285,7 @@ def iter_result_layers(viewer, source_layer, labels: np.ndarray, activations: np
     _stack_on(viewer, source_layer, layer)
     result["labels"] = layer
     outline_labels_under_maps(viewer, name)
+    yield layer
     return result
 
 
