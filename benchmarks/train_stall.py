@@ -127,6 +127,7 @@ def main() -> None:
     idle_max, idle_n, idle_min = summary(gaps_of(ticks, idle0, idle1))
     train_gaps = gaps_of(ticks, train0, train1)
     train_max, train_n, train_min = summary(train_gaps)
+    print(f"  ({sum(idle0 <= t <= idle1 for t in ticks)} ticks while idle, {len(ticks)} in all)")
     print(f"napari idle ({args.idle:.0f} s, the baseline): longest stall {idle_max:.0f} ms, {idle_n} gaps > 100 ms "
           f"({idle_n / max(idle_min, 1e-9):.1f} per minute)")
     print(f"training ({train1 - train0:.0f} s): longest stall {train_max:.0f} ms = {train_max / max(idle_max, 1):.1f}x "

@@ -309,8 +309,8 @@ OUTLINES_KEY = "wsss_cram_outlines"
 
 
 def outline_width(shape) -> int:
-    """napari's ``contour`` for labels of ``shape``: thin on a patch, visible on a slide (1 per 1024 px)."""
-    return max(1, int(round(max(int(v) for v in shape[-2:]) / 1024)))
+    """napari's ``contour`` for labels of ``shape``: 2 px on a patch (1 hid in the tissue), 1 per 1024 px on a slide."""
+    return max(2, int(round(max(int(v) for v in shape[-2:]) / 1024)))
 
 
 def outline_labels_under_maps(viewer, image_name: str) -> None:
