@@ -45,7 +45,6 @@ def main() -> None:
     args = parser.parse_args()
     import napari
     from qtpy.QtCore import QTimer
-    from qtpy.QtWidgets import QApplication
 
     from napari_wsss_cram import _reader
     from napari_wsss_cram.core.classes import WSSS4LUAD
@@ -59,18 +58,22 @@ def main() -> None:
           f"{time.perf_counter() - t:.1f} s")
     viewer = napari.Viewer(show=True)
     viewer.add_image(np.full((args.size, args.size, 3), 230, np.uint8), name="slide", rgb=True)
-    app = QApplication.instance()
     ticks: list[float] = []
     timer = QTimer()
     timer.setInterval(10)
     timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
     timer.start()
 
-    def wait(seconds: float) -> None:
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end:
-            app.processEvents()
-            time.sleep(0.002)
+    def wait(seconds: float, until=None) -> None:
+        """Run the event loop (processEvents in a loop fires no timers) for ``seconds`` or until ``until()``."""
+        from qtpy.QtCore import QEventLoop
+
+        loop, poll, end = QEventLoop(), QTimer(), time.perf_counter() + seconds
+        poll.setInterval(20)
+        poll.timeout.connect(lambda: loop.quit() if time.perf_counter() > end or (until and until()) else None)
+        poll.start()
+        loop.exec_()
+        poll.stop()
 
     def longest(t0: float, t1: float) -> float:
         chosen = [t for t in ticks if t0 <= t <= t1]
@@ -102,9 +105,7 @@ def main() -> None:
     t0 = time.perf_counter()
     viewer.open(str(path), plugin="napari-wsss-cram")
     returned = time.perf_counter()
-    while "qupath: slide" not in viewer.layers:
-        app.processEvents()
-        time.sleep(0.002)
+    wait(3600, until=lambda: "qupath: slide" in viewer.layers)
     wait(1.0)
     timer.stop()
     reading = longest(t0, added[0])

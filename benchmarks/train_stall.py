@@ -52,7 +52,6 @@ def main() -> None:
     os.environ.setdefault("WSSS_CRAM_SETTINGS_FILE", str(Path(tempfile.mkdtemp()) / "settings.ini"))
     import napari
     from qtpy.QtCore import QEventLoop, QTimer
-    from qtpy.QtWidgets import QApplication
 
     from napari_wsss_cram.core.sample import make_patch
 
@@ -61,17 +60,21 @@ def main() -> None:
     rgb, _ = make_patch(0, 256, (0, 1))
     viewer.add_image(rgb[..., :3], name="patch", rgb=True)
     _, widget = viewer.window.add_plugin_dock_widget("napari-wsss-cram", "Train")
-    app = QApplication.instance()
     ticks: list[float] = []
     timer = QTimer()
     timer.setInterval(10)
     timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
 
-    def wait(seconds: float) -> None:
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end:
-            app.processEvents()
-            time.sleep(0.002)
+    def wait(seconds: float, until=None) -> None:
+        """Run the event loop (processEvents in a loop fires no timers) for ``seconds`` or until ``until()``."""
+        from qtpy.QtCore import QEventLoop
+
+        loop, poll, end = QEventLoop(), QTimer(), time.perf_counter() + seconds
+        poll.setInterval(20)
+        poll.timeout.connect(lambda: loop.quit() if time.perf_counter() > end or (until and until()) else None)
+        poll.start()
+        loop.exec_()
+        poll.stop()
 
     wait(3.0)  # the dock finds its devices in a worker; let the window settle
     timer.start()
