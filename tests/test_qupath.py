@@ -165,7 +165,9 @@ def test_import_paint_export_reimport_is_pixel_exact(make_napari_viewer, qtbot, 
     written = widget.export(tmp_path / "out")
     [geojson] = [p for p in written if p.endswith(".geojson")]
     # dropped on the viewer: the plugin's reader places it on the open image of matching size
-    [again] = viewer.open(geojson, plugin="napari-wsss-cram")
+    viewer.open(geojson, plugin="napari-wsss-cram")  # read in a worker: the layer comes when it is done
+    qtbot.waitUntil(lambda: "qupath: patch [1]" in viewer.layers, timeout=20_000)
+    again = viewer.layers["qupath: patch [1]"]
     np.testing.assert_array_equal(again.data, painted)  # pixel-exact after a full round trip
     np.testing.assert_allclose(again.scale, image.scale)
     np.testing.assert_allclose(again.translate, image.translate)
@@ -174,7 +176,7 @@ def test_import_paint_export_reimport_is_pixel_exact(make_napari_viewer, qtbot, 
 
 
 @pytest.mark.gui
-def test_reader_places_annotations_on_a_slide_level(make_napari_viewer, tmp_path, monkeypatch):
+def test_reader_places_annotations_on_a_slide_level(make_napari_viewer, qtbot, tmp_path, monkeypatch):
     """A big image: the labels come at the power-of-two level that stays paintable, still over the image."""
     from napari_wsss_cram.core.io import qupath
 
@@ -186,7 +188,9 @@ def test_reader_places_annotations_on_a_slide_level(make_napari_viewer, tmp_path
     real = qupath.qupath_to_level_labels
     # 160 px stands in for the 8192 px limit of a real slide
     monkeypatch.setattr(qupath, "qupath_to_level_labels", lambda *a, **k: real(*a, **{**k, "max_side": 160}))
-    [layer] = viewer.open(str(path), plugin="napari-wsss-cram")
+    viewer.open(str(path), plugin="napari-wsss-cram")  # read in a worker: the layer comes when it is done
+    qtbot.waitUntil(lambda: "qupath: slide" in viewer.layers, timeout=20_000)
+    layer = viewer.layers["qupath: slide"]
     assert layer.data.shape == (120, 160)  # level 1 of 240 x 320
     np.testing.assert_allclose(layer.scale, (0.5, 0.5))
     np.testing.assert_allclose(layer.translate, (0.125, 0.125))  # a level-1 pixel centre sits between two

@@ -77,7 +77,7 @@ def test_dock_import_of_derived_classes_says_what_it_did(make_napari_viewer, qtb
 
 
 @pytest.mark.gui
-def test_dropped_geojson_beyond_the_image_is_clipped_to_it_and_said_in_napari(make_napari_viewer, tmp_path):
+def test_dropped_geojson_beyond_the_image_is_clipped_to_it_and_said_in_napari(make_napari_viewer, qtbot, tmp_path):
     """A polygon poking out of the open image: the layer lies on that image (not a separate layer of the
     polygon's extent) and holds only the pixels inside it; the note reaches napari's notifications."""
     from napari.utils.notifications import notification_manager
@@ -89,7 +89,9 @@ def test_dropped_geojson_beyond_the_image_is_clipped_to_it_and_said_in_napari(ma
     image = viewer.add_image(np.resize(he_like_image(96), (80, 100, 3)), name="patch", rgb=True, scale=(0.5, 0.5))
     seen = []
     notification_manager.notification_ready.connect(lambda n: seen.append(str(n.message)))
-    [layer] = viewer.open(str(path), plugin="napari-wsss-cram")
+    viewer.open(str(path), plugin="napari-wsss-cram")  # read in a worker: the layer comes when it is done
+    qtbot.waitUntil(lambda: "qupath: patch" in viewer.layers, timeout=20_000)
+    layer = viewer.layers["qupath: patch"]
     assert layer.data.shape == (80, 100)
     np.testing.assert_allclose(layer.scale, image.scale)
     assert int((layer.data == T).sum()) == (80 - 10) * (100 - 20)

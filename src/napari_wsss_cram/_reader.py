@@ -43,8 +43,10 @@ def read_paths(path: str | list[str]) -> list[LayerData]:
     paths = [path] if isinstance(path, str | os.PathLike) else list(path)
     layers: list[LayerData] = []
     for p in paths:
+        if str(p).lower().endswith(".geojson") and import_qupath_in_background(p):
+            continue  # its layer is added when the worker is done
         layers.append(read_layer(p))
-    return layers
+    return layers or [(None,)]  # napari's sentinel: read, nothing to add now
 
 
 def _palette_mask(path: Path) -> Any | None:
@@ -97,52 +99,91 @@ def _placement_kwargs(path: Path) -> dict:
     return kwargs
 
 
+def _qupath_candidates(viewer) -> list:
+    """The RGB images annotations may go on, in preference order: the selected one, then the newest."""
+    from napari.layers import Image
+
+    active = viewer.layers.selection.active
+    candidates = [ly for ly in reversed(list(viewer.layers)) if isinstance(ly, Image) and ly.rgb]
+    candidates.sort(key=lambda ly: ly is not active)  # stable: the selected image first, then the newest
+    return candidates
+
+
 def read_qupath(path: str | os.PathLike) -> LayerData:
-    """QuPath annotations as a Labels layer on the open image they belong to.
+    """QuPath annotations as a Labels layer on the open image they belong to, read on the calling thread (napari
+    itself reads them in the background: :func:`import_qupath_in_background`).
 
     A reader gets no viewer, so this one asks napari for the current viewer and picks its RGB image whose
     full-resolution size holds every annotation (the selected one first, then the newest); the labels then
     take that image's placement, pixel size and (for a slide) a paintable pyramid level. With no such image
-    they cover the annotations' own extent in level-0 pixels. Classes: WSSS4LUAD's, matched ignoring case
-    ("Tumor" -> tumor); the Segment dock's "Import QuPath annotations…" uses the model's classes and a name map.
+    the one they overlap most (clipped to it, as the dock's Import), else they cover the annotations' own
+    extent in level-0 pixels. Classes: WSSS4LUAD's, matched ignoring case ("Tumor" -> tumor); the Segment
+    dock's "Import QuPath annotations…" uses the model's classes and a name map.
     """
     from .core.classes import WSSS4LUAD
-    from .core.io.qupath import features_bounds
-    from .widgets.layers import level0_shape_of, qupath_layer_data
+    from .widgets._qupath_job import rasterise
+    from .widgets.layers import level0_shape_of, qupath_layer_from_import
 
-    image = None
+    viewer = _current_viewer()
+    images = _qupath_candidates(viewer) if viewer is not None else []
+    index, imported, d = rasterise(str(path), [level0_shape_of(ly) for ly in images], WSSS4LUAD)
+    image = images[index] if index is not None else None
+    _say_imported(path, image, imported, bool(images))
+    return qupath_layer_from_import(imported, d, image, WSSS4LUAD, name=None if image is not None else Path(path).stem)
+
+
+def _current_viewer():
     try:
         import napari
-        from napari.layers import Image
-
-        viewer = napari.current_viewer()
     except ImportError:  # pragma: no cover - napari calls readers
-        viewer = None
-    if viewer is not None:
-        y0, x0, y1, x1 = features_bounds(path)
-        active = viewer.layers.selection.active
-        candidates = [ly for ly in reversed(list(viewer.layers)) if isinstance(ly, Image) and ly.rgb]
-        candidates.sort(key=lambda ly: ly is not active)  # stable: the selected image first, then the newest
+        return None
+    return napari.current_viewer()
 
-        def overlap(ly) -> float:  # area of the annotations' box inside the image's level 0
-            h, w = level0_shape_of(ly)
-            return max(0.0, min(y1, h) - max(y0, 0.0)) * max(0.0, min(x1, w) - max(x0, 0.0))
 
-        # the image that holds them all, else the one they overlap most (clipped to it, as the dock's Import)
-        image = next((ly for ly in candidates if y1 <= level0_shape_of(ly)[0] and x1 <= level0_shape_of(ly)[1]),
-                     None)
-        if image is None and candidates:
-            best = max(candidates, key=overlap)  # max keeps the first (selected, newest) of equals
-            image = best if overlap(best) > 0 else None
-        if image is None and candidates:
-            _tell(f"The annotations of {Path(path).name} lie outside every open image: they open on their own. "
-                  "Open their image first (same slide, level 0).", warning=True)
-    layer_data, imported = qupath_layer_data(path, image, WSSS4LUAD,
-                                             name=None if image is not None else Path(path).stem)
+def _say_imported(path, image, imported, had_images: bool) -> None:
+    if image is None and had_images:
+        _tell(f"The annotations of {Path(path).name} lie outside every open image: they open on their own. "
+              "Open their image first (same slide, level 0).", warning=True)
     where = f" on '{image.name}'" if image is not None else ""
     _tell(f"{Path(path).name}{where}: {imported.summary()}.",
           warning=bool(imported.clipped or imported.not_areas or imported.unclassified))
-    return layer_data
+
+
+#: Imports started by drops, kept alive until they end.
+_RUNNING: set = set()
+
+
+def import_qupath_in_background(path: str | os.PathLike) -> bool:
+    """A GeoJSON dropped on napari: read and rasterised in a worker (a slide-region export took 38 s, all of it
+    with the window frozen), with a busy bar and a Cancel button in napari's notification; the layer is added
+    when it is done. False (read it now) outside a running napari window."""
+    from qtpy.QtWidgets import QApplication
+
+    viewer = _current_viewer()
+    if viewer is None or QApplication.instance() is None:
+        return False
+    from .core.classes import WSSS4LUAD
+    from .widgets._qupath_job import QuPathImportRun
+    from .widgets.layers import add_qupath_layer
+
+    images = _qupath_candidates(viewer)
+
+    def done(result) -> None:
+        image, layer_data, imported = result
+        if image is not None and image not in viewer.layers:
+            image = None  # its image was closed meanwhile: on its own
+        add_qupath_layer(viewer, layer_data, image)
+        _say_imported(path, image, imported, bool(images))
+
+    def failed(error) -> None:
+        from .widgets._common import user_message
+
+        _tell(user_message(error), warning=True)
+
+    run = QuPathImportRun(str(path), images, WSSS4LUAD, None, done, failed, cancel_button=True)
+    _RUNNING.add(run)
+    run.worker.finished.connect(lambda: _RUNNING.discard(run))
+    return True
 
 
 def _tell(text: str, warning: bool = False) -> None:

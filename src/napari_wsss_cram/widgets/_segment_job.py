@@ -62,6 +62,7 @@ def segment_job(layer, model, info, settings, region, pseudo, cancel: CancelToke
     import pandas  # noqa: F401
 
     from ..core.inference import predict_source, prediction_pseudo_labels
+    from .layers import fingerprint
 
     with leave_gui_a_core():
         source, downsample = image_source_of_layer(layer, settings.output_level)
@@ -75,8 +76,11 @@ def segment_job(layer, model, info, settings, region, pseudo, cancel: CancelToke
                 cam = None if prediction.cam is None else np.asarray(prediction.cam)
                 if cam is not None:  # here, off the GUI thread: a map shows only where the labels are tissue
                     cam = tissue_only_maps(cam, prediction.labels, info.classes.background_index)
-                result = {"labels": np.asarray(prediction.labels), "activations": cam, "scale": prediction.scale,
-                          "translate": prediction.translate, "mpp": prediction.mpp, "pseudo": None}
+                labels = np.ascontiguousarray(prediction.labels, dtype=np.uint8)
+                # hashed here, off the GUI thread (it tells later whether the user painted on the layer)
+                result = {"labels": labels, "fingerprint": fingerprint(labels), "activations": cam,
+                          "scale": prediction.scale, "translate": prediction.translate, "mpp": prediction.mpp,
+                          "pseudo": None}
                 if pseudo is not None and cam is not None:
                     result["pseudo"] = prediction_pseudo_labels(
                         source, prediction, info.classes, alpha=pseudo[0], beta=pseudo[1],

@@ -92,9 +92,14 @@ def show_activation(layer, class_name: str) -> None:
     names = list(meta["classes"])
     if class_name not in names:
         raise ValueError(f"{class_name!r} is not one of {names}")
-    layer.data = meta["maps"][names.index(class_name)]
+    data = meta["maps"][names.index(class_name)]
+    # the dock calls this at each opacity step too: setting the same data again re-slices the layer (~0.1 s)
+    if layer.data is not data:
+        layer.data = data
     meta["class"] = class_name
-    layer.name = activation_layer_name(meta["source"], class_name)
+    name = activation_layer_name(meta["source"], class_name)
+    if layer.name != name:
+        layer.name = name
 
 
 def fingerprint(labels: np.ndarray) -> str:
@@ -215,9 +220,14 @@ def add_result_layers(viewer, source_layer, labels: np.ndarray, activations: np.
 
 
 def iter_result_layers(viewer, source_layer, labels: np.ndarray, activations: np.ndarray | None,
-                       classes: ClassSpec, scale=1.0, translate=0.0, mpp: float | None = None):
+                       classes: ClassSpec, scale=1.0, translate=0.0, mpp: float | None = None,
+                       labels_fingerprint: str | None = None):
     """:func:`add_result_layers` one layer at a time: a generator yielding after each layer (so the dock can
-    let the event loop breathe between them: creating a napari layer costs ~0.2 s on the GUI thread)."""
+    let the event loop breathe between them: creating a napari layer costs 0.2-2 s on the GUI thread).
+
+    The layers are made once per image; later runs set their data (a new layer only beside an edited labels
+    layer). ``labels_fingerprint``: :func:`fingerprint` of ``labels``, when the caller made it off the GUI thread.
+    """
     name = source_layer.name
     world_scale, world_translate = placement(source_layer, scale, translate)
     result: dict[str, Any] = {"activations": []}
@@ -231,19 +241,18 @@ def iter_result_layers(viewer, source_layer, labels: np.ndarray, activations: np
         meta = {"role": "activation", "source": name, "classes": list(classes.names), "maps": maps,
                 "class": class_name}
         data = maps[classes.names.index(class_name)]
-        if layer is not None and layer.data.shape == data.shape:
+        if layer is not None:  # made by an earlier run: new data (of any size) in the same layer
             layer.metadata[METADATA_KEY] = meta
             layer.data = data
-            layer.scale, layer.translate = world_scale, world_translate
+            _place(layer, world_scale, world_translate)
         else:
-            if layer is not None:
-                viewer.layers.remove(layer)
             layer = viewer.add_image(
                 data, name=activation_layer_name(name, class_name), colormap=activation_colormap(),
                 blending="translucent", contrast_limits=_full_range(data), opacity=0.5,
                 scale=world_scale, translate=world_translate, units=source_layer.units,
                 metadata={METADATA_KEY: meta},
             )
+            layer.events.visible.connect(lambda event=None: outline_labels_under_maps(viewer, name))
             _stack_on(viewer, source_layer, layer)
         result["activations"].append(layer)
         yield layer
@@ -253,26 +262,78 @@ def iter_result_layers(viewer, source_layer, labels: np.ndarray, activations: np
     placed = Placement.from_napari(scale, translate)
     placed = Placement(placed.downsample, placed.origin, mpp0=None if mpp is None else mpp / placed.downsample)
     meta = {"role": "labels", "classes": classes.to_dict(), "mpp": mpp, "source": name,
-            "fingerprint": fingerprint(labels), "edited": False, "placement": placed.to_metadata()}
+            "fingerprint": labels_fingerprint or fingerprint(labels), "edited": False,
+            "placement": placed.to_metadata()}
     layer_name = labels_layer_name(name)
     # the newest unedited result of this image (after an edit, the layer added next to it is the one to update)
     existing = next((ly for ly in reversed(result_layers_of(viewer, name, "labels")) if not is_edited(ly)), None)
     if existing is not None:
-        existing.data = labels
-        existing.scale, existing.translate = world_scale, world_translate
         existing.metadata[METADATA_KEY] = meta
+        _place(existing, world_scale, world_translate)
+        existing.data = labels
         result["labels"] = existing
+        outline_labels_under_maps(viewer, name)
+        yield existing  # what the caller does next (the dock's message, tab, map) gets a turn of its own
         return result
-    # A new layer: napari suffixes a duplicate name (" [1]"), so an edited layer is never replaced.
+    # A new layer: napari suffixes a duplicate name (" [1]"), so an edited layer is never replaced. The colormap
+    # is given here, not set afterwards (that would map and upload the whole texture a second time).
     layer = viewer.add_labels(labels, name=layer_name, scale=world_scale, translate=world_translate,
-                              units=source_layer.units,
+                              units=source_layer.units, colormap=labels_colormap(classes),
                               opacity=0.6, metadata={METADATA_KEY: meta}, features=class_features(classes))
-    layer.colormap = labels_colormap(classes)
     layer.events.paint.connect(lambda event=None, lyr=layer: _mark_edited(lyr))
     class_painting(layer, classes)
     _stack_on(viewer, source_layer, layer)
     result["labels"] = layer
+    outline_labels_under_maps(viewer, name)
+    yield layer
     return result
+
+
+def _place(layer, scale, translate) -> None:
+    """Set a layer's scale/translate only when they change (each set re-composes napari's transforms and
+    refreshes the layer: ~50 ms apiece on the GUI thread for nothing on a re-run)."""
+    if not np.allclose(layer.scale, scale):
+        layer.scale = scale
+    if not np.allclose(layer.translate, translate):
+        layer.translate = translate
+
+
+#: Labels up to this many pixels are drawn as outlines under a visible activation map (napari computes the
+#: outlines on the GUI thread at each refresh: ~0.2-0.4 s for 2048², ~1 s for 4096² on a busy 2-core machine).
+MAX_OUTLINED_PIXELS = 4096 * 4096
+#: Modes in which a labels layer is edited: it is drawn filled then (outlines hide what a stroke did).
+EDITING_MODES = ("paint", "fill", "erase", "polygon")
+#: Marks a labels layer whose mode changes already re-decide its outlines (beside METADATA_KEY, which each run
+#: replaces).
+OUTLINES_KEY = "wsss_cram_outlines"
+
+
+def outline_width(shape) -> int:
+    """napari's ``contour`` for labels of ``shape``: 2 px on a patch (1 hid in the tissue), 1 per 1024 px on a slide."""
+    return max(2, int(round(max(int(v) for v in shape[-2:]) / 1024)))
+
+
+def outline_labels_under_maps(viewer, image_name: str) -> None:
+    """While an activation map of ``image_name`` is visible, draw its labels layers as class-coloured outlines
+    (the heat shows through inside them; filled labels at 0.6 opacity hid it), filled again when the maps are
+    hidden or while a layer is being painted. Labels larger than MAX_OUTLINED_PIXELS stay filled and turn
+    more transparent instead (their outlines would cost seconds per refresh)."""
+    maps_shown = any(ly.visible for ly in result_layers_of(viewer, image_name, "activation"))
+    for layer in result_layers_of(viewer, image_name, "labels"):
+        if layer.multiscale:
+            continue
+        if not layer.metadata.get(OUTLINES_KEY):  # follow the layer's own mode: filled while painting
+            layer.metadata[OUTLINES_KEY] = True
+            layer.events.mode.connect(lambda event=None: outline_labels_under_maps(viewer, image_name))
+        outlined = maps_shown and str(layer.mode) not in EDITING_MODES
+        small = int(np.prod(layer.data.shape[-2:])) <= MAX_OUTLINED_PIXELS
+        contour = outline_width(layer.data.shape) if outlined and small else 0
+        if layer.contour != contour:
+            layer.contour = contour
+        if not small:
+            opacity = 0.3 if outlined else 0.6
+            if abs(layer.opacity - opacity) > 1e-6:
+                layer.opacity = opacity
 
 
 def _full_range(data: np.ndarray) -> tuple[float, float]:
@@ -307,13 +368,19 @@ def add_pseudo_label_layer(viewer, source_layer, pseudo: np.ndarray, classes: Cl
     """The reliable pseudo-label view ("pseudo-labels: <image>"): class colours, 255 (unsure) clear."""
     world_scale, world_translate = placement(source_layer, scale, translate)
     name = pseudo_layer_name(source_layer.name)
-    for existing in result_layers_of(viewer, source_layer.name, "pseudo"):
-        viewer.layers.remove(existing)
-    layer = viewer.add_labels(np.ascontiguousarray(pseudo, dtype=np.uint8), name=name, scale=world_scale,
+    pseudo = np.ascontiguousarray(pseudo, dtype=np.uint8)
+    found = result_layers_of(viewer, source_layer.name, "pseudo")
+    if found:  # made by an earlier run: new data in the same layer
+        layer = found[-1]
+        for extra in found[:-1]:
+            viewer.layers.remove(extra)
+        _place(layer, world_scale, world_translate)
+        layer.data = pseudo
+        return layer
+    layer = viewer.add_labels(pseudo, name=name, scale=world_scale, colormap=labels_colormap(classes),
                               translate=world_translate, units=source_layer.units, opacity=0.6, visible=False,
                               features=class_features(classes),
                               metadata={METADATA_KEY: {"role": "pseudo", "source": source_layer.name}})
-    layer.colormap = labels_colormap(classes)
     _stack_on(viewer, source_layer, layer)
     return layer
 
@@ -401,16 +468,23 @@ def level0_shape_of(layer) -> tuple[int, int]:
 
 def qupath_layer_data(geojson, source_layer, classes: ClassSpec, class_map=None, name: str | None = None):
     """QuPath annotations as napari Labels layer data placed on ``source_layer`` (or, with None, on level-0
-    pixels of their own extent) -> ((data, kwargs, "labels"), QuPathImport).
+    pixels of their own extent) -> ((data, kwargs, "labels"), QuPathImport), read on the calling thread.
 
     The labels are level 0 of the image, or the power-of-two level that keeps them paintable (<= 8192 px);
     their metadata is a result layer's (classes, µm/px, level-0 scale/offset), so the dock paints, measures and
-    exports them like a segmentation, and marked edited so that a Run never overwrites them.
+    exports them like a segmentation, and marked edited so that a Run never overwrites them. The GUI reads in
+    a worker (``_qupath_job.import_job``, then :func:`qupath_layer_from_import`).
     """
     from ..core.io.qupath import features_extent, qupath_to_level_labels
 
     shape = level0_shape_of(source_layer) if source_layer is not None else features_extent(geojson)
     imported, d = qupath_to_level_labels(geojson, shape, classes, class_map=class_map)
+    return qupath_layer_from_import(imported, d, source_layer, classes, name), imported
+
+
+def qupath_layer_from_import(imported, d: int, source_layer, classes: ClassSpec, name: str | None = None):
+    """Labels layer data ``(data, kwargs, "labels")`` of rasterised annotations (a ``QuPathImport`` at
+    downsample ``d``) placed on ``source_layer`` (None: level-0 pixels of their own extent)."""
     # label pixel u covers level-0 pixels u*d .. (u+1)*d: its centre is level-0 pixel (u + 0.5) d - 0.5
     pred_scale, pred_translate = float(d), (d - 1) / 2
     if source_layer is not None:
@@ -429,7 +503,7 @@ def qupath_layer_data(geojson, source_layer, classes: ClassSpec, class_map=None,
               "colormap": labels_colormap(classes), "features": class_features(classes)}
     if units is not None:
         kwargs["units"] = units
-    return (imported.labels, kwargs, "labels"), imported
+    return imported.labels, kwargs, "labels"
 
 
 def add_qupath_layer(viewer, layer_data, source_layer=None):

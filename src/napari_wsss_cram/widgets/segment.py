@@ -446,6 +446,9 @@ class SegmentWidget(WorkerDock):
     def cancel(self) -> None:
         """Stop the run within about a second; no layer is added."""
         super().cancel()
+        if self._qupath_worker is not None and self._qupath_worker.running:
+            self._qupath_worker.cancel()
+            self.say("Import cancelled: no layer was added.")
         if self.worker is not None:
             self.worker.quit()
             self.say("Cancelling…")
@@ -497,7 +500,7 @@ class SegmentWidget(WorkerDock):
         def steps():
             shown = yield from result_layers.iter_result_layers(
                 self.viewer, layer, result["labels"], result["activations"], classes, result["scale"],
-                result["translate"], result["mpp"])
+                result["translate"], result["mpp"], labels_fingerprint=result.get("fingerprint"))
             if result.get("pseudo") is not None:
                 yield result_layers.add_pseudo_label_layer(self.viewer, layer, result["pseudo"], classes,
                                                            result["scale"], result["translate"])
@@ -586,12 +589,17 @@ class SegmentWidget(WorkerDock):
         classes = self.info.classes if self.info is not None else self.export_panel.classes_of(layer)
         self.say(f"Importing {Path(path).name}…")
         self._qupath_source = layer
-        self._qupath_worker = common.in_background(result_layers.qupath_layer_data, self._qupath_imported,
-                                                   self.show_error, str(path), layer, classes, class_map)
-        return self._qupath_worker
+        from ._qupath_job import QuPathImportRun, progress_words  # off the GUI thread, Cancel stops it
+
+        self._qupath_worker = QuPathImportRun(str(path), [layer], classes, class_map, self._qupath_imported,
+                                              self.show_error, fixed=True,
+                                              on_progress=lambda event: self.say(progress_words(event)))
+        self.cancel_button.setEnabled(True)
+        self._qupath_worker.worker.finished.connect(lambda: self.cancel_button.setEnabled(self.worker is not None))
+        return self._qupath_worker.worker
 
     def _qupath_imported(self, result) -> None:
-        layer_data, imported = result
+        _, layer_data, imported = result
         layer = result_layers.add_qupath_layer(self.viewer, layer_data, self._qupath_source)
         self.labels_combo.setCurrentText(layer.name)
         self.tabs.setCurrentWidget(self.export_panel)
