@@ -449,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.steps = args.steps or 6
         if args.rows == ",".join(ALL_ROWS):
-            args.rows = "constant,cam,default,stage2"
+            args.rows = "constant,cam,default,stage2,stage2_stain"
     args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = sorted(set(args.rows) - set(ALL_ROWS))
     if unknown:
