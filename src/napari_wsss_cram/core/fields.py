@@ -45,3 +45,17 @@ def help_of(cls: type, name: str) -> str:
     """The help text of field ``name`` of ``cls`` (empty when it has none)."""
     f = {f.name: f for f in dataclasses.fields(cls)}[name]
     return str(f.metadata.get("help") or "")
+
+
+def parameter_defaults(func: Callable[..., Any]) -> dict[str, Any]:
+    """The keyword defaults of ``func`` (a core entry point such as ``patchify``): its signature owns them, and a
+    command's flags default to None ("the function's") and quote them in their help."""
+    import inspect
+
+    return {name: p.default for name, p in inspect.signature(func).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def given(**values: Any) -> dict[str, Any]:
+    """The keyword arguments a user gave (not None), for a call that leaves the rest to the function's defaults."""
+    return {name: value for name, value in values.items() if value is not None}
