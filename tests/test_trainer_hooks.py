@@ -178,6 +178,8 @@ CONSUMERS = {
     # the recipe (core/recipe.py): its stages, and each stage's share of the budget as stage_minutes splits it
     "rounds": lambda t: len(stage_minutes(t.config)) - 1,
     "stage_shares": lambda t: [m * sum(t.config.stage_shares) / t.config.minutes for m in stage_minutes(t.config)],
+    # the recipe hands it to make_pseudo_labels(refine=...) between its stages (tests/test_recipe.py runs "stain")
+    "pseudo_refine": lambda t: t.config.pseudo_refine,
 }
 
 ABLATION_PRESET = """
