@@ -71,6 +71,8 @@ def test_dock_import_of_derived_classes_says_what_it_did(make_napari_viewer, qtb
     assert widget.import_qupath(path) is not None
     qtbot.waitUntil(lambda: "qupath: patch" in viewer.layers, timeout=20_000)
     assert (viewer.layers["qupath: patch"].data[:10] == T).all()
+    # the message follows the layer (the import's end is handled over more than one event-loop turn)
+    qtbot.waitUntil(lambda: "Imported" in widget.message.text(), timeout=20_000)
     text = widget.message.text()
     assert "Imported 2 annotations" in text and "'Tumor: Positive' as tumor" in text
     assert "2 lines" in text and "1 point" in text
