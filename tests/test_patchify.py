@@ -62,3 +62,11 @@ def test_patchify_cli_with_custom_classes(tmp_path, capsys):
     assert names == ["im-0-0-[1, 0, 0, 1].png"]
     index = discover_patches(tmp_path / "out")  # classes.txt carries the names
     assert index.classes.names == ("a", "b", "c", "d")
+
+
+def test_a_negative_seed_is_one_clear_error_and_writes_nothing(sample_data_dir, tmp_path, capsys):
+    out = tmp_path / "patches"
+    code = main(["patchify", str(sample_data_dir / "validation"), "--out", str(out), "--seed", "-5"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and err == ["error: --seed must be a non-negative integer, got -5."]
+    assert not out.exists()

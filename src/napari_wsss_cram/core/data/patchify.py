@@ -85,6 +85,8 @@ def patchify(
     check_number(min_frac, "min_frac", label="--min-frac", error=DatasetError)
     check_number(min_tissue, "min_tissue", label="--min-tissue", error=DatasetError)
     check_number(overlap, "patch_overlap", label="--overlap", error=DatasetError)
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise DatasetError(f"--seed must be a non-negative integer, got {seed}.")
     classes = dataset.classes
     rng = np.random.default_rng(seed)
     paths, labels, skipped = [], [], 0
