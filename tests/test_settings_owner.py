@@ -14,8 +14,9 @@ import pytest
 
 from napari_wsss_cram.cli import main
 from napari_wsss_cram.core.crf import CRFParams
-from napari_wsss_cram.core.fields import field_default, setting
+from napari_wsss_cram.core.fields import dock_fields, field_default, help_of, setting
 from napari_wsss_cram.core.inference import PredictSettings
+from napari_wsss_cram.core.train_config import TrainConfig
 
 PLUGIN = "napari-wsss-cram"
 
@@ -170,9 +171,34 @@ def test_every_train_dock_field_left_untouched_is_the_preset(make_napari_viewer,
     widget.out_row.setText(str(tmp_path / "run"))
     config = widget.config()
     preset = preset_config(widget.preset_combo.currentText())
-    for name in ("epochs", "steps", "minutes", "batch_size", "crop", "lr", "weights"):
+    shown = dock_fields(TrainConfig)
+    assert widget.schedule_form.names == shown and {"epochs", "steps", "minutes", "lr"} <= set(shown)
+    for name in [*shown, "weights"]:
         assert getattr(config, name) == getattr(preset, name), name
     assert config.model["backbone"] == preset.model.get("backbone", ModelConfig.backbone)
+
+
+@pytest.mark.gui
+def test_the_train_dock_form_is_built_from_train_config(make_napari_viewer, qtbot, tmp_path):
+    """Labels, tooltips and bounds come from TrainConfig's field metadata (the CLI's help says the same), and an
+    optional number's lowest value ("by epochs / time") is None, overriding a preset that sets it."""
+    from napari_wsss_cram.core.validate import TRAIN_RANGES
+
+    (tmp_path / "patches").mkdir()
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Train")
+    form = widget.schedule_form
+    assert form["lr"].label == "Learning rate" and form["lr"].tooltip == help_of(TrainConfig, "lr")
+    assert (widget.crop_spin.minimum(), widget.crop_spin.maximum()) == TRAIN_RANGES["crop"][:2]
+    assert widget.steps_spin.specialValueText() == "by epochs / time"
+    widget.data_row.setText(str(tmp_path / "patches"))
+    widget.out_row.setText(str(tmp_path / "run"))
+    widget.preset_combo.setCurrentText("sample")             # the sample preset trains 300 steps
+    assert widget.steps_spin.value() == 300 and widget.config().steps == 300
+    widget.steps_spin.setValue(0)                            # "by epochs / time"
+    widget.epochs_spin.setValue(3)
+    config = widget.config()
+    assert (config.steps, config.epochs, config.minutes) == (None, 3, None)
 
 
 def _cli_and_dock_labels(make_napari_viewer, qtbot, tmp_path, image: Path, checkpoint: Path):

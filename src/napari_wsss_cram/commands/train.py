@@ -17,7 +17,9 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..core.fields import help_of
     from ..core.pseudo_labels import PSEUDO_LABEL_REFINEMENTS
+    from ..core.train_config import TrainConfig
 
     parser.add_argument("data", nargs="?", metavar="DATA_DIR",
                         help="patch folder (<id>-[t, s, n].png), CSV 'path,<classes>' or class sub-folders")
@@ -26,14 +28,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="training preset: a name (wsss4luad, cpu-small, sample: shipped in the package) or a .toml path")
     parser.add_argument("--backbone", help="resnet18 | resnet34 | resnet50 | resnet101")
     length = parser.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=int, help="number of epochs")
-    length.add_argument("--steps", type=int, help="number of optimiser steps (overrides epochs)")
-    parser.add_argument("--minutes", type=float,
-                        help="wall-clock budget: training (and its learning-rate schedule) ends when it is spent; "
-                             "with --steps or --epochs, whichever comes first")
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--crop", type=int, help="training crop size in pixels")
-    parser.add_argument("--lr", type=float, help="base learning rate")
+    # the help of the flags the Train dock also shows is TrainConfig's field help (its tooltips say the same)
+    length.add_argument("--epochs", type=int, help=help_of(TrainConfig, "epochs"))
+    length.add_argument("--steps", type=int, help=help_of(TrainConfig, "steps"))
+    parser.add_argument("--minutes", type=float, help=help_of(TrainConfig, "minutes"))
+    parser.add_argument("--batch-size", type=int, help=help_of(TrainConfig, "batch_size"))
+    parser.add_argument("--crop", type=int, help=help_of(TrainConfig, "crop"))
+    parser.add_argument("--lr", type=float, help=help_of(TrainConfig, "lr"))
     parser.add_argument("--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     parser.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR exactly in schedule")
     parser.add_argument("--classes", help="class names 'a,b,c' (default: from the data)")

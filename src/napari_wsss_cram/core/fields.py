@@ -17,12 +17,14 @@ _MISSING: Any = dataclasses.MISSING
 
 def setting(default: Any = _MISSING, help: str = "", *, label: str | None = None, step: float | None = None,
             suffix: str | None = None, choices: tuple | None = None, low: float | None = None,
-            high: float | None = None, dock: bool = False, factory: Callable[[], Any] | None = None) -> Any:
+            high: float | None = None, dock: bool = False, factory: Callable[[], Any] | None = None,
+            decimals: int | None = None, none_label: str | None = None) -> Any:
     """A ``dataclasses.field`` with its description in ``metadata``: ``help`` (CLI help and dock tooltip),
-    ``label`` (dock label; default: the name), ``step``/``suffix`` (spin boxes), ``choices`` (a combo box),
-    ``low``/``high`` (bounds when ``core.validate.RANGES`` has none), ``dock`` (shown in the dock's form)."""
+    ``label`` (dock label; default: the name), ``step``/``suffix``/``decimals`` (spin boxes), ``choices`` (a combo
+    box), ``low``/``high`` (bounds when ``core.validate`` has none), ``none_label`` (an optional number: the
+    spin box's lowest value reads this and means None), ``dock`` (shown in the dock's form)."""
     metadata = {"help": help, "label": label, "step": step, "suffix": suffix, "choices": choices, "low": low,
-                "high": high, "dock": dock}
+                "high": high, "dock": dock, "decimals": decimals, "none_label": none_label}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)

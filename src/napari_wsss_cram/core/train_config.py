@@ -17,6 +17,7 @@ import tomli_w
 
 from .data.augment import AugmentConfig
 from .errors import DatasetError
+from .fields import setting
 from .resources import PRESETS_DIR, preset_names, preset_path
 
 try:
@@ -37,12 +38,19 @@ class TrainConfig:
     val: str | None = None           # pixel-labelled set (img/ mask/ [background-mask/]) for best-by-mIoU
     classes: str | None = None       # "a,b,c"; default: from the data
     # schedule
-    epochs: int = 10
-    steps: int | None = None         # total optimiser steps; overrides epochs when set
-    minutes: float | None = None     # wall-clock budget: the run (and its poly schedule) ends when it is spent
-    batch_size: int = 8
+    # (the fields marked dock=True are the Train dock's form, built from this metadata: widgets/_forms.py)
+    epochs: int = setting(10, "Passes over the patches (a time budget or a step count may end training sooner)",
+                          label="Epochs", low=1, high=100_000, dock=True)
+    steps: int | None = setting(None, "Optimiser steps to train (overrides epochs when set)", label="Steps",
+                                step=10, low=0, high=10 ** 9, none_label="by epochs / time", dock=True)
+    minutes: float | None = setting(None, "Wall-clock budget: training (and its poly schedule) ends when it is "
+                                    "spent, or at the steps or epochs if they come first", label="Time budget",
+                                    step=5.0, suffix=" min", low=0.0, high=10 ** 6 - 1,
+                                    none_label="no time limit", dock=True)
+    batch_size: int = setting(8, "Patches per step: lower it when memory runs out", label="Batch", dock=True)
     optimizer: str = "sgd"           # sgd (paper) | adam (short random-init CPU runs)
-    lr: float = 1e-3
+    lr: float = setting(1e-3, "Base learning rate: lower it if the loss becomes NaN", label="Learning rate",
+                        step=1e-4, decimals=6, low=1e-6, high=1.0, dock=True)
     head_lr_mult: float = 10.0       # new layers (DA, attention, ASPP) learn faster, as in DeepLab/EDAM
     momentum: float = 0.9
     weight_decay: float = 2e-4
@@ -50,7 +58,8 @@ class TrainConfig:
     # augmentation: defaults owned by AugmentConfig (the component), written there once
     scale_min: float = AugmentConfig.scale_min
     scale_max: float = AugmentConfig.scale_max
-    crop: int = AugmentConfig.crop
+    crop: int = setting(AugmentConfig.crop, "Training crop size in pixels", label="Crop", step=16, suffix=" px",
+                        dock=True)
     flip: bool = AugmentConfig.flip
     rot90: bool = AugmentConfig.rot90
     jitter: float = AugmentConfig.jitter

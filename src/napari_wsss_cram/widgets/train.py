@@ -10,22 +10,21 @@ from pathlib import Path
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
-    QDoubleSpinBox,
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
     QLabel,
     QProgressBar,
     QPushButton,
-    QSpinBox,
 )
 
 from ..core.errors import WsssCramError
 from ..core.model.config import BACKBONES, ModelConfig
+from ..core.train_config import TrainConfig
 from . import _common as common
-from ._common import spin
 from ._dock import WorkerDock
 from ._export_model import ModelExporter
+from ._forms import SettingsForm
 from ._train_job import (
     PRESETS,
     WEIGHTS,
@@ -105,16 +104,12 @@ class TrainWidget(WorkerDock):
                                           file_filter="PyTorch weights (*.pth *.pt)")
         self.weights_label = QLabel()
         self.weights_label.setWordWrap(True)
-        self.epochs_spin = spin(QSpinBox, 1, 1000)
-        self.steps_spin = spin(QSpinBox, 0, 1_000_000, step=10)
-        self.steps_spin.setSpecialValueText("by epochs / time")
-        self.minutes_spin = spin(QDoubleSpinBox, 0.0, 100_000.0, step=5.0, decimals=1)
-        self.minutes_spin.setSpecialValueText("no time limit")
-        self.minutes_spin.setSuffix(" min")
-        self.minutes_spin.setToolTip("Wall-clock budget: training ends when it is spent (or at Steps, if set)")
-        self.batch_spin = spin(QSpinBox, 1, 256)
-        self.crop_spin = spin(QSpinBox, 32, 1024, step=16)
-        self.lr_spin = spin(QDoubleSpinBox, 1e-6, 1.0, step=1e-4, decimals=6)
+        # the run's length, batch, crop and learning rate: a magicgui form generated from TrainConfig's fields
+        # (core/train_config.py, dock=True); the rest stays Qt: the preset and the device list are not fields, the
+        # backbone lives in the model table, and the weights choice pairs a combo with a file row
+        self.schedule_form = SettingsForm(TrainConfig)
+        self.epochs_spin, self.steps_spin, self.minutes_spin, self.batch_spin, self.lr_spin, self.crop_spin = (
+            self.schedule_form.native_of(name) for name in ("epochs", "steps", "minutes", "batch_size", "lr", "crop"))
         self.device_combo = QComboBox()
         self.device_combo.addItems(common.BASIC_DEVICES)  # GPUs are added once torch is imported (off the GUI)
         self.out_row = common.PathRow("run folder (checkpoints, metrics.csv)")
@@ -126,22 +121,15 @@ class TrainWidget(WorkerDock):
                 (self.weights_combo, "Where the backbone starts: ImageNet (much better; downloaded once into "
                                      "torch's hub cache when chosen), random, or a local weights file"),
                 (self.weights_row, "A .pth file of torchvision ResNet weights for the chosen backbone"),
-                (self.epochs_spin, "Passes over the patches (the time budget or Steps may end training sooner)"),
-                (self.steps_spin, "Optimiser steps to train; 0 = by epochs and time budget"),
-                (self.batch_spin, "Patches per step: lower it when memory runs out"),
-                (self.crop_spin, "Training crop size in pixels"),
-                (self.lr_spin, "Learning rate: lower it if the loss becomes NaN"),
                 (self.device_combo, "Where training runs: auto picks a GPU when there is one"),
                 (self.out_row, "Run folder: checkpoints (last.pt, best.pt), metrics.csv, config.toml"),
                 (self.mix_check, "Also train on patches cut from the corrected labels added below")]:
             widget.setToolTip(tip)
-        self.crop_spin.setSuffix(" px")
         for label, widget in [("Preset", self.preset_combo), ("Backbone", self.backbone_combo),
-                              ("Weights", self.weights_combo), ("", self.weights_row), ("", self.weights_label),
-                              ("Epochs", self.epochs_spin), ("Steps", self.steps_spin),
-                              ("Time budget", self.minutes_spin), ("Batch", self.batch_spin),
-                              ("Crop", self.crop_spin), ("Learning rate", self.lr_spin),
-                              ("Device", self.device_combo), ("Output", self.out_row), ("", self.mix_check)]:
+                              ("Weights", self.weights_combo), ("", self.weights_row), ("", self.weights_label)]:
+            form.addRow(label, widget)
+        form.addRow(self.schedule_form.native)
+        for label, widget in [("Device", self.device_combo), ("Output", self.out_row), ("", self.mix_check)]:
             form.addRow(label, widget)
 
         self.start_button = QPushButton("Start")
@@ -229,12 +217,7 @@ class TrainWidget(WorkerDock):
         self.weights_combo.setCurrentText(weights_label(config.weights))
         if weights_label(config.weights) == "file…":
             self.weights_row.setText(str(config.weights))
-        self.epochs_spin.setValue(config.epochs)
-        self.steps_spin.setValue(config.steps or 0)
-        self.minutes_spin.setValue(config.minutes or 0.0)
-        self.batch_spin.setValue(config.batch_size)
-        self.crop_spin.setValue(config.crop)
-        self.lr_spin.setValue(config.lr)
+        self.schedule_form.set_values(config)
 
     def config(self, resume: bool = False):
         """The TrainConfig of the preset with the dock's fields applied; raises WsssCramError on bad input."""
@@ -247,12 +230,13 @@ class TrainWidget(WorkerDock):
         if val and not Path(val).is_dir():
             raise WsssCramError(f"Validation folder '{val}' does not exist (leave it empty to skip validation).")
         mix = self.corrections_row.text() if self.mix_check.isChecked() else None
+        form = self.schedule_form.values()
         config = preset_config(
             self.preset_combo.currentText(), data=data, out=out, val=val, backbone=self.backbone_combo.currentText(),
-            epochs=self.epochs_spin.value(), steps=self.steps_spin.value() or None,
-            batch_size=self.batch_spin.value(), crop=self.crop_spin.value(), lr=self.lr_spin.value(),
-            device=self.device_combo.currentText(), resume=resume, corrections=mix, weights=self.weights())
-        config = dataclasses.replace(config, minutes=self.minutes_spin.value() or None)
+            device=self.device_combo.currentText(), resume=resume, corrections=mix, weights=self.weights(),
+            **form)
+        # the form's None ("by epochs / time", "no time limit") overrides the preset's value too
+        config = dataclasses.replace(config, steps=form["steps"], minutes=form["minutes"])
         if config.val:  # validate along the way, not only once at the end
             planned = config.steps
             if not planned and self.patch_index is not None and not config.minutes:
