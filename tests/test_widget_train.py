@@ -304,5 +304,5 @@ def test_forward_warnings_takes_only_the_worker_threads_records():
             result = stop.value
             break
     assert result == "result"
-    assert [getattr(e, "stage", e) for e in events] == ["warning", "step 1", "step 2"]
+    assert [getattr(e, "phase", e) for e in events] == ["warning", "step 1", "step 2"]
     assert events[0].info["message"] == "tile 3 needed a smaller batch"

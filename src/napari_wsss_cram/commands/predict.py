@@ -112,12 +112,12 @@ def _progress_printer(rank: int, show_progress: bool):
 
     def on_progress(event) -> None:
         nonlocal bar
-        if event.stage == "warning":  # a note, or an input that failed (the others go on)
+        if event.phase == "warning":  # a note, or an input that failed (the others go on)
             print(f"{'error' if event.info.get('error') else 'note'}: {event.info['message']}", file=sys.stderr)
             return
         if not show_progress:
             return
-        if event.stage == "file":
+        if event.phase == "file":
             if bar is not None:
                 bar.close()
             bar = None

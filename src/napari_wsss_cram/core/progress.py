@@ -31,11 +31,6 @@ class Progress:
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def stage(self) -> str:
-        """The former name of :attr:`phase`, read by docks not yet moved to it; new code reads ``phase``."""
-        return self.phase
-
-    @property
     def fraction(self) -> float:
         return 0.0 if self.total <= 0 else min(1.0, self.done / self.total)
 

@@ -258,7 +258,7 @@ class QuPathImportRun:
         self.cancel_token.cancel()
 
     def _progress(self, event) -> None:
-        if event.stage == "warning":
+        if event.phase == "warning":
             from napari.utils.notifications import show_warning
 
             show_warning(event.info["message"])

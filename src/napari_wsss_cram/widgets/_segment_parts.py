@@ -1,8 +1,10 @@
-"""The Segment dock's own widgets: the model picker, the resolution row and the batch panel.
+"""The Segment dock's own widgets: the model picker, the resolution row, the activation-map row and the batch
+panel.
 
 Hand-built Qt, not magicgui forms: the picker loads a model in a worker thread and shows its card, the resolution
-row converts between a scale and a µm/px through the image's and the model's pixel sizes, and the batch panel is
-two folders and a button; none is a plain dataclass field. The dock wires them (``widgets/segment.py``).
+row converts between a scale and a µm/px through the image's and the model's pixel sizes, the activation-map row
+picks which class's map a layer shows, and the batch panel is two folders and a button; none is a plain dataclass
+field. The dock wires them (``widgets/segment.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QPushButton,
+    QSlider,
     QWidget,
 )
 
@@ -286,3 +289,62 @@ class BatchPanel(QGroupBox):
         form.addRow("Output", self.output)
         form.addRow(self.overwrite)
         form.addRow(self.button)
+
+
+def note_plain_image(layer) -> None:
+    """A PNG/JPEG opened by napari's own reader (the plugin leaves plain images to it) states no µm/px: say so in
+    its metadata as the plugin's reader does, so the pixel size can be entered and the resolution is a scale."""
+    from ..core.io.formats import image_suffix
+
+    meta = getattr(layer, "metadata", None)
+    path = getattr(getattr(layer, "source", None), "path", None)
+    if isinstance(meta, dict) and "mpp" not in meta and path and \
+            image_suffix(path) in (".png", ".jpg", ".jpeg", ".bmp"):
+        meta["mpp"] = None
+
+
+def states_no_mpp(layer) -> bool:
+    """True when the layer is known to lack a µm/px (its reader said so: ``metadata["mpp"]`` is None)."""
+    meta = getattr(layer, "metadata", None)
+    return isinstance(meta, dict) and "mpp" in meta and not meta["mpp"]
+
+
+class ActivationRow(QWidget):
+    """The class whose activation map is shown, and its opacity, in the chosen image's activation layer."""
+
+    def __init__(self, viewer: Any, image_layer: Callable[[], Any]) -> None:
+        super().__init__()
+        self.viewer, self._image_layer = viewer, image_layer
+        self.combo = QComboBox()
+        self.combo.setToolTip("The class whose activation map (where the model sees it) is shown")
+        self.opacity = QSlider(Qt.Horizontal)
+        self.opacity.setRange(0, 100)
+        self.opacity.setValue(50)
+        self.opacity.setToolTip("Opacity of the activation map")
+        row = QHBoxLayout(self)
+        row.setContentsMargins(0, 0, 0, 0)
+        row.addWidget(self.combo, 2)
+        row.addWidget(QLabel("opacity"))
+        row.addWidget(self.opacity, 1)
+        self.combo.currentTextChanged.connect(lambda _: self.show_map())
+        self.opacity.valueChanged.connect(lambda _: self.show_map())
+
+    def layer(self) -> Any:
+        """The activation layer of the chosen image (the newest), or None."""
+        from . import layers as result_layers
+
+        image = self._image_layer()
+        found = [] if image is None else result_layers.result_layers_of(self.viewer, image.name, "activation")
+        return found[-1] if found else None
+
+    def show_map(self) -> None:
+        """Show the chosen class's map, at the chosen opacity, in the image's activation layer."""
+        from . import layers as result_layers
+
+        layer = self.layer()
+        if layer is None:
+            return
+        name = self.combo.currentText()
+        if name in layer.metadata[result_layers.METADATA_KEY].get("classes", []):
+            result_layers.show_activation(layer, name)
+        layer.opacity = self.opacity.value() / 100

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from qtpy.QtCore import Qt, QTimer
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
@@ -14,7 +14,6 @@ from qtpy.QtWidgets import (
     QLabel,
     QProgressBar,
     QPushButton,
-    QSlider,
     QSpinBox,
     QVBoxLayout,
     QWidget,
@@ -26,7 +25,18 @@ from ._common import spin
 from ._dock import WorkerDock
 from ._export_model import ModelExporter
 from ._panels import AdvancedPanel, ExportPanel
-from ._segment_parts import BUNDLED, CHECKPOINT, MPP, SCALE, BatchPanel, ModelPicker, ResolutionRow
+from ._segment_parts import (
+    BUNDLED,
+    CHECKPOINT,
+    MPP,
+    SCALE,
+    ActivationRow,
+    BatchPanel,
+    ModelPicker,
+    ResolutionRow,
+    note_plain_image,
+    states_no_mpp,
+)
 
 __all__ = ["BUNDLED", "CHECKPOINT", "MPP", "SCALE", "SegmentWidget", "progress_text"]
 
@@ -46,24 +56,6 @@ def progress_text(done: int, total: int, seconds: float) -> str:
         left = int(round(seconds / done * (total - done)))
         text += f" · about {left // 60} min {left % 60} s left" if left >= 60 else f" · about {left} s left"
     return text
-
-
-def _note_plain_image(layer) -> None:
-    """A PNG/JPEG opened by napari's own reader (the plugin leaves plain images to it) states no µm/px: say so in
-    its metadata as the plugin's reader does, so the pixel size can be entered and the resolution is a scale."""
-    from ..core.io.formats import image_suffix
-
-    meta = getattr(layer, "metadata", None)
-    path = getattr(getattr(layer, "source", None), "path", None)
-    if isinstance(meta, dict) and "mpp" not in meta and path and \
-            image_suffix(path) in (".png", ".jpg", ".jpeg", ".bmp"):
-        meta["mpp"] = None
-
-
-def _states_no_mpp(layer) -> bool:
-    """True when the layer is known to lack a µm/px (its reader said so: ``metadata["mpp"]`` is None)."""
-    meta = getattr(layer, "metadata", None)
-    return isinstance(meta, dict) and "mpp" in meta and not meta["mpp"]
 
 
 class SegmentWidget(WorkerDock):
@@ -131,18 +123,10 @@ class SegmentWidget(WorkerDock):
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
         self.progress_bar = QProgressBar()
-        self.activation_combo = QComboBox()
-        self.activation_combo.setToolTip("The class whose activation map (where the model sees it) is shown")
-        self.opacity_slider = QSlider(Qt.Horizontal)
-        self.opacity_slider.setRange(0, 100)
-        self.opacity_slider.setValue(50)
-        self.opacity_slider.setToolTip("Opacity of the activation map")
-        activation_row = QHBoxLayout()
-        activation_row.addWidget(self.activation_combo, 2)
-        activation_row.addWidget(QLabel("opacity"))
-        activation_row.addWidget(self.opacity_slider, 1)
+        self.activation_row = ActivationRow(self.viewer, self.image_layer)
+        self.activation_combo, self.opacity_slider = self.activation_row.combo, self.activation_row.opacity
         view_form = QFormLayout()
-        view_form.addRow("Activation map", activation_row)
+        view_form.addRow("Activation map", self.activation_row)
 
         batch_box = self.batch_panel = BatchPanel()
         self.batch_in, self.batch_out = batch_box.inputs, batch_box.output
@@ -204,8 +188,6 @@ class SegmentWidget(WorkerDock):
             lambda: self.exporter.ask(self.info.path if self.info is not None else None))
         self.export_panel.qupath_button.clicked.connect(lambda: self.import_qupath())
         self.cancel_button.clicked.connect(self.cancel)
-        self.activation_combo.currentTextChanged.connect(lambda _: self.show_activation())
-        self.opacity_slider.valueChanged.connect(lambda _: self.show_activation())
 
     def _refresh_layer_choices(self, event=None) -> None:
         from napari.layers import Image, Labels
@@ -228,7 +210,7 @@ class SegmentWidget(WorkerDock):
             self._validate()
 
     def _image_changed(self, *_args) -> None:
-        _note_plain_image(self.image_layer())
+        note_plain_image(self.image_layer())
         self._show_pixel_size()
         # a default chosen before this image was known may not suit it (a model's µm/px on a PNG without one)
         if not self.resolution.chosen:
@@ -314,7 +296,7 @@ class SegmentWidget(WorkerDock):
         layer known to lack a µm/px gets the training scale."""
         if self.info is None:  # no model yet (it loads in the background): nothing to default to
             return
-        self.resolution.set_default(self.info, image_has_mpp=not _states_no_mpp(self.image_layer()))
+        self.resolution.set_default(self.info, image_has_mpp=not states_no_mpp(self.image_layer()))
 
     def image_mpp(self) -> float | None:
         """µm/px of the chosen image layer's level 0, when its file states it."""
@@ -370,7 +352,7 @@ class SegmentWidget(WorkerDock):
         from ..core.inference import build_predict_settings
 
         return build_predict_settings(
-            self.info, self.resolution.resolution(), image_has_mpp=batch or not _states_no_mpp(self.image_layer()), gui=True,
+            self.info, self.resolution.resolution(), image_has_mpp=batch or not states_no_mpp(self.image_layer()), gui=True,
             **self.advanced.predict_form.values(), crf_params=CRFParams(**self.advanced.crf_form.values()),
             output_level=self.level_spin.value(), device=self.device_combo.currentText(), with_cam=not batch)
 
@@ -459,7 +441,7 @@ class SegmentWidget(WorkerDock):
         self.say(f"Segmenting… warning: {text}", warning=True)
 
     def on_progress(self, event) -> None:
-        if event.stage == "file":  # batch: one step per image
+        if event.phase == "file":  # batch: one step per image
             self._file = (event.done, event.total, event.info.get("name", ""))
             self.progress_bar.setMaximum(max(event.total, 1))
             self.progress_bar.setValue(event.done)
@@ -548,19 +530,11 @@ class SegmentWidget(WorkerDock):
 
     def activation_layer(self):
         """The activation layer of the chosen image (the newest), or None."""
-        layer = self.image_layer()
-        found = [] if layer is None else result_layers.result_layers_of(self.viewer, layer.name, "activation")
-        return found[-1] if found else None
+        return self.activation_row.layer()
 
     def show_activation(self) -> None:
         """Show the chosen class's map, at the chosen opacity, in the image's activation layer."""
-        layer = self.activation_layer()
-        if layer is None:
-            return
-        name = self.activation_combo.currentText()
-        if name in layer.metadata[result_layers.METADATA_KEY].get("classes", []):
-            result_layers.show_activation(layer, name)
-        layer.opacity = self.opacity_slider.value() / 100
+        self.activation_row.show_map()
 
     def update_composition(self) -> dict | None:
         return self.export_panel.update_composition()

@@ -378,7 +378,7 @@ class TrainWidget(WorkerDock):
             # the curves go on across the recipe's stages: each stage's steps follow the previous one's
             self._recipe_index, self._step_offset = recipe["index"], self._step_offset + self._last_step
             self._last_step = self._total = 0  # each stage has its own step total
-        if event.stage == "train":
+        if event.phase == "train":
             self._last_step = event.done
             self._total = steady_total(self._total, event.total, event.done)
             self.progress_bar.setMaximum(max(self._total, 1))
@@ -388,13 +388,13 @@ class TrainWidget(WorkerDock):
             eta = info.get("eta")
             self.eta_label.setText(f"{stage}step {event.done}/{self._total}, epoch {info.get('epoch', 0) + 1}"
                                    + ("" if eta is None else f", ETA {int(eta) // 60} min {int(eta) % 60} s"))
-        elif event.stage == "pseudo-labels":
+        elif event.phase == "pseudo-labels":
             self.progress_bar.setMaximum(max(event.total, 1))
             self.progress_bar.setValue(event.done)
             self.eta_label.setText(f"{stage}pseudo-labels {event.done}/{event.total}")
-        elif event.stage == "val" and info.get("mIoU") is not None:
+        elif event.phase == "val" and info.get("mIoU") is not None:
             self.plot.add_miou(self._step_offset + event.done, float(info["mIoU"]))
-        elif event.stage == "data":
+        elif event.phase == "data":
             self.eta_label.setText(str(info.get("summary", "")).splitlines()[0])
             if info.get("weights"):
                 self.say(f"Training from {info['weights']}… (Cancel keeps a usable last checkpoint)")
