@@ -28,7 +28,6 @@ filtered on a permutohedral lattice (Adams et al. 2010) and symmetrically normal
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import threading
@@ -40,6 +39,7 @@ import numpy as np
 
 from .errors import DependencyError, WsssCramError
 from .fields import setting
+from .helper_process import kill_pool, start_helper_pool
 from .progress import CancelToken
 
 log = logging.getLogger(__name__)
@@ -109,14 +109,6 @@ def resolve_backend(params: CRFParams | None, device: object = None) -> str:
     return "pydensecrf" if importlib.util.find_spec("pydensecrf") is not None else "torch"
 
 
-def ignore_interrupts() -> None:
-    """Worker-process initializer: Ctrl-C goes to the main process, which stops the pool; a worker that got it
-    too would print its own KeyboardInterrupt traceback over the main process's clean message."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def _densecrf_module():
     """Import pydensecrf lazily so that a missing install fails with a hint, not an obscure ImportError."""
     try:
@@ -177,16 +169,7 @@ HELPER_START_TIMEOUT = 60.0
 
 def _start_helper():
     """The helper pool, started and proven (a no-op answered) within HELPER_START_TIMEOUT; raises on failure."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=ignore_interrupts)
-    try:
-        pool.submit(_helper_ping).result(timeout=HELPER_START_TIMEOUT)
-    except BaseException:
-        _stop_helper(pool)
-        raise
-    return pool
+    return start_helper_pool(HELPER_START_TIMEOUT)
 
 
 def _helper_failure_reason(err: BaseException) -> str:
@@ -201,19 +184,6 @@ def _helper_failure_reason(err: BaseException) -> str:
     if isinstance(err, TimeoutError) or type(err).__name__ == "TimeoutError":
         return f"it did not answer within {HELPER_START_TIMEOUT:g} s"
     return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
-
-
-def _helper_ping() -> bool:
-    return True
-
-
-def _stop_helper(pool) -> None:
-    """Stop a helper pool at once, killing its process (a CRF in it may run for long)."""
-    for proc in list((getattr(pool, "_processes", None) or {}).values()):
-        with contextlib.suppress(Exception):
-            proc.kill()
-    with contextlib.suppress(Exception):
-        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def dense_crf_isolated(image: np.ndarray, probs: np.ndarray, params: CRFParams | None = None,
@@ -272,7 +242,7 @@ def _drop_helper(helper) -> None:
     with _HELPER_LOCK:
         if _HELPER is helper:
             _HELPER = None
-    _stop_helper(helper)
+    kill_pool(helper)
 
 
 def _dense_crf_pydensecrf(image: np.ndarray, probs: np.ndarray, params: CRFParams,

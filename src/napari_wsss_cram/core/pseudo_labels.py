@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .classes import IGNORE_INDEX
-from .crf import CRFParams, dense_crf, dense_crf_isolated, dense_crf_torch, ignore_interrupts, resolve_backend
+from .crf import CRFParams, dense_crf, dense_crf_isolated, dense_crf_torch, resolve_backend
+from .helper_process import ignore_interrupts
 from .model.config import ModelConfig
 from .progress import CancelToken, Progress
 from .tissue import GRAY_WEIGHTS, TISSUE_THRESHOLD

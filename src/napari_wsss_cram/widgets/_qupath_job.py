@@ -12,7 +12,6 @@ Nothing here imports Qt at module level: the helper process imports this module.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
@@ -21,6 +20,7 @@ from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..core.helper_process import kill_pool, start_helper_pool
 from ..core.progress import CancelToken, Progress
 
 log = logging.getLogger(__name__)
@@ -126,39 +126,17 @@ def needs_helper(path: str, shapes: Sequence[tuple[int, int]], max_side: int = M
     return False
 
 
-def _ping() -> bool:
-    return True
-
-
 def _helper():
     """The helper process pool (spawned once, then kept), or None when it cannot start (then: in the thread)."""
     global _HELPER
     with _HELPER_LOCK:
         if _HELPER is None:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
-            from ..core.crf import ignore_interrupts
-
-            pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                       initializer=ignore_interrupts)
             try:
-                pool.submit(_ping).result(timeout=HELPER_START_TIMEOUT)
+                _HELPER = start_helper_pool(HELPER_START_TIMEOUT)
             except Exception as err:  # noqa: BLE001 - any failure to start: read in the worker thread
-                _kill(pool)
                 log.info("The GeoJSON helper process could not start (%s): reading in a thread.", err)
                 return None
-            _HELPER = pool
         return _HELPER
-
-
-def _kill(pool) -> None:
-    """Stop a helper pool at once (a long rasterisation in it would otherwise run on)."""
-    for proc in list((getattr(pool, "_processes", None) or {}).values()):
-        with contextlib.suppress(Exception):
-            proc.kill()
-    with contextlib.suppress(Exception):
-        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _drop_helper(pool) -> None:
@@ -166,7 +144,7 @@ def _drop_helper(pool) -> None:
     with _HELPER_LOCK:
         if _HELPER is pool:
             _HELPER = None
-    _kill(pool)
+    kill_pool(pool)
 
 
 def import_job(path: str, candidates: Sequence[tuple[int, int]], classes, class_map, cancel: CancelToken,

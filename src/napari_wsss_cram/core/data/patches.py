@@ -324,7 +324,23 @@ def strong_mask_path(patch: Path) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
-class PatchDataset:
+class EpochSeededDataset:
+    """A map-style dataset whose item ``i`` is augmented with a generator seeded from ``(seed, epoch, i)``: the
+    same item of the same epoch is the same crop in any worker process and after a resume."""
+
+    seed: int = 0
+    epoch: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Call before each epoch (workers are not persistent, so they pick it up)."""
+        self.epoch = int(epoch)
+
+    def item_rng(self, i: int) -> np.random.Generator:
+        """The augmentation generator of item ``i`` in the current epoch."""
+        return np.random.default_rng([self.seed, self.epoch, int(i)])
+
+
+class PatchDataset(EpochSeededDataset):
     """Map-style dataset of augmented patches for a torch ``DataLoader``.
 
     Item ``i`` is ``{"image": rgb uint8 (crop, crop, 3), "labels": float32 (K,), "index": i,
@@ -347,16 +363,13 @@ class PatchDataset:
         """How many patches carry a pixel mask."""
         return sum(m is not None for m in self.strong_masks)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
     def __len__(self) -> int:
         return len(self.index)
 
     def __getitem__(self, i: int):
         from .augment import augment
 
-        rng = np.random.default_rng([self.seed, self.epoch, int(i)])
+        rng = self.item_rng(i)
         rgb = load_patch_rgb(self.index.paths[i])
         mask = None
         if self.strong_masks[i] is not None:

@@ -15,7 +15,7 @@ import numpy as np
 from ..classes import IGNORE_INDEX, ClassSpec, class_spec_from_names
 from ..errors import DatasetError
 from ..io.formats import FLAT_SUFFIXES, MASK_SUFFIXES, is_image_file
-from .patches import read_classes_file
+from .patches import EpochSeededDataset, read_classes_file
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,7 @@ def load_pixel_sample(sample: PixelSample, classes: ClassSpec) -> tuple[np.ndarr
     return rgb, load_mask(sample, classes, rgb.shape[:2])
 
 
-class PixelDataset:
+class PixelDataset(EpochSeededDataset):
     """Map-style dataset of augmented (image, mask) crops for stage-2 training.
 
     Item ``i`` is ``{"image": rgb uint8 (crop, crop, 3), "target": mask int64 (crop, crop), "weight": float32,
@@ -158,16 +158,13 @@ class PixelDataset:
         self.weights = list(weights) if weights is not None else [1.0] * len(self.samples)
         self.epoch = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
         from .augment import augment
 
-        rng = np.random.default_rng([self.seed, self.epoch, int(i)])
+        rng = self.item_rng(i)
         rgb, mask = load_pixel_sample(self.samples[i], self.classes)
         rgb, mask = augment(rgb, self.augment_config, rng, mask)
         return {"image": rgb, "target": mask.astype(np.int64), "weight": np.float32(self.weights[i]), "index": int(i)}
