@@ -51,7 +51,7 @@ def test_dock_reports_a_crf_helper_that_cannot_start_and_falls_back_in_process(m
         raise OSError("no new processes allowed here")
 
     # what a host that cannot spawn sees (a script on standard input, a sandbox): the helper never answers
-    monkeypatch.setattr(crf_module, "_HELPER", None)
+    monkeypatch.setattr(crf_module._HELPER, "pool", None)
     monkeypatch.setattr(crf_module, "HELPER_FAILURE", None)
     monkeypatch.setattr(crf_module, "_start_helper", cannot_start)
     viewer = make_napari_viewer()

@@ -39,7 +39,7 @@ import numpy as np
 
 from .errors import DependencyError, WsssCramError
 from .fields import setting
-from .helper_process import kill_pool, start_helper_pool
+from .helper_process import HelperSlot, start_helper_pool
 from .progress import CancelToken
 
 log = logging.getLogger(__name__)
@@ -159,8 +159,7 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams | None = N
     return _dense_crf_pydensecrf(image, probs, params, cancel)
 
 
-_HELPER = None  # the process that runs pydensecrf for dense_crf_isolated (started on first use, then kept)
-_HELPER_LOCK = threading.Lock()
+_HELPER = HelperSlot()  # the process that runs pydensecrf for dense_crf_isolated (started on first use, then kept)
 #: why the helper could not start (then every call runs in-process); None while it works or is untried
 HELPER_FAILURE: str | None = None
 #: seconds the helper may take to start (spawn + imports) before the work falls back to this process
@@ -198,21 +197,21 @@ def dense_crf_isolated(image: np.ndarray, probs: np.ndarray, params: CRFParams |
     reason is logged as a warning (the docks show it) and the CRF runs in this process. ``cancel`` is checked
     while waiting; a cancelled CRF's helper is killed (it is restarted on next use).
     """
-    global _HELPER, HELPER_FAILURE
+    global HELPER_FAILURE
     params = params or CRFParams()
     if resolve_backend(params) != "pydensecrf":
         return dense_crf(image, probs, params, cancel)
     image, probs = np.asarray(image), np.asarray(probs)
     _check_inputs(image, probs)  # errors are raised here, in the caller's words, not in the helper
-    with _HELPER_LOCK:
-        if _HELPER is None and HELPER_FAILURE is None:
+    with _HELPER.lock:
+        if _HELPER.pool is None and HELPER_FAILURE is None:
             try:
-                _HELPER = _start_helper()
+                _HELPER.pool = _start_helper()
             except Exception as err:  # noqa: BLE001 - any failure to start means: run in-process
                 HELPER_FAILURE = _helper_failure_reason(err)
                 log.warning("The CRF helper process could not start (%s); the CRF runs in this process instead "
                             "(the window may respond slowly while it runs).", HELPER_FAILURE)
-        helper = _HELPER
+        helper = _HELPER.pool
     if helper is None:
         return dense_crf(image, probs, params, cancel)
     from concurrent.futures import TimeoutError as FutureTimeout
@@ -226,23 +225,15 @@ def dense_crf_isolated(image: np.ndarray, probs: np.ndarray, params: CRFParams |
                 return future.result(timeout=0.1)
             except FutureTimeout:
                 if cancel is not None and cancel.cancelled:
-                    _drop_helper(helper)
+                    _HELPER.drop(helper)
                     cancel.raise_if_cancelled()
     except BrokenProcessPool as err:  # the helper died: report, and run this one here
-        _drop_helper(helper)
+        _HELPER.drop(helper)
         log.warning("The CRF helper process stopped (%s); the CRF runs in this process instead.", err)
         return dense_crf(image, probs, params, cancel)
     except BaseException:  # KeyboardInterrupt (SIGTERM in the CLI): do not leave the helper computing
-        _drop_helper(helper)
+        _HELPER.drop(helper)
         raise
-
-
-def _drop_helper(helper) -> None:
-    global _HELPER
-    with _HELPER_LOCK:
-        if _HELPER is helper:
-            _HELPER = None
-    kill_pool(helper)
 
 
 def _dense_crf_pydensecrf(image: np.ndarray, probs: np.ndarray, params: CRFParams,

@@ -5,6 +5,7 @@ holds the GIL for seconds. Qt-free."""
 from __future__ import annotations
 
 import contextlib
+import threading
 from concurrent.futures import ProcessPoolExecutor
 
 
@@ -42,3 +43,19 @@ def kill_pool(pool: ProcessPoolExecutor) -> None:
             proc.kill()
     with contextlib.suppress(Exception):
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+class HelperSlot:
+    """The one helper pool kept for a purpose (``pool``: started on first use under ``lock``, then kept; dropped
+    and killed when a job in it is cancelled or it breaks, so the next use starts a fresh one)."""
+
+    def __init__(self) -> None:
+        self.pool: ProcessPoolExecutor | None = None
+        self.lock = threading.Lock()
+
+    def drop(self, pool: ProcessPoolExecutor) -> None:
+        """Forget ``pool`` if it is still the kept one, and kill it."""
+        with self.lock:
+            if self.pool is pool:
+                self.pool = None
+        kill_pool(pool)

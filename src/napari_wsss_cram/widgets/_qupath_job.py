@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..core.helper_process import kill_pool, start_helper_pool
+from ..core.helper_process import HelperSlot, start_helper_pool
 from ..core.progress import CancelToken, Progress
 
 log = logging.getLogger(__name__)
@@ -34,8 +33,7 @@ MAX_SIDE = 8192
 #: Seconds the helper may take to start (spawn + imports) before the import runs in the worker thread.
 HELPER_START_TIMEOUT = 60.0
 
-_HELPER = None
-_HELPER_LOCK = threading.Lock()
+_HELPER = HelperSlot()  # the process that reads and rasterises large GeoJSON files
 
 
 def choose_image(bounds: tuple[float, float, float, float], candidates: Sequence[tuple[int, int]]) -> int | None:
@@ -128,23 +126,14 @@ def needs_helper(path: str, shapes: Sequence[tuple[int, int]], max_side: int = M
 
 def _helper():
     """The helper process pool (spawned once, then kept), or None when it cannot start (then: in the thread)."""
-    global _HELPER
-    with _HELPER_LOCK:
-        if _HELPER is None:
+    with _HELPER.lock:
+        if _HELPER.pool is None:
             try:
-                _HELPER = start_helper_pool(HELPER_START_TIMEOUT)
+                _HELPER.pool = start_helper_pool(HELPER_START_TIMEOUT)
             except Exception as err:  # noqa: BLE001 - any failure to start: read in the worker thread
                 log.info("The GeoJSON helper process could not start (%s): reading in a thread.", err)
                 return None
-        return _HELPER
-
-
-def _drop_helper(pool) -> None:
-    global _HELPER
-    with _HELPER_LOCK:
-        if _HELPER is pool:
-            _HELPER = None
-    kill_pool(pool)
+        return _HELPER.pool
 
 
 def import_job(path: str, candidates: Sequence[tuple[int, int]], classes, class_map, cancel: CancelToken,
@@ -172,11 +161,11 @@ def import_job(path: str, candidates: Sequence[tuple[int, int]], classes, class_
                 return future.result(timeout=0.1)
             except FutureTimeout:
                 if cancel.cancelled:
-                    _drop_helper(pool)
+                    _HELPER.drop(pool)
                     cancel.raise_if_cancelled()
                 yield Progress("qupath", int(time.monotonic() - started), 0, {"file": name, "stage": "filling"})
     except BrokenProcessPool as err:  # the helper died (e.g. out of memory): say so, try here
-        _drop_helper(pool)
+        _HELPER.drop(pool)
         log.warning("The GeoJSON helper process stopped (%s); reading %s here instead.", err, name)
         return rasterise(path, candidates, classes, class_map, max_side, fixed)
 
