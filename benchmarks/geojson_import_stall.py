@@ -48,7 +48,7 @@ def main() -> None:
 
     from napari_wsss_cram import _reader
     from napari_wsss_cram.core.classes import WSSS4LUAD
-    from napari_wsss_cram.core.io.outputs import write_geojson
+    from napari_wsss_cram.core.io.qupath import write_geojson
 
     labels = region_labels(args.size)
     path = Path(tempfile.mkdtemp()) / "region.geojson"

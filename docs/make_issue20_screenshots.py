@@ -30,7 +30,8 @@ def main() -> None:
     from make_screenshots import grab, settle, wait_for
 
     from napari_wsss_cram._sample_data import sample_patch_paths
-    from napari_wsss_cram.core.io.outputs import labels_to_geojson, read_index_png
+    from napari_wsss_cram.core.io.png import read_index_png
+    from napari_wsss_cram.core.io.qupath import labels_to_geojson
     from napari_wsss_cram.core.resources import demo_model_path
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

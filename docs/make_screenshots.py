@@ -85,7 +85,8 @@ def shoot(size: tuple[int, int], checkpoint: Path, out: Path, slide: bool = True
 
     import napari
 
-    from napari_wsss_cram.core.io.outputs import labels_to_geojson, read_index_png
+    from napari_wsss_cram.core.io.png import read_index_png
+    from napari_wsss_cram.core.io.qupath import labels_to_geojson
     from napari_wsss_cram.widgets.layers import result_layers_of
 
     tag = f"{size[0]}x{size[1]}"

@@ -239,7 +239,7 @@ class ExportPanel(QGroupBox):
 
     def update_composition(self) -> dict | None:
         """Refresh the composition table from the chosen Labels layer; return the core's composition dict."""
-        from ..core.io.outputs import composition, describe_tsr
+        from ..core.composition import composition, describe_tsr
 
         layer = self.labels_layer()
         self.composition_table.setRowCount(0)
@@ -261,7 +261,7 @@ class ExportPanel(QGroupBox):
                      "—" if fraction is None else f"{100 * fraction:.1f}"]
             for c, text in enumerate(cells):
                 self.composition_table.setItem(r, c, QTableWidgetItem(text))
-        # one definition everywhere (core.io.outputs.tumor_stroma_ratio): the batch CSV says the same number
+        # one definition everywhere (core.composition.tumor_stroma_ratio): the batch CSV says the same number
         self.ratio_label.setText(describe_tsr(table))
         return table
 
@@ -269,7 +269,7 @@ class ExportPanel(QGroupBox):
         """Copy the composition table to the clipboard as CSV (pastes into a spreadsheet); return the text."""
         from qtpy.QtWidgets import QApplication
 
-        from ..core.io.outputs import composition_csv
+        from ..core.composition import composition_csv
 
         table = self.update_composition()
         if table is None:

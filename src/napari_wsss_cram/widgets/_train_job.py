@@ -200,8 +200,9 @@ def add_corrected_example(image_layer, labels_layer, folder: str | Path) -> list
     from ..core.classes import WSSS4LUAD
     from ..core.data.patchify import patchify
     from ..core.data.pixel import discover_pixel_dataset
+    from ..core.io.atomic import atomic_path
     from ..core.io.images import to_rgb_uint8
-    from ..core.io.outputs import atomic_path, write_index_png
+    from ..core.io.png import write_index_png
     from .layers import classes_of_layer
 
     classes = classes_of_layer(labels_layer) or WSSS4LUAD
