@@ -143,6 +143,7 @@ class TrainWidget(WorkerDock):
             buttons.addWidget(button)
         self.progress_bar = QProgressBar()
         self.eta_label = QLabel()
+        self.eta_label.setWordWrap(True)  # a long stage title must not widen the dock past a 1366-px screen
         self.plot = TrainingPlot(self)
         self.use_button = QPushButton("Use this model")
         self.use_button.setToolTip("Segment with this run's checkpoint (best, else last) in the Segment dock")
