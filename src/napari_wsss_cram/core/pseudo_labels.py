@@ -451,7 +451,7 @@ def make_pseudo_labels(checkpoint: str | Path, patches: str | Path, out_dir: str
                 label = segmentation_pseudo_label(probs[0].float().cpu().numpy(), big, index.labels[i],
                                                   model.config.tissue_threshold, refine=refine)
             else:
-                label = labeller.label(cam[:1].float().clamp_min(0), torch.from_numpy(np.ascontiguousarray(big))[None],
+                label = labeller.label(cam[:1].float().clamp_min(0), torch.from_numpy(np.require(big, None, ["C", "W"]))[None],
                                        torch.from_numpy(np.asarray(index.labels[i]))[None])[0].cpu().numpy()
             if label.shape != (h, w):
                 label = np.asarray(Image.fromarray(label).resize((w, h), Image.NEAREST))
