@@ -1,6 +1,6 @@
 """A small live plot for the Train dock: loss terms and validation mIoU per step.
 
-Drawing runs on the GUI thread, so it is kept cheap (issue 20, item 11: training stalled napari up to 1.3 s): the
+Drawing runs on the GUI thread, so it is kept cheap (redrawing everything on each point stalled napari for seconds while training): the
 curves are Line2D objects updated in place (not axes cleared and re-plotted), the layout is fixed (no
 constrained-layout solve per draw), the legend is rebuilt only when a curve appears, and new points are drawn by
 one coalesced timer at most every MIN_REDRAW_SECONDS, never inside the progress handler itself.
