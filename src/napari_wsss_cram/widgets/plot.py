@@ -36,7 +36,7 @@ class TrainingPlot(FigureCanvasQTAgg):
         self.setParent(parent)
         self.setMinimumHeight(200)
         # a fixed layout: constrained layout re-solved it at every draw (most of a draw's time)
-        self.figure.subplots_adjust(left=0.1, right=0.98, bottom=0.2, top=0.88, wspace=0.3)
+        self.figure.subplots_adjust(left=0.1, right=0.98, bottom=0.2, top=0.82, wspace=0.3)
         self.loss_axes = self.figure.add_subplot(1, 2, 1)
         self.miou_axes = self.figure.add_subplot(1, 2, 2)
         self.losses: dict[str, tuple[list[int], list[float]]] = {}
@@ -58,8 +58,8 @@ class TrainingPlot(FigureCanvasQTAgg):
         self.miou_line = None
         self.loss_axes.clear()
         self.miou_axes.clear()
-        self._style(self.loss_axes, "loss (lower = better)", "step")
-        self._style(self.miou_axes, "validation mIoU (higher = better)", "step")
+        self._style(self.loss_axes, "loss\n(lower is better)", "step")
+        self._style(self.miou_axes, "validation mIoU\n(higher is better)", "step")
         self.miou_axes.set_ylim(0, 1)
         self._redraw()
 
@@ -88,7 +88,7 @@ class TrainingPlot(FigureCanvasQTAgg):
 
     def _style(self, axes, title: str, xlabel: str) -> None:
         axes.set_facecolor("#262930")
-        axes.set_title(title, color="white", fontsize=9)
+        axes.set_title(title, color="white", fontsize=8)
         axes.set_xlabel(xlabel, color="white", fontsize=8)
         axes.tick_params(colors="white", labelsize=7)
         for spine in axes.spines.values():
