@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .device import tensor_of
 from .errors import DependencyError, WsssCramError
 from .fields import setting
 from .helper_process import HelperSlot, start_helper_pool
@@ -153,7 +154,7 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams | None = N
         import torch
 
         refined = dense_crf_torch(torch.from_numpy(np.require(image, np.uint8, ["C", "W"]))[None],
-                                  torch.from_numpy(np.ascontiguousarray(probs, dtype=np.float32))[None], params,
+                                  tensor_of(probs, np.float32)[None], params,
                                   cancel=cancel)
         return refined[0].numpy()
     return _dense_crf_pydensecrf(image, probs, params, cancel)

@@ -36,3 +36,13 @@ def resolve_device(name: str | None = "auto") -> Any:
     if device.type == "mps" and not has_mps:
         raise WsssCramError(f"Device '{name}' was asked for but MPS is not available here; use cpu or auto.")
     return device
+
+
+def tensor_of(array: Any, dtype: Any = None) -> Any:
+    """``array`` as a CPU torch tensor sharing its memory where it can: C-contiguous and writable (a read-only
+    array, e.g. a decoded image or a memory-mapped tile, is copied once; torch warns on and may write through a
+    read-only buffer)."""
+    import numpy as np
+    import torch
+
+    return torch.from_numpy(np.require(array, dtype, ["C", "W"]))

@@ -33,6 +33,7 @@ import numpy as np
 
 from .classes import IGNORE_INDEX
 from .crf import CRFParams, dense_crf, dense_crf_isolated, dense_crf_torch, resolve_backend
+from .device import tensor_of
 from .helper_process import ignore_interrupts
 from .model.config import ModelConfig
 from .progress import CancelToken, Progress
@@ -145,7 +146,7 @@ def reliable_pseudo_labels(maps, image: np.ndarray, labels, alpha: float = Model
     if image.dtype != np.uint8:
         raise ValueError(f"image must be uint8, got {image.dtype}.")
     out = reliable_pseudo_labels_batch(torch.from_numpy(maps)[None],
-                                       torch.from_numpy(np.ascontiguousarray(image[..., :3]))[None],
+                                       tensor_of(image[..., :3])[None],
                                        torch.from_numpy(labels)[None], alpha, beta, crf, tissue_threshold,
                                        background_needs_white, crf_isolated)
     return out[0].numpy()
@@ -310,10 +311,10 @@ def segmentation_pseudo_label(probs: np.ndarray, image: np.ndarray, labels, tiss
     from .tissue import near_white_mask, restrict_to_tissue
 
     labels = np.asarray(labels, dtype=np.float32).reshape(1, -1)
-    p = torch.from_numpy(np.ascontiguousarray(probs, dtype=np.float32))[None]
+    p = tensor_of(probs, np.float32)[None]
     white = None
     if tissue_threshold is not None:
-        white = near_white_mask(torch.from_numpy(np.ascontiguousarray(image[..., :3])).float()[None], tissue_threshold)
+        white = near_white_mask(tensor_of(image[..., :3]).float()[None], tissue_threshold)
     presence = torch.from_numpy(labels)
     if not labels.any():  # no class present: nothing to restrict to, keep the model's own answer
         presence = None
@@ -321,7 +322,7 @@ def segmentation_pseudo_label(probs: np.ndarray, image: np.ndarray, labels, tiss
     if refine == "par":  # "stain" is applied per crop by make_pseudo_labels, after the arg-max
         from .par import pixel_adaptive_refine
 
-        rgb = torch.from_numpy(np.ascontiguousarray(image[..., :3])).permute(2, 0, 1)[None].float()
+        rgb = tensor_of(image[..., :3]).permute(2, 0, 1)[None].float()
         restricted = restrict_to_tissue(pixel_adaptive_refine(rgb, restricted), white, None)
     elif refine not in PSEUDO_LABEL_REFINEMENTS:
         raise ValueError(f"refine must be one of {', '.join(PSEUDO_LABEL_REFINEMENTS)}, got '{refine}'.")
@@ -333,13 +334,12 @@ def segmentation_pseudo_label(probs: np.ndarray, image: np.ndarray, labels, tiss
 
 def _tissue_mask(rgb: np.ndarray, tissue_threshold: float | None) -> np.ndarray:
     """bool (H, W): the patch's tissue, by the same near-white rule as its labels."""
-    import torch
 
     from .tissue import near_white_mask
 
     if tissue_threshold is None:
         return np.ones(rgb.shape[:2], bool)
-    rgb_t = torch.from_numpy(np.ascontiguousarray(rgb[..., :3])).float()[None]
+    rgb_t = tensor_of(rgb[..., :3]).float()[None]
     return ~near_white_mask(rgb_t, tissue_threshold)[0].numpy()
 
 
@@ -451,7 +451,7 @@ def make_pseudo_labels(checkpoint: str | Path, patches: str | Path, out_dir: str
                 label = segmentation_pseudo_label(probs[0].float().cpu().numpy(), big, index.labels[i],
                                                   model.config.tissue_threshold, refine=refine)
             else:
-                label = labeller.label(cam[:1].float().clamp_min(0), torch.from_numpy(np.require(big, None, ["C", "W"]))[None],
+                label = labeller.label(cam[:1].float().clamp_min(0), tensor_of(big)[None],
                                        torch.from_numpy(np.asarray(index.labels[i]))[None])[0].cpu().numpy()
             if label.shape != (h, w):
                 label = np.asarray(Image.fromarray(label).resize((w, h), Image.NEAREST))

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from ..crf import dense_crf, dense_crf_isolated, dense_crf_torch, resolve_backend
+from ..device import tensor_of
 from ..errors import OutOfMemoryError
 from ..progress import CancelToken, Progress
 from ..tiling import (
@@ -97,9 +98,7 @@ class TileRunner:
         hit = self._taps_cache.get(key) if cache else None
         if hit is not None and hit[0] is taps:  # the cache holds ``taps`` alive, so its id is not reused
             return hit[1]
-        torch = self.torch
-        converted = tuple(torch.from_numpy(np.ascontiguousarray(a)).to(self.device, non_blocking=True)
-                          for a in taps)
+        converted = tuple(tensor_of(a).to(self.device, non_blocking=True) for a in taps)
         if cache:
             if len(self._taps_cache) > 4096:
                 self._taps_cache.clear()
@@ -108,8 +107,7 @@ class TileRunner:
 
     def _work_tile(self, job: TileJob) -> Any:
         """uint8 read-grid footprint -> float (H, W, 3) work tile, quantized like a uint8 image."""
-        torch = self.torch
-        block = torch.from_numpy(np.ascontiguousarray(job.block))
+        block = tensor_of(job.block)
         if self.cuda:
             block = block.pin_memory().to(self.device, non_blocking=True)
         x = _lerp(block.float(), 0, self._taps(job.in_rows))
