@@ -68,6 +68,9 @@ def test_dock_import_of_derived_classes_says_what_it_did(make_napari_viewer, qtb
     viewer = make_napari_viewer()
     viewer.add_image(np.resize(he_like_image(32), (20, 20, 3)), name="patch", rgb=True)
     _, widget = viewer.window.add_plugin_dock_widget("napari-wsss-cram", "Segment")
+    # the bundled model loads in the background and says so when done: let it, so its message cannot land
+    # after the import's (a CI run lost "Imported..." that way)
+    qtbot.waitUntil(lambda: widget.model is not None, timeout=60_000)
     assert widget.import_qupath(path) is not None
     qtbot.waitUntil(lambda: "qupath: patch" in viewer.layers, timeout=20_000)
     assert (viewer.layers["qupath: patch"].data[:10] == T).all()
