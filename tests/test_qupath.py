@@ -176,6 +176,35 @@ def test_import_paint_export_reimport_is_pixel_exact(make_napari_viewer, qtbot, 
 
 
 @pytest.mark.gui
+def test_the_import_result_is_the_last_thing_the_dock_is_told(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+    """napari's progress bar processes events while it repaints, so a result that arrives while a progress event
+    is being handled is handled inside that handler: the dock must still end on the result, not on "Importing..."
+    (a CI run left "Importing qupath.geojson..." in the Segment dock after the layer was added)."""
+    from napari.utils import progress
+    from qtpy.QtCore import QThreadPool
+
+    from napari_wsss_cram.widgets._qupath_job import QuPathImportRun
+
+    repaint = progress.set_description
+
+    def worker_ends_during_the_repaint(self, description):  # the timing of the CI run, made certain
+        QThreadPool.globalInstance().waitForDone(20_000)
+        repaint(self, description)
+
+    monkeypatch.setattr(progress, "set_description", worker_ends_during_the_repaint)
+    path = tmp_path / "qupath.geojson"
+    path.write_text(json.dumps(qupath_features()))
+    viewer = make_napari_viewer()
+    image = viewer.add_image(np.zeros((H, W, 3), np.uint8), name="patch", rgb=True)
+    told = []
+    QuPathImportRun(str(path), [image], WSSS4LUAD, None, lambda result: told.append("result"),
+                    lambda err: told.append(f"error {err}"), fixed=True, on_progress=lambda event: told.append("progress"))
+    qtbot.waitUntil(lambda: "result" in told, timeout=20_000)
+    qtbot.wait(50)
+    assert told == ["progress", "result"]
+
+
+@pytest.mark.gui
 def test_reader_places_annotations_on_a_slide_level(make_napari_viewer, qtbot, tmp_path, monkeypatch):
     """A big image: the labels come at the power-of-two level that stays paintable, still over the image."""
     from napari_wsss_cram.core.io import qupath

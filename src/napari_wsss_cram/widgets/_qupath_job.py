@@ -205,8 +205,10 @@ class QuPathImportRun:
         self.notification = None
         if cancel_button:  # a dropped file has no dock to cancel from: a button in napari's notification
             self.notification = _notify_with_cancel(f"Importing {Path(path).name} in the background…", self.cancel)
+        self._returned = False
         self.worker = create_worker(forward_warnings, job(), _ignore_errors=True)
         self.worker.yielded.connect(self._progress)
+        self.worker.returned.connect(self._mark_returned)  # connected first: runs before on_done
         self.worker.returned.connect(on_done)
         self.worker.errored.connect(lambda err: None if self.cancelled else on_error(err))
         self.worker.finished.connect(self._finished)
@@ -224,16 +226,23 @@ class QuPathImportRun:
         """Stop the import within about 0.1 s; no layer is added."""
         self.cancel_token.cancel()
 
+    def _mark_returned(self, _result) -> None:
+        self._returned = True
+
     def _progress(self, event) -> None:
         if event.phase == "warning":
             from napari.utils.notifications import show_warning
 
             show_warning(event.info["message"])
             return
-        if self._pbar is not None:
-            self._pbar.set_description(f"WSSS-CRAM: {progress_words(event)}")
+        if self._returned:  # a progress event handled after the result: it would overwrite "Imported ..."
+            return
         if self._on_progress is not None:
             self._on_progress(event)
+        # last: napari's bar processes events while it repaints, so the result (queued behind this event) can be
+        # handled inside this call; anything said after it would overwrite the dock's "Imported ..." message
+        if self._pbar is not None:
+            self._pbar.set_description(f"WSSS-CRAM: {progress_words(event)}")
 
     def _finished(self) -> None:
         self.worker = None
