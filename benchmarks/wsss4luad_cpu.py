@@ -84,12 +84,16 @@ STAGE2_ROWS: dict[str, tuple[str, str, str, dict, int]] = {
     "stage2_stain_seed2": ("stage 2 on stain-prior pseudo-labels, seed 2", "default", "stain", {}, 2),
     "stage2_stain_balanced": ("stage 2 on stain-prior pseudo-labels + class-balanced cross-entropy", "default",
                               "stain", {"ce_weighting": "balanced"}, 0),
+    "stage2_stain_warm": ("stage 2 on stain-prior pseudo-labels, starting from the joint model's network",
+                          "default", "stain", {}, 0),
     "stage3": ("stage 3: a self-training round on stage 2's pseudo-labels", "stage2", "none", {}, 0),
     "stage3_oeem": ("stage 3 + OEEM on stage 2 + OEEM's pseudo-labels", "stage2_oeem", "none",
                     {"ce_weighting": "oeem"}, 0),
     "stage3_par_oeem": ("stage 3 + OEEM on PAR-refined labels of stage 2 + OEEM", "stage2_oeem", "par",
                         {"ce_weighting": "oeem"}, 0),
 }
+#: segmentation rounds that start from their labeller's network (``init``) rather than from random weights
+WARM_ROWS = {"stage2_stain_warm"}
 TTA = {"tta_scales": (0.75, 1.0, 1.25), "tta_flip": True}
 #: re-scorings of a trained row's checkpoint with other output rules (no training): key -> (title, row, overrides)
 RESCORE = {
@@ -194,6 +198,7 @@ def _row_config(args, patch_dir: Path, out: Path, model_overrides: dict, stage2_
     data = load_config(args.config).to_dict()
     data["model"] = {**data["model"], **model_overrides}
     data.update(out=str(out), seed=args.seed + (seed or 0), val=None, threads=1, weights="none", crf_workers=0, workers=0,
+                init=None,
                 steps=args.steps, minutes=None if args.steps else args.minutes, **(train_overrides or {}))
     if args.warmup_steps is not None:
         # a step budget that repeats a timed run: give it that run's warm-up
@@ -312,8 +317,9 @@ def run_fold(args, fold: str) -> dict:
         if not (seg_dir / "mask").is_dir() or counts_key not in result:
             drive(make_pseudo_labels(checkpoint, patch_dir, seg_dir, device="cpu", overwrite=True, refine=refine))
             result[counts_key] = pseudo_label_counts(seg_dir, patch_dir, classes).tolist()
+        overrides = {**TRAIN_OVERRIDES.get(key, {}), **({"init": str(checkpoint)} if key in WARM_ROWS else {})}
         config = _row_config(args, patch_dir, out / key, model_overrides, stage2_pseudo=seg_dir,
-                             train_overrides=TRAIN_OVERRIDES.get(key), seed=seed)
+                             train_overrides=overrides, seed=seed)
         checkpoint, seconds, steps = _train(config, fold, title)
         result["rows"][key] = {"matrix": score_model(checkpoint, test_index, {}).matrix.tolist(),
                                "train_seconds": seconds, "steps": steps, "pseudo_counts": result[counts_key]}
@@ -363,7 +369,7 @@ TITLES = {"constant": "constant stroma", **{k: v[0] for k, v in ROWS.items()},
 ORDER = ["constant", "cam", "cam_gated", "cam_tta", "paper", "constrained_only", "default_gated", "default_model_bg",
          "default_control", "torch_crf", "stain", "mosaic", "default", "default_tta", "default_crf", "stage2",
          "stage2_seed1", "stage2_tta", "stage2_crf", "stage2_mosaic", "stage2_oeem", "stage2_par", "stage2_stain", "stage2_stain_seed1", "stage2_stain_seed2",
-         "stage2_stain_balanced", "stage3",
+         "stage2_stain_balanced", "stage2_stain_warm", "stage3",
          "stage3_oeem", "stage3_par_oeem"]
 
 

@@ -30,7 +30,7 @@ from .errors import DatasetError
 from .io.atomic import atomic_path
 from .progress import CancelToken, Progress
 from .run_files import CONFIG, FINAL, JOINT, LAST, RECIPE_LOG, is_resumable  # noqa: F401
-from .train_config import TrainConfig, dumps_toml
+from .train_config import PREVIOUS, TrainConfig, dumps_toml
 
 
 def stage_names(rounds: int) -> list[str]:
@@ -57,9 +57,11 @@ def stage_minutes(config: TrainConfig) -> list[float | None]:
 
 
 def _stage_config(config: TrainConfig, name: str, minutes: float | None, pseudo: Path | None,
-                  resume: bool) -> TrainConfig:
+                  resume: bool, previous: Path | None = None) -> TrainConfig:
     data = config.to_dict()
     data.update(out=str(Path(config.out) / name), minutes=minutes, resume=resume, stage_shares=[])
+    if config.init == PREVIOUS:  # the joint model starts from `weights`, each round from the model before it
+        data.update(init=str(previous) if pseudo is not None and previous is not None else None)
     if pseudo is None:
         data.update(stage2=False, pseudo=None)
     else:
@@ -171,7 +173,7 @@ def train_recipe_steps(config: TrainConfig, cancel: CancelToken | None = None
             # the last stage gets what is left of the whole budget (pseudo-labelling included)
             minutes = max(0.05 * minutes, config.minutes - (time.monotonic() - t_start) / 60.0)
         # a stage the run was stopped in continues from its resume state
-        stage_config = _stage_config(config, name, minutes, pseudo, (out / name / "resume.pt").is_file())
+        stage_config = _stage_config(config, name, minutes, pseudo, (out / name / "resume.pt").is_file(), previous)
         previous = yield from _run_stage(stage_config, cancel, recipe, train_steps)
         log["finished"][name] = str(previous)
         log["spent_seconds"] = time.monotonic() - t_start

@@ -63,7 +63,7 @@ from .losses import joint_loss
 from .progress import Cancelled, CancelToken, Progress, drive
 from .pseudo_labels import PseudoLabeller, merge_strong_labels
 from .run_files import BEST, CONFIG, LAST, METRICS, RESUME, MetricsLog
-from .train_config import TrainConfig, dumps_toml, load_config
+from .train_config import PREVIOUS, TrainConfig, dumps_toml, load_config
 from .train_runtime import (
     DistInfo,
     ResumableSampler,
@@ -97,6 +97,33 @@ def _model_config(config: TrainConfig, stage: int):
         return ModelConfig.from_dict(overrides)
     except (TypeError, ValueError) as err:
         raise DatasetError(f"Invalid [model] settings {overrides}: {err}") from None
+
+
+def load_matching_weights(model, path: str | os.PathLike, classes) -> str:
+    """Copy into ``model`` every tensor of the checkpoint at ``path`` with the same name and shape (the backbone
+    and the segmentation head of a stage-1 or stage-2 model; a stage-1 model's pseudo-label branch is left out of
+    a stage-2 one). Raises CheckpointError when the classes differ or little matches; returns what was loaded."""
+    from .checkpoint import read_checkpoint_payload, resolve_checkpoint_path
+
+    if str(path) == PREVIOUS:
+        raise DatasetError('--init previous names the model of the stage before: it works in the recipe (`wsss-cram '
+                           'train` without --stage); for --stage 2 give the checkpoint that made --pseudo.')
+    source = resolve_checkpoint_path(path)
+    payload = read_checkpoint_payload(source)
+    names = tuple(n.lower() for n in payload.get("classes", {}).get("names", ()))
+    if names != tuple(n.lower() for n in classes.names):
+        raise CheckpointError(f"--init {source} was trained for classes {', '.join(names) or '(none stated)'}, not "
+                              f"{', '.join(classes.names)}: start from a model of the same classes, or leave --init "
+                              "out.")
+    own = model.state_dict()
+    usable = {k: v for k, v in payload["state_dict"].items() if k in own and own[k].shape == v.shape}
+    backbone = [k for k in own if k.startswith("backbone.")]
+    if sum(k in usable for k in backbone) < len(backbone):
+        raise CheckpointError(f"--init {source} has another backbone than this run ({len(usable)} of {len(own)} "
+                              "tensors match): start from a model with the same [model] backbone and output stride.")
+    model.load_state_dict(usable, strict=False)
+    log.info("Started from %s: %d of %d tensors", source, len(usable), len(own))
+    return f"{source} ({len(usable)} of {len(own)} tensors)"
 
 
 # ----------------------------------------------------------------------------------------------- trainer
@@ -264,6 +291,8 @@ class Trainer:
         if weights in (None, "none", "random"):
             weights = "random"
         self.model = CRAMNet(self.classes, self.model_config, weights=weights)
+        if config.init and not config.resume:  # a resumed run has its own weights
+            load_matching_weights(self.model, config.init, self.classes)
         self.model.to(self.device)
         self.model.train()
         self.net = self.model
@@ -442,6 +471,8 @@ class Trainer:
 
         if self.config.resume:
             return f"the run's resume state ({self.run_dir / RESUME})"
+        if self.config.init:
+            return f"the network of {self.config.init}"
         backbone = _model_config(self.config, self.stage).backbone
         return f"{backbone}: " + describe_weights(backbone, self.config.weights)
 

@@ -27,6 +27,9 @@ except ImportError:  # Python 3.10
 
 __all__ = ["PRESETS_DIR", "TrainConfig", "dumps_toml", "load_config", "preset_path"]
 
+#: ``init`` value of the recipe: each segmentation round starts from the model of the stage before
+PREVIOUS = "previous"
+
 
 @dataclass
 class TrainConfig:
@@ -72,6 +75,10 @@ class TrainConfig:
     # model (ModelConfig overrides, e.g. backbone, use_da, use_joint, use_crf, lambda_seg, alpha, beta, crf)
     model: dict[str, Any] = field(default_factory=dict)
     weights: str | None = "auto"     # "auto" (torchvision cache), a file path, or "none" (random init)
+    # start from a trained model's network: a checkpoint (.pt or run folder) whose backbone and segmentation head
+    # (every tensor of the same name and shape) replace the initial weights; in the recipe "previous" = each
+    # segmentation round starts from the model that made its pseudo-labels (None: from `weights`)
+    init: str | None = None
     # steps of classification-only training before the pseudo-labels and the segmentation loss switch on: a
     # randomly initialised backbone's first maps are noise, and the seg head would learn "all background" from them
     joint_warmup_steps: int = 0
