@@ -198,8 +198,7 @@ def _row_config(args, patch_dir: Path, out: Path, model_overrides: dict, stage2_
     data = load_config(args.config).to_dict()
     data["model"] = {**data["model"], **model_overrides}
     data.update(out=str(out), seed=args.seed + (seed or 0), val=None, threads=1, weights="none", crf_workers=0, workers=0,
-                init=None,
-                steps=args.steps, minutes=None if args.steps else args.minutes, **(train_overrides or {}))
+                steps=args.steps, minutes=None if args.steps else args.minutes, **{"init": None, **(train_overrides or {})})
     if args.warmup_steps is not None:
         # a step budget that repeats a timed run: give it that run's warm-up
         data["joint_warmup_steps"] = args.warmup_steps
