@@ -120,3 +120,81 @@ def test_the_stain_prior_is_refused_before_training_when_the_classes_lack_its_pa
     with pytest.raises(DatasetError, match="pseudo_refine 'stain' separates tumor from stroma.*epithelium, fat"):
         drive(train_recipe_steps(config))
     assert not (run / "joint").exists()  # nothing trained
+
+
+def _conv_weights(path) -> dict[str, torch.Tensor]:
+    state = torch.load(path, weights_only=True)["state_dict"]
+    return {k: v.float() for k, v in state.items() if k.startswith("backbone.") and k.endswith(".weight") and v.ndim == 4}
+
+
+@pytest.mark.parametrize("init", [True, False])
+def test_init_starts_a_run_from_a_trained_models_network(few_patches, tmp_path, init):
+    """``init``: the run begins with that model's backbone (one step at a learning rate of 1e-9 leaves it there);
+    without it, from random weights."""
+    from napari_wsss_cram.core.resources import demo_model_path
+    from napari_wsss_cram.core.train import train
+
+    trained = demo_model_path()
+    config = load_config("sample", data=str(few_patches), out=str(tmp_path / "run"), steps=1, lr=1e-9,
+                         batch_size=4, crop=64, device="cpu", workers=0, crf_workers=0, threads=1, weights="none",
+                         init=str(trained) if init else None)
+    events = []
+    last = train(config, callback=events.append)
+    start, after = _conv_weights(trained), _conv_weights(last)
+    assert start.keys() == after.keys() and len(start) >= 20
+    assert all(torch.allclose(start[k], after[k], atol=1e-6) for k in start) == init
+    [said] = [e.info["weights"] for e in events if e.phase == "data"]
+    assert (str(trained) in said) == init
+
+
+@pytest.mark.slow
+def test_each_segmentation_round_starts_from_the_model_that_labelled_it(few_patches, tmp_path):
+    run = tmp_path / "run"
+    config = load_config("sample", data=str(few_patches), out=str(run), steps=1, batch_size=4, crop=64,
+                         device="cpu", workers=0, crf_workers=0, threads=1, weights="none", rounds=2,
+                         init="previous")
+    events = []
+    drive(train_recipe_steps(config), events.append)
+    said = {e.info["recipe"]["name"]: e.info["weights"] for e in events if e.phase == "data"}
+    assert str(run / "joint") not in said["joint"] and "random" in said["joint"]
+    assert str(run / "joint" / "last.pt") in said["round1"] and str(run / "round1" / "last.pt") in said["round2"]
+    assert f'init = "{run / "round1" / "last.pt"}"' in (run / "round2" / "config.toml").read_text()
+    assert 'init = "previous"' in (run / "config.toml").read_text()  # the recipe's own settings keep the rule
+
+
+def test_init_is_refused_clearly_when_the_model_does_not_fit(few_patches, tmp_path):
+    """Another class list or another backbone is an error naming the file, before any step; "previous" means
+    the recipe's stage before, so a stage run alone with it from the preset starts from its weights instead."""
+    from napari_wsss_cram.cli import build_parser
+    from napari_wsss_cram.commands.train import config_from_args
+    from napari_wsss_cram.core.classes import WSSS4LUAD, class_spec_from_names
+    from napari_wsss_cram.core.model.config import ModelConfig
+    from napari_wsss_cram.core.model.cram import CRAMNet
+    from napari_wsss_cram.core.resources import demo_model_path
+    from napari_wsss_cram.core.train import load_matching_weights, train
+
+    sample_checkpoint = demo_model_path()  # the bundled model: the sample preset's backbone, the three classes
+    base = dict(data=str(few_patches), steps=1, batch_size=4, crop=64, device="cpu", workers=0, crf_workers=0,
+                threads=1, weights="none")
+    two = class_spec_from_names("tumor,stroma")
+    with pytest.raises(CheckpointError, match=r"--init .* trained for classes tumor, stroma, normal, not tumor, str"):
+        load_matching_weights(CRAMNet(two, ModelConfig(backbone="resnet18"), weights="random"), sample_checkpoint, two)
+    three = WSSS4LUAD
+    with pytest.raises(CheckpointError, match="another backbone"):
+        load_matching_weights(CRAMNet(three, ModelConfig(backbone="resnet34"), weights="random"), sample_checkpoint,
+                              three)
+    with pytest.raises(DatasetError, match="--init previous .* works in the recipe"):
+        train(load_config("sample", **base, out=str(tmp_path / "c"), init="previous"))
+    # a preset's "previous" is dropped for a lone stage; given on the command line it is kept (and refused)
+    preset = tmp_path / "warm.toml"
+    preset.write_text('init = "previous"\n')
+    lone = build_parser().parse_args(["train", str(few_patches), "--out", str(tmp_path / "d"), "--config",
+                                      str(preset), "--stage", "1"])
+    assert config_from_args(lone).init is None
+    asked = build_parser().parse_args(["train", str(few_patches), "--out", str(tmp_path / "d"), "--config",
+                                       str(preset), "--stage", "1", "--init", "previous"])
+    assert config_from_args(asked).init == "previous"
+    recipe = build_parser().parse_args(["train", str(few_patches), "--out", str(tmp_path / "d"), "--config",
+                                        str(preset)])
+    assert config_from_args(recipe).init == "previous"
+    assert load_config("sample", init="none").init is None

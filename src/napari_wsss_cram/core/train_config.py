@@ -114,6 +114,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self._check_types()
+        if self.init is not None and str(self.init).strip().lower() in ("", "none", "random"):
+            self.init = None  # `--init none` turns off a preset's init
         for name in ("epochs", "steps"):
             value = getattr(self, name)
             if value is not None and value < 1:
