@@ -54,3 +54,27 @@ def _isolated_dock_settings(tmp_path_factory, monkeypatch):
     path or a folder of its temporary files in the user's real settings (a new user would open the Segment
     dock on a pytest checkpoint). Tests that look at the file set their own path, which wins."""
     monkeypatch.setenv("WSSS_CRAM_SETTINGS_FILE", str(tmp_path_factory.mktemp("settings") / "settings.ini"))
+
+
+@pytest.fixture(autouse=True)
+def _no_background_import_outlives_its_test():
+    """A GeoJSON dropped on the viewer is imported in a worker (``_reader._RUNNING`` until its ``finished``
+    signal is handled): a test that ends as soon as the layer arrives leaves that signal queued, and a later
+    test would see a run that is not its own. Each test's imports are cancelled if still running and waited
+    for (events handled) here."""
+    import sys
+    import time
+
+    yield
+    reader = sys.modules.get("napari_wsss_cram._reader")
+    if reader is None or not reader._RUNNING:
+        return
+    from qtpy.QtWidgets import QApplication
+
+    for run in list(reader._RUNNING):
+        run.cancel()
+    deadline = time.monotonic() + 30.0
+    while reader._RUNNING and time.monotonic() < deadline:
+        QApplication.processEvents()
+        time.sleep(0.01)
+    assert not reader._RUNNING, f"background GeoJSON imports still running 30 s after the test: {reader._RUNNING}"

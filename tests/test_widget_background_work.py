@@ -45,18 +45,6 @@ def _wavy_ring(cy: float, cx: float, radius: float, vertices: int) -> list[list[
     return ring + [ring[0]]
 
 
-@pytest.fixture(autouse=True)
-def _no_import_outlives_its_test(qtbot):
-    """A dropped file's import still running when its test ends (a failed assertion) is cancelled and waited
-    for, so it never adds its layer to the next test's viewer."""
-    from napari_wsss_cram import _reader
-
-    yield
-    for run in list(_reader._RUNNING):
-        run.cancel()
-    qtbot.waitUntil(lambda: not _reader._RUNNING, timeout=30_000)
-
-
 def _slow_geojson(path, size: int) -> None:
     """Annotations that cost skimage seconds to fill (rings of many vertices over big boxes): the shape of a
     slide-region export, small enough for a test."""

@@ -180,9 +180,9 @@ def import_qupath_in_background(path: str | os.PathLike) -> bool:
 
         _tell(user_message(error), warning=True)
 
-    run = QuPathImportRun(str(path), images, WSSS4LUAD, None, done, failed, cancel_button=True)
-    _RUNNING.add(run)
-    run.worker.finished.connect(lambda: _RUNNING.discard(run))
+    run = QuPathImportRun(str(path), images, WSSS4LUAD, None, done, failed, cancel_button=True,
+                          on_finished=_RUNNING.discard)
+    _RUNNING.add(run)  # before the worker can finish: its end is handled on this (the GUI) thread
     return True
 
 

@@ -181,7 +181,7 @@ class QuPathImportRun:
     image it went on, the layer data, the QuPathImport) handed to ``on_done`` on the GUI thread."""
 
     def __init__(self, path: str, images: list, classes, class_map, on_done, on_error, *, fixed: bool = False,
-                 on_progress=None, cancel_button: bool = False) -> None:
+                 on_progress=None, on_finished=None, cancel_button: bool = False) -> None:
         from napari.utils import progress
         from superqt.utils import create_worker
 
@@ -201,7 +201,7 @@ class QuPathImportRun:
             return image, data, imported
 
         self._pbar = progress(total=0, desc=f"WSSS-CRAM: importing {Path(path).name}")
-        self._on_progress = on_progress
+        self._on_progress, self._on_finished = on_progress, on_finished
         self.notification = None
         if cancel_button:  # a dropped file has no dock to cancel from: a button in napari's notification
             self.notification = _notify_with_cancel(f"Importing {Path(path).name} in the background…", self.cancel)
@@ -249,6 +249,10 @@ class QuPathImportRun:
         if self._pbar is not None:
             self._pbar.close()
             self._pbar = None
+        if self._on_finished is not None:
+            # called from here, not from a second slot on `finished`: under load such a slot, connected to the
+            # same signal, was sometimes never called (a dropped import stayed "running" for ever)
+            self._on_finished(self)
 
 
 def _notify_with_cancel(text: str, cancel) -> Any:
