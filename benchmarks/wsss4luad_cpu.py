@@ -16,7 +16,8 @@ Protocol (DEVELOPERS.md "Real-data protocol"; issue 13), through the project's o
 
 Rows: constant stroma; plain CAM (maps, gated, tissue background); the paper's WSSS-CRAM as written (its
 background class competes with tissue, no gating, no constrained loss); the default recipe with each output rule
-switched off in turn (re-scored, no retraining); the default recipe (``cpu-small`` as shipped); stage 2 on it.
+switched off in turn (re-scored, no retraining); the joint model (``cpu-small`` as shipped); stage 2 on its labels
+(random weights; stain-prior labels; stain-prior labels started from the joint model = the recipe's final model).
 
 Usage (from the repository root; the folds run in parallel, one core each)::
 
@@ -456,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.steps = args.steps or 6
         if args.rows == ",".join(ALL_ROWS):
-            args.rows = "constant,cam,default,stage2,stage2_stain"
+            args.rows = "constant,cam,default,stage2,stage2_stain,stage2_stain_warm"
     args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = sorted(set(args.rows) - set(ALL_ROWS))
     if unknown:

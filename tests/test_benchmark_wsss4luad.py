@@ -37,8 +37,9 @@ def test_quick_mode_runs_and_pools_both_folds(wsss4luad_dir, tmp_path):
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
     report = results["report"]
-    # stage2_stain: the recipe's final model as cpu-small runs it (stain prior); stage2: its control
-    assert {"constant", "cam", "default", "stage2", "stage2_stain"} <= set(report)
+    # stage2_stain_warm: the recipe's final model as cpu-small runs it (stain prior, started from the joint
+    # model); stage2_stain (from random weights) and stage2: its controls
+    assert {"constant", "cam", "default", "stage2", "stage2_stain", "stage2_stain_warm"} <= set(report)
     for fold in results["folds"]:
         # the scored fold's images gave no training crop
         crops = {p.name.split("-")[0] for p in (out / fold["fold"] / "patches").glob("*.png")}
@@ -46,7 +47,7 @@ def test_quick_mode_runs_and_pools_both_folds(wsss4luad_dir, tmp_path):
     # pooled: the matrices of both folds add up to every scored tissue pixel once
     constant = np.asarray(report["constant"]["matrix"])
     assert constant[:3, 1].sum() == constant[:3].sum()   # constant stroma: every tissue pixel predicted stroma
-    for key in ("cam", "default", "stage2", "stage2_stain"):
+    for key in ("cam", "default", "stage2", "stage2_stain", "stage2_stain_warm"):
         row = report[key]
         assert np.asarray(row["matrix"]).sum() == constant.sum()
         assert 0.0 <= row["tissue_as_background"] < 0.10  # background comes from the tissue mask

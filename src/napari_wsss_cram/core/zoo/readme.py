@@ -38,7 +38,7 @@ def write_cover(path: Path, rgb: np.ndarray, probs: np.ndarray, classes: Any, si
 
 def _recipe(train: dict) -> list[str]:
     keys = ("steps", "epochs", "batch_size", "crop", "lr", "optimizer", "scale_min", "scale_max", "weights",
-            "stage2", "pixel_labels", "seed")
+            "init", "stage2", "pseudo_refine", "pixel_labels", "seed")
     return [f"`{key}` = `{train[key]}`" for key in keys if train.get(key) not in (None, "", False)]
 
 
