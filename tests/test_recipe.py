@@ -164,9 +164,7 @@ def test_each_segmentation_round_starts_from_the_model_that_labelled_it(few_patc
 
 def test_init_is_refused_clearly_when_the_model_does_not_fit(few_patches, tmp_path):
     """Another class list or another backbone is an error naming the file, before any step; "previous" means
-    the recipe's stage before, so a stage run alone with it from the preset starts from its weights instead."""
-    from napari_wsss_cram.cli import build_parser
-    from napari_wsss_cram.commands.train import config_from_args
+    the recipe's stage before, so a stage run alone with it starts from its weights instead."""
     from napari_wsss_cram.core.classes import WSSS4LUAD, class_spec_from_names
     from napari_wsss_cram.core.model.config import ModelConfig
     from napari_wsss_cram.core.model.cram import CRAMNet
@@ -183,18 +181,9 @@ def test_init_is_refused_clearly_when_the_model_does_not_fit(few_patches, tmp_pa
     with pytest.raises(CheckpointError, match="another backbone"):
         load_matching_weights(CRAMNet(three, ModelConfig(backbone="resnet34"), weights="random"), sample_checkpoint,
                               three)
-    with pytest.raises(DatasetError, match="--init previous .* works in the recipe"):
-        train(load_config("sample", **base, out=str(tmp_path / "c"), init="previous"))
-    # a preset's "previous" is dropped for a lone stage; given on the command line it is kept (and refused)
-    preset = tmp_path / "warm.toml"
-    preset.write_text('init = "previous"\n')
-    lone = build_parser().parse_args(["train", str(few_patches), "--out", str(tmp_path / "d"), "--config",
-                                      str(preset), "--stage", "1"])
-    assert config_from_args(lone).init is None
-    asked = build_parser().parse_args(["train", str(few_patches), "--out", str(tmp_path / "d"), "--config",
-                                       str(preset), "--stage", "1", "--init", "previous"])
-    assert config_from_args(asked).init == "previous"
-    recipe = build_parser().parse_args(["train", str(few_patches), "--out", str(tmp_path / "d"), "--config",
-                                        str(preset)])
-    assert config_from_args(recipe).init == "previous"
+    # "previous" names the stage before in the recipe; a stage run alone (here a preset's) starts from `weights`
+    events = []
+    train(load_config("sample", **base, out=str(tmp_path / "c"), init="previous"), callback=events.append)
+    [said] = [e.info["weights"] for e in events if e.phase == "data"]
+    assert "random" in said and "previous" not in said
     assert load_config("sample", init="none").init is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from napari_wsss_cram.core.data.mosaic import MosaicMix
 from napari_wsss_cram.core.model.config import ModelConfig
 from napari_wsss_cram.core.progress import drive
 from napari_wsss_cram.core.pseudo_labels import PseudoLabeller, reliable_pseudo_labels
-from napari_wsss_cram.core.recipe import stage_minutes
+from napari_wsss_cram.core.recipe import _stage_config, stage_minutes
 from napari_wsss_cram.core.train import Trainer, load_config, train, train_steps
 from napari_wsss_cram.core.train_config import PRESETS_DIR
 
@@ -136,6 +137,12 @@ def _head_lr_mult(t: Trainer) -> float:
 
 #: top-level preset key -> where the built trainer holds it (the component it configures). A key missing here
 #: fails the test: wire it to its component, then add it.
+def _round_init(config) -> str:
+    """"previous" when the recipe starts its first segmentation round from the joint model's checkpoint."""
+    given = _stage_config(config, "round1", None, Path("pseudo"), False, Path("joint.pt")).init
+    return "previous" if given == "joint.pt" else f"the round was given init {given!r}"
+
+
 CONSUMERS = {
     # schedule
     "epochs": lambda t: t.total_steps // t.steps_per_epoch,  # only counts without `steps` / `minutes`
@@ -180,6 +187,9 @@ CONSUMERS = {
     "stage_shares": lambda t: [m * sum(t.config.stage_shares) / t.config.minutes for m in stage_minutes(t.config)],
     # the recipe hands it to make_pseudo_labels(refine=...) between its stages (tests/test_recipe.py runs "stain")
     "pseudo_refine": lambda t: t.config.pseudo_refine,
+    # the recipe turns "previous" into the stage before's checkpoint for each segmentation round (a stage run
+    # alone starts from `weights`: tests/test_recipe.py)
+    "init": lambda t: _round_init(t.config),
 }
 
 ABLATION_PRESET = """

@@ -60,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="start from a trained model's network (a .pt or run folder of the same classes and "
                              "backbone): its backbone and segmentation head replace the initial weights; "
                              "'previous' (the recipe): each segmentation round starts from the model that made its "
-                             "pseudo-labels (preset's default)")
+                             "pseudo-labels; a stage run alone then starts from --weights (preset's default)")
     parser.add_argument("--stage2", action="store_true", help=argparse.SUPPRESS)  # the old spelling of --stage 2
     parser.add_argument("--pseudo", metavar="DIR", help="stage 2: folder from `wsss-cram pseudo-labels`")
     parser.add_argument("--pixel-labels", metavar="IMG_MASK_DIR", help="stage 2: extra pixel-labelled images")
@@ -71,7 +71,7 @@ def config_from_args(args: argparse.Namespace):
     """The TrainConfig of a command line: the preset (or TrainConfig's defaults), then the flags given (a flag left
     out is None: the preset's value stands)."""
     from ..core.train import load_config
-    from ..core.train_config import PREVIOUS, TrainConfig
+    from ..core.train_config import TrainConfig
 
     config_file = args.config
     run_config = Path(args.out) / "config.toml"
@@ -90,10 +90,6 @@ def config_from_args(args: argparse.Namespace):
         rounds=args.rounds, pseudo_refine=args.pseudo_refine, amp=False if args.no_amp else None, init=args.init)
     if args.stage == 1 and config.stage2:
         config = config.updated(stage2=False)  # --stage 1 over a run whose config.toml says stage 2
-    if (args.stage is not None or config.stage2) and config.init == PREVIOUS and args.init is None:
-        # the preset's "previous" means the recipe's stage before; a stage run alone starts from `weights`
-        # unless --init names the model (e.g. the joint model that made --pseudo)
-        config = TrainConfig.from_dict({**config.to_dict(), "init": None})
     return config
 
 

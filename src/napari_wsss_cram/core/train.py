@@ -99,15 +99,19 @@ def _model_config(config: TrainConfig, stage: int):
         raise DatasetError(f"Invalid [model] settings {overrides}: {err}") from None
 
 
+def starts_from_a_model(config: TrainConfig) -> bool:
+    """Whether a run begins with another model's network (``init``). A resumed run has its own weights; the
+    recipe turns ``init = "previous"`` into the path of the stage before, so in a stage run alone (``--stage``,
+    the Train dock's retraining) "previous" names nothing and the run starts from ``weights``."""
+    return bool(config.init) and config.init != PREVIOUS and not config.resume
+
+
 def load_matching_weights(model, path: str | os.PathLike, classes) -> str:
     """Copy into ``model`` every tensor of the checkpoint at ``path`` with the same name and shape (the backbone
     and the segmentation head of a stage-1 or stage-2 model; a stage-1 model's pseudo-label branch is left out of
     a stage-2 one). Raises CheckpointError when the classes differ or little matches; returns what was loaded."""
     from .checkpoint import read_checkpoint_payload, resolve_checkpoint_path
 
-    if str(path) == PREVIOUS:
-        raise DatasetError('--init previous names the model of the stage before: it works in the recipe (`wsss-cram '
-                           'train` without --stage); for --stage 2 give the checkpoint that made --pseudo.')
     source = resolve_checkpoint_path(path)
     payload = read_checkpoint_payload(source)
     names = tuple(n.lower() for n in payload.get("classes", {}).get("names", ()))
@@ -291,7 +295,7 @@ class Trainer:
         if weights in (None, "none", "random"):
             weights = "random"
         self.model = CRAMNet(self.classes, self.model_config, weights=weights)
-        if config.init and not config.resume:  # a resumed run has its own weights
+        if starts_from_a_model(config):
             load_matching_weights(self.model, config.init, self.classes)
         self.model.to(self.device)
         self.model.train()
@@ -471,7 +475,7 @@ class Trainer:
 
         if self.config.resume:
             return f"the run's resume state ({self.run_dir / RESUME})"
-        if self.config.init:
+        if starts_from_a_model(self.config):
             return f"the network of {self.config.init}"
         backbone = _model_config(self.config, self.stage).backbone
         return f"{backbone}: " + describe_weights(backbone, self.config.weights)
