@@ -205,6 +205,43 @@ def test_the_import_result_is_the_last_thing_the_dock_is_told(make_napari_viewer
 
 
 @pytest.mark.gui
+def test_a_model_that_loads_after_an_import_leaves_its_message(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+    """Annotations imported while the dock's model still loads: the model arriving enables Run but does not
+    write "Ready." over "Imported 3 annotations" (it did: the pathologist lost what the import said)."""
+    import threading
+
+    from napari_wsss_cram.widgets import _segment_job
+
+    monkeypatch.setenv("WSSS_CRAM_SETTINGS_FILE", str(tmp_path / "settings.ini"))
+    release = threading.Event()
+    real_load = _segment_job.load_model
+
+    def slow_load(*args, **kwargs):  # the bundled model loads until the import is done
+        release.wait(30)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(_segment_job, "load_model", slow_load)
+    path = tmp_path / "qupath.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": qupath_features()}))
+    viewer = make_napari_viewer()
+    viewer.add_image(np.resize(he_like_image(96), (H, W, 3)), name="patch", rgb=True)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-wsss-cram", "Segment")
+    assert widget.loading_model and widget.message.text() == "Loading the model…"
+    assert widget.import_qupath(path) is not None
+    qtbot.waitUntil(lambda: "Imported 3 annotations" in widget.message.text(), timeout=20_000)
+    release.set()
+    qtbot.waitUntil(lambda: not widget.loading_model, timeout=30_000)
+    qtbot.wait(50)
+    assert widget.run_button.isEnabled()  # the model is there: Run is offered
+    assert "Imported 3 annotations" in widget.message.text()
+    # a model chosen afterwards still says what it is doing, and "Ready." when it is there
+    widget.picker.load()
+    assert widget.message.text() == "Loading the model…"
+    qtbot.waitUntil(lambda: not widget.loading_model, timeout=30_000)
+    assert widget.message.text() == "Ready."
+
+
+@pytest.mark.gui
 def test_reader_places_annotations_on_a_slide_level(make_napari_viewer, qtbot, tmp_path, monkeypatch):
     """A big image: the labels come at the power-of-two level that stays paintable, still over the image."""
     from napari_wsss_cram.core.io import qupath

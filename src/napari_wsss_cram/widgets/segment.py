@@ -73,6 +73,7 @@ class SegmentWidget(WorkerDock):
         self.last_result: dict | None = None
         self._qupath_source = self._qupath_worker = None  # the image a QuPath import goes onto, its reader
         self._startup_note: str | None = None  # said instead of "Ready." until the user picks a model
+        self._validation_text = ""  # the message line as _validate last left it ("Loading the model…", "Ready.")
         self._batch = False  # the running job is a batch (files) rather than one image
         self._file = (0, 0, "")  # batch: (index, count, name) of the image being segmented
         form = QFormLayout()
@@ -281,6 +282,9 @@ class SegmentWidget(WorkerDock):
             self._validate()
 
     def _model_loaded(self, devices) -> None:
+        # the model arriving is news only over the dock's own "Loading the model…" (or another line of
+        # _validate): an import or a run that finished while it loaded keeps its message
+        said_since = self.message.text() != self._validation_text
         self._model_problem = None
         common.offer_devices(self.device_combo, devices, self.SETTINGS)
         self.activation_combo.blockSignals(True)
@@ -289,7 +293,7 @@ class SegmentWidget(WorkerDock):
         self.activation_combo.blockSignals(False)
         self.resolution.chosen = False  # a (re)chosen model starts at its default resolution
         self.set_default_resolution()
-        self._validate()
+        self._validate(quiet=said_since)
 
     def set_default_resolution(self) -> None:
         """Set the resolution row from the model's default (``core.checkpoint.default_resolution``); an image
@@ -329,6 +333,7 @@ class SegmentWidget(WorkerDock):
                 common.show_message(self.message, self._startup_note, warning=True)
             else:
                 common.show_message(self.message, problem or "Ready.", error=problem is not None and not loading)
+            self._validation_text = self.message.text()
         return problem is None
 
     def _fit_output_level(self, layer) -> None:
