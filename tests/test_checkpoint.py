@@ -92,3 +92,10 @@ def test_model_card_says_what_the_model_knows(tmp_path):
     assert card["validation"] == "validation mIoU 0.38 (tumor 0.46, stroma 0.67, normal 0.00)"
     assert card["warning"].startswith("never got normal right")
     assert card["note"] == "trained on synthetic sample data only"
+    # the recipe's final model is a segmentation round: its card says what it learnt from and started from
+    path = save_checkpoint(tmp_path / "round.pt", CRAMNet(WSSS4LUAD, ModelConfig(backbone="resnet18"), weights=None),
+                           train_config={"data": "", "stage2": True, "pseudo": str(tmp_path / "run" / "round1-pseudo"),
+                                         "init": str(tmp_path / "run" / "joint" / "last.pt"), "steps": 754})
+    card = dict(model_card(load_checkpoint(path)[1]))
+    assert card["data"] == ("trained on the pseudo-labels in run/round1-pseudo (754 steps), started from the network "
+                            "of joint/last.pt")

@@ -106,12 +106,15 @@ def model_card(info: CheckpointInfo) -> list[tuple[str, str]]:
     ``resolution`` (its default) and ``note`` (e.g. the demo model's)."""
     config, train, extra = info.model_config, info.train_config or {}, info.extra or {}
     lines = [("model", f"{getattr(config, 'backbone', '?')}, classes {', '.join(info.classes.names)}")]
-    data = train.get("data")
-    if data:
-        amount = f"{train['steps']} steps" if train.get("steps") else (
-            f"{train['epochs']} epochs" if train.get("epochs") else "")
-        lines.append(("data", f"trained on {'/'.join(Path(str(data)).parts[-2:])}"
-                      + (f" ({amount})" if amount else "")))
+    data, pseudo, init = train.get("data"), train.get("pseudo"), train.get("init")
+    amount = f"{train['steps']} steps" if train.get("steps") else (
+        f"{train['epochs']} epochs" if train.get("epochs") else "")
+    # a segmentation round (the recipe's final model) learnt from pseudo-labels, not from the patch folder
+    source = (f"trained on {_last_parts(data)}" if data else
+              f"trained on the pseudo-labels in {_last_parts(pseudo)}" if train.get("stage2") and pseudo else "")
+    if source:
+        started = f", started from the network of {_last_parts(init)}" if init and init != "previous" else ""
+        lines.append(("data", source + (f" ({amount})" if amount else "") + started))
     miou = extra.get("val_mIoU", extra.get("best_mIoU"))
     per_class = extra.get("per_class") or {}
     if isinstance(miou, int | float) and miou >= 0:
@@ -125,6 +128,11 @@ def model_card(info: CheckpointInfo) -> list[tuple[str, str]]:
     lines.append(("resolution", f"default resolution: {default_resolution(info).describe()}"))
     lines += [("note", str(note)) for key, note in extra.items() if key in ("demo_model", "note") and note]
     return lines
+
+
+def _last_parts(path: str | os.PathLike) -> str:
+    """A run or data path as a card shows it: its last two parts ("run/round1-pseudo")."""
+    return "/".join(Path(str(path)).parts[-2:])
 
 
 def _plain(data: dict | None) -> dict:
