@@ -95,7 +95,9 @@ def test_model_card_says_what_the_model_knows(tmp_path):
     # the recipe's final model is a segmentation round: its card says what it learnt from and started from
     path = save_checkpoint(tmp_path / "round.pt", CRAMNet(WSSS4LUAD, ModelConfig(backbone="resnet18"), weights=None),
                            train_config={"data": "", "stage2": True, "pseudo": str(tmp_path / "run" / "round1-pseudo"),
-                                         "init": str(tmp_path / "run" / "joint" / "last.pt"), "steps": 754})
+                                         "init": str(tmp_path / "run" / "joint" / "last.pt"), "epochs": 10,
+                                         "minutes": 28.6},
+                           extra={"step": 754})  # a time budget ended it at step 754: the card says so, not "10 epochs"
     card = dict(model_card(load_checkpoint(path)[1]))
     assert card["data"] == ("trained on the pseudo-labels in run/round1-pseudo (754 steps), started from the network "
                             "of joint/last.pt")

@@ -107,8 +107,9 @@ def model_card(info: CheckpointInfo) -> list[tuple[str, str]]:
     config, train, extra = info.model_config, info.train_config or {}, info.extra or {}
     lines = [("model", f"{getattr(config, 'backbone', '?')}, classes {', '.join(info.classes.names)}")]
     data, pseudo, init = train.get("data"), train.get("pseudo"), train.get("init")
-    amount = f"{train['steps']} steps" if train.get("steps") else (
-        f"{train['epochs']} epochs" if train.get("epochs") else "")
+    # the steps it trained (recorded at save) before the settings: a time budget ends a run before its epochs
+    trained = extra.get("step") if isinstance(extra.get("step"), int) and extra.get("step") > 0 else train.get("steps")
+    amount = f"{trained} steps" if trained else (f"{train['epochs']} epochs" if train.get("epochs") else "")
     # a segmentation round (the recipe's final model) learnt from pseudo-labels, not from the patch folder
     source = (f"trained on {_last_parts(data)}" if data else
               f"trained on the pseudo-labels in {_last_parts(pseudo)}" if train.get("stage2") and pseudo else "")
