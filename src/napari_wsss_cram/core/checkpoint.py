@@ -108,7 +108,8 @@ def model_card(info: CheckpointInfo) -> list[tuple[str, str]]:
     lines = [("model", f"{getattr(config, 'backbone', '?')}, classes {', '.join(info.classes.names)}")]
     data, pseudo, init = train.get("data"), train.get("pseudo"), train.get("init")
     # the steps it trained (recorded at save) before the settings: a time budget ends a run before its epochs
-    trained = extra.get("step") if isinstance(extra.get("step"), int) and extra.get("step") > 0 else train.get("steps")
+    step = extra.get("step")
+    trained = step if isinstance(step, int) and step > 0 else train.get("steps")
     amount = f"{trained} steps" if trained else (f"{train['epochs']} epochs" if train.get("epochs") else "")
     # a segmentation round (the recipe's final model) learnt from pseudo-labels, not from the patch folder
     source = (f"trained on {_last_parts(data)}" if data else
