@@ -69,6 +69,9 @@ TRAIN_OVERRIDES = {
     "mosaic": {"mosaic_share": 0.25},
     "stage2_mosaic": {"mosaic_share": 0.25},
     "stage2_stain_warm_jitter": {"stain": 0.2},
+    # about 0.5 µm/px (x0.45-0.65 of the 40x crops), a 96 px crop = ~190 px of the crop at 40x; scored at the
+    # checkpoint's mean training scale (0.55)
+    "stage2_stain_warm_halfres": {"scale_min": 0.45, "scale_max": 0.65, "crop": 96},
 }
 #: segmentation rounds (stage 2, 3, ...): key -> (title, the row whose checkpoint labels the crops (its
 #: segmentation branch restricted to each crop's classes), refinement of those labels, ModelConfig overrides, seed)
@@ -95,6 +98,9 @@ STAGE2_ROWS: dict[str, tuple[str, str, str, dict, int]] = {
     "stage2_stain_warm_jitter": ("stage 2 on stain-prior pseudo-labels from the joint model's network + H&E stain "
                                  "jitter 0.2 (the scored images' stain differs from the training crops')",
                                  "default", "stain", {}, 0),
+    "stage2_stain_warm_halfres": ("stage 2 on stain-prior pseudo-labels from the joint model's network at half "
+                                  "resolution (~0.5 µm/px, 96 px crop: context for the pixels)", "default", "stain",
+                                  {}, 0),
     "stage2_stain_warm_half": ("stage 2 on stain-prior pseudo-labels from the joint model's network (half of "
                                "stage 2's budget: the first round of stage3_warm)", "default", "stain", {}, 0),
     "stage3_warm": ("stage 3: a self-training round from stage2_stain_warm_half's network on its labels (the two "
@@ -107,7 +113,7 @@ STAGE2_ROWS: dict[str, tuple[str, str, str, dict, int]] = {
 }
 #: segmentation rounds that start from their labeller's network (``init``) rather than from random weights
 WARM_ROWS = {"stage2_stain_warm", "stage2_stain_warm_seed1", "stage2_stain_warm_seed2", "stage2_stain_warm_jitter",
-             "stage2_stain_warm_half", "stage3_warm"}
+             "stage2_stain_warm_halfres", "stage2_stain_warm_half", "stage3_warm"}
 TTA = {"tta_scales": (0.75, 1.0, 1.25), "tta_flip": True}
 #: re-scorings of a trained row's checkpoint with other output rules (no training): key -> (title, row, overrides)
 RESCORE = {
@@ -383,7 +389,8 @@ ORDER = ["constant", "cam", "cam_gated", "cam_tta", "paper", "constrained_only",
          "default_control", "torch_crf", "stain", "mosaic", "default", "default_tta", "default_crf", "stage2",
          "stage2_seed1", "stage2_tta", "stage2_crf", "stage2_mosaic", "stage2_oeem", "stage2_par", "stage2_stain", "stage2_stain_seed1", "stage2_stain_seed2",
          "stage2_stain_balanced", "stage2_stain_warm", "stage2_stain_warm_seed1",
-         "stage2_stain_warm_seed2", "stage2_stain_warm_jitter", "stage2_stain_warm_half", "stage3_warm", "stage3",
+         "stage2_stain_warm_seed2", "stage2_stain_warm_jitter",
+         "stage2_stain_warm_halfres", "stage2_stain_warm_half", "stage3_warm", "stage3",
          "stage3_oeem", "stage3_par_oeem"]
 
 
