@@ -103,6 +103,8 @@ STAGE2_ROWS: dict[str, tuple[str, str, str, dict, int]] = {
                                   {}, 0),
     "stage2_stain_warm_half": ("stage 2 on stain-prior pseudo-labels from the joint model's network (half of "
                                "stage 2's budget: the first round of stage3_warm)", "default", "stain", {}, 0),
+    "stage2_stain_warm_half_seed1": ("stage2_stain_warm_half again, seed 1 (two half-length rounds from one joint "
+                                     "network: their average is one round's budget)", "default", "stain", {}, 1),
     "stage3_warm": ("stage 3: a self-training round from stage2_stain_warm_half's network on its labels (the two "
                     "rounds share stage 2's budget)", "stage2_stain_warm_half", "none", {}, 0),
     "stage3": ("stage 3: a self-training round on stage 2's pseudo-labels", "stage2", "none", {}, 0),
@@ -113,7 +115,7 @@ STAGE2_ROWS: dict[str, tuple[str, str, str, dict, int]] = {
 }
 #: segmentation rounds that start from their labeller's network (``init``) rather than from random weights
 WARM_ROWS = {"stage2_stain_warm", "stage2_stain_warm_seed1", "stage2_stain_warm_seed2", "stage2_stain_warm_jitter",
-             "stage2_stain_warm_halfres", "stage2_stain_warm_half", "stage3_warm"}
+             "stage2_stain_warm_halfres", "stage2_stain_warm_half", "stage2_stain_warm_half_seed1", "stage3_warm"}
 TTA = {"tta_scales": (0.75, 1.0, 1.25), "tta_flip": True}
 #: re-scorings of a trained row's checkpoint with other output rules (no training): key -> (title, row, overrides)
 RESCORE = {
@@ -390,7 +392,7 @@ ORDER = ["constant", "cam", "cam_gated", "cam_tta", "paper", "constrained_only",
          "stage2_seed1", "stage2_tta", "stage2_crf", "stage2_mosaic", "stage2_oeem", "stage2_par", "stage2_stain", "stage2_stain_seed1", "stage2_stain_seed2",
          "stage2_stain_balanced", "stage2_stain_warm", "stage2_stain_warm_seed1",
          "stage2_stain_warm_seed2", "stage2_stain_warm_jitter",
-         "stage2_stain_warm_halfres", "stage2_stain_warm_half", "stage3_warm", "stage3",
+         "stage2_stain_warm_halfres", "stage2_stain_warm_half", "stage2_stain_warm_half_seed1", "stage3_warm", "stage3",
          "stage3_oeem", "stage3_par_oeem"]
 
 
