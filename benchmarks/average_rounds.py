@@ -1,0 +1,101 @@
+"""Two (or more) trained rows of the two-fold benchmark, averaged: their weights (one network) and their class
+probabilities (an ensemble). No training; reads ``OUT/<fold>/<row>/last.pt`` and ``OUT/<fold>/fold.json``
+written by ``wsss4luad_cpu.py`` and scores the fold's images with predict's defaults.
+
+    .venv/bin/python benchmarks/average_rounds.py --out runs/user30 --rows stage2_stain_warm,stage2_stain_warm_seed1
+
+The rows must share an architecture (and, for the weight average to mean anything, the network they started
+from: the segmentation rounds that start from the joint model do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wsss4luad"
+
+
+def _update(matrix: np.ndarray, prediction: np.ndarray, mask: np.ndarray) -> None:
+    valid = mask < matrix.shape[0]
+    np.add.at(matrix, (mask[valid].astype(int), prediction[valid].astype(int)), 1)
+
+
+def score_fold(out: Path, fold: str, rows: list[str], data: Path) -> dict[str, np.ndarray]:
+    """Confusion matrices (truth x prediction, K+1 square) of each row, their weight average and their ensemble."""
+    from napari_wsss_cram.core.checkpoint import default_resolution, load_checkpoint
+    from napari_wsss_cram.core.data.pixel import discover_pixel_dataset, load_pixel_sample
+    from napari_wsss_cram.core.inference import PredictSettings, predict_array
+    from napari_wsss_cram.core.progress import drive
+
+    result = json.loads((out / fold / "fold.json").read_text(encoding="utf-8"))
+    test_index = discover_pixel_dataset(data / "2.validation").subset(result["test_images"])
+    models = [load_checkpoint(out / fold / row / "last.pt") for row in rows]
+    info = models[0][1]
+    averaged, _ = load_checkpoint(out / fold / rows[0] / "last.pt")
+    state = averaged.state_dict()
+    states = [model.state_dict() for model, _ in models]
+    for name, tensor in state.items():
+        if tensor.is_floating_point():  # weights and BatchNorm statistics; the batch counter stays
+            state[name] = sum(s[name] for s in states) / len(states)
+    averaged.load_state_dict(state)
+    settings = PredictSettings(scale=default_resolution(info, image_has_mpp=False).scale or 1.0, device="cpu",
+                               with_probs=True, with_cam=False)
+    k = len(test_index.classes.names)  # tissue classes; the label k is background (tissue rule)
+    matrices = {name: np.zeros((k + 1, k + 1), np.int64) for name in [*rows, "weight average", "ensemble"]}
+    for sample in test_index.samples:
+        rgb, mask = load_pixel_sample(sample, test_index.classes)
+        mask = np.asarray(mask)
+        probs = []
+        for (model, model_info), row in zip(models, rows, strict=True):
+            prediction = drive(predict_array(model, model_info, rgb, settings))
+            labels = np.array(prediction.labels)
+            probs.append(np.array(prediction.probs, dtype=np.float32))  # copied: cleanup() frees the store
+            prediction.cleanup()
+            _update(matrices[row], labels, mask)
+        background = labels == k  # the tissue mask's background, the same for every model
+        prediction = drive(predict_array(averaged, info, rgb, settings))
+        _update(matrices["weight average"], np.asarray(prediction.labels), mask)
+        prediction.cleanup()
+        mean = sum(probs) / len(probs)
+        _update(matrices["ensemble"], np.where(background, k, mean[:k].argmax(0)), mask)
+    return matrices
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="the benchmark's --out folder")
+    parser.add_argument("--rows", required=True, help="comma-separated trained rows to average")
+    parser.add_argument("--data", default=str(SHARED), help="the WSSS4LUAD folder (holds 2.validation)")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    rows = args.rows.split(",")
+    pooled: dict[str, np.ndarray] = {}
+    per_fold: dict[str, list[float]] = {}
+    for fold in ("even", "odd"):
+        for name, matrix in score_fold(Path(args.out), fold, rows, Path(args.data)).items():
+            pooled[name] = pooled.get(name, 0) + matrix
+            per_fold.setdefault(name, []).append(float(np.mean(_ious(matrix))))
+    print("| models | pooled mIoU | per class IoU | stroma -> tumor | tumor -> stroma | normal -> stroma | even / odd |")
+    print("|---|---|---|---|---|---|---|")
+    for name, matrix in pooled.items():
+        m = matrix.astype(float)
+        rows_norm = m[:3] / m[:3].sum(1, keepdims=True)
+        ious = _ious(matrix)
+        print(f"| {name} | {np.mean(ious):.3f} | {' / '.join(f'{v:.3f}' for v in ious)} | {rows_norm[1, 0]:.2f} | "
+              f"{rows_norm[0, 1]:.2f} | {rows_norm[2, 1]:.2f} | {' / '.join(f'{v:.3f}' for v in per_fold[name])} |")
+
+
+def _ious(matrix: np.ndarray) -> list[float]:
+    """IoU of the tissue classes, background pixels (truth) left out, as the benchmark's metric."""
+    m = np.asarray(matrix, float)
+    k = m.shape[0] - 1
+    return [m[i, i] / (m[i].sum() + m[:k, i].sum() - m[i, i]) for i in range(k)]
+
+
+if __name__ == "__main__":
+    main()
