@@ -20,16 +20,12 @@ import torch
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wsss4luad"
 
 
-def _update(matrix: np.ndarray, prediction: np.ndarray, mask: np.ndarray) -> None:
-    valid = mask < matrix.shape[0]
-    np.add.at(matrix, (mask[valid].astype(int), prediction[valid].astype(int)), 1)
-
-
-def score_fold(out: Path, fold: str, rows: list[str], data: Path) -> dict[str, np.ndarray]:
-    """Confusion matrices (truth x prediction, K+1 square) of each row, their weight average and their ensemble."""
+def score_fold(out: Path, fold: str, rows: list[str], data: Path) -> dict:
+    """The project's ConfusionMatrix of each row, of their weight average and of their ensemble."""
     from napari_wsss_cram.core.checkpoint import default_resolution, load_checkpoint
     from napari_wsss_cram.core.data.pixel import discover_pixel_dataset, load_pixel_sample
     from napari_wsss_cram.core.inference import PredictSettings, predict_array
+    from napari_wsss_cram.core.metrics import ConfusionMatrix
     from napari_wsss_cram.core.progress import drive
 
     result = json.loads((out / fold / "fold.json").read_text(encoding="utf-8"))
@@ -45,8 +41,8 @@ def score_fold(out: Path, fold: str, rows: list[str], data: Path) -> dict[str, n
     averaged.load_state_dict(state)
     settings = PredictSettings(scale=default_resolution(info, image_has_mpp=False).scale or 1.0, device="cpu",
                                with_probs=True, with_cam=False)
-    k = len(test_index.classes.names)  # tissue classes; the label k is background (tissue rule)
-    matrices = {name: np.zeros((k + 1, k + 1), np.int64) for name in [*rows, "weight average", "ensemble"]}
+    k = test_index.classes.num_classes  # tissue classes; the label k is background (tissue rule)
+    matrices = {name: ConfusionMatrix(test_index.classes) for name in [*rows, "weight average", "ensemble"]}
     for sample in test_index.samples:
         rgb, mask = load_pixel_sample(sample, test_index.classes)
         mask = np.asarray(mask)
@@ -56,13 +52,13 @@ def score_fold(out: Path, fold: str, rows: list[str], data: Path) -> dict[str, n
             labels = np.array(prediction.labels)
             probs.append(np.array(prediction.probs, dtype=np.float32))  # copied: cleanup() frees the store
             prediction.cleanup()
-            _update(matrices[row], labels, mask)
+            matrices[row].update(labels, mask)
         background = labels == k  # the tissue mask's background, the same for every model
         prediction = drive(predict_array(averaged, info, rgb, settings))
-        _update(matrices["weight average"], np.asarray(prediction.labels), mask)
+        matrices["weight average"].update(np.asarray(prediction.labels), mask)
         prediction.cleanup()
         mean = sum(probs) / len(probs)
-        _update(matrices["ensemble"], np.where(background, k, mean[:k].argmax(0)), mask)
+        matrices["ensemble"].update(np.where(background, k, mean[:k].argmax(0)), mask)
     return matrices
 
 
@@ -74,27 +70,24 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     rows = args.rows.split(",")
-    pooled: dict[str, np.ndarray] = {}
+    pooled: dict = {}
     per_fold: dict[str, list[float]] = {}
     for fold in ("even", "odd"):
-        for name, matrix in score_fold(Path(args.out), fold, rows, Path(args.data)).items():
-            pooled[name] = pooled.get(name, 0) + matrix
-            per_fold.setdefault(name, []).append(float(np.mean(_ious(matrix))))
+        for name, cm in score_fold(Path(args.out), fold, rows, Path(args.data)).items():
+            if name in pooled:
+                pooled[name].matrix += cm.matrix
+            else:
+                pooled[name] = cm
+            per_fold.setdefault(name, []).append(cm.miou())
     print("| models | pooled mIoU | per class IoU | stroma -> tumor | tumor -> stroma | normal -> stroma | even / odd |")
     print("|---|---|---|---|---|---|---|")
-    for name, matrix in pooled.items():
-        m = matrix.astype(float)
+    for name, cm in pooled.items():
+        per_fold_text = " / ".join(f"{v:.3f}" for v in per_fold[name])
+        m = cm.matrix.astype(float)
         rows_norm = m[:3] / m[:3].sum(1, keepdims=True)
-        ious = _ious(matrix)
-        print(f"| {name} | {np.mean(ious):.3f} | {' / '.join(f'{v:.3f}' for v in ious)} | {rows_norm[1, 0]:.2f} | "
-              f"{rows_norm[0, 1]:.2f} | {rows_norm[2, 1]:.2f} | {' / '.join(f'{v:.3f}' for v in per_fold[name])} |")
-
-
-def _ious(matrix: np.ndarray) -> list[float]:
-    """IoU of the tissue classes, background pixels (truth) left out, as the benchmark's metric."""
-    m = np.asarray(matrix, float)
-    k = m.shape[0] - 1
-    return [m[i, i] / (m[i].sum() + m[:k, i].sum() - m[i, i]) for i in range(k)]
+        ious = cm.iou()
+        print(f"| {name} | {cm.miou():.3f} | {' / '.join(f'{v:.3f}' for v in ious)} | {rows_norm[1, 0]:.2f} | "
+              f"{rows_norm[0, 1]:.2f} | {rows_norm[2, 1]:.2f} | {per_fold_text} |")
 
 
 if __name__ == "__main__":
