@@ -11,6 +11,7 @@ from: the segmentation rounds that start from the joint model do).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from pathlib import Path
 
@@ -32,7 +33,7 @@ def score_fold(out: Path, fold: str, rows: list[str], data: Path) -> dict:
     test_index = discover_pixel_dataset(data / "2.validation").subset(result["test_images"])
     models = [load_checkpoint(out / fold / row / "last.pt") for row in rows]
     info = models[0][1]
-    averaged, _ = load_checkpoint(out / fold / rows[0] / "last.pt")
+    averaged = copy.deepcopy(models[0][0])  # the first model's architecture, its weights replaced below
     state = averaged.state_dict()
     states = [model.state_dict() for model, _ in models]
     for name, tensor in state.items():
