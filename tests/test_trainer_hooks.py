@@ -13,6 +13,7 @@ import torch
 from napari_wsss_cram.core.classes import IGNORE_INDEX
 from napari_wsss_cram.core.data.batch import Batch
 from napari_wsss_cram.core.data.mosaic import MosaicMix
+from napari_wsss_cram.core.data.synthesis import SynthesisMix
 from napari_wsss_cram.core.model.config import ModelConfig
 from napari_wsss_cram.core.progress import drive
 from napari_wsss_cram.core.pseudo_labels import PseudoLabeller, reliable_pseudo_labels
@@ -130,6 +131,14 @@ def _poly_power(t: Trainer) -> float:
     return math.log(t.scheduler.lr_lambdas[0](half)) / math.log(1.0 - t.budget.fraction(half))
 
 
+def _wrapper(t: Trainer, kind: type):
+    """The dataset wrapper of type ``kind`` in the trainer's chain of wrappers (mosaics around synthesis)."""
+    dataset = t.dataset
+    while not isinstance(dataset, kind):
+        dataset = dataset.__dict__["dataset"]  # AttributeError (test failure) when no such wrapper
+    return dataset
+
+
 def _head_lr_mult(t: Trainer) -> float:
     (mult,) = {g["lr_mult"] for g in t.optimizer.param_groups if g.get("name") != "backbone"}
     return mult
@@ -164,6 +173,8 @@ CONSUMERS = {
     "jitter": lambda t: t.dataset.augment_config.jitter,
     "stain": lambda t: t.dataset.augment_config.stain,
     "mosaic_share": lambda t: t.dataset.share if isinstance(t.dataset, MosaicMix) else 0.0,
+    "synthesis_share": lambda t: _wrapper(t, SynthesisMix).share,
+    "synthesis_region": lambda t: _wrapper(t, SynthesisMix).bank.cell,
     "mosaic_cell": lambda t: t.dataset.bank.cell,
     # stage 2's cell bank (stage 1 takes single-label patches whole): read by Trainer.build_mosaic_bank
     "mosaic_purity": lambda t: t.config.mosaic_purity,
@@ -211,6 +222,8 @@ stain = 0.1
 mosaic_share = 0.5
 mosaic_cell = 16
 mosaic_purity = 0.8
+synthesis_share = 0.3
+synthesis_region = 24
 pseudo_label_scale = 0.75
 crf_workers = 0
 workers = 0

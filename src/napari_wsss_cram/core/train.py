@@ -56,6 +56,7 @@ from .data.batch import Batch, collate_batch
 from .data.mosaic import CellBank, MosaicMix, cells_from_single_label_patches
 from .data.patches import PatchDataset, discover_patches
 from .data.pixel import PixelIndex, discover_pixel_dataset
+from .data.synthesis import SynthesisMix
 from .device import resolve_device
 from .errors import CheckpointError, DatasetError, TrainingError, WsssCramError
 from .evaluate import evaluate_model
@@ -232,6 +233,15 @@ class Trainer:
         config, dist = self.config, self.dist
         self.augment = config.augment_config()
         self.build_dataset()
+        if config.synthesis_share > 0:
+            bank = self.build_mosaic_bank(config.synthesis_region)
+            if bank:
+                self.dataset = SynthesisMix(self.dataset, bank, config.synthesis_share, self.augment, self.stage,
+                                            config.seed)
+                self.summary += f"; boundary synthesis: {config.synthesis_share:.0%} of items, regions " + \
+                    ", ".join(f"{name} {n}" for name, n in bank.counts.items())
+            else:
+                self.summary += "; boundary synthesis: no region of known class, none made"
         if config.mosaic_share > 0:
             bank = self.build_mosaic_bank()
             if bank:
@@ -270,10 +280,12 @@ class Trainer:
         self.dataset = PatchDataset(index, self.augment, config.seed)
         self.summary = index.summary()
 
-    def build_mosaic_bank(self) -> CellBank:
-        """The cells that mosaics are made of: the single-label patches'."""
+    def build_mosaic_bank(self, cell: int | None = None) -> CellBank:
+        """The cells that mosaics (``cell`` = ``mosaic_cell``) and synthesised regions are made of: the
+        single-label patches'."""
         index = self.dataset.index
-        return cells_from_single_label_patches(index.paths, index.labels, self.classes, self.config.mosaic_cell)
+        return cells_from_single_label_patches(index.paths, index.labels, self.classes,
+                                               cell or self.config.mosaic_cell)
 
     def build_pseudo_labeller(self) -> PseudoLabeller | None:
         """With joint training: the pool that makes each step's reliable pseudo-labels (else None)."""

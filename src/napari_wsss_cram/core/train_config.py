@@ -72,6 +72,11 @@ class TrainConfig:
     mosaic_share: float = 0.0
     mosaic_cell: int = 32            # cell side in pixels of the source images
     mosaic_purity: float = 0.9
+    # HisynSeg-style boundary synthesis: the share of items given one or two random closed Bezier regions of
+    # another class (0 = off), cut from synthesis_region px squares of one class (single-label patches in stage 1,
+    # pseudo-labelled windows >= mosaic_purity one class in stage 2): core/data/synthesis.py
+    synthesis_share: float = 0.0
+    synthesis_region: int = 96
     # model (ModelConfig overrides, e.g. backbone, use_da, use_joint, use_crf, lambda_seg, alpha, beta, crf)
     model: dict[str, Any] = field(default_factory=dict)
     weights: str | None = "auto"     # "auto" (torchvision cache), a file path, or "none" (random init)
@@ -137,6 +142,10 @@ class TrainConfig:
             raise DatasetError(f"mosaic_share must be between 0 and 1, got {self.mosaic_share}.")
         if self.mosaic_cell < 4:
             raise DatasetError(f"mosaic_cell must be >= 4 px, got {self.mosaic_cell}.")
+        if not 0.0 <= self.synthesis_share <= 1.0:
+            raise DatasetError(f"synthesis_share must be between 0 and 1, got {self.synthesis_share}.")
+        if self.synthesis_region < 8:
+            raise DatasetError(f"synthesis_region must be >= 8 px, got {self.synthesis_region}.")
         if not 0.0 <= self.stain < 1.0:
             raise DatasetError(f"stain must be in [0, 1), got {self.stain}.")
         if not 0 <= self.rounds <= 5:

@@ -1,8 +1,8 @@
 """Stage 2 of WSSS-CRAM as a :class:`~.train.Trainer` subclass: a segmentation network trained on saved pixel
 labels (the joint model's pseudo-labels, ``wsss-cram pseudo-labels``), optionally mixed with pixel-labelled
-corrections at their own weight. It overrides the data hooks (pixel-labelled sets, mosaics of pseudo-labelled
-cells) and the step (no image-level labels, no per-step pseudo-labels); the loss is :func:`~.losses.joint_loss`
-in its stage-2 form. Everything else (schedule, checkpoints, resume, validation, DDP) is the Trainer's.
+corrections at their own weight. It overrides the data hooks (pixel-labelled sets; mosaics and synthesised
+regions of pseudo-labelled cells) and the step (no image-level labels, no per-step pseudo-labels); the loss is
+:func:`~.losses.joint_loss` in its stage-2 form. Everything else (schedule, checkpoints, resume, validation, DDP) is the Trainer's.
 """
 
 from __future__ import annotations
@@ -48,10 +48,12 @@ class Stage2Trainer(Trainer):
         self.summary = f"stage 2: {len(self.dataset)} pixel-labelled samples ({config.pseudo}" + \
             (f" + {config.pixel_labels} weight {config.pixel_weight}" if config.pixel_labels else "") + ")"
 
-    def build_mosaic_bank(self) -> CellBank:
-        """Cells of the pseudo-labelled regions that are at least ``mosaic_purity`` one class."""
+    def build_mosaic_bank(self, cell: int | None = None) -> CellBank:
+        """Cells (``cell`` px, default ``mosaic_cell``) of the pseudo-labelled regions that are at least
+        ``mosaic_purity`` one class."""
         config = self.config
-        return cells_from_pixel_labels(self.dataset.samples, self.classes, config.mosaic_cell, config.mosaic_purity)
+        return cells_from_pixel_labels(self.dataset.samples, self.classes, cell or config.mosaic_cell,
+                                       config.mosaic_purity)
 
     def build_pseudo_labeller(self) -> PseudoLabeller | None:
         """None: stage 2 learns from saved labels, not from each step's maps."""

@@ -28,7 +28,8 @@ WHITE_THRESHOLD = float(TISSUE_THRESHOLD)
 MIN_TISSUE = 0.5
 
 
-def _white(rgb: np.ndarray) -> np.ndarray:
+def white_pixels(rgb: np.ndarray) -> np.ndarray:
+    """bool (H, W): glass, not tissue (gray level above the one tissue threshold of ``core.tissue``)."""
     return (rgb.astype(np.float32) @ np.asarray(GRAY_WEIGHTS, dtype=np.float32)) > WHITE_THRESHOLD
 
 
@@ -58,7 +59,7 @@ class CellBank:
         if h < c or w < c:
             return
         k_bg = self.classes.background_index
-        mask = np.where(_white(rgb), np.uint8(k_bg), mask).astype(np.uint8)
+        mask = np.where(white_pixels(rgb), np.uint8(k_bg), mask).astype(np.uint8)
         source = len(self.images)
         found: dict[int, list[tuple[int, int, int]]] = {}
         for y in range(0, h - c + 1, c):
@@ -176,4 +177,5 @@ class MosaicMix:
         return {"image": rgb, "target": mask, "weight": np.float32(1.0), "index": int(i)}
 
 
-__all__ = ["CellBank", "MosaicMix", "build_mosaic", "cells_from_pixel_labels", "cells_from_single_label_patches"]
+__all__ = ["CellBank", "MosaicMix", "build_mosaic", "cells_from_pixel_labels", "cells_from_single_label_patches",
+           "white_pixels"]

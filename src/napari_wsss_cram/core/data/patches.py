@@ -366,19 +366,39 @@ class PatchDataset(EpochSeededDataset):
     def __len__(self) -> int:
         return len(self.index)
 
+    def _strong_mask(self, i: int, rgb: np.ndarray) -> np.ndarray | None:
+        """Patch ``i``'s pixel mask (:func:`strong_mask_path`), or None."""
+        if self.strong_masks[i] is None:
+            return None
+        from ..io.png import read_index_png
+
+        mask = read_index_png(self.strong_masks[i])
+        if mask.shape != rgb.shape[:2]:
+            raise DatasetError(f"{self.strong_masks[i]}: mask {mask.shape} does not match its patch "
+                               f"{self.index.paths[i]} {rgb.shape[:2]}.")
+        return mask
+
+    def labelled_source(self, i: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Patch ``i`` before augmentation with a pixel mask when one is known (uint8 RGB, uint8 mask; K =
+        background): its strong mask, or for a patch of one class that class on its tissue; else None."""
+        from .mosaic import white_pixels
+
+        rgb = load_patch_rgb(self.index.paths[i])
+        mask = self._strong_mask(i, rgb)
+        if mask is not None:
+            return rgb, np.asarray(mask, dtype=np.uint8)
+        flags = self.index.labels[i]
+        if int(flags.sum()) != 1:
+            return None
+        background = len(flags)
+        return rgb, np.where(white_pixels(rgb), np.uint8(background), np.uint8(np.argmax(flags))).astype(np.uint8)
+
     def __getitem__(self, i: int):
         from .augment import augment
 
         rng = self.item_rng(i)
         rgb = load_patch_rgb(self.index.paths[i])
-        mask = None
-        if self.strong_masks[i] is not None:
-            from ..io.png import read_index_png
-
-            mask = read_index_png(self.strong_masks[i])
-            if mask.shape != rgb.shape[:2]:
-                raise DatasetError(f"{self.strong_masks[i]}: mask {mask.shape} does not match its patch "
-                                   f"{self.index.paths[i]} {rgb.shape[:2]}.")
+        mask = self._strong_mask(i, rgb)
         rgb, mask = augment(rgb, self.augment_config, rng, mask)
         if mask is None:
             mask = np.full(rgb.shape[:2], IGNORE_INDEX, dtype=np.int64)

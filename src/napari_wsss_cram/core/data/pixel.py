@@ -161,6 +161,10 @@ class PixelDataset(EpochSeededDataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def labelled_source(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sample ``i`` before augmentation: ``(rgb uint8, mask uint8)``."""
+        return load_pixel_sample(self.samples[i], self.classes)
+
     def __getitem__(self, i: int):
         from .augment import augment
 
