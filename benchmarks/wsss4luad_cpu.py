@@ -75,6 +75,7 @@ TRAIN_OVERRIDES = {
     # HisynSeg: half of the items get one or two Bezier regions of another class (96 px windows >= 90% one class
     # of the stain-prior labels) pasted in
     "stage2_stain_warm_synth": {"synthesis_share": 0.5, "synthesis_region": 96},
+    "stage2_stain_warm_synth_seed1": {"synthesis_share": 0.5, "synthesis_region": 96},
 }
 #: segmentation rounds (stage 2, 3, ...): key -> (title, the row whose checkpoint labels the crops (its
 #: segmentation branch restricted to each crop's classes), refinement of those labels, ModelConfig overrides, seed)
@@ -107,6 +108,7 @@ STAGE2_ROWS: dict[str, tuple[str, str, str, dict, int]] = {
     "stage2_stain_warm_synth": ("stage 2 on stain-prior pseudo-labels from the joint model's network + boundary "
                                 "synthesis (HisynSeg: Bezier regions of another class pasted into half the items)",
                                 "default", "stain", {}, 0),
+    "stage2_stain_warm_synth_seed1": ("stage2_stain_warm_synth again, seed 1", "default", "stain", {}, 1),
     "stage2_stain_warm_half": ("stage 2 on stain-prior pseudo-labels from the joint model's network (half of "
                                "stage 2's budget: the first round of stage3_warm)", "default", "stain", {}, 0),
     "stage2_stain_warm_half_seed1": ("stage2_stain_warm_half again, seed 1 (two half-length rounds from one joint "
@@ -121,7 +123,8 @@ STAGE2_ROWS: dict[str, tuple[str, str, str, dict, int]] = {
 }
 #: segmentation rounds that start from their labeller's network (``init``) rather than from random weights
 WARM_ROWS = {"stage2_stain_warm", "stage2_stain_warm_seed1", "stage2_stain_warm_seed2", "stage2_stain_warm_jitter",
-             "stage2_stain_warm_halfres", "stage2_stain_warm_synth", "stage2_stain_warm_half", "stage2_stain_warm_half_seed1", "stage3_warm"}
+             "stage2_stain_warm_halfres", "stage2_stain_warm_synth", "stage2_stain_warm_synth_seed1",
+             "stage2_stain_warm_half", "stage2_stain_warm_half_seed1", "stage3_warm"}
 TTA = {"tta_scales": (0.75, 1.0, 1.25), "tta_flip": True}
 #: re-scorings of a trained row's checkpoint with other output rules (no training): key -> (title, row, overrides)
 RESCORE = {
@@ -398,7 +401,8 @@ ORDER = ["constant", "cam", "cam_gated", "cam_tta", "paper", "constrained_only",
          "stage2_seed1", "stage2_tta", "stage2_crf", "stage2_mosaic", "stage2_oeem", "stage2_par", "stage2_stain", "stage2_stain_seed1", "stage2_stain_seed2",
          "stage2_stain_balanced", "stage2_stain_warm", "stage2_stain_warm_seed1",
          "stage2_stain_warm_seed2", "stage2_stain_warm_jitter",
-         "stage2_stain_warm_halfres", "stage2_stain_warm_synth", "stage2_stain_warm_half", "stage2_stain_warm_half_seed1", "stage3_warm", "stage3",
+         "stage2_stain_warm_halfres", "stage2_stain_warm_synth", "stage2_stain_warm_synth_seed1",
+         "stage2_stain_warm_half", "stage2_stain_warm_half_seed1", "stage3_warm", "stage3",
          "stage3_oeem", "stage3_par_oeem"]
 
 
