@@ -76,6 +76,11 @@ TRAIN_OVERRIDES = {
     # of the stain-prior labels) pasted in
     "stage2_stain_warm_synth": {"synthesis_share": 0.5, "synthesis_region": 96},
     "stage2_stain_warm_synth_seed1": {"synthesis_share": 0.5, "synthesis_region": 96},
+    # the same, pasting tumor and stroma regions only (the pair the recipe confuses; normal regions of two images,
+    # pasted as often as the others, made the odd fold call stroma normal)
+    "stage2_stain_warm_synth_ts": {"synthesis_share": 0.5, "synthesis_region": 96, "synthesis_classes": "tumor,stroma"},
+    "stage2_stain_warm_synth_ts_seed1": {"synthesis_share": 0.5, "synthesis_region": 96,
+                                         "synthesis_classes": "tumor,stroma"},
 }
 #: segmentation rounds (stage 2, 3, ...): key -> (title, the row whose checkpoint labels the crops (its
 #: segmentation branch restricted to each crop's classes), refinement of those labels, ModelConfig overrides, seed)
@@ -109,6 +114,9 @@ STAGE2_ROWS: dict[str, tuple[str, str, str, dict, int]] = {
                                 "synthesis (HisynSeg: Bezier regions of another class pasted into half the items)",
                                 "default", "stain", {}, 0),
     "stage2_stain_warm_synth_seed1": ("stage2_stain_warm_synth again, seed 1", "default", "stain", {}, 1),
+    "stage2_stain_warm_synth_ts": ("stage2_stain_warm_synth pasting tumor and stroma regions only", "default",
+                                   "stain", {}, 0),
+    "stage2_stain_warm_synth_ts_seed1": ("stage2_stain_warm_synth_ts again, seed 1", "default", "stain", {}, 1),
     "stage2_stain_warm_half": ("stage 2 on stain-prior pseudo-labels from the joint model's network (half of "
                                "stage 2's budget: the first round of stage3_warm)", "default", "stain", {}, 0),
     "stage2_stain_warm_half_seed1": ("stage2_stain_warm_half again, seed 1 (two half-length rounds from one joint "
@@ -124,7 +132,7 @@ STAGE2_ROWS: dict[str, tuple[str, str, str, dict, int]] = {
 #: segmentation rounds that start from their labeller's network (``init``) rather than from random weights
 WARM_ROWS = {"stage2_stain_warm", "stage2_stain_warm_seed1", "stage2_stain_warm_seed2", "stage2_stain_warm_jitter",
              "stage2_stain_warm_halfres", "stage2_stain_warm_synth", "stage2_stain_warm_synth_seed1",
-             "stage2_stain_warm_half", "stage2_stain_warm_half_seed1", "stage3_warm"}
+             "stage2_stain_warm_synth_ts", "stage2_stain_warm_synth_ts_seed1", "stage2_stain_warm_half", "stage2_stain_warm_half_seed1", "stage3_warm"}
 TTA = {"tta_scales": (0.75, 1.0, 1.25), "tta_flip": True}
 #: re-scorings of a trained row's checkpoint with other output rules (no training): key -> (title, row, overrides)
 RESCORE = {
@@ -402,7 +410,7 @@ ORDER = ["constant", "cam", "cam_gated", "cam_tta", "paper", "constrained_only",
          "stage2_stain_balanced", "stage2_stain_warm", "stage2_stain_warm_seed1",
          "stage2_stain_warm_seed2", "stage2_stain_warm_jitter",
          "stage2_stain_warm_halfres", "stage2_stain_warm_synth", "stage2_stain_warm_synth_seed1",
-         "stage2_stain_warm_half", "stage2_stain_warm_half_seed1", "stage3_warm", "stage3",
+         "stage2_stain_warm_synth_ts", "stage2_stain_warm_synth_ts_seed1", "stage2_stain_warm_half", "stage2_stain_warm_half_seed1", "stage3_warm", "stage3",
          "stage3_oeem", "stage3_par_oeem"]
 
 

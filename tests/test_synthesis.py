@@ -19,6 +19,7 @@ from napari_wsss_cram.core.data.mosaic import (
 from napari_wsss_cram.core.data.patches import PatchDataset, discover_patches
 from napari_wsss_cram.core.data.pixel import PixelDataset, discover_pixel_dataset
 from napari_wsss_cram.core.data.synthesis import SynthesisMix, bezier_blob, paste_blobs
+from napari_wsss_cram.core.errors import DatasetError
 from napari_wsss_cram.core.io.png import write_index_png
 from napari_wsss_cram.core.progress import drive
 from napari_wsss_cram.core.train import train_steps
@@ -73,6 +74,21 @@ def test_paste_blobs_labels_exactly_the_pasted_pixels():
     small = canvas[:20, :20], canvas_mask[:20, :20]
     rgb, mask = paste_blobs(*small, bank, np.random.default_rng(0))
     assert rgb is small[0] and mask is small[1]
+
+
+def test_keep_classes_limits_what_is_pasted():
+    bank = _bank_of(0)
+    for k in (1, 2):
+        extra = _bank_of(k)
+        bank.add_source(extra.images[0], extra.masks[0], 1.0)
+    bank.keep_classes(["Tumor", "stroma"])
+    assert bank.counts == {"tumor": 2, "stroma": 1}
+    canvas, canvas_mask = np.full((64, 64, 3), CLASS_RGB[2], np.uint8), np.full((64, 64), 2, np.uint8)
+    for seed in range(10):
+        _, mask = paste_blobs(canvas, canvas_mask, bank, np.random.default_rng(seed), count=2)
+        assert set(np.unique(mask).tolist()) <= {0, 1, 2} and (mask != 2).any()
+    with pytest.raises(DatasetError, match="lymphocyte"):
+        bank.keep_classes(["tumor", "lymphocyte"])
 
 
 def _pixel_folder(root: Path) -> Path:

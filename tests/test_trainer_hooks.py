@@ -175,6 +175,7 @@ CONSUMERS = {
     "mosaic_share": lambda t: t.dataset.share if isinstance(t.dataset, MosaicMix) else 0.0,
     "synthesis_share": lambda t: _wrapper(t, SynthesisMix).share,
     "synthesis_region": lambda t: _wrapper(t, SynthesisMix).bank.cell,
+    "synthesis_classes": lambda t: ",".join(t.classes.names[k] for k in sorted(_wrapper(t, SynthesisMix).bank.cells)),
     "mosaic_cell": lambda t: t.dataset.bank.cell,
     # stage 2's cell bank (stage 1 takes single-label patches whole): read by Trainer.build_mosaic_bank
     "mosaic_purity": lambda t: t.config.mosaic_purity,
@@ -224,6 +225,7 @@ mosaic_cell = 16
 mosaic_purity = 0.8
 synthesis_share = 0.3
 synthesis_region = 24
+synthesis_classes = "tumor,stroma"
 pseudo_label_scale = 0.75
 crf_workers = 0
 workers = 0

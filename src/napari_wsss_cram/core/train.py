@@ -235,6 +235,8 @@ class Trainer:
         self.build_dataset()
         if config.synthesis_share > 0:
             bank = self.build_mosaic_bank(config.synthesis_region)
+            if config.synthesis_classes:
+                bank.keep_classes([n.strip() for n in config.synthesis_classes.split(",") if n.strip()])
             if bank:
                 self.dataset = SynthesisMix(self.dataset, bank, config.synthesis_share, self.augment, self.stage,
                                             config.seed)

@@ -77,6 +77,7 @@ class TrainConfig:
     # pseudo-labelled windows >= mosaic_purity one class in stage 2): core/data/synthesis.py
     synthesis_share: float = 0.0
     synthesis_region: int = 96
+    synthesis_classes: str | None = None  # "tumor,stroma": only these classes' regions are pasted (None: all)
     # model (ModelConfig overrides, e.g. backbone, use_da, use_joint, use_crf, lambda_seg, alpha, beta, crf)
     model: dict[str, Any] = field(default_factory=dict)
     weights: str | None = "auto"     # "auto" (torchvision cache), a file path, or "none" (random init)

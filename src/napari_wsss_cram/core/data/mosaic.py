@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..classes import ClassSpec
+from ..errors import DatasetError
 from ..tissue import GRAY_WEIGHTS, TISSUE_THRESHOLD
 
 #: gray level above which a pixel is glass (as the pseudo-labels' tissue prior and the engine's default)
@@ -51,6 +52,16 @@ class CellBank:
 
     def __bool__(self) -> bool:
         return any(len(v) for v in self.cells.values())
+
+    def keep_classes(self, names: list[str]) -> None:
+        """Drop the cells of every class not named (names as in ``classes``, any case)."""
+        lower = [n.lower() for n in self.classes.names]
+        unknown = [n for n in names if n.lower() not in lower]
+        if unknown:
+            raise DatasetError(f"synthesis_classes names {', '.join(unknown)}, not among the classes "
+                               f"{', '.join(self.classes.names)}.")
+        keep = {lower.index(n.lower()) for n in names}
+        self.cells = {k: v for k, v in self.cells.items() if k in keep}
 
     def add_source(self, rgb: np.ndarray, mask: np.ndarray, purity: float) -> None:
         """Index the cells of one labelled image (``mask`` as in the class docstring)."""
