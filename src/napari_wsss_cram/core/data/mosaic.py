@@ -139,16 +139,16 @@ def build_mosaic(bank: CellBank, size: int, rng: np.random.Generator) -> tuple[n
     return rgb[:size, :size], mask[:size, :size], labels
 
 
-class MosaicMix:
-    """A dataset wrapper: each item is, with probability ``share``, a mosaic from ``bank`` instead of the wrapped
-    dataset's item, augmented like it and given in the same record (stage 1: image-level ``labels`` plus the
-    mosaic's exact ``strong_mask``; stage 2: ``target`` and ``weight`` 1). The draw is seeded from
-    ``(seed, epoch, index)`` as the wrapped datasets' augmentation is.
-    """
+class BankMix:
+    """Base of the dataset wrappers that replace a ``share`` of a dataset's items with items made from a cell
+    ``bank`` (mosaics, synthesised boundaries): the epoch, the length and every other attribute are the wrapped
+    dataset's. ``kind`` names the wrapper in its error message."""
+
+    kind = "mix"
 
     def __init__(self, dataset, bank: CellBank, share: float, augment_config, stage: int, seed: int = 0) -> None:
         if not 0.0 < share <= 1.0:
-            raise ValueError(f"mosaic share must be in (0, 1], got {share}.")
+            raise ValueError(f"{self.kind} share must be in (0, 1], got {share}.")
         self.dataset = dataset
         self.bank = bank
         self.share = float(share)
@@ -156,8 +156,6 @@ class MosaicMix:
         self.stage = int(stage)
         self.seed = int(seed)
         self.epoch = 0
-        # native pixels that still fill the crop after the smallest rescale, plus one cell of slack for the crop
-        self.size = int(np.ceil(augment_config.crop / augment_config.scale_min)) + bank.cell
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -167,10 +165,25 @@ class MosaicMix:
         return len(self.dataset)
 
     def __getattr__(self, name: str):
-        # n_strong, index, samples...: the wrapped dataset's (not while unpickling, before `dataset` is set)
+        # n_strong, index, samples, weights...: the wrapped dataset's (not while unpickling, before `dataset` is set)
         if name == "dataset":
             raise AttributeError(name)
         return getattr(self.dataset, name)
+
+
+class MosaicMix(BankMix):
+    """A dataset wrapper: each item is, with probability ``share``, a mosaic from ``bank`` instead of the wrapped
+    dataset's item, augmented like it and given in the same record (stage 1: image-level ``labels`` plus the
+    mosaic's exact ``strong_mask``; stage 2: ``target`` and ``weight`` 1). The draw is seeded from
+    ``(seed, epoch, index)`` as the wrapped datasets' augmentation is.
+    """
+
+    kind = "mosaic"
+
+    def __init__(self, dataset, bank: CellBank, share: float, augment_config, stage: int, seed: int = 0) -> None:
+        super().__init__(dataset, bank, share, augment_config, stage, seed)
+        # native pixels that still fill the crop after the smallest rescale, plus one cell of slack for the crop
+        self.size = int(np.ceil(augment_config.crop / augment_config.scale_min)) + bank.cell
 
     def __getitem__(self, i: int):
         from .augment import augment
@@ -188,5 +201,5 @@ class MosaicMix:
         return {"image": rgb, "target": mask, "weight": np.float32(1.0), "index": int(i)}
 
 
-__all__ = ["CellBank", "MosaicMix", "build_mosaic", "cells_from_pixel_labels", "cells_from_single_label_patches",
+__all__ = ["BankMix", "CellBank", "MosaicMix", "build_mosaic", "cells_from_pixel_labels", "cells_from_single_label_patches",
            "white_pixels"]

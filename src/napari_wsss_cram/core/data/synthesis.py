@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .mosaic import CellBank
+from .mosaic import BankMix, CellBank
 
 #: control points of a blob's outline, and their distance from its centre as a share of the region side
 BLOB_POINTS = (5, 9)
@@ -76,7 +76,7 @@ def paste_blobs(rgb: np.ndarray, mask: np.ndarray, bank: CellBank, rng: np.rando
     return rgb, mask
 
 
-class SynthesisMix:
+class SynthesisMix(BankMix):
     """A dataset wrapper: item ``i`` is, with probability ``share``, the dataset's own image with one or two Bezier
     regions of other classes pasted in (:func:`paste_blobs`), augmented as the dataset augments and given in its
     record with the composite's exact labels (stage 1: ``strong_mask`` and the image-level ``labels`` of what the
@@ -84,29 +84,7 @@ class SynthesisMix:
     stage-1 patches of several classes) are the dataset's. Seeded from ``(seed, epoch, index)``.
     """
 
-    def __init__(self, dataset, bank: CellBank, share: float, augment_config, stage: int, seed: int = 0) -> None:
-        if not 0.0 < share <= 1.0:
-            raise ValueError(f"synthesis share must be in (0, 1], got {share}.")
-        self.dataset = dataset
-        self.bank = bank
-        self.share = float(share)
-        self.augment_config = augment_config
-        self.stage = int(stage)
-        self.seed = int(seed)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-        self.dataset.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getattr__(self, name: str):
-        # samples, index, n_strong, weights...: the wrapped dataset's (not while unpickling, before `dataset` is set)
-        if name == "dataset":
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
+    kind = "synthesis"
 
     def __getitem__(self, i: int):
         from .augment import augment
